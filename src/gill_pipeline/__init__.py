@@ -1,0 +1,24 @@
+"""gill_pipeline: GILL (Generating Images with multimodal Language Models) as a diffusers pipeline."""
+
+__version__ = "0.1.0"
+
+from .models import GILLMapper, GILLModel
+from .pipeline import (
+    DecodingSettings,
+    GILLDecoder,
+    GILLImage,
+    GILLPipeline,
+    GILLPipelineOutput,
+    assemble_gill_pipeline,
+)
+
+__all__ = [
+    "GILLPipeline",
+    "GILLPipelineOutput",
+    "GILLImage",
+    "GILLModel",
+    "GILLMapper",
+    "GILLDecoder",
+    "DecodingSettings",
+    "assemble_gill_pipeline",
+]

@@ -1,0 +1,95 @@
+"""The GILL mapper: `[IMG]` hidden states of the LM -> text conditioning of a diffusion UNet."""
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+
+class GILLMapper(ModelMixin, ConfigMixin):
+    r"""
+    Maps the LM's `[IMG]` states to the conditioning sequence a Stable Diffusion UNet reads.
+
+    The input is the last-layer hidden states of the `r` `[IMG]` positions plus the `[IMG]` tokens' own input
+    embeddings (summed, as in GILL). A linear layer brings them to `hidden_dim`; a pre-norm encoder-decoder
+    transformer encodes them and lets `num_output_tokens` learned queries read them; a last linear layer maps the
+    decoder output to the UNet's cross-attention width.
+
+    Args:
+        in_dim (`int`):
+            Width of the LM's last hidden state (for OPT this is `word_embed_proj_dim`).
+        out_dim (`int`):
+            Width of the UNet's text conditioning (`unet.config.cross_attention_dim`).
+        num_output_tokens (`int`, *optional*, defaults to 77):
+            Length of the produced conditioning sequence (the SD text encoder's maximum length).
+        hidden_dim (`int`, *optional*, defaults to 512):
+            Width of the transformer.
+        num_encoder_layers (`int`, *optional*, defaults to 4):
+        num_decoder_layers (`int`, *optional*, defaults to 4):
+        num_heads (`int`, *optional*, defaults to 4):
+        ff_mult (`int`, *optional*, defaults to 4):
+            Feed-forward width as a multiple of `hidden_dim`.
+        dropout (`float`, *optional*, defaults to 0.0):
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_output_tokens: int = 77,
+        hidden_dim: int = 512,
+        num_encoder_layers: int = 4,
+        num_decoder_layers: int = 4,
+        num_heads: int = 4,
+        ff_mult: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (
+            ("in_dim", in_dim),
+            ("out_dim", out_dim),
+            ("num_output_tokens", num_output_tokens),
+            ("hidden_dim", hidden_dim),
+            ("num_heads", num_heads),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if hidden_dim % num_heads != 0:
+            raise ValueError(
+                f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` ({num_heads})."
+            )
+        self.fc = nn.Linear(in_dim, hidden_dim)
+        self.tfm = nn.Transformer(
+            d_model=hidden_dim,
+            nhead=num_heads,
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            dim_feedforward=hidden_dim * ff_mult,
+            dropout=dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, hidden_dim))
+        self.model = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, img_hidden_states: torch.Tensor, img_input_embeds: torch.Tensor) -> torch.Tensor:
+        r"""
+        Args:
+            img_hidden_states (`torch.Tensor` of shape `(batch, r, in_dim)`):
+                Last-layer hidden states of the LM at the `r` `[IMG]` positions.
+            img_input_embeds (`torch.Tensor` of shape `(batch, r, in_dim)`):
+                The `[IMG]` tokens' input embeddings.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_output_tokens, out_dim)`: prompt embeddings for the UNet.
+        """
+        if img_hidden_states.shape != img_input_embeds.shape:
+            raise ValueError(
+                f"`img_hidden_states` {tuple(img_hidden_states.shape)} and `img_input_embeds` "
+                f"{tuple(img_input_embeds.shape)} must have the same shape."
+            )
+        x = self.fc(img_hidden_states + img_input_embeds)
+        queries = self.query_embs.expand(x.shape[0], -1, -1)
+        x = self.tfm(x, queries)
+        return self.model(x)

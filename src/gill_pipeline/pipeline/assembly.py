@@ -1,0 +1,217 @@
+"""Assembling a new, untrained GILL pipeline from any causal LM, Stable Diffusion checkpoint and CLIP vision encoder."""
+
+import copy
+from typing import Any
+
+import torch
+from diffusers.utils import logging
+
+from ..constants import (
+    DEFAULT_MAPPER_DECODER_LAYERS,
+    DEFAULT_MAPPER_ENCODER_LAYERS,
+    DEFAULT_MAPPER_HEADS,
+    DEFAULT_MAPPER_WIDTH,
+    DEFAULT_NUM_IMG_TOKENS,
+    DEFAULT_NUM_VISUAL_TOKENS,
+    DEFAULT_RETRIEVAL_DIM,
+    IMG_TOKEN_TEMPLATE,
+)
+from ..models.gill_model import GILLModel
+
+
+logger = logging.get_logger(__name__)
+
+
+def vision_feature_dim(image_encoder) -> int:
+    """Width of the pooled feature GILL reads from a vision encoder (CLIP's `pooler_output`, or `image_embeds`)."""
+    config = image_encoder.config
+    if type(image_encoder).__name__.endswith("WithProjection"):
+        return config.projection_dim
+    return config.hidden_size
+
+
+def lm_dims(llm) -> tuple[int, int, bool]:
+    """(input embedding width, last hidden width, whether input and output embeddings are tied)."""
+    inputs = llm.get_input_embeddings()
+    outputs = llm.get_output_embeddings()
+    if outputs is None:
+        raise ValueError(f"`language_model` ({type(llm).__name__}) has no output embeddings: pass a causal LM.")
+    tied = outputs.weight is inputs.weight or outputs.weight.data_ptr() == inputs.weight.data_ptr()
+    return inputs.embedding_dim, outputs.weight.shape[1], tied
+
+
+@torch.no_grad()
+def encode_empty_prompt(text_encoder, tokenizer, length: int) -> torch.Tensor:
+    """The SD text encoder's embedding of the empty prompt, as diffusers' SD pipeline computes it for guidance."""
+    ids = tokenizer("", padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0].float().cpu()
+
+
+def add_img_tokens(tokenizer, num_img_tokens: int) -> tuple[Any, list[int]]:
+    """Returns a COPY of `tokenizer` with `[IMG0]`..`[IMG{r-1}]` added, and their ids."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokens = [IMG_TOKEN_TEMPLATE.format(i=i) for i in range(num_img_tokens)]
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    return tokenizer, tokenizer.convert_tokens_to_ids(tokens)
+
+
+def _load_lm(language_model, tokenizer, load_kwargs):
+    if isinstance(language_model, str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        llm = AutoModelForCausalLM.from_pretrained(language_model, **load_kwargs)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(language_model)
+        return llm, tokenizer
+    if tokenizer is None:
+        raise ValueError("`tokenizer` is required when `language_model` is a model object rather than a name/path.")
+    return language_model, tokenizer
+
+
+def _load_sd(stable_diffusion, load_kwargs):
+    if isinstance(stable_diffusion, str):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(
+            stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **load_kwargs
+        )
+    return stable_diffusion
+
+
+def _load_vision(image_encoder, feature_extractor, load_kwargs):
+    if isinstance(image_encoder, str):
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        encoder = CLIPVisionModel.from_pretrained(image_encoder, **load_kwargs)
+        return encoder, feature_extractor or CLIPImageProcessor.from_pretrained(image_encoder)
+    if image_encoder is not None and feature_extractor is None:
+        from transformers import CLIPImageProcessor
+
+        size = image_encoder.config.image_size
+        feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return image_encoder, feature_extractor
+
+
+def assemble_gill_pipeline(
+    pipeline_class,
+    language_model,
+    stable_diffusion,
+    image_encoder,
+    tokenizer=None,
+    feature_extractor=None,
+    num_img_tokens: int = DEFAULT_NUM_IMG_TOKENS,
+    num_visual_tokens: int = DEFAULT_NUM_VISUAL_TOKENS,
+    retrieval_dim: int = DEFAULT_RETRIEVAL_DIM,
+    mapper_hidden_dim: int = DEFAULT_MAPPER_WIDTH,
+    mapper_encoder_layers: int = DEFAULT_MAPPER_ENCODER_LAYERS,
+    mapper_decoder_layers: int = DEFAULT_MAPPER_DECODER_LAYERS,
+    mapper_heads: int = DEFAULT_MAPPER_HEADS,
+    cond_length: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    **load_kwargs,
+):
+    r"""
+    Assembles a NEW, untrained GILL pipeline: the starting point of training.
+
+    Every size of the learned parts comes from the given models: the LM's embedding and hidden widths, the vision
+    encoder's pooled width, the UNet's cross-attention width and the SD text encoder's length. The `[IMG]` tokens are
+    added to a copy of the tokenizer; the LM itself is not changed (no resized embedding matrix).
+
+    Args:
+        language_model (`str` or [`~transformers.PreTrainedModel`]):
+            Any causal LM: a Hub id or path (loaded with `AutoModelForCausalLM`), or a loaded model.
+        stable_diffusion (`str` or [`~diffusers.StableDiffusionPipeline`]):
+            A Stable Diffusion checkpoint (id or path) or a loaded pipeline; its `text_encoder` and `tokenizer` are
+            used once, to store the empty-prompt embedding, and are not part of the GILL pipeline.
+        image_encoder (`str` or [`~transformers.CLIPVisionModel`]):
+            A CLIP vision encoder (id or path) or a loaded one.
+        tokenizer, feature_extractor (*optional*):
+            Needed when the LM / vision encoder are passed as objects (a default CLIP image processor of the
+            encoder's image size is made otherwise).
+        num_img_tokens, num_visual_tokens, retrieval_dim, mapper_*:
+            GILL's sizes (reference values by default).
+        cond_length (`int`, *optional*):
+            Length of the mapper's output; defaults to the SD tokenizer's `model_max_length` (77 for SD 1.x/2.x).
+        seed (`int`, *optional*, defaults to 0):
+            Seed for the initial weights of the learned parts.
+        dtype (`torch.dtype`, *optional*):
+            Cast the whole pipeline to this dtype at the end. Also passed to loaders when models are given by name.
+        load_kwargs:
+            Passed to every `from_pretrained` (e.g. `revision`, `cache_dir`, `local_files_only`, `token`).
+    """
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    llm, tokenizer = _load_lm(language_model, tokenizer, load_kwargs)
+    sd_load_kwargs = dict(load_kwargs)
+    sd = _load_sd(stable_diffusion, sd_load_kwargs)
+    image_encoder, feature_extractor = _load_vision(image_encoder, feature_extractor, load_kwargs)
+
+    for name in ("vae", "unet", "scheduler", "text_encoder", "tokenizer"):
+        if getattr(sd, name, None) is None:
+            raise ValueError(f"`stable_diffusion` must provide a `{name}`; {type(sd).__name__} has none.")
+    if sd.unet.config.get("addition_embed_type") == "text_time":
+        raise NotImplementedError("SDXL checkpoints are not supported yet: their UNet needs pooled embeddings too.")
+
+    lm_input_dim, lm_hidden_dim, tied = lm_dims(llm)
+    if cond_length is None:
+        cond_length = int(sd.tokenizer.model_max_length)
+        if cond_length > 10_000:  # tokenizers without a set length report a huge sentinel
+            cond_length = int(sd.text_encoder.config.max_position_embeddings)
+
+    tokenizer, img_token_ids = add_img_tokens(tokenizer, num_img_tokens)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gill = GILLModel(
+            lm_input_dim=lm_input_dim,
+            lm_hidden_dim=lm_hidden_dim,
+            vision_dim=vision_feature_dim(image_encoder),
+            cond_dim=sd.unet.config.cross_attention_dim,
+            cond_length=cond_length,
+            num_img_tokens=num_img_tokens,
+            num_visual_tokens=num_visual_tokens,
+            retrieval_dim=retrieval_dim,
+            tie_img_embeddings=tied,
+            mapper_hidden_dim=mapper_hidden_dim,
+            mapper_encoder_layers=mapper_encoder_layers,
+            mapper_decoder_layers=mapper_decoder_layers,
+            mapper_heads=mapper_heads,
+        )
+    gill.init_img_embeddings_from(
+        llm.get_input_embeddings().weight, None if tied else llm.get_output_embeddings().weight
+    )
+    uncond = encode_empty_prompt(sd.text_encoder, sd.tokenizer, cond_length)
+    if uncond.shape[1:] != gill.uncond_prompt_embeds.shape[1:]:
+        raise ValueError(
+            f"The SD text encoder's output {tuple(uncond.shape)} does not match the UNet's conditioning "
+            f"(length {cond_length}, width {sd.unet.config.cross_attention_dim})."
+        )
+    gill.uncond_prompt_embeds.copy_(uncond)
+    gill.eval()
+    for module in (llm, image_encoder, sd.vae, sd.unet):
+        module.eval()
+
+    pipe = pipeline_class(
+        tokenizer=tokenizer,
+        llm=llm,
+        gill=gill,
+        vae=sd.vae,
+        unet=sd.unet,
+        scheduler=sd.scheduler,
+        image_encoder=image_encoder,
+        feature_extractor=feature_extractor,
+        img_token_ids=img_token_ids,
+    )
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    logger.info(
+        "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, UNet conditioning %dx%d.",
+        type(llm).__name__,
+        lm_hidden_dim,
+        tied,
+        gill.config.vision_dim,
+        cond_length,
+        gill.config.cond_dim,
+    )
+    return pipe

@@ -1,0 +1,138 @@
+"""Checking and normalising interleaved inputs: text segments and images."""
+
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+# Smallest accepted image side, in pixels. Smaller images carry no usable content for a vision encoder.
+MIN_IMAGE_SIDE = 8
+
+# PIL modes that convert to RGB without losing meaning.
+_DIRECT_MODES = {"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV"}
+_ALPHA_MODES = {"RGBA", "LA", "RGBa", "La", "PA"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def is_image(element: Any) -> bool:
+    return isinstance(element, (PIL.Image.Image, np.ndarray, torch.Tensor))
+
+
+def normalize_interleaved_inputs(inputs: Any, name: str = "inputs") -> tuple[list[list[Any]], bool]:
+    """Turns the user's input into a batch (a list of interleaved lists) and says whether it was a batch.
+
+    Accepted: one `str` or image; one list of `str` and images; a list of such lists (a batch).
+    """
+    if inputs is None:
+        raise ValueError(f"`{name}` must be text, an image, or a list of them; got None.")
+    if isinstance(inputs, str) or is_image(inputs):
+        return [[inputs]], False
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(
+            f"`{name}` must be a `str`, an image (PIL.Image, numpy array or torch tensor), a list of them, or a "
+            f"list of such lists; got {type(inputs).__name__}: {inputs!r:.200}."
+        )
+    if len(inputs) == 0:
+        raise ValueError(f"`{name}` is empty: give at least one text segment or image.")
+
+    nested = [isinstance(x, (list, tuple)) for x in inputs]
+    if any(nested) and not all(nested):
+        raise ValueError(
+            f"`{name}` mixes lists and single elements at the top level ({[type(x).__name__ for x in inputs]}). "
+            "Give one interleaved list, or a list of interleaved lists (a batch)."
+        )
+    batch = [list(x) for x in inputs] if all(nested) else [list(inputs)]
+    for b, sample in enumerate(batch):
+        where = f"{name}[{b}]" if all(nested) else name
+        if len(sample) == 0:
+            raise ValueError(f"`{where}` is empty: give at least one text segment or image.")
+        for i, element in enumerate(sample):
+            if isinstance(element, (list, tuple)):
+                raise ValueError(
+                    f"`{where}[{i}]` is a {type(element).__name__}: interleaved inputs nest at most two levels "
+                    "(a batch of lists of text and images)."
+                )
+            if not (isinstance(element, str) or is_image(element)):
+                raise TypeError(
+                    f"`{where}[{i}]` must be a `str` or an image (PIL.Image, numpy HWC uint8 array or CHW torch "
+                    f"tensor); got {type(element).__name__}: {element!r:.200}."
+                )
+    return batch, bool(all(nested))
+
+
+def to_rgb_pil(image: Any, name: str = "image") -> PIL.Image.Image:
+    """Converts a PIL image, a numpy HWC uint8 array or a CHW tensor to an RGB PIL image, or raises."""
+    if isinstance(image, torch.Tensor):
+        image = _tensor_to_pil(image, name)
+    elif isinstance(image, np.ndarray):
+        image = _array_to_pil(image, name)
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(f"`{name}` must be a PIL.Image, numpy array or torch tensor; got {type(image).__name__}.")
+
+    width, height = image.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"`{name}` is {width}x{height} pixels; images must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}."
+        )
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        # Palette images may carry transparency; go through RGBA so it is composited like the alpha modes.
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        # Transparent pixels have no colour of their own: composite on white, as image viewers show them.
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _DIRECT_MODES:
+        return image.convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES:
+        # 16-bit greyscale: scale 0..65535 down to 0..255 (PIL's own convert would clip everything above 255).
+        array = np.asarray(image, dtype=np.uint16).astype(np.float32) / 257.0
+        return PIL.Image.fromarray(np.round(array).astype(np.uint8), mode="L").convert("RGB")
+    raise ValueError(
+        f"`{name}` has PIL mode {mode!r}, which has no meaningful RGB conversion (integer or floating-point "
+        "data images). Convert it to an 8-bit RGB image first."
+    )
+
+
+def _array_to_pil(array: np.ndarray, name: str) -> PIL.Image.Image:
+    if array.dtype != np.uint8:
+        raise TypeError(
+            f"`{name}` is a numpy array of dtype {array.dtype}; numpy images must be uint8 (HWC or HW) with values "
+            "0..255."
+        )
+    if array.ndim == 2:
+        return PIL.Image.fromarray(array, mode="L")
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        if array.shape[-1] == 1:
+            return PIL.Image.fromarray(array[..., 0], mode="L")
+        return PIL.Image.fromarray(np.ascontiguousarray(array), mode="RGB" if array.shape[-1] == 3 else "RGBA")
+    raise ValueError(
+        f"`{name}` is a numpy array of shape {array.shape}; expected HWC with 1, 3 or 4 channels, or HW."
+    )
+
+
+def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise ValueError(
+            f"`{name}` is a tensor of shape {tuple(tensor.shape)}; expected CHW with 1 or 3 channels (one image, "
+            "not a batch)."
+        )
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.uint8:
+        array = tensor.permute(1, 2, 0).numpy()
+    elif tensor.is_floating_point():
+        lo, hi = float(tensor.min()), float(tensor.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"`{name}` is a float tensor with values in [{lo:.3f}, {hi:.3f}]; float image tensors must be in "
+                "[0, 1] (uint8 tensors in 0..255)."
+            )
+        array = (tensor.float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    else:
+        raise TypeError(f"`{name}` is a tensor of dtype {tensor.dtype}; expected uint8 or a floating-point dtype.")
+    return _array_to_pil(array, name)

@@ -1,0 +1,236 @@
+"""Tiny GILL pipelines with RANDOM weights, built locally from configs: for tests, demos and benchmarks.
+
+Nothing here downloads anything. The outputs of these pipelines are meaningless (the weights are random); they
+exercise every code path of the real thing at a size that runs in seconds on a CPU.
+"""
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+TINY_CORPUS = [
+    "This is my dog. He likes to play in the park.",
+    "Show me what he would look like in the snow.",
+    "A small red circle on the left. A large blue square on the right.",
+    "Here is a picture of a cat sleeping on a sofa.",
+    "The weather is nice today, let us go for a walk by the river.",
+    "A photo of a mountain lake at sunset with pine trees.\nA drawing of a house.",
+]
+LM_TYPES = ("opt", "gpt2", "llama", "qwen2")
+SCHEDULERS = {
+    "ddim": lambda: DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    ),
+    "pndm": lambda: PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    ),
+    "euler": lambda: EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+}
+
+
+def build_tiny_tokenizer(vocab_size: int = 320, model_max_length: int = 128) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process on a few sentences (deterministic)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
+def build_tiny_lm(lm_type: str, vocab_size: int, tokenizer=None, hidden_size: int = 32, num_layers: int = 2):
+    """A tiny random causal LM of the given architecture. OPT gets `word_embed_proj_dim != hidden_size`."""
+    special = {}
+    if tokenizer is not None:
+        special = dict(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+    if lm_type == "opt":
+        config = OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            word_embed_proj_dim=hidden_size // 2,
+            ffn_dim=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            max_position_embeddings=128,
+            **special,
+        )
+        return OPTForCausalLM(config)
+    if lm_type == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=2, n_positions=128, **special
+        )
+        return GPT2LMHeadModel(config)
+    if lm_type == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **special,
+        )
+        return LlamaForCausalLM(config)
+    if lm_type == "qwen2":
+        config = Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            **special,
+        )
+        return Qwen2ForCausalLM(config)
+    raise ValueError(f"`lm_type` must be one of {LM_TYPES}, got {lm_type!r}.")
+
+
+def build_tiny_stable_diffusion(
+    cross_attention_dim: int = 32, scheduler: str = "ddim", text_length: int = 16
+) -> StableDiffusionPipeline:
+    """A tiny random Stable Diffusion pipeline (UNet, VAE, CLIP text encoder and tokenizer, scheduler)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)}, got {scheduler!r}.")
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    sd_tokenizer = build_tiny_tokenizer(vocab_size=300, model_max_length=text_length)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(sd_tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=cross_attention_dim * 2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=text_length,
+            bos_token_id=sd_tokenizer.bos_token_id,
+            eos_token_id=sd_tokenizer.eos_token_id,
+            pad_token_id=sd_tokenizer.pad_token_id,
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=sd_tokenizer,
+        unet=unet,
+        scheduler=SCHEDULERS[scheduler](),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_vision_encoder(image_size: int = 32) -> tuple[CLIPVisionModel, CLIPImageProcessor]:
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+        )
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return encoder, processor
+
+
+def build_tiny_gill_pipeline(
+    lm_type: str = "opt",
+    cross_attention_dim: int = 32,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    pipeline_class=None,
+    **assemble_kwargs,
+):
+    """A whole GILL pipeline with random weights, assembled with [`GILLPipeline.from_base_models`]."""
+    if pipeline_class is None:
+        from .pipeline import GILLPipeline
+
+        pipeline_class = GILLPipeline
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
+        sd = build_tiny_stable_diffusion(cross_attention_dim, scheduler)
+        image_encoder, processor = build_tiny_vision_encoder()
+    settings = dict(
+        num_img_tokens=4,
+        retrieval_dim=16,
+        mapper_hidden_dim=32,
+        mapper_encoder_layers=1,
+        mapper_decoder_layers=1,
+        mapper_heads=2,
+        seed=seed,
+    )
+    settings.update(assemble_kwargs)
+    return pipeline_class.from_base_models(
+        language_model=llm,
+        tokenizer=tokenizer,
+        stable_diffusion=sd,
+        image_encoder=image_encoder,
+        feature_extractor=processor,
+        **settings,
+    )
