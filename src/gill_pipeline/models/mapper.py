@@ -1,5 +1,7 @@
 """The GILL mapper: `[IMG]` hidden states of the LM -> text conditioning of a diffusion UNet."""
 
+import warnings
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -60,7 +62,18 @@ class GILLMapper(ModelMixin, ConfigMixin):
                 f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` ({num_heads})."
             )
         self.fc = nn.Linear(in_dim, hidden_dim)
-        self.tfm = nn.Transformer(
+        with warnings.catch_warnings():
+            # nn.Transformer warns that nested tensors are off with norm_first=True; that is expected here.
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            self.tfm = self._build_transformer(
+                hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ff_mult, dropout
+            )
+        self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, hidden_dim))
+        self.model = nn.Linear(hidden_dim, out_dim)
+
+    @staticmethod
+    def _build_transformer(hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ff_mult, dropout):
+        return nn.Transformer(
             d_model=hidden_dim,
             nhead=num_heads,
             num_encoder_layers=num_encoder_layers,
@@ -70,8 +83,6 @@ class GILLMapper(ModelMixin, ConfigMixin):
             batch_first=True,
             norm_first=True,
         )
-        self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, hidden_dim))
-        self.model = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, img_hidden_states: torch.Tensor, img_input_embeds: torch.Tensor) -> torch.Tensor:
         r"""

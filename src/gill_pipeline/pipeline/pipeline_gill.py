@@ -1,6 +1,6 @@
 """GILLPipeline: interleaved images and text in; text, generated and retrieved images out."""
 
-import inspect
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -12,6 +12,9 @@ from diffusers.utils import logging
 from diffusers.utils.doc_utils import replace_example_docstring
 
 from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
+from ..hub import HUB_KWARGS, resolve_pipeline_folder
+from ..loading import validate_pipeline_folder
+from ..lora import load_llm_lora, saving_without_lora
 from ..models.gill_model import GILLModel
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder
 from .inputs import normalize_interleaved_inputs, to_rgb_pil
@@ -112,6 +115,32 @@ class GILLPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Set by `load_retrieval_index`; without it, `image_mode="auto"` always generates.
         self.retrieval_index = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Saving and loading
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GILLPipeline":
+        r"""
+        Loads a GILL pipeline from a local folder or a Hub repo id (accepts diffusers' `from_pretrained` arguments,
+        e.g. `dtype`, `revision`, `token`, `cache_dir`, `local_files_only`, and components to use as they are).
+
+        A missing or corrupted file of the folder raises an error that names the file. A LoRA adapter saved with
+        the pipeline (`llm_lora/`) is applied to the LM.
+        """
+        folder = resolve_pipeline_folder(str(pretrained_model_name_or_path), **kwargs)
+        validate_pipeline_folder(folder)
+        for name in HUB_KWARGS:
+            if name != "local_files_only":
+                kwargs.pop(name, None)
+        pipe = super().from_pretrained(folder, **kwargs)
+        load_llm_lora(pipe, folder)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Saves every component (the LM without its LoRA adapter, which goes to `llm_lora/`)."""
+        with saving_without_lora(self, str(save_directory)):
+            super().save_pretrained(save_directory, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Assembly of a new, untrained pipeline

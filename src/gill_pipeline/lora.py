@@ -1,0 +1,51 @@
+"""LoRA on the LM: saved beside the pipeline's components (peft format) and applied when loading.
+
+A pipeline folder may hold `llm_lora/` (`adapter_config.json` + `adapter_model.safetensors`, as peft writes them).
+The `llm/` folder always holds the untouched base LM.
+"""
+
+import contextlib
+import os
+
+LORA_FOLDER = "llm_lora"
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but keep the library importable without it
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_llm_lora(pipe, folder: str) -> None:
+    """Wraps `pipe.llm` with the LoRA adapter saved in `folder/llm_lora`, if there is one."""
+    lora_dir = os.path.join(folder, LORA_FOLDER)
+    if not os.path.isdir(lora_dir):
+        return
+    from peft import PeftModel
+
+    llm = PeftModel.from_pretrained(pipe.llm, lora_dir, is_trainable=False)
+    llm.eval()
+    pipe.register_modules(llm=llm)
+
+
+@contextlib.contextmanager
+def saving_without_lora(pipe, save_directory: str):
+    """While saving, `pipe.llm` is the bare base LM; its adapter goes to `save_directory/llm_lora`."""
+    llm = pipe.llm
+    if not is_peft_model(llm):
+        yield
+        return
+    from peft import PeftModel
+
+    lora_dir = os.path.join(save_directory, LORA_FOLDER)
+    llm.save_pretrained(lora_dir)
+    base = llm.unload()
+    pipe.register_modules(llm=base)
+    try:
+        yield
+    finally:
+        wrapped = PeftModel.from_pretrained(base, lora_dir, is_trainable=False)
+        wrapped.train(llm.training)
+        pipe.register_modules(llm=wrapped)

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny GILL pipelines with random weights, built offline from configs after a fixed seed."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from gill_pipeline.tiny import build_tiny_gill_pipeline
+
+torch.set_num_threads(1)
+
+# Small call settings that keep every test fast: few decoding steps, 2 denoising steps, tensors out.
+FAST_CALL = dict(max_new_tokens=6, num_inference_steps=2, output_type="pt")
+
+
+def make_pipeline(lm_type: str = "opt", **kwargs):
+    pipe = build_tiny_gill_pipeline(lm_type, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_image(seed: int = 0, size: int = 32, mode: str = "RGB") -> PIL.Image.Image:
+    array = (np.random.RandomState(seed).rand(size, size, 3) * 255).astype(np.uint8)
+    return PIL.Image.fromarray(array).convert(mode)
+
+
+@pytest.fixture(scope="session")
+def opt_pipe():
+    """A tiny OPT-based pipeline (tied embeddings, word_embed_proj_dim != hidden_size). Do not mutate it."""
+    return make_pipeline("opt")
+
+
+@pytest.fixture(scope="session")
+def llama_pipe():
+    """A tiny Llama-based pipeline (untied embeddings). Do not mutate it."""
+    return make_pipeline("llama")
