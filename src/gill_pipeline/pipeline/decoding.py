@@ -67,6 +67,8 @@ class GILLDecoder:
         eos_token_ids: ids that end a row.
         is_newline: says whether a token id decodes to text containing a newline.
         cache_config: the LM config a `DynamicCache` is built from.
+        max_positions: the LM's context length; a row stops when it is full, and `[IMG0]` is forbidden when its
+            group would not fit.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class GILLDecoder:
         eos_token_ids: set[int],
         is_newline: Callable[[int], bool],
         cache_config=None,
+        max_positions: int | None = None,
     ):
         self.lm_forward = lm_forward
         self.embed_ids = embed_ids
@@ -86,6 +89,7 @@ class GILLDecoder:
         self.eos_token_ids = set(eos_token_ids)
         self.is_newline = is_newline
         self.cache_config = cache_config
+        self.max_positions = max_positions
 
     # ------------------------------------------------------------------------------------------------------
     def __call__(
@@ -116,7 +120,13 @@ class GILLDecoder:
 
         rows = [DecodedSequence() for _ in range(batch_size)]
         for step in range(settings.max_new_tokens):
-            tokens = self._choose_tokens(next_logits, rows, settings, generator)
+            room = self._room(next_position)
+            for b, row in enumerate(rows):
+                if room[b] < 1 and not row.finished:
+                    row.finished = True  # the LM's context is full
+            if all(row.finished for row in rows):
+                break
+            tokens = self._choose_tokens(next_logits, rows, settings, generator, room)
             chunks: list[list[int]] = [[] for _ in range(batch_size)]
             for b, token in enumerate(tokens):
                 row = rows[b]
@@ -186,13 +196,21 @@ class GILLDecoder:
         full[..., self.img_token_ids] = self.img_logits(hidden).to(full.dtype)
         return full.float()
 
-    def _choose_tokens(self, logits, rows, settings, generator) -> list[int]:
+    def _room(self, next_position: torch.Tensor) -> list[int]:
+        """Positions left in each row's context."""
+        if self.max_positions is None:
+            return [1 << 30] * next_position.shape[0]
+        return [self.max_positions - int(p) for p in next_position]
+
+    def _choose_tokens(self, logits, rows, settings, generator, room) -> list[int]:
         logits = logits.clone()
         img0, rest = self.img_token_ids[0], self.img_token_ids[1:]
         logits[:, rest] = float("-inf")
         for b, row in enumerate(rows):
-            allowed = row.num_text_tokens >= settings.min_text_tokens and (
-                settings.max_images is None or len(row.img_starts) < settings.max_images
+            allowed = (
+                row.num_text_tokens >= settings.min_text_tokens
+                and (settings.max_images is None or len(row.img_starts) < settings.max_images)
+                and room[b] >= len(self.img_token_ids)
             )
             if not allowed:
                 logits[b, img0] = float("-inf")

@@ -364,6 +364,7 @@ class GILLPipeline(DiffusionPipeline):
             eos_token_ids=self._eos_token_ids(),
             is_newline=self._is_newline,
             cache_config=self.llm.config,
+            max_positions=self._lm_context_length(),
         )
         return decoder(prompt_embeds, settings, generator)
 
