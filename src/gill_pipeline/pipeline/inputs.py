@@ -92,7 +92,7 @@ def to_rgb_pil(image: Any, name: str = "image") -> PIL.Image.Image:
     if mode in _SIXTEEN_BIT_MODES:
         # 16-bit greyscale: scale 0..65535 down to 0..255 (PIL's own convert would clip everything above 255).
         array = np.asarray(image, dtype=np.uint16).astype(np.float32) / 257.0
-        return PIL.Image.fromarray(np.round(array).astype(np.uint8), mode="L").convert("RGB")
+        return PIL.Image.fromarray(np.round(array).astype(np.uint8)).convert("RGB")
     raise ValueError(
         f"`{name}` has PIL mode {mode!r}, which has no meaningful RGB conversion (integer or floating-point "
         "data images). Convert it to an 8-bit RGB image first."
@@ -105,12 +105,13 @@ def _array_to_pil(array: np.ndarray, name: str) -> PIL.Image.Image:
             f"`{name}` is a numpy array of dtype {array.dtype}; numpy images must be uint8 (HWC or HW) with values "
             "0..255."
         )
+    # uint8 HW -> "L", HWC with 3 channels -> "RGB", with 4 -> "RGBA".
     if array.ndim == 2:
-        return PIL.Image.fromarray(array, mode="L")
+        return PIL.Image.fromarray(np.ascontiguousarray(array))
     if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
         if array.shape[-1] == 1:
-            return PIL.Image.fromarray(array[..., 0], mode="L")
-        return PIL.Image.fromarray(np.ascontiguousarray(array), mode="RGB" if array.shape[-1] == 3 else "RGBA")
+            return PIL.Image.fromarray(np.ascontiguousarray(array[..., 0]))
+        return PIL.Image.fromarray(np.ascontiguousarray(array))
     raise ValueError(
         f"`{name}` is a numpy array of shape {array.shape}; expected HWC with 1, 3 or 4 channels, or HW."
     )

@@ -352,6 +352,7 @@ class GILLPipeline(DiffusionPipeline):
                 ids.update(int(i) for i in source)
         return ids
 
+    @torch.no_grad()
     def decode(
         self, prompt_embeds: list[torch.Tensor], settings: DecodingSettings, generator=None
     ) -> list[DecodedSequence]:
@@ -431,6 +432,7 @@ class GILLPipeline(DiffusionPipeline):
             return_dict=True,
         ).images
 
+    @torch.no_grad()
     def rank_candidates(self, images: torch.Tensor, img0_hidden: torch.Tensor) -> torch.Tensor:
         """Cosine similarity in retrieval space between generated images `(n, C, H, W)` and one `[IMG0]` state."""
         pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(images.float().cpu()))

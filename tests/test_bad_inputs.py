@@ -1,0 +1,166 @@
+"""Bad input gets a clear ValueError/TypeError that names the argument and shows the value."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import FAST_CALL, random_image
+from gill_pipeline import GILLPipeline
+from gill_pipeline.loading import PipelineFolderError
+from gill_pipeline.pipeline.inputs import to_rgb_pil
+
+
+@pytest.mark.parametrize(
+    "inputs,error,pattern",
+    [
+        (None, ValueError, r"`inputs`.*got None"),
+        ([], ValueError, r"`inputs` is empty"),
+        ([[]], ValueError, r"`inputs\[0\]` is empty"),
+        ([["ok"], []], ValueError, r"`inputs\[1\]` is empty"),
+        (42, TypeError, r"`inputs`.*got int: 42"),
+        (["a dog", 3.5], TypeError, r"`inputs\[1\]`.*got float: 3.5"),
+        (["a dog", {"x": 1}], TypeError, r"`inputs\[1\]`.*got dict"),
+        ([["a dog"], "a cat"], ValueError, r"mixes lists and single elements"),
+        ([[["a dog"]]], ValueError, r"`inputs\[0\]\[0\]` is a list"),
+    ],
+)
+def test_bad_structure(opt_pipe, inputs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        opt_pipe(inputs, **FAST_CALL)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(output_type="jpeg"), r"`output_type`.*'jpeg'"),
+        (dict(num_inference_steps=0), r"`num_inference_steps`.*got 0"),
+        (dict(num_inference_steps=-3), r"`num_inference_steps`.*got -3"),
+        (dict(max_images=-1), r"`max_images`.*got -1"),
+        (dict(max_new_tokens=0), r"`max_new_tokens`.*got 0"),
+        (dict(temperature=0.0), r"`temperature`.*got 0.0"),
+        (dict(top_p=1.5), r"`top_p`.*got 1.5"),
+        (dict(min_text_tokens=-2), r"`min_text_tokens`.*got -2"),
+        (dict(num_images_per_prompt=0), r"`num_images_per_prompt`.*got 0"),
+        (dict(guidance_scale=-1.0), r"`guidance_scale`.*got -1.0"),
+        (dict(image_mode="paint"), r"`image_mode`.*'paint'"),
+        (dict(image_mode="retrieve"), r"image_mode='retrieve'.*no(ne)? .*retrieval"),
+        (dict(generator=[torch.Generator(), torch.Generator()]), r"`generator` is a list of 2.*1 inputs"),
+        (dict(latents=torch.zeros(2, 4, 8, 8)), r"`latents` has 2 rows.*`num_images_per_prompt` is 1"),
+        (dict(callback_on_step_end_tensor_inputs=["foo"]), r"`callback_on_step_end_tensor_inputs`"),
+    ],
+)
+def test_bad_arguments(opt_pipe, kwargs, pattern):
+    settings = dict(FAST_CALL)
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        opt_pipe(["This is my dog."], **settings)
+
+
+def test_input_longer_than_the_context(opt_pipe):
+    limit = opt_pipe.llm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"`inputs\[1\]` is \d+ LM positions long.*context of {limit}"):
+        opt_pipe([["short"], ["This is my dog. " * 60]], **FAST_CALL)
+
+
+def test_tiny_image_is_refused(opt_pipe):
+    tiny = PIL.Image.new("RGB", (1, 1))
+    with pytest.raises(ValueError, match=r"`inputs\[1\]` is 1x1 pixels"):
+        opt_pipe(["a dog", tiny], **FAST_CALL)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "1", "P", "CMYK", "I;16"])
+def test_odd_image_modes_are_converted(opt_pipe, mode):
+    image = random_image(0, mode="RGB")
+    if mode == "I;16":
+        image = PIL.Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+        assert image.mode == "I;16"
+    else:
+        image = image.convert(mode)
+    rgb = to_rgb_pil(image)
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    out = opt_pipe(["a dog", image], max_new_tokens=2, max_images=0)
+    assert len(out.outputs) == 1
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    grey = np.full((16, 16), 32768, dtype=np.uint16)
+    rgb = np.asarray(to_rgb_pil(PIL.Image.fromarray(grey)))
+    assert abs(int(rgb[0, 0, 0]) - 128) <= 1  # PIL's own convert would clip this to 255
+
+
+def test_transparent_pixels_become_white():
+    image = PIL.Image.new("RGBA", (16, 16), (255, 0, 0, 0))
+    assert to_rgb_pil(image).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_float_mode_is_refused():
+    image = PIL.Image.fromarray(np.zeros((16, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"mode 'F'"):
+        to_rgb_pil(image, "inputs[0]")
+
+
+def test_numpy_and_tensor_images(opt_pipe):
+    array = np.array(random_image(1))
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    device = torch.device("cpu")
+    from_pil = opt_pipe.encode_interleaved(["x", random_image(1)], device, "inputs")
+    from_np = opt_pipe.encode_interleaved(["x", array], device, "inputs")
+    from_pt = opt_pipe.encode_interleaved(["x", tensor], device, "inputs")
+    torch.testing.assert_close(from_pil, from_np)
+    torch.testing.assert_close(from_pil, from_pt)
+    with pytest.raises(TypeError, match=r"`image` is a numpy array of dtype float64"):
+        to_rgb_pil(array.astype(np.float64))
+    with pytest.raises(ValueError, match=r"float tensor with values in \[0.000, 25\d.000\]"):
+        to_rgb_pil(tensor * 255)
+    with pytest.raises(ValueError, match=r"tensor of shape \(2, 3, 32, 32\)"):
+        to_rgb_pil(tensor[None].repeat(2, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"numpy array of shape \(32, 32, 2\)"):
+        to_rgb_pil(array[..., :2].copy())
+
+
+@pytest.fixture()
+def saved(tmp_path, opt_pipe):
+    opt_pipe.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_missing_weights_file_is_named(saved):
+    path = saved / "gill" / "diffusion_pytorch_model.safetensors"
+    os.remove(path)
+    with pytest.raises(PipelineFolderError, match=str(saved / "gill")):
+        GILLPipeline.from_pretrained(saved)
+
+
+def test_corrupted_weights_file_is_named(saved):
+    path = saved / "unet" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(PipelineFolderError, match=rf"Corrupted safetensors file: {path}"):
+        GILLPipeline.from_pretrained(saved)
+
+
+def test_corrupted_config_is_named(saved):
+    path = saved / "gill" / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(PipelineFolderError, match=rf"Corrupted JSON file: {path}"):
+        GILLPipeline.from_pretrained(saved)
+
+
+def test_missing_component_folder_and_index_are_named(saved):
+    import shutil
+
+    shutil.rmtree(saved / "vae")
+    with pytest.raises(PipelineFolderError, match=rf"Missing folder: {saved / 'vae'}"):
+        GILLPipeline.from_pretrained(saved)
+    os.remove(saved / "model_index.json")
+    with pytest.raises(PipelineFolderError, match=rf"Missing file: {saved / 'model_index.json'}"):
+        GILLPipeline.from_pretrained(saved)
+
+
+def test_wrong_number_of_img_token_ids(opt_pipe):
+    components = dict(opt_pipe.components)
+    with pytest.raises(ValueError, match=r"`img_token_ids` has 2 ids"):
+        GILLPipeline(**components, img_token_ids=[1, 2])
