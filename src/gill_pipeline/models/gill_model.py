@@ -176,4 +176,4 @@ class GILLModel(ModelMixin, ConfigMixin):
 
     @property
     def temperature(self) -> float:
-        return 1.0 / math.exp(float(self.logit_scale))
+        return 1.0 / math.exp(float(self.logit_scale.detach()))
