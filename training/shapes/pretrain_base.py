@@ -1,0 +1,277 @@
+"""Pretrains the shapes world's base models from scratch: CLIP, VAE, UNet (a real Stable Diffusion pipeline folder),
+a causal LM, and the attribute classifier that judges images.
+
+    python -m training.shapes.pretrain_base --out shapes_base            # the full setting (~20 min on 2 CPU cores)
+    python -m training.shapes.pretrain_base --out /tmp/b --scale 0.02    # a few steps of every stage (tests)
+
+Writes, under --out: `clip/` (CLIPModel + processor + tokenizer), `sd/` (StableDiffusionPipeline: vae, unet,
+text_encoder = CLIP's text tower, tokenizer, scheduler), `lm/` (causal LM + tokenizer),
+`classifier/` (attribute classifier), `pretrain_log.json` (losses, seconds per stage).
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .classifier import AttributeClassifier, train_classifier
+from .models import SIZES, build_clip, build_lm, build_scheduler, build_tokenizer, build_unet, build_vae
+from .world import all_scenes, corpus, draw, training_scenes
+
+logger = logging.getLogger("shapes.pretrain")
+
+
+def image_tensor(images) -> torch.Tensor:
+    """uint8 HWC arrays -> float NCHW in [-1, 1] (what the VAE and, with mean = std = 0.5, CLIP read)."""
+    array = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def world_images(scenes, seed: int, jitter: int = 1):
+    rng = random.Random(seed)
+    return [draw(s, SIZES.image_size, jitter, rng.randrange(1 << 30)) for s in scenes]
+
+
+def encode_texts(tokenizer, texts, length: int) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def cosine_lr(optimizer, step: int, total: int, base: float, warmup: int = 50) -> None:
+    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -------------------------------------------------------------------------------------------------------------------
+def train_clip(tokenizer, steps: int, batch: int, seed: int) -> tuple:
+    torch.manual_seed(seed)
+    clip = build_clip(tokenizer)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.05)
+    scenes = training_scenes()
+    rng = random.Random(seed)
+    losses = []
+    clip.train()
+    for step in range(steps):
+        # Distinct scenes per batch: duplicate captions would be false negatives for the contrastive loss.
+        chosen = rng.sample(scenes, min(batch, len(scenes)))
+        pixels = image_tensor(world_images(chosen, rng.randrange(1 << 30)))
+        ids = encode_texts(tokenizer, [s.caption() for s in chosen], SIZES.text_length)
+        cosine_lr(optimizer, step, steps, 5e-4)
+        loss = clip(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), pixel_values=pixels, return_loss=True).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return clip.eval(), losses
+
+
+def train_vae(steps: int, batch: int, seed: int) -> tuple:
+    torch.manual_seed(seed)
+    vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    rng = random.Random(seed + 1)
+    scenes = all_scenes(include_held_out=False)
+    losses = []
+    vae.train()
+    for step in range(steps):
+        x = image_tensor(world_images([rng.choice(scenes) for _ in range(batch)], rng.randrange(1 << 30)))
+        cosine_lr(optimizer, step, steps, 1e-3)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # The shapes cover few pixels: weight them ~9x so colours are learnt (shared/facts/shapes-world.md).
+        foreground = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.05).float()
+        weight = 1 + 8 * foreground
+        loss = (weight * (recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    vae.eval()
+    with torch.no_grad():
+        sample = image_tensor(world_images(training_scenes(), seed + 2))
+        latents = vae.encode(sample).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae, losses
+
+
+def train_unet(vae, text_encoder, tokenizer, steps: int, batch: int, seed: int, images_per_scene: int = 12) -> tuple:
+    torch.manual_seed(seed)
+    scheduler = build_scheduler()
+    unet = build_unet()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+
+    # Precompute latents and caption states once (the frozen VAE and text encoder never change).
+    scenes = [s for s in training_scenes() for _ in range(images_per_scene)]
+    with torch.no_grad():
+        latents = torch.cat(
+            [
+                vae.encode(image_tensor(world_images(scenes[i : i + 256], seed + i))).latent_dist.mean
+                for i in range(0, len(scenes), 256)
+            ]
+        ) * vae.config.scaling_factor
+        captions = sorted({s.caption() for s in scenes})
+        states = text_encoder(encode_texts(tokenizer, captions + [""], SIZES.text_length))[0]
+    caption_index = torch.tensor([captions.index(s.caption()) for s in scenes])
+    empty = states[-1:]
+
+    alphas = scheduler.alphas_cumprod
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    unet.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(scenes), (batch,), generator=generator)
+        x0 = latents[idx]
+        cond = states[caption_index[idx]].clone()
+        drop = torch.rand(batch, generator=generator) < 0.1  # 10% empty captions, for classifier-free guidance
+        cond[drop] = empty
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cosine_lr(optimizer, step, steps, 1e-3)
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+    return ema.eval(), scheduler, losses
+
+
+def train_lm(tokenizer, steps: int, batch: int, seed: int) -> tuple:
+    torch.manual_seed(seed)
+    lm = build_lm(tokenizer)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=2e-3, weight_decay=0.01)
+    lines = corpus(20000, seed)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [[bos] + tokenizer(line, add_special_tokens=False).input_ids + [eos] for line in lines]
+    rng = random.Random(seed)
+    losses = []
+    lm.train()
+    for step in range(steps):
+        rows = [rng.choice(encoded) for _ in range(batch)]
+        length = max(len(r) for r in rows)
+        ids = torch.full((batch, length), pad)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        cosine_lr(optimizer, step, steps, 2e-3)
+        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return lm.eval(), losses
+
+
+# -------------------------------------------------------------------------------------------------------------------
+def save_clip(clip, tokenizer, out: str) -> None:
+    from transformers import CLIPImageProcessor
+
+    clip.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor(SIZES.image_size).save_pretrained(out)
+
+
+def processor(image_size: int):
+    """CLIP preprocessing for the world: no resize beyond the native size, pixels mapped to [-1, 1]."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's number of steps")
+    parser.add_argument("--batch-scale", type=float, default=1.0, help="multiplies every stage's batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stages", default="clip,vae,unet,lm,classifier", help="comma-separated subset to run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    stages = set(args.stages.split(","))
+    steps = lambda n: max(2, int(n * args.scale))  # noqa: E731
+    batch = lambda n: max(4, int(n * args.batch_scale))  # noqa: E731
+    log_path = os.path.join(args.out, "pretrain_log.json")
+    log = json.load(open(log_path)) if os.path.exists(log_path) else {}
+
+    clip_tokenizer = build_tokenizer(clip_style=True, model_max_length=SIZES.text_length)
+    lm_tokenizer = build_tokenizer(clip_style=False, model_max_length=SIZES.lm_context)
+
+    def stage(name, fn):
+        start = time.time()
+        result = fn()
+        log[name] = {"seconds": round(time.time() - start, 1), **result}
+        logger.info("%s: %s", name, log[name])
+        with open(log_path, "w") as f:
+            json.dump(log, f, indent=2)
+
+    def do_clip():
+        clip, losses = train_clip(clip_tokenizer, steps(300), batch(128), args.seed)
+        save_clip(clip, clip_tokenizer, os.path.join(args.out, "clip"))
+        return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))}
+
+    def do_vae():
+        vae, losses = train_vae(steps(1500), batch(32), args.seed)
+        vae.save_pretrained(os.path.join(args.out, "vae"))
+        return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
+
+    def do_unet():
+        from diffusers import AutoencoderKL, StableDiffusionPipeline
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(os.path.join(args.out, "clip")).eval()
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "vae")).eval()
+        unet, scheduler, losses = train_unet(
+            vae, clip.text_model, clip_tokenizer, steps(3500), batch(64), args.seed,
+            images_per_scene=max(1, round(12 * min(1.0, args.batch_scale))),
+        )
+        sd = StableDiffusionPipeline(
+            vae=vae, text_encoder=clip.text_model, tokenizer=clip_tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        sd.save_pretrained(os.path.join(args.out, "sd"))
+        return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-50:]))}
+
+    def do_lm():
+        lm, losses = train_lm(lm_tokenizer, steps(1200), batch(64), args.seed)
+        lm.save_pretrained(os.path.join(args.out, "lm"))
+        lm_tokenizer.save_pretrained(os.path.join(args.out, "lm"))
+        return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
+
+    def do_classifier():
+        classifier, accuracy = train_classifier(steps(600), batch(64), args.seed)
+        classifier.save_pretrained(os.path.join(args.out, "classifier"))
+        return {"held_out_image_accuracy": accuracy}
+
+    for name, fn in (("clip", do_clip), ("vae", do_vae), ("unet", do_unet), ("lm", do_lm), ("classifier", do_classifier)):
+        if name in stages:
+            stage(name, fn)
+    return log
+
+
+if __name__ == "__main__":
+    main()
