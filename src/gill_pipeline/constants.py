@@ -32,5 +32,6 @@ DEFAULT_LOGIT_SCALE_INIT = 2.6592600345611572  # log(1 / 0.07), as in CLIP
 DECISION_GENERATE = 0
 DECISION_RETRIEVE = 1
 
-IMAGE_MODES = ("auto", "generate", "retrieve")
+# "both": every [IMG] group gets a generated AND a retrieved image; the decision head picks which is shown first.
+IMAGE_MODES = ("auto", "generate", "retrieve", "both")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

@@ -16,6 +16,7 @@ from ..constants import (
     DEFAULT_RETRIEVAL_DIM,
     IMG_TOKEN_TEMPLATE,
 )
+from ..hub import record_base_models
 from ..models.gill_model import GILLModel
 
 
@@ -109,6 +110,7 @@ def assemble_gill_pipeline(
     cond_length: int | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    base_models: dict | None = None,
     **load_kwargs,
 ):
     r"""
@@ -137,9 +139,15 @@ def assemble_gill_pipeline(
             Seed for the initial weights of the learned parts.
         dtype (`torch.dtype`, *optional*):
             Cast the whole pipeline to this dtype at the end. Also passed to loaders when models are given by name.
+        base_models (`dict`, *optional*):
+            The record of the base models' Hub ids and revisions (`{"llm": ..., "stable_diffusion": ...,
+            "image_encoder": ...}`, see `gill_pipeline.hub`), saved with the learned weights. By default it is made
+            from the names given (or the `name_or_path` of loaded models when it is a Hub id).
         load_kwargs:
             Passed to every `from_pretrained` (e.g. `revision`, `cache_dir`, `local_files_only`, `token`).
     """
+    if base_models is None:
+        base_models = record_base_models(language_model, stable_diffusion, image_encoder, load_kwargs.get("revision"))
     if dtype is not None:
         load_kwargs["dtype"] = dtype
     llm, tokenizer = _load_lm(language_model, tokenizer, load_kwargs)
@@ -202,6 +210,7 @@ def assemble_gill_pipeline(
         image_encoder=image_encoder,
         feature_extractor=feature_extractor,
         img_token_ids=img_token_ids,
+        base_models=base_models,
     )
     if dtype is not None:
         pipe.to(dtype=dtype)

@@ -12,7 +12,7 @@ from diffusers.utils import logging
 from diffusers.utils.doc_utils import replace_example_docstring
 
 from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
-from ..hub import HUB_KWARGS, resolve_pipeline_folder
+from ..hub import HUB_KWARGS, normalize_base_models, resolve_pipeline_folder
 from ..loading import validate_pipeline_folder
 from ..lora import load_llm_lora, saving_without_lora
 from ..models.gill_model import GILLModel
@@ -85,6 +85,7 @@ class GILLPipeline(DiffusionPipeline):
         image_encoder=None,
         feature_extractor=None,
         img_token_ids: list[int] | None = None,
+        base_models: dict | None = None,
     ):
         super().__init__()
         if img_token_ids is None:
@@ -110,7 +111,8 @@ class GILLPipeline(DiffusionPipeline):
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
         )
-        self.register_to_config(img_token_ids=img_token_ids)
+        # Which base LM / SD / vision encoder (Hub ids + revisions) the learned weights fit; see `gill_pipeline.hub`.
+        self.register_to_config(img_token_ids=img_token_ids, base_models=normalize_base_models(base_models))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Set by `load_retrieval_index`; without it, `image_mode="auto"` always generates.
@@ -129,6 +131,10 @@ class GILLPipeline(DiffusionPipeline):
         the pipeline (`llm_lora/`) is applied to the LM.
         """
         folder = resolve_pipeline_folder(str(pretrained_model_name_or_path), **kwargs)
+        from ..learned_weights import is_learned_weights_folder, load_learned_weights_pipeline
+
+        if is_learned_weights_folder(folder):
+            return load_learned_weights_pipeline(cls, folder, str(pretrained_model_name_or_path), **kwargs)
         validate_pipeline_folder(folder)
         for name in HUB_KWARGS:
             if name != "local_files_only":
@@ -141,6 +147,26 @@ class GILLPipeline(DiffusionPipeline):
         """Saves every component (the LM without its LoRA adapter, which goes to `llm_lora/`)."""
         with saving_without_lora(self, str(save_directory)):
             super().save_pretrained(save_directory, **kwargs)
+
+    def save_learned_weights(self, save_directory: str | os.PathLike, base_models: dict | None = None) -> str:
+        """Saves only the learned parts (a few MB) and the record of the base models they fit; see
+        [`gill_pipeline.learned_weights`]. `GILLPipeline.from_pretrained(save_directory)` loads them back."""
+        from ..learned_weights import save_learned_weights
+
+        return save_learned_weights(self, save_directory, base_models=base_models)
+
+    def push_to_hub(self, repo_id: str, learned_weights_only: bool = False, card_info=None, **kwargs) -> str:
+        """Uploads the whole pipeline (or, with `learned_weights_only=True`, only the learned weights) to a Hub repo
+        with a model card; see [`gill_pipeline.hub.push_pipeline_to_hub`]. Returns the commit URL."""
+        from ..hub import push_pipeline_to_hub
+
+        return push_pipeline_to_hub(
+            self, repo_id, learned_weights_only=learned_weights_only, card_info=card_info, **kwargs
+        )
+
+    def push_learned_weights(self, repo_id: str, card_info=None, **kwargs) -> str:
+        """Uploads only the learned weights and the record of their base models; see `push_to_hub`."""
+        return self.push_to_hub(repo_id, learned_weights_only=True, card_info=card_info, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Assembly of a new, untrained pipeline
@@ -213,10 +239,15 @@ class GILLPipeline(DiffusionPipeline):
                 "`image_mode='retrieve'` needs a retrieval set, but none is loaded. Load one with "
                 "`pipe.load_retrieval_index(...)`, or use `image_mode='generate'` or 'auto'."
             )
-        if image_mode == "generate" and (self.unet is None or self.vae is None or self.scheduler is None):
+        if image_mode in ("generate", "both") and (self.unet is None or self.vae is None or self.scheduler is None):
             raise ValueError(
-                "`image_mode='generate'` needs the pipeline's `unet`, `vae` and `scheduler`, but this pipeline was "
-                "loaded without them."
+                f"`image_mode={image_mode!r}` needs the pipeline's `unet`, `vae` and `scheduler`, but this pipeline "
+                "was loaded without them."
+            )
+        if image_mode == "both" and self.retrieval_index is None:
+            raise ValueError(
+                "`image_mode='both'` needs a retrieval set, but none is loaded. Load one with "
+                "`pipe.load_retrieval_index(...)`."
             )
         if isinstance(generator, list) and len(generator) != len(batch):
             raise ValueError(
@@ -504,7 +535,9 @@ class GILLPipeline(DiffusionPipeline):
                 Stop an answer at its first newline.
             image_mode (`str`, *optional*, defaults to `"auto"`):
                 `"auto"` lets the decision head choose between retrieving and generating (generating when no
-                retrieval set is loaded); `"generate"` or `"retrieve"` force one.
+                retrieval set is loaded, retrieving when the pipeline has no UNet); `"generate"` or `"retrieve"`
+                force one; `"both"` makes both for every `[IMG]` group: the answer shows the decision head's choice,
+                and its [`GILLImage`] carries the other one in `alternatives`.
             height (`int`, *optional*), width (`int`, *optional*):
                 Size of generated images; defaults to the UNet's sample size times the VAE scale factor.
             num_inference_steps (`int`, *optional*, defaults to 50):
@@ -585,7 +618,7 @@ class GILLPipeline(DiffusionPipeline):
 
         # 6. Map [IMG] states to prompt embeddings and run the denoising loop for the groups to generate
         images: dict[tuple[int, int], GILLImage] = {}
-        to_generate = [i for i, retrieve in enumerate(decisions[0]) if not retrieve]
+        to_generate = [i for i, retrieve in enumerate(decisions[0]) if not retrieve or image_mode == "both"]
         if to_generate:
             gen_prompt_embeds = self.gill.map_to_prompt_embeds(img_hidden[to_generate])
             generators = self._expand_generators(generator, [requests[i][0] for i in to_generate], num_images_per_prompt)
@@ -619,13 +652,22 @@ class GILLPipeline(DiffusionPipeline):
                     prompt_embeds_index=requests[i][1],
                 )
 
-        # 7. Retrieve images for the groups the decision sent to retrieval
-        to_retrieve = [i for i, retrieve in enumerate(decisions[0]) if retrieve]
+        # 7. Retrieve images for the groups the decision sent to retrieval (all groups with image_mode="both")
+        to_retrieve = [i for i, retrieve in enumerate(decisions[0]) if retrieve or image_mode == "both"]
         if to_retrieve:
-            for i, image in zip(to_retrieve, self.retrieve_images(img_hidden[to_retrieve], [requests[i] for i in to_retrieve], sequences, output_type)):
+            retrieved = self.retrieve_images(
+                img_hidden[to_retrieve], [requests[i] for i in to_retrieve], batch, output_type
+            )
+            for i, image in zip(to_retrieve, retrieved):
                 image.decision_probs = decisions[1][i]
                 image.prompt_embeds_index = requests[i][1]
-                images[requests[i]] = image
+                generated = images.get(requests[i])
+                if generated is None:
+                    images[requests[i]] = image
+                else:  # "both": the decision head's choice is shown, the other one rides along
+                    shown, other = (image, generated) if decisions[0][i] else (generated, image)
+                    shown.alternatives = [other]
+                    images[requests[i]] = shown
 
         # 8. Post-process: interleave text segments and images
         outputs = [self.assemble_answer(b, seq, images) for b, seq in enumerate(sequences)]
@@ -639,27 +681,96 @@ class GILLPipeline(DiffusionPipeline):
     # Steps of the call
     # ----------------------------------------------------------------------------------------------------------
     def decide(self, img_hidden: torch.Tensor, image_mode: str) -> tuple[list[bool], list[tuple[float, float]]]:
-        """Per `[IMG]` group: whether to retrieve, and the decision head's (generate, retrieve) probabilities."""
+        """Per `[IMG]` group: whether the retrieved image is the one shown, and the decision head's (generate,
+        retrieve) probabilities. With `image_mode="both"` both images are made and this picks the one shown first."""
         probs = self.gill.decide(img_hidden[:, 0])
         prob_pairs = [(float(p[0]), float(p[1])) for p in probs]
-        if image_mode == "retrieve":
+        can_generate = self.unet is not None and self.vae is not None and self.scheduler is not None
+        if image_mode == "retrieve" or (image_mode == "auto" and not can_generate and self.retrieval_index is not None):
             retrieve = [True] * len(prob_pairs)
         elif image_mode == "generate" or self.retrieval_index is None:
             retrieve = [False] * len(prob_pairs)
         else:
             retrieve = [bool(p.argmax() == DECISION_RETRIEVE) for p in probs]
-        if any(not r for r in retrieve) and (self.unet is None or self.vae is None or self.scheduler is None):
+        if any(not r for r in retrieve) and not can_generate:
             raise ValueError(
                 "The answer asks for a generated image, but this pipeline has no `unet`/`vae`/`scheduler`. Load a "
                 "retrieval set and use `image_mode='retrieve'`, or pass `max_images=0`."
             )
         return retrieve, prob_pairs
 
-    def retrieve_images(self, img_hidden, requests, sequences, output_type) -> list[GILLImage]:
-        """Retrieves one image per `[IMG]` group from the loaded retrieval set."""
-        if self.retrieval_index is None:
+    def load_retrieval_index(
+        self, path_or_repo_id, allow_urls: bool = False, image_root: str | os.PathLike | None = None, **hub_kwargs
+    ):
+        r"""
+        Loads a retrieval index (see [`~gill_pipeline.retrieval.RetrievalIndex`]) and uses it for `image_mode`
+        `"auto"`, `"retrieve"` and `"both"`. Sets and returns `self.retrieval_index`.
+
+        Args:
+            path_or_repo_id (`str`, `os.PathLike` or [`RetrievalIndex`]): A folder written by
+                `RetrievalIndex.save_pretrained` or `build_retrieval_index`, a Hub repo id, or an index object.
+            allow_urls (`bool`, *optional*, defaults to `False`): Allow downloading images whose index path is a URL.
+            image_root (`str`, *optional*): Folder that the index's local image paths are relative to (paths that
+                resolve outside it are refused). Defaults to the one recorded in the index folder.
+            hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `repo_type`, ... for Hub repos.
+
+        Raises:
+            [`IndexWeightsMismatchError`]: if the index was built with other learned weights or another vision
+            encoder than this pipeline's.
+        """
+        from ..retrieval import RetrievalIndex
+
+        if isinstance(path_or_repo_id, RetrievalIndex):
+            index, where = path_or_repo_id, "given"
+            if allow_urls:
+                index.allow_urls = True
+            if image_root is not None:
+                index.image_root = str(image_root)
+        else:
+            index = RetrievalIndex.from_pretrained(
+                path_or_repo_id, image_root=image_root, allow_urls=allow_urls, **hub_kwargs
+            )
+            where = repr(str(path_or_repo_id))
+        index.check_compatible(self, where=where)
+        self.retrieval_index = index
+        return index
+
+    def retrieve_images(self, img_hidden, requests, batch, output_type) -> list[GILLImage]:
+        """One retrieved image per `[IMG]` group (hidden states `(N, r, D)`, `requests[n] = (input, group)`), never an
+        image already shown in the same answer: neither one retrieved for an earlier group nor an input image that
+        came from the index (a retrieved PIL image given back as input)."""
+        from ..retrieval import RETRIEVAL_ID_INFO_KEY
+
+        index = self.retrieval_index
+        if index is None:
             raise ValueError("No retrieval set is loaded; load one with `pipe.load_retrieval_index(...)`.")
-        return self.retrieval_index.retrieve_for_pipeline(self, img_hidden, requests, output_type)
+        queries = self.gill.text_retrieval_embeds(img_hidden[:, 0]).float()
+        owners = [b for b, _ in requests]
+        exclude = {
+            b: {
+                x.info[RETRIEVAL_ID_INFO_KEY]
+                for x in batch[b]
+                if isinstance(x, PIL.Image.Image) and RETRIEVAL_ID_INFO_KEY in x.info
+            }
+            for b in set(owners)
+        }
+        images = []
+        for found in index.retrieve(queries.to(index.device), owners, exclude):
+            image = found.image
+            if output_type != "pil":
+                image = self.image_processor.pil_to_numpy([image])
+                # Retrieved images are never latents: with output_type="latent" they come as "pt" tensors.
+                image = image[0] if output_type == "np" else self.image_processor.numpy_to_pt(image)[0]
+            images.append(
+                GILLImage(
+                    image=image,
+                    source="retrieved",
+                    scores={"similarity": [found.similarity]},
+                    candidates=[image],
+                    metadata={**found.record, "rank": found.rank, "skipped_ids": found.skipped_ids},
+                )
+            )
+        return images
 
     @staticmethod
     def _expand_generators(generator, owners: list[int], num_images_per_prompt: int):

@@ -24,6 +24,12 @@ class GILLImage:
             Every candidate for this `[IMG]` group, best first (`num_images_per_prompt` generated images).
         prompt_embeds_index (`int`):
             Index of this group among the answer's `[IMG]` groups.
+        metadata (`dict`):
+            For retrieved images, the index record: `id`, `path` (or URL), `caption`, plus `rank` (position in the
+            search results) and `skipped_ids` (better candidates that could not be loaded). Empty for generated ones.
+        alternatives (`list[GILLImage]`):
+            With `image_mode="both"`, the other candidate for this `[IMG]` group: the retrieved image when the
+            decision head chose to generate, the generated one when it chose to retrieve. Empty otherwise.
     """
 
     image: Any
@@ -32,6 +38,8 @@ class GILLImage:
     scores: dict = field(default_factory=dict)
     candidates: list = field(default_factory=list)
     prompt_embeds_index: int = 0
+    metadata: dict = field(default_factory=dict)
+    alternatives: list["GILLImage"] = field(default_factory=list)
 
 
 @dataclass
