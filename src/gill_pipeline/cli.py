@@ -1,4 +1,7 @@
-"""The `gill` command line: `gill generate ...` (more subcommands register themselves in `SUBCOMMANDS`)."""
+"""The `gill` command line: `gill generate`, `gill convert-original`, `gill push` (see docs/cli.md).
+
+Subcommands register themselves in `SUBCOMMANDS`; user errors print one line and exit with code 2.
+"""
 
 import argparse
 import logging
@@ -161,7 +164,12 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--min-text-tokens", type=int, default=None, help="text tokens before an image is allowed")
     p.add_argument("--img-logit-scale", type=float, default=None, help="make images more likely when above 1")
     p.add_argument("--max-images", type=int, default=None, help="most images in the answer (default: no limit)")
-    p.add_argument("--image-mode", default="auto", choices=["auto", "generate", "retrieve"])
+    p.add_argument(
+        "--image-mode",
+        default="auto",
+        choices=["auto", "generate", "retrieve"],
+        help="let the decision head choose, or always generate / retrieve images (default: %(default)s)",
+    )
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -170,8 +178,186 @@ def add_generate_parser(subparsers) -> None:
     p.set_defaults(func=run_generate)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# gill convert-original
+# ----------------------------------------------------------------------------------------------------------------
+def run_convert_original(args) -> int:
+    import torch
+
+    from .convert_original import (
+        REFERENCE_ARGS_FILE,
+        REFERENCE_CHECKPOINT_FILE,
+        REFERENCE_DECISION_FILE,
+        convert_original_to_folder,
+    )
+
+    release = args.release_dir
+    if release is not None and not os.path.isdir(release):
+        raise CLIError(f"--release-dir {release!r} is not a folder")
+    model_args = args.model_args or (release and os.path.join(release, REFERENCE_ARGS_FILE))
+    checkpoint = args.checkpoint or (release and os.path.join(release, REFERENCE_CHECKPOINT_FILE))
+    decision = args.decision_model
+    if decision is None and release and os.path.isfile(os.path.join(release, REFERENCE_DECISION_FILE)):
+        decision = os.path.join(release, REFERENCE_DECISION_FILE)
+    if not model_args or not checkpoint:
+        raise CLIError("give --release-dir, or both --model-args and --checkpoint")
+    for flag, path in (("--model-args", model_args), ("--checkpoint", checkpoint), ("--decision-model", decision)):
+        if path is not None and not os.path.isfile(path):
+            raise CLIError(f"{flag}: file not found: {path}")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        raise CLIError(f"--output-dir {args.output_dir!r} is not empty (pass --overwrite to write into it anyway)")
+    if decision is None:
+        logger.warning("No decision model: the converted decision head (generate or retrieve) stays random.")
+    load_kwargs = {k: v for k, v in (("cache_dir", args.cache_dir), ("token", args.token), ("revision", args.revision)) if v}
+    if args.local_files_only:
+        load_kwargs["local_files_only"] = True
+    convert_original_to_folder(
+        args.output_dir,
+        model_args,
+        checkpoint,
+        decision,
+        learned_weights_only=args.learned_weights_only,
+        language_model=args.language_model,
+        stable_diffusion=args.stable_diffusion,
+        image_encoder=args.image_encoder,
+        mapper_heads=args.mapper_heads,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        **load_kwargs,
+    )
+    what = "learned weights" if args.learned_weights_only else "pipeline"
+    print(f"Converted the reference GILL release into a {what} folder: {args.output_dir}")
+    print(f"Load it with GILLPipeline.from_pretrained({args.output_dir!r}); share it with `gill push`.")
+    return 0
+
+
+def add_convert_original_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert-original",
+        help="Convert the reference GILL release (kohjingyu/gill) into a pipeline or learned-weights folder.",
+        description=(
+            "Convert the reference GILL release (model_args.json, pretrained_ckpt.pth.tar, decision_model.pth.tar) "
+            "into this package's format. Pickled files are read with torch.load(weights_only=True) only. The base "
+            "models (LM, Stable Diffusion, CLIP) are loaded once to check that they fit; by default they are those "
+            "of the release (model_args.json names the LM and vision encoder)."
+        ),
+    )
+    p.add_argument("--release-dir", help="folder holding the release files under their original names")
+    p.add_argument("--model-args", help="path of model_args.json (default: in --release-dir)")
+    p.add_argument("--checkpoint", help="path of pretrained_ckpt.pth.tar (default: in --release-dir)")
+    p.add_argument("--decision-model", help="path of decision_model.pth.tar (default: in --release-dir, if there)")
+    p.add_argument("--output-dir", required=True, help="folder to write the converted weights to")
+    p.add_argument(
+        "--learned-weights-only",
+        action="store_true",
+        help="write only the learned weights (MBs) and the record of the base models, not a whole pipeline",
+    )
+    p.add_argument("--language-model", help="LM Hub id or folder (default: `opt_version` of model_args.json)")
+    p.add_argument(
+        "--stable-diffusion", help="Stable Diffusion Hub id or folder (default: stable-diffusion-v1-5, as the release)"
+    )
+    p.add_argument("--image-encoder", help="CLIP vision Hub id or folder (default: `visual_encoder` of model_args.json)")
+    p.add_argument("--revision", help="revision of the base models on the Hub (default: main)")
+    p.add_argument("--cache-dir", help="Hugging Face cache folder (default: the standard cache)")
+    p.add_argument("--token", help="Hugging Face token for gated or private base models")
+    p.add_argument("--local-files-only", action="store_true", help="do not download; use the cache only")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the saved weights")
+    p.add_argument("--mapper-heads", type=int, default=4, help="attention heads of the mapper (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    p.set_defaults(func=run_convert_original)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gill push
+# ----------------------------------------------------------------------------------------------------------------
+def _parse_metrics(items: list[str]) -> dict[str, float]:
+    metrics = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            metrics[name] = float(value)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise CLIError(f"--metric must look like NAME=NUMBER, got {item!r}")
+    return metrics
+
+
+def run_push(args) -> int:
+    from .hub import push_folder_to_hub
+    from .learned_weights import is_learned_weights_folder
+    from .model_card import MODEL_CARD_FILE, ModelCardInfo, write_model_card
+
+    folder = args.folder
+    if not os.path.isdir(folder):
+        raise CLIError(f"folder not found: {folder}")
+    info = ModelCardInfo(
+        datasets=args.dataset or [], metrics=_parse_metrics(args.metric or []), license=args.license,
+        metrics_source=args.metrics_source,
+    )
+    card_given = bool(info.to_dict())
+    push_kwargs = dict(
+        token=args.token,
+        private=args.private or None,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+        revision=args.branch,
+        replace=not args.keep_existing_files,
+    )
+    learned = is_learned_weights_folder(folder)
+    if args.learned_weights_only and not learned:
+        # A whole pipeline folder: load it and push only its learned parts.
+        from .pipeline import GILLPipeline
+
+        pipe = GILLPipeline.from_pretrained(folder)
+        url = pipe.push_learned_weights(args.repo_id, card_info=info, **push_kwargs)
+    else:
+        from .loading import validate_pipeline_folder
+
+        if not learned:
+            validate_pipeline_folder(folder)
+        has_card = os.path.isfile(os.path.join(folder, MODEL_CARD_FILE))
+        if card_given or not has_card:
+            path = write_model_card(folder, repo_id=args.repo_id, info=info)
+            print(f"Wrote the model card {path}")
+        url = push_folder_to_hub(folder, args.repo_id, **push_kwargs)
+    what = "learned weights" if args.learned_weights_only or learned else "pipeline"
+    print(f"Pushed the GILL {what} to {args.repo_id}: {url}")
+    return 0
+
+
+def add_push_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "push",
+        help="Upload a GILL pipeline folder, or only its learned weights, to a Hugging Face Hub repo.",
+        description=(
+            "Upload a saved GILL pipeline folder or learned-weights folder to a Hub repo (created if needed), with "
+            "a model card. With --learned-weights-only, a whole pipeline folder is loaded and only its learned "
+            "weights (MBs) and the record of its base models are pushed. Log in first (`hf auth login`) or pass "
+            "--token."
+        ),
+    )
+    p.add_argument("folder", help="a folder written by save_pretrained, save_learned_weights or convert-original")
+    p.add_argument("repo_id", help="the Hub repo to push to, e.g. your-name/gill-opt")
+    p.add_argument("--learned-weights-only", action="store_true", help="push only the learned weights")
+    p.add_argument("--token", help="Hugging Face token with write access (default: the logged-in token)")
+    p.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+    p.add_argument("--branch", help="branch to push to (default: main)")
+    p.add_argument("--commit-message", help="commit message (default: a generic one)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument(
+        "--keep-existing-files",
+        action="store_true",
+        help="keep repo files that are not in the folder (default: the folder replaces the repo content)",
+    )
+    p.add_argument("--dataset", action="append", help="training dataset (Hub id) for the model card; repeatable")
+    p.add_argument("--metric", action="append", help="NAME=VALUE for the model card's metrics; repeatable")
+    p.add_argument("--metrics-source", help="where the metrics come from, for the model card")
+    p.add_argument("--license", help="license id for the model card, e.g. apache-2.0 or other")
+    p.set_defaults(func=run_push)
+
+
 # Each entry adds one subcommand to the parser; other modules append to it.
-SUBCOMMANDS = [add_generate_parser]
+SUBCOMMANDS = [add_generate_parser, add_convert_original_parser, add_push_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ValueError, TypeError) as error:
+    except (CLIError, ValueError, TypeError, OSError) as error:
         print(f"gill {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,118 @@
+"""The `gill` command line, run in-process: convert-original, push (through the fake Hub), generate, errors."""
+
+import argparse
+import os
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from fake_hub import FakeHub
+from gill_pipeline.cli import build_parser, main
+from gill_pipeline.pipeline import GILLPipeline
+from test_convert import release  # noqa: F401 (the synthetic reference release fixture)
+
+TOKEN = "hf_fake_token"
+
+
+@pytest.fixture(scope="module")
+def base_dirs(release, tmp_path_factory):  # noqa: F811
+    """The release's tiny base models saved as local folders, as `--language-model` etc. take them."""
+    root = tmp_path_factory.mktemp("bases")
+    release["llm"].save_pretrained(root / "lm")
+    release["tokenizer"].save_pretrained(root / "lm")
+    release["sd"].save_pretrained(root / "sd")
+    release["encoder"].save_pretrained(root / "clip")
+    release["processor"].save_pretrained(root / "clip")
+    return ["--language-model", str(root / "lm"), "--stable-diffusion", str(root / "sd"), "--image-encoder", str(root / "clip")]
+
+
+def convert_args(release, out, base_dirs, *extra):  # noqa: F811
+    return ["convert-original", "--release-dir", str(release["root"]), "--output-dir", str(out), *base_dirs, *extra]
+
+
+def test_convert_original_writes_a_loadable_pipeline(release, base_dirs, tmp_path, capsys):  # noqa: F811
+    assert main(convert_args(release, tmp_path / "whole", base_dirs)) == 0
+    assert "Converted" in capsys.readouterr().out
+    pipe = GILLPipeline.from_pretrained(str(tmp_path / "whole"))
+    torch.testing.assert_close(pipe.gill.decision_head[1].weight, release["decision"][1].weight)
+    assert pipe.img_token_ids == release["img_ids"]
+    # A non-empty output folder is refused unless --overwrite.
+    assert main(convert_args(release, tmp_path / "whole", base_dirs)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_convert_learned_weights_only_then_push_with_card(release, base_dirs, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "learned"
+    assert main(convert_args(release, out, base_dirs, "--learned-weights-only")) == 0
+    assert os.path.isfile(out / "gill_learned_weights.json") and not os.path.exists(out / "llm")
+    with FakeHub() as hub:
+        code = main(["push", str(out), "org/gill-cli", "--token", TOKEN, "--dataset", "cc3m", "--metric", "fid=12.5"])
+        assert code == 0, capsys.readouterr().err
+        files = hub.files("org/gill-cli")
+    assert "gill/diffusion_pytorch_model.safetensors" in files
+    assert "Pushed the GILL learned weights to org/gill-cli" in capsys.readouterr().out
+    (tmp_path / "README.md").write_bytes(files["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "gill_pipeline" and card.data.datasets == ["cc3m"] and "12.5" in card.text
+
+
+def test_push_learned_weights_only_from_a_whole_pipeline_folder(tmp_path, capsys):
+    from conftest import make_pipeline
+
+    pipe = make_pipeline("opt")
+    pipe.save_pretrained(tmp_path / "whole")
+    with FakeHub() as hub:
+        assert main(["push", str(tmp_path / "whole"), "org/learned", "--learned-weights-only", "--token", TOKEN]) == 0
+        assert main(["push", str(tmp_path / "whole"), "org/whole", "--token", TOKEN]) == 0
+        learned, whole = hub.files("org/learned"), hub.files("org/whole")
+    assert "gill_learned_weights.json" in learned and "model_index.json" not in learned
+    assert "model_index.json" in whole and "README.md" in whole
+    assert os.path.isfile(tmp_path / "whole" / "README.md")  # the card is written into the folder pushed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["push", "/no/such/folder", "org/x"], "folder not found: /no/such/folder"),
+        (["convert-original", "--output-dir", "x"], "give --release-dir, or both --model-args and --checkpoint"),
+        (["convert-original", "--model-args", "/no/args.json", "--checkpoint", "/no/ckpt", "--output-dir", "x"],
+         "--model-args: file not found: /no/args.json"),
+    ],
+)
+def test_user_errors_are_one_plain_line_with_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bad_metric_and_unsafe_pickle_are_plain_errors(release, base_dirs, tmp_path, capsys):  # noqa: F811
+    from conftest import make_pipeline
+
+    make_pipeline("opt").save_learned_weights(tmp_path / "learned")
+    assert main(["push", str(tmp_path / "learned"), "org/x", "--metric", "oops"]) == 2
+    assert "NAME=NUMBER" in capsys.readouterr().err
+    unsafe = tmp_path / "unsafe.pth.tar"
+    torch.save({"state_dict": {}, "args": argparse.Namespace(a=1)}, unsafe)
+    argv = ["convert-original", "--model-args", release["paths"]["args"], "--checkpoint", str(unsafe),
+            "--output-dir", str(tmp_path / "out"), *base_dirs]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Refusing to load the reference checkpoint" in err and str(unsafe) in err and "Traceback" not in err
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("generate", "convert-original", "push"):
+        sub = subparsers.choices[name]
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"`gill {name}` option {action.option_strings or action.dest} has no help text"
+
+
+def test_generate_still_works(tmp_path, capsys):
+    argv = ["generate", "A dog.", "--max-new-tokens", "3", "--steps", "1", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert os.path.isfile(tmp_path / "answer.txt")

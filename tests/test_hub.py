@@ -1,0 +1,204 @@
+"""Hub push/pull through an in-process fake Hub: whole pipelines, learned weights only, model cards, offline cache."""
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub import constants as hf_constants
+
+from conftest import FAST_CALL, make_pipeline
+from fake_hub import FakeHub
+from gill_pipeline import GILLPipeline
+from gill_pipeline.hub import HubLoadError, push_folder_to_hub, record_base_models
+from gill_pipeline.learned_weights import LEARNED_WEIGHTS_MANIFEST_FILE
+from gill_pipeline.model_card import ModelCardInfo
+
+TOKEN = "hf_fake_token"
+BASE = {"llm": "tiny/opt", "stable_diffusion": "tiny/sd", "image_encoder": "tiny/clip"}
+PROMPT = ["This is my dog.", "Show me"]
+CALL = dict(FAST_CALL, min_text_tokens=1, img_logit_scale=100.0, max_images=1)
+INFO = ModelCardInfo(datasets=["cc3m"], metrics={"clip_similarity": 0.641}, metrics_source="a test")
+
+
+def run(pipe):
+    out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **CALL)
+    images = [image.image for image in out.images[0]]
+    return out.texts[0], images
+
+
+def assert_same_outputs(a, b):
+    assert a[0] == b[0]
+    assert len(a[1]) == len(b[1]) > 0
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipeline("opt")
+
+
+@pytest.fixture(scope="module")
+def expected(pipe):
+    return run(pipe)
+
+
+@pytest.fixture(scope="module")
+def hub(pipe, tmp_path_factory):
+    """A fake Hub holding the tiny base models under `BASE`'s ids; yields (hub, cache_dir)."""
+    root = tmp_path_factory.mktemp("bases")
+    with FakeHub() as fake:
+        pipe.llm.save_pretrained(root / "opt")
+        pipe.tokenizer.save_pretrained(root / "opt")
+        push_folder_to_hub(str(root / "opt"), BASE["llm"], token=TOKEN)
+        for name in ("vae", "unet", "scheduler"):
+            getattr(pipe, name).save_pretrained(root / "sd" / name)
+        push_folder_to_hub(str(root / "sd"), BASE["stable_diffusion"], token=TOKEN)
+        pipe.image_encoder.save_pretrained(root / "clip")
+        push_folder_to_hub(str(root / "clip"), BASE["image_encoder"], token=TOKEN)
+        yield fake, str(tmp_path_factory.mktemp("hf_cache"))
+
+
+@pytest.fixture(scope="module")
+def pushed(pipe, hub):
+    """Pushes the whole pipeline and its learned weights once; returns the commit URLs."""
+    fake, _ = hub
+    whole = pipe.push_to_hub("org/gill-whole", token=TOKEN, card_info=INFO)
+    learned = pipe.push_learned_weights("org/gill-learned", token=TOKEN, base_models=BASE, card_info=INFO)
+    return whole, learned
+
+
+def test_push_whole_pipeline_and_pull_it_back(pipe, expected, hub, pushed):
+    fake, cache = hub
+    files = fake.files("org/gill-whole")
+    assert "model_index.json" in files and "gill/diffusion_pytorch_model.safetensors" in files
+    assert "llm/config.json" in files and "README.md" in files
+    loaded = GILLPipeline.from_pretrained("org/gill-whole", cache_dir=cache)
+    loaded.set_progress_bar_config(disable=True)
+    assert_same_outputs(run(loaded), expected)
+    # Downloads say which library asks.
+    assert any(m == "GET" and "/resolve/" in p for m, p, _ in fake.requests)
+
+
+def test_push_learned_weights_only_is_small_and_records_base_models(hub, pushed):
+    fake, _ = hub
+    files = fake.files("org/gill-learned")
+    assert not any(p.startswith(("llm/", "unet/", "vae/", "image_encoder/")) for p in files)
+    assert "model_index.json" not in files
+    manifest = json.loads(files[LEARNED_WEIGHTS_MANIFEST_FILE])
+    assert {role: entry["repo_id"] for role, entry in manifest["base_models"].items()} == BASE
+    assert manifest["img_tokens"] == [f"[IMG{i}]" for i in range(len(manifest["img_token_ids"]))]
+    whole_size = sum(len(c) for c in fake.files("org/gill-whole").values())
+    assert sum(len(c) for c in files.values()) < whole_size / 2
+
+
+def test_pull_learned_weights_loads_recorded_base_models(expected, hub, pushed):
+    fake, cache = hub
+    loaded = GILLPipeline.from_pretrained("org/gill-learned", cache_dir=cache, token=TOKEN)
+    loaded.set_progress_bar_config(disable=True)
+    assert_same_outputs(run(loaded), expected)
+    assert loaded.config.base_models["llm"]["repo_id"] == BASE["llm"]
+    requested = " ".join(fake.requested_paths())
+    for repo in BASE.values():
+        assert repo in requested
+
+
+def test_pull_learned_weights_with_components_passed_in(pipe, expected, hub, pushed):
+    _, cache = hub
+    loaded = GILLPipeline.from_pretrained(
+        "org/gill-learned", cache_dir=cache, llm=pipe.llm, image_encoder=pipe.image_encoder, vae=pipe.vae, unet=pipe.unet
+    )
+    assert loaded.llm is pipe.llm
+    loaded.set_progress_bar_config(disable=True)
+    assert_same_outputs(run(loaded), expected)
+    text_only = GILLPipeline.from_pretrained("org/gill-learned", cache_dir=cache, llm=pipe.llm, vae=None, unet=None)
+    assert text_only.unet is None and text_only.scheduler is None
+
+
+def test_dtype_passes_through(hub, pushed):
+    _, cache = hub
+    loaded = GILLPipeline.from_pretrained("org/gill-learned", cache_dir=cache, dtype=torch.bfloat16)
+    assert loaded.llm.dtype == torch.bfloat16 and loaded.gill.dtype == torch.bfloat16
+    assert loaded.unet.dtype == torch.bfloat16
+
+
+def test_revision_of_learned_weights(pipe, hub, pushed):
+    fake, cache = hub
+    first = fake.head_sha("org/gill-learned")
+    other = make_pipeline("opt", seed=1)
+    other.push_learned_weights("org/gill-learned", token=TOKEN, base_models=BASE)
+    latest = GILLPipeline.from_pretrained("org/gill-learned", cache_dir=cache, llm=pipe.llm)
+    old = GILLPipeline.from_pretrained("org/gill-learned", cache_dir=cache, llm=pipe.llm, revision=first)
+    torch.testing.assert_close(old.gill.logit_scale, pipe.gill.logit_scale)
+    assert not torch.equal(latest.gill.mapper.query_embs, pipe.gill.mapper.query_embs)
+    torch.testing.assert_close(old.gill.mapper.query_embs, pipe.gill.mapper.query_embs)
+    pipe.push_learned_weights("org/gill-learned", token=TOKEN, base_models=BASE, card_info=INFO)  # restore
+
+
+@pytest.mark.parametrize("repo", ["org/gill-whole", "org/gill-learned"])
+def test_model_card_is_present_and_parses(hub, pushed, repo, tmp_path):
+    fake, _ = hub
+    path = tmp_path / "README.md"
+    path.write_bytes(fake.files(repo)["README.md"])
+    card = ModelCard.load(path)
+    assert card.data.library_name == "gill_pipeline"
+    assert card.data.pipeline_tag == "any-to-any"
+    assert "gill" in card.data.tags
+    assert card.data.datasets == ["cc3m"]
+    assert "clip_similarity" in card.text and "0.641" in card.text
+    assert f'GILLPipeline.from_pretrained("{repo}"' in card.text
+    if repo == "org/gill-learned":
+        assert sorted(card.data.base_model) == sorted(BASE.values())
+
+
+def test_offline_warm_cache_works_and_cold_cache_names_the_repo(expected, hub, pushed, monkeypatch, tmp_path):
+    _, cache = hub
+    # Warm the cache for both repos while the fake Hub answers (earlier tests may have already).
+    GILLPipeline.from_pretrained("org/gill-whole", cache_dir=cache)
+    GILLPipeline.from_pretrained("org/gill-learned", cache_dir=cache)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    for repo in ("org/gill-whole", "org/gill-learned"):
+        loaded = GILLPipeline.from_pretrained(repo, cache_dir=cache)
+        loaded.set_progress_bar_config(disable=True)
+        assert_same_outputs(run(loaded), expected)
+        with pytest.raises(HubLoadError, match=repo) as error:
+            GILLPipeline.from_pretrained(repo, cache_dir=str(tmp_path / "cold"))
+        assert "HF_HUB_OFFLINE" in str(error.value)
+
+
+def test_local_files_only_with_cold_base_model_cache_names_the_base_model(hub, pushed, tmp_path):
+    _, cache = hub
+    import shutil
+
+    from huggingface_hub import snapshot_download
+
+    learned = snapshot_download("org/gill-learned", cache_dir=cache)
+    local = tmp_path / "learned"
+    shutil.copytree(learned, local)
+    with pytest.raises(HubLoadError, match="tiny/opt") as error:
+        GILLPipeline.from_pretrained(str(local), cache_dir=str(tmp_path / "cold"), local_files_only=True)
+    assert "base LM" in str(error.value)
+
+
+def test_learned_weights_without_record_ask_for_the_model(pipe, tmp_path):
+    folder = pipe.save_learned_weights(tmp_path / "learned")
+    with pytest.raises(ValueError, match="`llm=`"):
+        GILLPipeline.from_pretrained(folder)
+    with pytest.raises(TypeError, match="unknown_argument"):
+        GILLPipeline.from_pretrained(folder, llm=pipe.llm, unknown_argument=1)
+
+
+def test_learned_weights_refuse_a_base_model_that_does_not_fit(pipe, tmp_path):
+    folder = pipe.save_learned_weights(tmp_path / "learned")
+    llama = make_pipeline("llama")
+    with pytest.raises(ValueError, match="not the LM they were trained with|untied"):
+        GILLPipeline.from_pretrained(folder, llm=llama.llm, vae=None, unet=None, image_encoder=None)
+
+
+def test_record_base_models_from_ids_and_objects(pipe, tmp_path):
+    record = record_base_models("org/lm", "org/sd", "org/clip", revision="v1")
+    assert record["llm"] == {"repo_id": "org/lm", "revision": "v1"}
+    assert record["image_encoder"]["class_name"] == "CLIPVisionModel"
+    assert record_base_models(pipe.llm, None, pipe.image_encoder)["llm"] is None
+    assert record_base_models(str(tmp_path), None, None)["llm"] is None  # a local path cannot be shared
