@@ -11,6 +11,7 @@ from .pipeline import (
     GILLPipelineOutput,
     assemble_gill_pipeline,
 )
+from .retrieval import RetrievalIndex, build_retrieval_index
 
 __all__ = [
     "GILLPipeline",
@@ -21,4 +22,6 @@ __all__ = [
     "GILLDecoder",
     "DecodingSettings",
     "assemble_gill_pipeline",
+    "RetrievalIndex",
+    "build_retrieval_index",
 ]

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from .constants import IMAGE_MODES
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MODEL = "tiny-random"
 DEFAULT_PROMPT = ["This is my dog.", "@example-image", "Show me what he would look like in the snow."]
@@ -103,6 +105,11 @@ def write_answer(answer: list, output_dir: str, prompt: list) -> list[str]:
             md.append(f"![{element.source} image {image_index}]({name})")
             if probs is not None:
                 md.append(f"*{element.source}; decision p(generate)={probs[0]:.3f}, p(retrieve)={probs[1]:.3f}*")
+            for alt in getattr(element, "alternatives", None) or []:
+                alt_name = f"image_{image_index}_{alt.source}_alternative.png"
+                alt.image.save(os.path.join(output_dir, alt_name))
+                written.append(os.path.join(output_dir, alt_name))
+                md.append(f"![{alt.source} alternative {image_index}]({alt_name})")
             image_index += 1
         else:
             text_parts.append(element)
@@ -122,6 +129,8 @@ def run_generate(args) -> int:
     items = args.items or DEFAULT_PROMPT
     prompt = parse_interleaved_items(items)
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.retrieval_index:
+        pipe.load_retrieval_index(args.retrieval_index, allow_urls=args.allow_urls)
     random_default = args.model == DEFAULT_MODEL
     output = pipe(
         prompt,
@@ -167,9 +176,15 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument(
         "--image-mode",
         default="auto",
-        choices=["auto", "generate", "retrieve"],
-        help="let the decision head choose, or always generate / retrieve images (default: %(default)s)",
+        choices=list(IMAGE_MODES),
+        help="let the decision head choose, always generate / retrieve, or make both (default: %(default)s)",
     )
+    p.add_argument(
+        "--retrieval-index",
+        default=None,
+        help="retrieval index folder or Hub repo id to retrieve images from (see docs/retrieval.md)",
+    )
+    p.add_argument("--allow-urls", action="store_true", help="let the retrieval index download images from URLs")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
