@@ -32,7 +32,12 @@ def load_llm_lora(pipe, folder: str) -> None:
 
 @contextlib.contextmanager
 def saving_without_lora(pipe, save_directory: str):
-    """While saving, `pipe.llm` is the bare base LM; its adapter goes to `save_directory/llm_lora`."""
+    """While saving, `pipe.llm` is the bare base LM; its adapter goes to `save_directory/llm_lora`.
+
+    The adapter is re-applied afterwards from the saved files, trainable again if it was: the LoRA parameters are then
+    NEW tensor objects, so a training loop must save its checkpoints by other means (as training/ does) and call
+    `save_pretrained` only at the end.
+    """
     llm = pipe.llm
     if not is_peft_model(llm):
         yield
@@ -41,11 +46,13 @@ def saving_without_lora(pipe, save_directory: str):
 
     lora_dir = os.path.join(save_directory, LORA_FOLDER)
     llm.save_pretrained(lora_dir)
+    was_trainable = any(p.requires_grad for p in llm.parameters())
+    was_training = llm.training
     base = llm.unload()
     pipe.register_modules(llm=base)
     try:
         yield
     finally:
-        wrapped = PeftModel.from_pretrained(base, lora_dir, is_trainable=False)
-        wrapped.train(llm.training)
+        wrapped = PeftModel.from_pretrained(base, lora_dir, is_trainable=was_trainable)
+        wrapped.train(was_training)
         pipe.register_modules(llm=wrapped)

@@ -1,0 +1,182 @@
+"""Training of GILL's learned parts (training/), on tiny random models and a synthetic image-caption set."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from gill_pipeline import GILLImage, GILLPipeline  # noqa: E402
+from training import train_gill  # noqa: E402
+from training.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, TMP_PREFIX  # noqa: E402
+from training.setup_models import build_tiny_models  # noqa: E402
+
+TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
+LOSSES = ("caption", "img_token", "retrieval", "generation")
+
+
+def run_args(output_dir, *extra):
+    return [
+        "--config", TINY_CONFIG, "--output-dir", str(output_dir), "--report-to", "none", "--progress-bar", "false",
+        "--log-every", "1", *map(str, extra),
+    ]
+
+
+def state_of(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """60 steps on 8 synthetic examples (the same batch every step, paired differently), then an export."""
+    out = tmp_path_factory.mktemp("train")
+    result = train_gill.main(run_args(
+        out, "--synthetic-size", 8, "--batch-size", 8, "--max-steps", 60, "--lr", 3e-3, "--warmup-steps", 0,
+        "--grad-clip", 0, "--val-every", 0, "--checkpoint-every", 30,
+    ))
+    return result
+
+
+def test_every_loss_goes_down(trained_run):
+    history = trained_run["history"]
+    assert len(history) == 60
+    for name in LOSSES:
+        values = [h[f"train/{name}_loss"] for h in history]
+        first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
+        assert last < first, f"{name} loss did not fall: {first:.4f} -> {last:.4f}"
+
+
+def test_validation_metrics_are_reported(trained_run):
+    val = trained_run["val"]
+    for key in ("val/caption_loss", "val/caption_token_accuracy", "val/text_to_image_recall@1",
+                "val/text_to_image_recall@5", "val/image_to_text_recall@1", "val/generation_l2"):
+        assert key in val and val[key] == val[key]  # present and not NaN
+    with open(os.path.join(trained_run["output_dir"], train_gill.METRICS_FILE)) as f:
+        assert any("val/caption_loss" in json.loads(line) for line in f)
+
+
+def test_only_learned_parameters_change(trained_run):
+    initial = build_tiny_models("opt", seed=0).pipe
+    trained = GILLPipeline.from_pretrained(trained_run["export_dir"])
+    for name in ("llm", "image_encoder", "unet", "vae"):
+        before, after = state_of(getattr(initial, name)), state_of(getattr(trained, name))
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.equal(before[key], after[key]), f"{name}.{key} changed"
+    assert torch.equal(initial.llm.get_input_embeddings().weight, trained.llm.get_input_embeddings().weight)
+    before, after = state_of(initial.gill), state_of(trained.gill)
+    for key in ("img_input_embeddings", "visual_prefix.weight", "ret_text_proj.weight", "ret_image_proj.weight",
+                "logit_scale", "mapper.fc.weight", "mapper.query_embs"):
+        assert not torch.equal(before[key], after[key]), f"gill.{key} did not train"
+    for key in ("decision_head.1.weight", "decision_head.1.bias", "uncond_prompt_embeds"):
+        assert torch.equal(before[key], after[key]), f"gill.{key} changed in the main training"
+
+
+def test_exported_pipeline_loads_and_generates(trained_run):
+    pipe = GILLPipeline.from_pretrained(trained_run["export_dir"])
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red square on a blue background", max_new_tokens=3, img_logit_scale=1e6, image_mode="generate",
+               num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+    images = [x for x in out.outputs[0] if isinstance(x, GILLImage)]
+    assert images and images[0].source == "generated" and torch.isfinite(images[0].image).all()
+    # The learned parts are also saved on their own, small.
+    assert os.path.isfile(os.path.join(trained_run["output_dir"], train_gill.GILL_DIR, "config.json"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ("--synthetic-size", 12, "--batch-size", 4, "--max-steps", 6, "--warmup-steps", 2, "--decay-every", 3,
+              "--val-every", 0, "--checkpoint-every", 0, "--export-pipeline", "false")
+    train_gill.main(run_args(tmp_path / "straight", *common))
+    # Interrupted after 4 steps (mid-epoch: 3 batches per epoch), then resumed to the end.
+    first = train_gill.main(run_args(tmp_path / "resumed", *common, "--exit-after-steps", 4))
+    assert first["state"]["step"] == 4 and first["export_dir"] is None
+    root = tmp_path / "resumed" / CHECKPOINTS_DIR
+    assert (root / LATEST_FILE).read_text().strip() == "checkpoint-4"
+    # A crash while writing a later checkpoint leaves only a temporary folder; `latest` is untouched.
+    (root / f"{TMP_PREFIX}checkpoint-5").mkdir()
+    (root / f"{TMP_PREFIX}checkpoint-5" / "trainable.safetensors").write_bytes(b"partial")
+    second = train_gill.main(run_args(tmp_path / "resumed", *common, "--resume", "latest"))
+    assert second["state"]["step"] == 6 and not (root / f"{TMP_PREFIX}checkpoint-5").exists()
+    a = load_file(str(tmp_path / "straight" / "gill" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "gill" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_lora_adapter_is_saved_reloaded_and_changes_the_lm(tmp_path):
+    result = train_gill.main(run_args(
+        tmp_path, "--max-steps", 4, "--batch-size", 4, "--synthetic-size", 8, "--lr", 1e-2, "--warmup-steps", 0,
+        "--val-every", 0, "--checkpoint-every", 2, "--lora", "true", "--lora-rank", 4,
+        "--lora-target-modules", "q_proj,v_proj",
+    ))
+    lora_dir = os.path.join(result["export_dir"], "llm_lora")
+    assert os.path.isfile(os.path.join(lora_dir, "adapter_config.json"))
+    assert os.path.isfile(os.path.join(lora_dir, "adapter_model.safetensors"))
+    assert sorted(os.listdir(os.path.join(result["export_dir"], "llm"))) == ["config.json", "generation_config.json", "model.safetensors"]
+    pipe = GILLPipeline.from_pretrained(result["export_dir"])
+    from peft import PeftModel
+
+    assert isinstance(pipe.llm, PeftModel)
+    ids = pipe.tokenizer("a red square", return_tensors="pt").input_ids
+    with torch.no_grad():
+        with_lora = pipe.llm(input_ids=ids).logits
+        with pipe.llm.disable_adapter():
+            without = pipe.llm(input_ids=ids).logits
+    assert not torch.allclose(with_lora, without)
+    base = build_tiny_models("opt", seed=0).pipe.llm
+    with torch.no_grad():
+        assert torch.allclose(base(input_ids=ids).logits, without, atol=1e-6)
+
+
+def test_two_process_job_sees_the_other_process_negatives(tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its multi-CPU path needs
+    # mpirun); `--multi_gpu` starts two through torchrun, and without a GPU they form a gloo group on the CPU.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPO, "training", "train_gill.py"),
+        *run_args(tmp_path, "--max-steps", 2, "--batch-size", 3, "--synthetic-size", 12, "--val-every", 2,
+                  "--checkpoint-every", 1, "--export-pipeline", "false"),
+    ]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    with open(tmp_path / train_gill.METRICS_FILE) as f:
+        records = [json.loads(line) for line in f]
+    train = [r for r in records if "train/global_batch" in r]
+    # The retrieval logits span both processes' examples: 2 processes x 3 per process.
+    assert train and all(r["train/global_batch"] == 6 for r in train)
+    val = [r for r in records if "val/examples" in r]
+    assert val and val[-1]["val/examples"] == 12  # recall over the whole validation set, gathered
+    assert (tmp_path / CHECKPOINTS_DIR / "checkpoint-2" / "rng-rank1.pt").exists()
+
+
+def test_train_decision_reports_f1_and_saves_the_head(trained_run, tmp_path):
+    from training import train_decision
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(trained_run["export_dir"], folder)
+    data = tmp_path / "decisions.tsv"
+    rows = ["Prompt\tCategory\tChallenge\tNote\tDecision"]
+    for i in range(24):
+        rows.append(f"a photo of a {['red', 'blue', 'green'][i % 3]} square number {i}\tX\tBasic\t-\tret")
+        rows.append(f"a surreal painting of a dream {i}\tX\tBasic\t-\tgen")
+        rows.append(f"ambiguous {i}\tX\tBasic\t-\tsame")
+    data.write_text("\n".join(rows) + "\n")
+    before = load_file(str(folder / "gill" / "diffusion_pytorch_model.safetensors"))
+    metrics = train_decision.main(["--pipeline", str(folder), "--data", str(data), "--steps", "300", "--lr", "1e-2"])
+    assert metrics["train_examples"] + metrics["val_examples"] == 48
+    assert 0.0 <= metrics["val_f1_macro"] <= 1.0 and metrics["val_accuracy"] > 0.5
+    after = load_file(str(folder / "gill" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(before["decision_head.1.weight"], after["decision_head.1.weight"])
+    assert torch.equal(before["mapper.fc.weight"], after["mapper.fc.weight"])
+    reloaded = GILLPipeline.from_pretrained(str(folder))
+    assert torch.equal(reloaded.gill.decision_head[1].weight, after["decision_head.1.weight"])

@@ -1,0 +1,146 @@
+"""Training data sources, precomputed targets and settings (training/data.py, precompute.py, params.py)."""
+
+import io
+import json
+import os
+import sys
+import tarfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from training import precompute, train_gill  # noqa: E402
+from training.data import Collator, ExampleReader, build_dataset  # noqa: E402
+from training.params import parse_config  # noqa: E402
+from training.setup_models import build_tiny_models  # noqa: E402
+from training.targets import TargetMismatchError, TargetStore, encode_captions  # noqa: E402
+
+TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_models("opt", seed=0)
+
+
+def write_image(path, seed):
+    array = (np.random.RandomState(seed).rand(20, 20, 3) * 255).astype(np.uint8)
+    PIL.Image.fromarray(array).save(path)
+
+
+def make_tsv_set(folder, good=6):
+    """`good` readable images (named without extension, as in CC3M), one missing and one corrupted."""
+    images = folder / "images"
+    images.mkdir()
+    lines = ["caption\timage"]
+    for i in range(good):
+        write_image(images / f"{i}_img.jpg", i)
+        lines.append(f"a picture number {i}\t{i}_img")
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    lines += ["a missing picture\tmissing.jpg", "a broken picture\tbroken.jpg"]
+    (folder / "data.tsv").write_text("\n".join(lines) + "\n")
+    return folder / "data.tsv", images
+
+
+def read_all(dataset):
+    return [dataset[i] for i in range(len(dataset))] if hasattr(dataset, "__len__") else list(dataset)
+
+
+def test_tsv_folder_and_webdataset_sources_skip_bad_images(tmp_path, tiny):
+    reader = ExampleReader(tiny.pipe.feature_extractor)
+    tsv, images = make_tsv_set(tmp_path)
+    examples = read_all(build_dataset(str(tsv), "auto", str(images), reader, 0, 32, 0))
+    assert [e["skipped"] for e in examples] == [False] * 6 + [True, True]
+    assert examples[0]["pixel_values"].shape == (3, 32, 32)
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_image(folder / "a.png", 1)
+    (folder / "a.txt").write_text("a sidecar caption")
+    examples = read_all(build_dataset(str(folder), "auto", None, reader, 0, 32, 0))
+    assert [(e["key"], e["caption"]) for e in examples] == [("a.png", "a sidecar caption")]
+    with open(folder / "captions.jsonl", "w") as f:
+        f.write(json.dumps({"image": "a.png", "caption": "from jsonl"}) + "\n")
+    assert read_all(build_dataset(str(folder), "folder", None, reader, 0, 32, 0))[0]["caption"] == "from jsonl"
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, payload in (("k0", None), ("k1", b"garbage")):
+            buffer = io.BytesIO()
+            if payload is None:
+                PIL.Image.new("RGB", (20, 20), "red").save(buffer, format="PNG")
+                payload = buffer.getvalue()
+            for name, data in ((f"{key}.png", payload), (f"{key}.txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    examples = read_all(build_dataset(str(shard), "auto", None, reader, 0, 32, 0))
+    assert [(e["key"], e["skipped"]) for e in examples] == [("k0", False), ("k1", True)]
+
+    collator = Collator(tiny.pipe.tokenizer, len(tiny.pipe.img_token_ids), 16)
+    batch = collator(examples)
+    assert int(batch["num_skipped"]) == 1 and batch["pixel_values"].shape[0] == 1
+
+
+def test_training_counts_and_logs_skipped_images(tmp_path, caplog):
+    tsv, images = make_tsv_set(tmp_path)
+    result = train_gill.main([str(x) for x in [
+        "--config", TINY_CONFIG, "--output-dir", tmp_path / "run", "--report-to", "none", "--progress-bar", "false",
+        "--train-data", tsv, "--train-data-type", "auto", "--image-folder", images, "--val-data-type", "synthetic",
+        "--batch-size", 4, "--max-steps", 2, "--val-every", 0, "--checkpoint-every", 0, "--export-pipeline", "false",
+    ]])
+    assert result["state"]["skipped"] == 2  # one epoch of 8 rows: the missing and the corrupted image
+    assert "Skipped 2 unreadable or missing images" in caplog.text
+
+
+def test_precomputed_targets_are_used_and_checked(tmp_path, tiny):
+    out = tmp_path / "targets"
+    summary = precompute.main(["--tiny-random", "opt", "--data-type", "synthetic", "--synthetic-size", "8",
+                               "--output", str(out), "--image-features", "--shard-size", "3", "--dtype", "float32"])
+    assert summary == {"count": 8, "skipped": 0, "shards": 3}
+    store = TargetStore(str(out))
+    store.validate(tiny.pipe.gill, tiny.text_encoder, tiny.text_tokenizer, tiny.pipe.image_encoder)
+    expected = encode_captions(tiny.text_encoder, tiny.text_tokenizer, ["a green circle on a red background"], 16)
+    item = store.get("synthetic-0")
+    assert item["target"].shape == expected.shape[1:] and item["image_features"].shape == (32,)
+
+    # A run reads them (no text or vision encoder work per step) ...
+    result = train_gill.main([str(x) for x in [
+        "--config", TINY_CONFIG, "--output-dir", tmp_path / "run", "--report-to", "none", "--progress-bar", "false",
+        "--train-targets", out, "--synthetic-size", 8, "--batch-size", 4, "--max-steps", 2, "--val-every", 0,
+        "--checkpoint-every", 0, "--export-pipeline", "false",
+    ]])
+    assert result["state"]["step"] == 2
+
+    # ... and targets of another SD text encoder are an error, not silent garbage.
+    other = build_tiny_models("opt", seed=1)
+    with pytest.raises(TargetMismatchError, match="another SD text encoder"):
+        store.validate(tiny.pipe.gill, other.text_encoder, tiny.text_tokenizer)
+    with pytest.raises(TargetMismatchError, match="another SD text encoder"):
+        store.validate(other.pipe.gill)  # even without a text encoder: the pipeline's empty-prompt embedding differs
+    with pytest.raises(TargetMismatchError):
+        store.validate(tiny.pipe.gill, tiny.text_encoder, tiny.text_tokenizer, other.pipe.image_encoder)
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    config = parse_config(["--config", TINY_CONFIG, "--lr", "0.01", "--lora", "true", "--lora-target-modules", "q_proj,v_proj"])
+    assert config.optim.lr == 0.01 and config.optim.batch_size == 8 and config.model.tiny_random == "opt"
+    assert config.lora.lora and config.lora.lora_target_modules == ["q_proj", "v_proj"]
+    paper = parse_config(["--config", os.path.join(REPO, "training", "configs", "paper_opt6.7b_cc3m.yaml"),
+                          "--train-data", "x.tsv"])
+    assert (paper.optim.lr, paper.optim.beta2, paper.optim.warmup_steps, paper.data.max_length) == (1e-3, 0.95, 2000, 32)
+    assert paper.model.language_model == "facebook/opt-6.7b" and paper.run.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="`lr` must be a positive number, got -1.0"):
+        parse_config(["--config", TINY_CONFIG, "--lr", "-1"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"optim": {"learning_rate": 1}}))
+    with pytest.raises(ValueError, match="Unknown setting `optim.learning_rate`"):
+        parse_config(["--config", str(bad), "--tiny-random", "opt", "--train-data-type", "synthetic"])
+    with pytest.raises(ValueError, match="exactly one model source"):
+        parse_config(["--train-data-type", "synthetic"])

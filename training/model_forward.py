@@ -1,0 +1,186 @@
+"""The training forward: one batch -> GILL's four losses, with exactly two LM forwards.
+
+1. Captioning: `[visual prefix of the image][BOS caption]`, cross-entropy on the caption.
+2. `[IMG]` sequences: `[BOS caption [IMG0]..[IMG{r-1}]]`, ONE LM forward whose outputs serve three objectives:
+   - `[IMG]` production: cross-entropy on the caption tokens and `[IMG0]` (later `[IMG]` tokens are appended
+     automatically at inference, so they are not targets);
+   - retrieval: InfoNCE between the `[IMG0]` hidden state (text side) and the image (image side);
+   - generation: the mapper on the `r` `[IMG]` hidden states against SD's text encoding of the caption.
+   The reference runs this LM pass twice over identical sequences (once in "retrieval", once in "generation" mode,
+   each [IMG] loss at weight 0.5); `separate_img_passes=True` reproduces that for the benchmark.
+
+With `concat_*` the batch's examples are joined in pairs into one sequence (the second without its BOS), so the LM
+learns to read several images/[IMG] groups in one context (the reference does this half of the time). Unlike the
+reference, whose masking rule drops the whole second caption of a joined [IMG] sequence from the cross-entropy, the
+second caption and its `[IMG0]` are targets here too.
+"""
+
+import torch
+from torch import nn
+
+from .losses import IGNORE_INDEX, contrastive_loss, generation_l2_loss, next_token_loss
+
+PREFIX = -1  # placeholder id of a visual-prefix position while sequences are assembled
+
+
+class GILLTrainingModel(nn.Module):
+    """Frozen LM and vision encoder + the learned `GILLModel`; `forward(batch)` returns the losses.
+
+    It is the module accelerate wraps (DDP); only `gill` (and a LoRA adapter inside `llm`) have trainable weights.
+    """
+
+    def __init__(self, llm, gill, image_encoder, img_token_ids: list[int], pad_token_id: int, accelerator=None):
+        super().__init__()
+        self.llm = llm
+        self.gill = gill
+        self.image_encoder = image_encoder
+        self.register_buffer("img_token_ids", torch.tensor(img_token_ids, dtype=torch.long), persistent=False)
+        self.pad_token_id = int(pad_token_id)
+        self.accelerator = accelerator  # for gathering retrieval negatives across processes
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Embeddings and the LM
+    # ------------------------------------------------------------------------------------------------------------
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> LM input embeddings, `[IMG]` positions from `gill` (the LM's matrix is only read)."""
+        table = self.llm.get_input_embeddings()
+        is_img = ids[..., None] == self.img_token_ids
+        any_img = is_img.any(-1)
+        safe = torch.where(any_img | (ids >= table.num_embeddings) | (ids < 0), torch.zeros_like(ids), ids)
+        embeds = table(safe)
+        rows = self.gill.img_input_embeddings.to(embeds.dtype)[is_img.float().argmax(-1)]
+        return torch.where(any_img[..., None], rows, embeds)
+
+    def run_lm(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits over the LM vocabulary extended with the `[IMG]` ids, and last-layer hidden states."""
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        output = self.llm(inputs_embeds=embeds.to(dtype), attention_mask=mask, output_hidden_states=True, return_dict=True)
+        hidden = output.hidden_states[-1]
+        logits = output.logits
+        ids = self.img_token_ids
+        vocab = max(logits.shape[-1], int(ids.max()) + 1)
+        if vocab > logits.shape[-1]:
+            logits = torch.cat([logits, logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))], -1)
+        img_logits = self.gill.img_logits(hidden).to(logits.dtype)
+        # Same as inference: the [IMG] columns come from gill's output rows, whatever the LM had there.
+        logits = logits.index_copy(-1, ids, img_logits)
+        return logits, hidden
+
+    @torch.no_grad()
+    def image_features(self, batch: dict) -> torch.Tensor:
+        if "image_features" in batch:
+            return batch["image_features"]
+        dtype = next(self.image_encoder.parameters()).dtype
+        output = self.image_encoder(pixel_values=batch["pixel_values"].to(dtype))
+        pooled = getattr(output, "pooler_output", None)
+        return (pooled if pooled is not None else output.image_embeds).float()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sequences
+    # ------------------------------------------------------------------------------------------------------------
+    def _groups(self, n: int, concat: bool) -> list[list[int]]:
+        if not concat:
+            return [[i] for i in range(n)]
+        groups = [[i, i + 1] for i in range(0, n - 1, 2)]
+        return groups + ([[n - 1]] if n % 2 else [])
+
+    def _pad(self, rows: list[list[int]], labels: list[list[int]], device):
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (r, l) in enumerate(zip(rows, labels)):
+            ids[b, : len(r)], lab[b, : len(l)], mask[b, : len(r)] = torch.tensor(r), torch.tensor(l), 1
+        return ids.to(device), lab.to(device), mask.to(device)
+
+    def caption_sequences(self, captions: list[list[int]], prefix: torch.Tensor, concat: bool):
+        """`[prefix_i][BOS cap_i]([prefix_j][cap_j])` rows -> embeddings, labels, mask."""
+        k = prefix.shape[1]
+        rows, labels, slots = [], [], []
+        for group in self._groups(len(captions), concat):
+            row, label, slot = [], [], []
+            for position, i in enumerate(group):
+                caption = captions[i] if position == 0 else captions[i][1:]
+                row += [PREFIX] * k + caption
+                label += [IGNORE_INDEX] * k + caption
+                slot += [(i, j) for j in range(k)] + [None] * len(caption)
+            rows.append(row), labels.append(label), slots.append(slot)
+        ids, labels, mask = self._pad(rows, labels, prefix.device)
+        embeds = self.embed_tokens(ids)
+        image_index = torch.tensor([[s[0] if s else 0 for s in slot] + [0] * (ids.shape[1] - len(slot)) for slot in slots])
+        token_index = torch.tensor([[s[1] if s else 0 for s in slot] + [0] * (ids.shape[1] - len(slot)) for slot in slots])
+        prefix_embeds = prefix[image_index.to(prefix.device), token_index.to(prefix.device)].to(embeds.dtype)
+        embeds = torch.where((ids == PREFIX)[..., None], prefix_embeds, embeds)
+        return embeds, labels, mask
+
+    def img_sequences(self, captions: list[list[int]], concat: bool):
+        """`[BOS cap_i IMG0..](cap_j IMG0..)` rows -> ids, labels, mask, and each example's (row, IMG0 position)."""
+        img = self.img_token_ids.tolist()
+        rows, labels, where = [], [], {}
+        for b, group in enumerate(self._groups(len(captions), concat)):
+            row, label = [], []
+            for position, i in enumerate(group):
+                caption = captions[i] if position == 0 else captions[i][1:]
+                where[i] = (b, len(row) + len(caption))
+                row += caption + img
+                label += caption + img[:1] + [IGNORE_INDEX] * (len(img) - 1)
+            rows.append(row), labels.append(label)
+        device = self.img_token_ids.device
+        ids, labels, mask = self._pad(rows, labels, device)
+        order = sorted(where)
+        locations = torch.tensor([where[i] for i in order], device=device)
+        return ids, labels, mask, locations
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Objectives
+    # ------------------------------------------------------------------------------------------------------------
+    def captioning(self, captions, features, concat):
+        prefix = self.gill.encode_visual_prefix(features)
+        embeds, labels, mask = self.caption_sequences(captions, prefix, concat)
+        logits, _ = self.run_lm(embeds, mask)
+        return next_token_loss(logits, labels)
+
+    def img_objectives(self, captions, features, targets, concat):
+        """ONE LM forward over the [IMG] sequences -> [IMG]-production CE, retrieval and generation losses."""
+        ids, labels, mask, locations = self.img_sequences(captions, concat)
+        logits, hidden = self.run_lm(self.embed_tokens(ids), mask)
+        ce, correct, count = next_token_loss(logits, labels)
+        r = self.img_token_ids.numel()
+        positions = locations[:, 1:2] + torch.arange(r, device=ids.device)
+        img_hidden = hidden[locations[:, :1], positions]  # (N, r, D): where [IMG0..r-1] are the inputs
+        text = self.gill.text_retrieval_embeds(img_hidden[:, 0])
+        image = self.gill.image_retrieval_embeds(features)
+        ret, ret_logits = contrastive_loss(text, image, self.gill.logit_scale, self.accelerator)
+        out = {"img_token": ce, "img_token_correct": correct, "img_token_count": count, "retrieval": ret}
+        out["retrieval_logits"], out["text_embeds"], out["image_embeds"] = ret_logits.detach(), text.detach(), image.detach()
+        if targets is not None:
+            prediction = self.gill.map_to_prompt_embeds(img_hidden)
+            out["generation"] = generation_l2_loss(prediction, targets)
+        return out
+
+    def forward(self, batch: dict, concat_caption: bool = False, concat_img: bool = False, separate_img_passes: bool = False):
+        lengths = batch["caption_lengths"].tolist()
+        captions = [row[:n] for row, n in zip(batch["caption_ids"].tolist(), lengths)]
+        features = self.image_features(batch)
+        targets = batch.get("targets")
+        cap, cap_correct, cap_count = self.captioning(captions, features, concat_caption)
+        out = {"caption": cap, "caption_correct": cap_correct, "caption_count": cap_count}
+        if not separate_img_passes:
+            out.update(self.img_objectives(captions, features, targets, concat_img))
+            return out
+        # The reference: a "retrieval" pass and a "generation" pass over the same sequences, [IMG] CE at 0.5 each.
+        first = self.img_objectives(captions, features, None, concat_img)
+        second = self.img_objectives(captions, features, targets, concat_img)
+        out.update(first)
+        out["img_token"] = 0.5 * first["img_token"] + 0.5 * second["img_token"]
+        if "generation" in second:
+            out["generation"] = second["generation"]
+        return out
+
+
+def total_loss(out: dict, loss_args) -> torch.Tensor:
+    loss = loss_args.caption_weight * out["caption"] + loss_args.img_token_weight * out["img_token"]
+    loss = loss + loss_args.retrieval_weight * out["retrieval"]
+    if "generation" in out:
+        loss = loss + loss_args.generation_weight * out["generation"]
+    return loss

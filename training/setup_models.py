@@ -1,0 +1,118 @@
+"""Loading the models a training run starts from: a GILL pipeline plus SD's text encoder (for the targets)."""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from gill_pipeline import GILLPipeline
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A random LM initialised with std 0.02 gives near-uniform logits that no input can move, unlike a trained LM.
+# The tiny LM's word embeddings (input and output) are scaled by this factor, and OPT's output projection by the
+# second one (its random last hidden states are ~10x smaller than other LMs'), so that the tiny LM's predictions
+# depend on its input, as a trained LM's do, and GILL's losses can fall within a smoke test.
+TINY_EMBEDDING_SCALE = 4.0
+TINY_OPT_PROJECT_OUT_SCALE = 10.0
+
+
+@dataclass
+class Models:
+    pipe: GILLPipeline
+    # SD's text encoder and tokenizer: None when the targets are precomputed and no SD checkpoint was named.
+    text_encoder: object | None
+    text_tokenizer: object | None
+
+
+def build_tiny_models(lm_type: str, seed: int = 0) -> Models:
+    """The tiny random pipeline of `gill_pipeline.tiny`, keeping the SD text encoder that assembly drops."""
+    from gill_pipeline.tiny import (
+        build_tiny_lm,
+        build_tiny_stable_diffusion,
+        build_tiny_tokenizer,
+        build_tiny_vision_encoder,
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
+        sd = build_tiny_stable_diffusion()
+        image_encoder, processor = build_tiny_vision_encoder()
+    with torch.no_grad():
+        llm.get_input_embeddings().weight.mul_(TINY_EMBEDDING_SCALE)
+        output = llm.get_output_embeddings()
+        if output.weight.data_ptr() != llm.get_input_embeddings().weight.data_ptr():
+            output.weight.mul_(TINY_EMBEDDING_SCALE)
+        project_out = getattr(getattr(getattr(llm, "model", None), "decoder", None), "project_out", None)
+        if project_out is not None:
+            project_out.weight.mul_(TINY_OPT_PROJECT_OUT_SCALE)
+    pipe = GILLPipeline.from_base_models(
+        language_model=llm,
+        tokenizer=tokenizer,
+        stable_diffusion=sd,
+        image_encoder=image_encoder,
+        feature_extractor=processor,
+        num_img_tokens=4,
+        retrieval_dim=16,
+        mapper_hidden_dim=32,
+        mapper_encoder_layers=1,
+        mapper_decoder_layers=1,
+        mapper_heads=2,
+        seed=seed,
+    )
+    return Models(pipe, sd.text_encoder, sd.tokenizer)
+
+
+def load_sd_text_encoder(stable_diffusion: str):
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    return (
+        CLIPTextModel.from_pretrained(stable_diffusion, subfolder="text_encoder"),
+        AutoTokenizer.from_pretrained(stable_diffusion, subfolder="tokenizer"),
+    )
+
+
+def load_models(model_args, seed: int = 0, need_text_encoder: bool = True) -> Models:
+    """The pipeline to train and, if `need_text_encoder` or an SD checkpoint is named, SD's text encoder."""
+    if model_args.tiny_random:
+        models = build_tiny_models(model_args.tiny_random, seed)
+    elif model_args.pipeline:
+        pipe = GILLPipeline.from_pretrained(model_args.pipeline)
+        text_encoder = text_tokenizer = None
+        if model_args.stable_diffusion:
+            text_encoder, text_tokenizer = load_sd_text_encoder(model_args.stable_diffusion)
+        elif need_text_encoder:
+            raise ValueError(
+                f"`pipeline`={model_args.pipeline!r} holds no SD text encoder, so the generation targets need either "
+                "`stable_diffusion` (the SD checkpoint the pipeline was assembled with) or precomputed "
+                "`train_targets`/`val_targets` (precompute.py)."
+            )
+        models = Models(pipe, text_encoder, text_tokenizer)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        sd = StableDiffusionPipeline.from_pretrained(
+            model_args.stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        assemble = {
+            name: getattr(model_args, name)
+            for name in ("num_img_tokens", "num_visual_tokens", "retrieval_dim")
+            if getattr(model_args, name) is not None
+        }
+        pipe = GILLPipeline.from_base_models(
+            language_model=model_args.language_model,
+            stable_diffusion=sd,
+            image_encoder=model_args.image_encoder,
+            seed=seed,
+            **assemble,
+        )
+        models = Models(pipe, sd.text_encoder, sd.tokenizer)
+    dtype = DTYPES[model_args.frozen_dtype]
+    for module in (models.pipe.llm, models.pipe.image_encoder, models.text_encoder):
+        if module is not None:
+            module.to(dtype)
+    return models

@@ -1,0 +1,300 @@
+"""Train GILL's learned parts on image-caption pairs (Koh et al., NeurIPS 2023), LM / CLIP / SD frozen.
+
+Smoke run on a CPU, nothing downloaded (tiny random models, synthetic coloured shapes):
+
+    python training/train_gill.py --config training/configs/tiny.yaml --output-dir runs/tiny
+
+The paper's setting (OPT-6.7B, CLIP ViT-L/14, SD v1.5, CC3M) on one or more GPUs:
+
+    accelerate launch training/train_gill.py --config training/configs/paper_opt6.7b_cc3m.yaml \
+        --train-data /data/cc3m/train.tsv --image-folder /data/cc3m/images
+
+Resume an interrupted run exactly where it stopped:  ... --resume latest
+The loop, nanoGPT-style: learning rate, validation + checkpoint, micro-steps, clip, step, log. See docs/training.md.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `training` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.utils.data import IterableDataset, Subset
+
+from training.checkpoint import clean_stale_temporaries, load_checkpoint, resolve_resume, save_checkpoint
+from training.data import Collator, ExampleReader, build_dataset, make_loader
+from training.evaluate import evaluate
+from training.model_forward import GILLTrainingModel, total_loss
+from training.params import TrainConfig, parse_config
+from training.setup_models import load_models
+from training.targets import TargetStore, encode_captions
+from training.trainable import img_row_norms, rescale_img_rows, set_train_modes, setup_trainable
+
+logger = logging.getLogger("train_gill")
+
+LOSS_NAMES = ("caption", "img_token", "retrieval", "generation")
+METRICS_FILE = "metrics.jsonl"
+EXPORT_DIR = "pipeline"
+GILL_DIR = "gill"
+TRACKER_DIR = "tensorboard"
+
+
+def build_optimizer(params, optim):
+    """AdamW, linear warm-up, then step decay (the reference's GradualWarmupScheduler + StepLR)."""
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    decay = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.decay_every, gamma=optim.decay_gamma)
+    if optim.warmup_steps == 0:
+        return optimizer, decay
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (optim.warmup_steps + 1), end_factor=1.0, total_iters=optim.warmup_steps
+    )
+    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[optim.warmup_steps])
+    return optimizer, schedule
+
+
+def load_store(folder, models):
+    if folder is None:
+        return None
+    store = TargetStore(folder)
+    store.validate(models.pipe.gill, models.text_encoder, models.text_tokenizer, models.pipe.image_encoder)
+    return store
+
+
+def data_batches(dataset, collator, config: TrainConfig, accelerator, epoch: int, batch_in_epoch: int):
+    """Endless (epoch, position after this batch, batch), starting at a saved data position."""
+    data = config.data
+    while True:
+        loader = make_loader(
+            dataset, collator, config.optim.batch_size, data.num_workers, config.run.seed, epoch,
+            accelerator.process_index, accelerator.num_processes, start_batch=batch_in_epoch,
+        )
+        produced = False
+        for batch in loader:
+            batch_in_epoch += 1
+            produced = True
+            yield epoch, batch_in_epoch, batch
+        if not produced and batch_in_epoch == 0:
+            raise ValueError("The training data produced no batch in a whole epoch (empty, or every image unreadable).")
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+def concat_draws(seed: int, step: int, micro: int, prob: float) -> tuple[bool, bool]:
+    """Whether to join examples in pairs, for the captioning and the [IMG] sequences: drawn from (seed, step), not
+    from the global RNG, so a resumed run draws exactly the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
+    draws = torch.rand(2, generator=generator)
+    return bool(draws[0] < prob), bool(draws[1] < prob)
+
+
+class BatchPreparer:
+    """Moves a collated batch to the device and adds the SD text-encoder targets when they are not stored."""
+
+    def __init__(self, accelerator, text_encoder, text_tokenizer, cond_length):
+        self.device, self.text_encoder, self.text_tokenizer = accelerator.device, text_encoder, text_tokenizer
+        self.cond_length = cond_length
+
+    def __call__(self, batch):
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if "targets" not in batch and self.text_encoder is not None and batch["captions"]:
+            batch["targets"] = encode_captions(
+                self.text_encoder, self.text_tokenizer, batch["captions"], self.cond_length
+            ).float()
+        return batch
+
+
+def log_metrics(accelerator, output_dir, metrics: dict, step: int):
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        with open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_config(argv)
+    run, optim = config.run, config.optim
+
+    # 1. Accelerator, logging, seed
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if any(
+        getattr(config.loss, f"{n}_weight") == 0 for n in LOSS_NAMES
+    ) else []
+    accelerator = Accelerator(
+        # Without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join a gloo (MULTI_CPU) group
+        # only if accelerate is told to use the CPU.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=run.mixed_precision,
+        log_with=None if run.report_to == "none" else run.report_to,
+        project_dir=run.output_dir,
+        kwargs_handlers=kwargs,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    os.makedirs(run.output_dir, exist_ok=True)
+    set_seed(run.seed)
+
+    # 2. Models: frozen LM / vision / SD; trainable GILL parts (+ LoRA)
+    need_text_encoder = config.data.train_targets is None or (config.data.val_data and config.data.val_targets is None)
+    models = load_models(config.model, seed=run.seed, need_text_encoder=bool(need_text_encoder))
+    pipe = models.pipe
+    params = setup_trainable(pipe, config.lora, extra_frozen=(models.text_encoder,))
+    if config.model.gradient_checkpointing:
+        pipe.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    row_norms = img_row_norms(pipe.llm)
+    gill = pipe.gill
+
+    # 3. Data
+    image_size = pipe.image_encoder.config.image_size
+    collator = Collator(pipe.tokenizer, len(pipe.img_token_ids), config.data.max_length)
+    train_set = build_dataset(
+        config.data.train_data, config.data.train_data_type, config.data.image_folder,
+        ExampleReader(pipe.feature_extractor, load_store(config.data.train_targets, models)),
+        config.data.synthetic_size, image_size, run.seed,
+    )
+    val_set = None
+    if config.data.val_data or config.data.val_data_type == "synthetic":
+        val_set = build_dataset(
+            config.data.val_data, config.data.val_data_type, config.data.val_image_folder,
+            ExampleReader(pipe.feature_extractor, load_store(config.data.val_targets, models)),
+            config.data.synthetic_size, image_size, run.seed + 1,
+        )
+        if not isinstance(val_set, IterableDataset) and len(val_set) > config.data.val_max_samples:
+            val_set = Subset(val_set, range(config.data.val_max_samples))
+
+    # 4. Training module, optimizer, schedule
+    model = GILLTrainingModel(
+        pipe.llm, gill, pipe.image_encoder, pipe.img_token_ids,
+        pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0, accelerator,
+    )
+    optimizer, scheduler = build_optimizer(params, optim)
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if models.text_encoder is not None:
+        models.text_encoder.to(accelerator.device)
+    prepare_batch = BatchPreparer(accelerator, models.text_encoder, models.text_tokenizer, gill.config.cond_length)
+
+    # 5. Resume
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "samples": 0}
+    if accelerator.is_main_process:
+        clean_stale_temporaries(run.output_dir)
+    if run.resume:
+        folder = resolve_resume(run.output_dir, run.resume)
+        state.update(load_checkpoint(accelerator, folder, model, optimizer, scheduler))
+        logger.info("Resumed from %s at step %d (epoch %d, batch %d).", folder, state["step"], state["epoch"], state["batch_in_epoch"])
+    accelerator.init_trackers(TRACKER_DIR, config={k: str(v) for s in config.to_dict().values() for k, v in s.items()})
+
+    # 6. The loop
+    batches = data_batches(train_set, collator, config, accelerator, state["epoch"], state["batch_in_epoch"])
+    stop_at = optim.max_steps if run.exit_after_steps is None else min(optim.max_steps, state["step"] + run.exit_after_steps)
+    history = []
+    val_metrics = {}
+    progress = None
+    if run.progress_bar and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=optim.max_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    while state["step"] < stop_at:
+        step = state["step"]
+        # micro-steps: forward, backward (gradients synchronised on the last one only)
+        sums = {}
+        for micro in range(optim.grad_accum_steps):
+            state["epoch"], state["batch_in_epoch"], batch = next(batches)
+            state["skipped"] += int(batch["num_skipped"])
+            batch = prepare_batch(batch)
+            state["samples"] += len(batch["keys"]) * accelerator.num_processes
+            concat_caption, concat_img = concat_draws(run.seed, step, micro, config.loss.concat_prob)
+            last = micro == optim.grad_accum_steps - 1
+            with accelerator.no_sync(model) if not last else _nullcontext():
+                out = model(batch, concat_caption=concat_caption, concat_img=concat_img)
+                loss = total_loss(out, config.loss)
+                accelerator.backward(loss / optim.grad_accum_steps)
+            for name in LOSS_NAMES + ("total",):
+                value = loss if name == "total" else out.get(name)
+                if value is not None:
+                    sums[name] = sums.get(name, 0.0) + value.item() / optim.grad_accum_steps
+            sums["global_batch"] = float(out["retrieval_logits"].shape[1])
+        # clip, step, schedule
+        grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip) if optim.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if config.loss.rescale_img_rows:
+            rescale_img_rows(gill, *row_norms)
+        state["step"] = step + 1
+        # log
+        record = {f"train/{k}_loss" if k in LOSS_NAMES + ("total",) else f"train/{k}": v for k, v in sums.items()}
+        record.update({"train/lr": scheduler.get_last_lr()[0], "train/logit_scale": gill.logit_scale.exp().item()})
+        record["data/skipped_total"] = float(state["skipped"])
+        if grad_norm is not None:
+            record["train/grad_norm"] = float(grad_norm)
+        history.append(record)
+        if state["step"] % run.log_every == 0 or state["step"] == 1:
+            log_metrics(accelerator, run.output_dir, record, state["step"])
+            if state["skipped"]:
+                logger.info("Skipped %d unreadable or missing images so far.", state["skipped"])
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{sums['total']:.3f}")
+        # validate, checkpoint
+        done = state["step"] == stop_at
+        if val_set is not None and ((run.val_every and state["step"] % run.val_every == 0) or state["step"] == optim.max_steps):
+            val_metrics = run_validation(model, val_set, collator, config, accelerator, prepare_batch, gill, pipe)
+            log_metrics(accelerator, run.output_dir, val_metrics, state["step"])
+            logger.info("step %d validation: %s", state["step"], {k: round(v, 4) for k, v in val_metrics.items()})
+        if (run.checkpoint_every and state["step"] % run.checkpoint_every == 0) or (done and state["step"] < optim.max_steps):
+            save_checkpoint(accelerator, run.output_dir, model, optimizer, scheduler, dict(state), run.keep_checkpoints)
+    if progress is not None:
+        progress.close()
+    if state["skipped"]:
+        logger.warning("Skipped %d unreadable or missing images in total.", state["skipped"])
+
+    # 7. Export the trained pipeline
+    export_dir = None
+    if state["step"] >= optim.max_steps:
+        export_dir = export(accelerator, pipe, model, run)
+    accelerator.end_training()
+    return {"history": history, "val": val_metrics, "state": state, "export_dir": export_dir, "output_dir": run.output_dir}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_validation(model, val_set, collator, config, accelerator, prepare_batch, gill, pipe):
+    gill.eval()
+    loader = make_loader(
+        val_set, collator, config.optim.batch_size, 0, config.run.seed, 0,
+        accelerator.process_index, accelerator.num_processes, shuffle=False,
+    )
+    metrics = evaluate(model, loader, prepare_batch, accelerator)
+    set_train_modes(pipe.llm, gill, pipe.image_encoder)
+    return metrics
+
+
+def export(accelerator, pipe, model, run) -> str | None:
+    """Saves the trained pipeline (the learned parts small and separate in `gill/`, a LoRA adapter in `llm_lora/`)."""
+    accelerator.wait_for_everyone()
+    export_dir = os.path.join(run.output_dir, EXPORT_DIR)
+    if accelerator.is_main_process:
+        pipe.gill.eval()
+        pipe.gill.save_pretrained(os.path.join(run.output_dir, GILL_DIR))
+        if run.export_pipeline:
+            pipe.save_pretrained(export_dir)
+            logger.info("Exported the trained pipeline to %s", export_dir)
+    accelerator.wait_for_everyone()
+    return export_dir if run.export_pipeline else None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,94 @@
+"""Which weights train: GILL's learned parts (minus the decision head) and, optionally, a LoRA adapter on the LM.
+
+Everything else (LM, vision encoder, SD text encoder, VAE, UNet) is frozen and kept in eval mode. Parameters are
+chosen by module, never by matching names.
+"""
+
+import logging
+
+import torch
+from torch import nn
+
+from gill_pipeline.lora import is_peft_model
+
+logger = logging.getLogger(__name__)
+
+
+def freeze(module) -> None:
+    if module is not None:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def apply_lora(pipe, lora_args) -> None:
+    """Wraps `pipe.llm` in a trainable peft LoRA adapter (saved to `llm_lora/` by `pipe.save_pretrained`)."""
+    from peft import LoraConfig, get_peft_model
+
+    if is_peft_model(pipe.llm):
+        raise ValueError(
+            "`lora` is true, but the pipeline's LM already carries a LoRA adapter (llm_lora/). Start from a pipeline "
+            "without one, or train with `lora: false` (the existing adapter is then applied, frozen)."
+        )
+    targets = lora_args.lora_target_modules
+    config = LoraConfig(
+        r=lora_args.lora_rank,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+        bias="none",
+    )
+    pipe.register_modules(llm=get_peft_model(pipe.llm, config))
+
+
+def setup_trainable(pipe, lora_args, extra_frozen=()) -> list[nn.Parameter]:
+    """Freezes the frozen parts, applies LoRA if asked, and returns the parameters to optimise."""
+    for module in (pipe.llm, pipe.image_encoder, pipe.vae, pipe.unet, *extra_frozen):
+        freeze(module)
+    if lora_args.lora:
+        apply_lora(pipe, lora_args)  # peft freezes the base weights and leaves the adapter trainable
+    pipe.gill.requires_grad_(True)
+    pipe.gill.decision_head.requires_grad_(False)  # trained afterwards by train_decision.py
+    pipe.gill.uncond_prompt_embeds.requires_grad_(False)
+    set_train_modes(pipe.llm, pipe.gill, pipe.image_encoder)
+    params = [p for p in pipe.gill.parameters() if p.requires_grad]
+    params += [p for p in pipe.llm.parameters() if p.requires_grad]
+    count = sum(p.numel() for p in params)
+    logger.info("Training %d tensors (%.2fM values); LoRA %s.", len(params), count / 1e6, "on" if lora_args.lora else "off")
+    return params
+
+
+def set_train_modes(llm, gill, image_encoder) -> None:
+    """Learned parts in train mode; frozen models in eval mode (their dropout off, as in the reference).
+
+    A LoRA adapter's own dropout stays active in training: it is the only dropout inside the LM that is switched on.
+    """
+    gill.train()
+    gill.decision_head.eval()
+    llm.eval()
+    if image_encoder is not None:
+        image_encoder.eval()
+    if is_peft_model(llm):
+        for module in llm.modules():
+            lora_dropout = getattr(module, "lora_dropout", None)
+            if isinstance(lora_dropout, nn.ModuleDict):
+                lora_dropout.train()
+
+
+@torch.no_grad()
+def img_row_norms(llm) -> tuple[float, float | None]:
+    """Mean norm of the LM's own input rows (and output rows for untied LMs): what the [IMG] rows are rescaled to."""
+    inputs = llm.get_input_embeddings().weight.float().norm(dim=1).mean().item()
+    outputs = llm.get_output_embeddings()
+    out_norm = None if outputs is None else outputs.weight.float().norm(dim=1).mean().item()
+    return inputs, out_norm
+
+
+@torch.no_grad()
+def rescale_img_rows(gill, input_norm: float, output_norm: float | None) -> None:
+    """The reference's post-step rescaling: every [IMG] row gets the mean norm of the frozen rows, so the learned
+    tokens stay on the scale the LM was trained with."""
+    rows = gill.img_input_embeddings
+    rows.mul_(input_norm / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    if gill.img_output_embeddings is not None and output_norm is not None:
+        out = gill.img_output_embeddings
+        out.mul_(output_norm / out.norm(dim=1, keepdim=True).clamp_min(1e-12))
