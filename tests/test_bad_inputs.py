@@ -51,6 +51,11 @@ def test_bad_structure(opt_pipe, inputs, error, pattern):
         (dict(generator=[torch.Generator(), torch.Generator()]), r"`generator` is a list of 2.*1 inputs"),
         (dict(latents=torch.zeros(2, 4, 8, 8)), r"`latents` has 2 rows.*`num_images_per_prompt` is 1"),
         (dict(callback_on_step_end_tensor_inputs=["foo"]), r"`callback_on_step_end_tensor_inputs`"),
+        (dict(max_new_tokens=True), r"`max_new_tokens`.*got True"),
+        (dict(temperature=float("inf")), r"`temperature`.*got inf"),
+        (dict(guidance_scale="7"), r"`guidance_scale`.*got '7'"),
+        (dict(img_logit_scale=float("nan")), r"`img_logit_scale`.*got nan"),
+        (dict(num_inference_steps=2.0), r"`num_inference_steps`.*got 2.0"),
     ],
 )
 def test_bad_arguments(opt_pipe, kwargs, pattern):
@@ -164,3 +169,13 @@ def test_wrong_number_of_img_token_ids(opt_pipe):
     components = dict(opt_pipe.components)
     with pytest.raises(ValueError, match=r"`img_token_ids` has 2 ids"):
         GILLPipeline(**components, img_token_ids=[1, 2])
+
+
+def test_empty_text_without_bos_is_a_named_error():
+    pipe = __import__("conftest").make_pipeline("qwen2")
+    pipe.tokenizer.bos_token = None
+    assert pipe.tokenizer.bos_token_id is None
+    with pytest.raises(ValueError, match=r"`inputs\[1\]` has no tokens"):
+        pipe([["a dog"], [""]], **FAST_CALL)
+    out = pipe(["", "a dog"], max_new_tokens=2, max_images=0)  # empty segments beside real text are fine
+    assert len(out.outputs) == 1

@@ -151,3 +151,52 @@ def test_context_length_is_respected():
     (row,) = pipe.decode(embeds, DecodingSettings(max_new_tokens=200, img_logit_scale=1e4))
     assert embeds[0].shape[0] + len(row.token_ids) <= limit
     assert len(row.img_starts) > 0
+
+
+def test_batched_decoding_near_the_context_limit():
+    """Padded chunk slots must not look up positions past a learned position table (OPT, GPT-2)."""
+    for lm_type in ("opt", "gpt2"):
+        pipe = make_pipeline(lm_type)
+        limit = pipe._lm_context_length()
+        long_prompt = pipe.embed_token_ids(torch.randint(4, 300, (limit - 7,), generator=torch.Generator().manual_seed(0)))
+        short = prompt_embeds(pipe, [["Show me"]])[0]
+        settings = DecodingSettings(max_new_tokens=12, min_text_tokens=1, img_logit_scale=1e4)
+        rows = pipe.decode([long_prompt, short], settings)
+        singles = [pipe.decode([p], settings)[0] for p in (long_prompt, short)]
+        for batched_row, single in zip(rows, singles):
+            assert batched_row.token_ids == single.token_ids
+        assert long_prompt.shape[0] + len(rows[0].token_ids) <= limit
+
+
+def test_finished_rows_do_not_consume_their_generator():
+    """With one generator per input, a row that stops early leaves its generator as a single call would."""
+    pipe = make_pipeline("opt")
+    embeds = prompt_embeds(pipe, [["This is my dog."], ["Show me"]])
+    eos = pipe.tokenizer.eos_token_id
+    settings = DecodingSettings(max_new_tokens=6, do_sample=True, temperature=1.2)
+
+    def run(prompts, seeds, force_eos_in_row0):
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            if force_eos_in_row0 and calls["n"] >= 3:  # row 0 stops after two sampled tokens
+                output = output.clone()
+                output[0, ..., eos] = 1e4
+            return output
+
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        handle = pipe.llm.lm_head.register_forward_hook(hook)
+        try:
+            rows = pipe.decode(prompts, settings, generators)
+        finally:
+            handle.remove()
+        return rows, generators
+
+    batched, batched_generators = run(embeds, [1, 2], True)
+    alone0, generators0 = run(embeds[:1], [1], True)
+    alone1, generators1 = run(embeds[1:], [2], False)
+    assert batched[0].token_ids == alone0[0].token_ids and len(batched[0].token_ids) == 2
+    assert batched[1].token_ids == alone1[0].token_ids and len(batched[1].token_ids) == 6
+    assert torch.equal(batched_generators[0].get_state(), generators0[0].get_state())
+    assert torch.equal(batched_generators[1].get_state(), generators1[0].get_state())

@@ -159,6 +159,8 @@ class GILLDecoder:
                     ids[b, : len(c)] = torch.tensor(c, device=device)
                     chunk_mask[b, : len(c)] = 1
             chunk_positions = next_position[:, None] + torch.arange(chunk_width, device=device)[None]
+            # Padded slots are masked out, but LMs with learned position tables still look their positions up.
+            chunk_positions = torch.where(chunk_mask.bool(), chunk_positions, torch.zeros_like(chunk_positions))
             chunk_embeds = self.embed_ids(ids).to(dtype) * chunk_mask[..., None].to(dtype)
             mask = torch.cat([mask, chunk_mask], dim=1)
             history = (
@@ -228,9 +230,15 @@ class GILLDecoder:
             remove[..., 0] = False
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
         probs = logits.softmax(-1)
+        # Only unfinished rows draw, so a row's generator advances exactly as it would for that input alone.
+        active = [b for b, row in enumerate(rows) if not row.finished]
+        chosen = [0] * len(rows)
         if isinstance(generator, list):
-            return [
-                int(torch.multinomial(probs[b].to(g.device), 1, generator=g)) for b, g in enumerate(generator)
-            ]
-        sample_device = generator.device if generator is not None else probs.device
-        return torch.multinomial(probs.to(sample_device), 1, generator=generator)[:, 0].tolist()
+            for b in active:
+                chosen[b] = int(torch.multinomial(probs[b].to(generator[b].device), 1, generator=generator[b]))
+        elif active:
+            sample_device = generator.device if generator is not None else probs.device
+            drawn = torch.multinomial(probs[active].to(sample_device), 1, generator=generator)[:, 0].tolist()
+            for b, token in zip(active, drawn):
+                chosen[b] = token
+        return chosen

@@ -1,5 +1,6 @@
 """GILLPipeline: interleaved images and text in; text, generated and retrieved images out."""
 
+import math
 import os
 from typing import Any, Callable
 
@@ -210,23 +211,29 @@ class GILLPipeline(DiffusionPipeline):
         latents,
         callback_on_step_end_tensor_inputs,
     ):
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not is_int(max_new_tokens) or max_new_tokens <= 0:
             raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
-        if not isinstance(min_text_tokens, int) or min_text_tokens < 0:
+        if not is_number(temperature) or temperature <= 0:
+            raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}.")
+        if not is_number(top_p) or not 0 < top_p <= 1:
+            raise ValueError(f"`top_p` must be a number in (0, 1], got {top_p!r}.")
+        if not is_int(min_text_tokens) or min_text_tokens < 0:
             raise ValueError(f"`min_text_tokens` must be a non-negative integer, got {min_text_tokens!r}.")
-        if not img_logit_scale > 0:
-            raise ValueError(f"`img_logit_scale` must be positive, got {img_logit_scale!r}.")
-        if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
+        if not is_number(img_logit_scale) or img_logit_scale <= 0:
+            raise ValueError(f"`img_logit_scale` must be a positive finite number, got {img_logit_scale!r}.")
+        if max_images is not None and (not is_int(max_images) or max_images < 0):
             raise ValueError(f"`max_images` must be None or a non-negative integer, got {max_images!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+        if not is_int(num_inference_steps) or num_inference_steps <= 0:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if not guidance_scale >= 0:
-            raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
+        if not is_number(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a non-negative finite number, got {guidance_scale!r}.")
+        if not is_int(num_images_per_prompt) or num_images_per_prompt <= 0:
             raise ValueError(
                 f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}."
             )
@@ -336,6 +343,11 @@ class GILLPipeline(DiffusionPipeline):
             else:
                 pieces.append(visual[image_index].to(device=device, dtype=dtype))
                 image_index += 1
+        if not pieces:
+            raise ValueError(
+                f"`{sample_name}` has no tokens: its text is empty and this tokenizer has no BOS token. Give some text "
+                "or an image."
+            )
         embeds = torch.cat(pieces, dim=0).to(dtype)
 
         limit = self._lm_context_length()
@@ -638,7 +650,8 @@ class GILLPipeline(DiffusionPipeline):
             for n, i in enumerate(to_generate):
                 candidates = generated[n * num_images_per_prompt : (n + 1) * num_images_per_prompt]
                 scores = {}
-                if num_images_per_prompt > 1 and output_type != "latent" and self.image_encoder is not None:
+                # Every generated image gets its retrieval-space similarity to [IMG0]; several are ranked by it.
+                if output_type != "latent" and self.image_encoder is not None:
                     similarity = self.rank_candidates(candidates, img_hidden[i, 0])
                     order = similarity.argsort(descending=True)
                     candidates, scores = candidates[order], {"similarity": similarity[order].tolist()}
