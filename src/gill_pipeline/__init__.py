@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .models import GILLMapper, GILLModel
+from .models import GILLMapper, GILLModel, OpenCLIPVisionModel
 from .pipeline import (
     DecodingSettings,
     GILLDecoder,
@@ -19,6 +19,7 @@ __all__ = [
     "GILLImage",
     "GILLModel",
     "GILLMapper",
+    "OpenCLIPVisionModel",
     "GILLDecoder",
     "DecodingSettings",
     "assemble_gill_pipeline",

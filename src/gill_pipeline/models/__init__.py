@@ -1,4 +1,5 @@
 from .gill_model import GILLModel
 from .mapper import GILLMapper
+from .open_clip_vision import OpenCLIPVisionModel
 
-__all__ = ["GILLModel", "GILLMapper"]
+__all__ = ["GILLModel", "GILLMapper", "OpenCLIPVisionModel"]
