@@ -1,5 +1,6 @@
 """Training data sources, precomputed targets and settings (training/data.py, precompute.py, params.py)."""
 
+import copy
 import io
 import json
 import os
@@ -17,6 +18,7 @@ if REPO not in sys.path:
 
 from training import precompute, train_gill  # noqa: E402
 from training.data import Collator, ExampleReader, build_dataset  # noqa: E402
+from training.precompute import precompute_targets  # noqa: E402
 from training.params import parse_config  # noqa: E402
 from training.setup_models import build_tiny_models  # noqa: E402
 from training.targets import TargetMismatchError, TargetStore, encode_captions  # noqa: E402
@@ -126,6 +128,91 @@ def test_precomputed_targets_are_used_and_checked(tmp_path, tiny):
         store.validate(other.pipe.gill)  # even without a text encoder: the pipeline's empty-prompt embedding differs
     with pytest.raises(TargetMismatchError):
         store.validate(tiny.pipe.gill, tiny.text_encoder, tiny.text_tokenizer, other.pipe.image_encoder)
+
+
+def train_args(output_dir, *extra):
+    return [str(x) for x in [
+        "--config", TINY_CONFIG, "--output-dir", output_dir, "--report-to", "none", "--progress-bar", "false",
+        "--val-every", 0, "--checkpoint-every", 0, "--export-pipeline", "false", *extra,
+    ]]
+
+
+@pytest.mark.parametrize("frozen_dtype", ["bfloat16", "float16"])
+def test_float32_targets_serve_a_run_with_frozen_weights_in_lower_precision(tmp_path, tiny, frozen_dtype):
+    out = tmp_path / "targets"
+    precompute.main(["--tiny-random", "opt", "--data-type", "synthetic", "--synthetic-size", "8", "--output", str(out),
+                     "--dtype", "float32"])
+    result = train_gill.main(train_args(tmp_path / "run", "--train-targets", out, "--frozen-dtype", frozen_dtype,
+                                        "--synthetic-size", 8, "--batch-size", 4, "--max-steps", 1,
+                                        "--val-data-type", "auto"))
+    assert result["state"]["step"] == 1
+
+    # The fingerprint rounds to bfloat16: a bfloat16 copy is the same encoder, a changed weight is another one.
+    store = TargetStore(str(out))
+    store.validate(tiny.pipe.gill, copy.deepcopy(tiny.text_encoder).to(torch.bfloat16), tiny.text_tokenizer)
+    changed = copy.deepcopy(tiny.text_encoder)
+    with torch.no_grad():
+        changed.get_input_embeddings().weight[5, 0] += 0.25
+    for encoder in (changed, copy.deepcopy(changed).to(torch.bfloat16)):
+        with pytest.raises(TargetMismatchError, match="another SD text encoder"):
+            store.validate(tiny.pipe.gill, encoder, tiny.text_tokenizer)
+
+
+def test_every_caption_row_of_an_image_gets_its_own_target(tmp_path, tiny):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "cat.jpg", 0)
+    tsv = tmp_path / "coco.tsv"
+    tsv.write_text("caption\timage\na cat on a mat\tcat.jpg\na sleeping cat\tcat.jpg\n")  # one image, two captions
+    out = tmp_path / "targets"
+    summary = precompute.main(["--tiny-random", "opt", "--data", str(tsv), "--image-folder", str(images),
+                               "--output", str(out), "--dtype", "float32"])
+    assert summary["count"] == 2
+    store = TargetStore(str(out))
+    examples = read_all(build_dataset(str(tsv), "auto", str(images), ExampleReader(tiny.pipe.feature_extractor, store),
+                                      0, 32, 0))
+    assert [e["caption"] for e in examples] == ["a cat on a mat", "a sleeping cat"]
+    assert len({e["key"] for e in examples}) == 2 and len(store) == 2
+    length = tiny.pipe.gill.config.cond_length
+    for example in examples:
+        expected = encode_captions(tiny.text_encoder, tiny.text_tokenizer, [example["caption"]], length)[0]
+        torch.testing.assert_close(example["target"], expected)
+
+    # Duplicate keys are errors: in a data set (webdataset `__key__`s), and in a store's index.
+    with pytest.raises(ValueError, match="'k' occurs twice"):
+        precompute_targets([("k", "a cat", None), ("k", "a dog", None)], tiny.text_encoder, tiny.text_tokenizer,
+                           str(tmp_path / "dup"), length)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["keys"][1] = index["shards"][0]["keys"][0]
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="holds example key .* twice"):
+        TargetStore(str(out))
+
+
+def test_empty_micro_batches_are_skipped_counted_and_logged(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = ["caption\timage"]
+    for i in range(2):
+        write_image(images / f"{i}.jpg", i)
+        lines += [f"a picture number {i}\t{i}.jpg", f"a missing picture {i}\tmissing{i}.jpg"]
+    (tmp_path / "data.tsv").write_text("\n".join(lines) + "\n")
+    # One example per batch: every batch holding a missing image is empty.
+    common = ("--train-data", tmp_path / "data.tsv", "--train-data-type", "auto", "--image-folder", images,
+              "--val-data-type", "auto",
+              "--batch-size", 1, "--max-steps", 4)
+    result = train_gill.main(train_args(tmp_path / "run", *common))
+    state = result["state"]
+    assert state["step"] == 4 and state["samples"] == 4
+    assert state["skipped_batches"] >= 2 and state["skipped"] == state["skipped_batches"]  # a whole epoch was read
+    assert result["history"][-1]["data/skipped_batches_total"] == state["skipped_batches"]
+    assert "Skipping micro-batch" in caplog.text
+
+    (tmp_path / "none.tsv").write_text("caption\timage\na missing picture\tmissing.jpg\nanother\tgone.jpg\n")
+    with pytest.raises(RuntimeError, match="A whole epoch of micro-batches had no readable image"):
+        train_gill.main(train_args(tmp_path / "none", "--train-data", tmp_path / "none.tsv", "--train-data-type",
+                                   "auto", "--image-folder", images, "--val-data-type", "auto", "--batch-size", 1,
+                                   "--max-steps", 1))
 
 
 def test_config_file_overrides_and_errors(tmp_path):

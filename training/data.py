@@ -37,6 +37,29 @@ SYNTHETIC_SHAPES = ("square", "circle", "stripe")
 # ----------------------------------------------------------------------------------------------------------------
 # Records: (key, caption, image path) read from the index of a data set
 # ----------------------------------------------------------------------------------------------------------------
+def record_key(image: str, line_number: int) -> str:
+    """The key of a row of an index file (TSV, captions.jsonl): its image and its line number.
+
+    An image may have several caption rows (COCO style); every row is its own example, with its own precomputed
+    target, so the image alone cannot be the key.
+    """
+    return f"{image}#{line_number}"
+
+
+def unique_records(records, source: str):
+    """Yields `records` ((key, ...) tuples), raising a `ValueError` at the first key seen twice: precomputed targets
+    are stored and looked up by key, so two examples under one key would silently share one target."""
+    seen = set()
+    for record in records:
+        if record[0] in seen:
+            raise ValueError(
+                f"Example key {record[0]!r} occurs twice in {source}: each example needs its own key (its precomputed "
+                "target is stored under it). Give every sample a distinct key (webdataset: `__key__`)."
+            )
+        seen.add(record[0])
+        yield record
+
+
 def read_tsv(path: str, image_folder: str | None = None) -> list[tuple[str, str, str]]:
     """A CC3M-style TSV with a `caption<TAB>image` header; image paths are relative to `image_folder`."""
     image_folder = image_folder or os.path.dirname(os.path.abspath(path))
@@ -54,7 +77,7 @@ def read_tsv(path: str, image_folder: str | None = None) -> list[tuple[str, str,
             if len(parts) <= max(c, i) or not parts[c].strip():
                 logger.warning("Skipping line %d of %s: expected a caption and an image, got %r.", line_number, path, line)
                 continue
-            records.append((parts[i], parts[c].strip(), os.path.join(image_folder, parts[i])))
+            records.append((record_key(parts[i], line_number), parts[c].strip(), os.path.join(image_folder, parts[i])))
     return records
 
 
@@ -71,7 +94,8 @@ def read_folder(folder: str) -> list[tuple[str, str, str]]:
                 item = json.loads(line)
                 if "image" not in item or "caption" not in item:
                     raise ValueError(f"Line {line_number} of {index} needs `image` and `caption`, got {sorted(item)}.")
-                records.append((item["image"], str(item["caption"]).strip(), os.path.join(folder, item["image"])))
+                key = record_key(item["image"], line_number)
+                records.append((key, str(item["caption"]).strip(), os.path.join(folder, item["image"])))
         return records
     for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
         if path.lower().endswith(IMAGE_EXTENSIONS):
@@ -243,6 +267,7 @@ def build_dataset(path, data_type, image_folder, reader, synthetic_size, image_s
     records = read_tsv(path, image_folder) if data_type == "tsv" else read_folder(path)
     if not records:
         raise ValueError(f"Data set {path!r} has no examples.")
+    records = list(unique_records(records, repr(path)))
     return RecordDataset(records, reader)
 
 

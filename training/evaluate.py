@@ -3,6 +3,7 @@
 import torch
 
 from .losses import recall_at_k
+from .model_forward import empty_on_any_process
 
 
 def _pad_gather(accelerator, tensor):
@@ -22,6 +23,8 @@ def evaluate(model, batches, prepare_batch, accelerator) -> dict[str, float]:
     correct = count = 0
     texts, images = [], []
     for batch in batches:
+        if empty_on_any_process(batch, accelerator):  # every image unreadable somewhere: all processes skip it
+            continue
         batch = prepare_batch(batch)
         out = model(batch)
         sums["caption"] += float(out["caption"])

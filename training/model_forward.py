@@ -9,7 +9,8 @@
    The reference runs this LM pass twice over identical sequences (once in "retrieval", once in "generation" mode,
    each [IMG] loss at weight 0.5); `separate_img_passes=True` reproduces that for the benchmark.
 
-With `concat_*` the batch's examples are joined in pairs into one sequence (the second without its BOS), so the LM
+With `concat_*` the batch's examples are joined in pairs into one sequence (the second without its BOS, when the
+tokenizer has one: Qwen2-style tokenizers add none, and then no token is dropped), so the LM
 learns to read several images/[IMG] groups in one context (the reference does this half of the time). Unlike the
 reference, whose masking rule drops the whole second caption of a joined [IMG] sequence from the cross-entropy, the
 second caption and its `[IMG0]` are targets here too.
@@ -29,13 +30,24 @@ class GILLTrainingModel(nn.Module):
     It is the module accelerate wraps (DDP); only `gill` (and a LoRA adapter inside `llm`) have trainable weights.
     """
 
-    def __init__(self, llm, gill, image_encoder, img_token_ids: list[int], pad_token_id: int, accelerator=None):
+    def __init__(
+        self,
+        llm,
+        gill,
+        image_encoder,
+        img_token_ids: list[int],
+        pad_token_id: int,
+        bos_token_id: int | None,
+        accelerator=None,
+    ):
         super().__init__()
         self.llm = llm
         self.gill = gill
         self.image_encoder = image_encoder
         self.register_buffer("img_token_ids", torch.tensor(img_token_ids, dtype=torch.long), persistent=False)
         self.pad_token_id = int(pad_token_id)
+        # The collator starts each caption with BOS only when the tokenizer has one (`Collator.tokenize`).
+        self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
         self.accelerator = accelerator  # for gathering retrieval negatives across processes
 
     # ------------------------------------------------------------------------------------------------------------
@@ -54,7 +66,12 @@ class GILLTrainingModel(nn.Module):
     def run_lm(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> logits over the LM vocabulary extended with the `[IMG]` ids, and last-layer hidden states."""
         dtype = self.llm.get_input_embeddings().weight.dtype
-        output = self.llm(inputs_embeds=embeds.to(dtype), attention_mask=mask, output_hidden_states=True, return_dict=True)
+        # No KV cache: training never decodes, and a cache filled again by a checkpointed layer's recomputation would
+        # corrupt it (see `trainable.enable_gradient_checkpointing`).
+        output = self.llm(
+            inputs_embeds=embeds.to(dtype), attention_mask=mask, output_hidden_states=True, return_dict=True,
+            use_cache=False,
+        )
         hidden = output.hidden_states[-1]
         logits = output.logits
         ids = self.img_token_ids
@@ -70,6 +87,11 @@ class GILLTrainingModel(nn.Module):
     def image_features(self, batch: dict) -> torch.Tensor:
         if "image_features" in batch:
             return batch["image_features"]
+        if "pixel_values" not in batch:  # the loops skip empty batches (`empty_on_any_process`) before this
+            raise RuntimeError(
+                f"Every example of this batch was skipped as unreadable ({int(batch['num_skipped'])} images): check "
+                "`image_folder` (image paths in a TSV are relative to it) and the data files."
+            )
         dtype = next(self.image_encoder.parameters()).dtype
         output = self.image_encoder(pixel_values=batch["pixel_values"].to(dtype))
         pooled = getattr(output, "pooler_output", None)
@@ -83,6 +105,12 @@ class GILLTrainingModel(nn.Module):
             return [[i] for i in range(n)]
         groups = [[i, i + 1] for i in range(0, n - 1, 2)]
         return groups + ([[n - 1]] if n % 2 else [])
+
+    def _continuation(self, caption: list[int]) -> list[int]:
+        """A caption joined after another one: without its BOS, if it starts with one (never a word of it)."""
+        if self.bos_token_id is not None and caption and caption[0] == self.bos_token_id:
+            return caption[1:]
+        return caption
 
     def _pad(self, rows: list[list[int]], labels: list[list[int]], device):
         length = max(len(r) for r in rows)
@@ -100,7 +128,7 @@ class GILLTrainingModel(nn.Module):
         for group in self._groups(len(captions), concat):
             row, label, slot = [], [], []
             for position, i in enumerate(group):
-                caption = captions[i] if position == 0 else captions[i][1:]
+                caption = captions[i] if position == 0 else self._continuation(captions[i])
                 row += [PREFIX] * k + caption
                 label += [IGNORE_INDEX] * k + caption
                 slot += [(i, j) for j in range(k)] + [None] * len(caption)
@@ -120,7 +148,7 @@ class GILLTrainingModel(nn.Module):
         for b, group in enumerate(self._groups(len(captions), concat)):
             row, label = [], []
             for position, i in enumerate(group):
-                caption = captions[i] if position == 0 else captions[i][1:]
+                caption = captions[i] if position == 0 else self._continuation(captions[i])
                 where[i] = (b, len(row) + len(caption))
                 row += caption + img
                 label += caption + img[:1] + [IGNORE_INDEX] * (len(img) - 1)
@@ -176,6 +204,16 @@ class GILLTrainingModel(nn.Module):
         if "generation" in second:
             out["generation"] = second["generation"]
         return out
+
+
+def empty_on_any_process(batch: dict, accelerator) -> bool:
+    """Whether some process got a batch with no readable example (every image missing or unreadable).
+
+    All processes must then skip the micro-step together: the forward gathers retrieval negatives (a collective),
+    and DDP expects every process in every backward.
+    """
+    empty = torch.tensor(int(len(batch["keys"]) == 0), device=accelerator.device)
+    return bool(accelerator.reduce(empty, reduction="max"))
 
 
 def total_loss(out: dict, loss_args) -> torch.Tensor:

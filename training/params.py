@@ -60,7 +60,8 @@ class ModelArgs:
         metadata={"help": f"dtype of the frozen LM, vision and text encoders {FROZEN_DTYPES}; learned parts stay float32."},
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute LM activations in the backward pass (less memory, ~30% slower)."}
+        default=False, metadata={"help": "Recompute the frozen LM's block activations in the backward pass (less activation "
+                  "memory, one more LM forward of compute); outputs and gradients are unchanged."}
     )
 
     def __post_init__(self):
@@ -301,7 +302,7 @@ def build_parser(description: str = "Train GILL's learned parts.") -> argparse.A
                 dest=f.name,
                 type=_argparse_type(hints[f.name]),
                 default=argparse.SUPPRESS,
-                help=f.metadata.get("help", ""),
+                help=f.metadata.get("help", "").replace("%", "%%"),
             )
     return parser
 

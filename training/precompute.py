@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 import torch
 from safetensors.torch import save_file
 
-from training.data import iterate_records, load_rgb, resolve_image_path
+from training.data import iterate_records, load_rgb, resolve_image_path, unique_records
 from training.params import DATA_TYPES, TINY_LM_TYPES
 from training.targets import (
     FEATURES_KEY,
@@ -108,7 +108,7 @@ def precompute_targets(
         for row, (key, _) in enumerate(kept):
             pending.append((key, targets[row : row + 1], None if features is None else features[row : row + 1]))
 
-    for record in records:
+    for record in unique_records(records, "the data set"):
         batch.append(record)
         if len(batch) == batch_size:
             encode(batch)

@@ -1,9 +1,13 @@
 """Loading the models a training run starts from: a GILL pipeline plus SD's text encoder (for the targets)."""
 
+import importlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
+from diffusers import DiffusionPipeline
 
 from gill_pipeline import GILLPipeline
 
@@ -25,6 +29,12 @@ class Models:
     # SD's text encoder and tokenizer: None when the targets are precomputed and no SD checkpoint was named.
     text_encoder: object | None
     text_tokenizer: object | None
+    # Training never runs the image decoder (UNet, VAE, scheduler): loaded from a pipeline folder, it is left out and
+    # read again from this folder at export time (`attach_image_decoder`), so the export stays a complete pipeline.
+    image_decoder_source: str | None = None
+
+
+IMAGE_DECODER_COMPONENTS = ("unet", "vae", "scheduler")
 
 
 def build_tiny_models(lm_type: str, seed: int = 0) -> Models:
@@ -76,12 +86,49 @@ def load_sd_text_encoder(stable_diffusion: str):
     )
 
 
-def load_models(model_args, seed: int = 0, need_text_encoder: bool = True) -> Models:
-    """The pipeline to train and, if `need_text_encoder` or an SD checkpoint is named, SD's text encoder."""
+def image_decoder_components(folder: str) -> dict[str, tuple[str, str]]:
+    """`{name: (library, class name)}` of the UNet, VAE and scheduler a saved pipeline folder holds."""
+    with open(os.path.join(folder, DiffusionPipeline.config_name), encoding="utf-8") as f:
+        index = json.load(f)
+    return {
+        name: tuple(index[name])
+        for name in IMAGE_DECODER_COMPONENTS
+        if isinstance(index.get(name), list) and None not in index[name]
+    }
+
+
+def attach_image_decoder(pipe: GILLPipeline, folder: str) -> None:
+    """Loads the UNet, VAE and scheduler of the pipeline saved in `folder` into `pipe` (nothing else is read)."""
+    loaded = {}
+    for name, (library, class_name) in image_decoder_components(folder).items():
+        component_class = getattr(importlib.import_module(library), class_name)
+        loaded[name] = component_class.from_pretrained(os.path.join(folder, name))
+        if isinstance(loaded[name], torch.nn.Module):
+            loaded[name].requires_grad_(False).eval()
+    pipe.register_modules(**loaded)
+
+
+def load_models(model_args, seed: int = 0, need_text_encoder: bool = True, need_image_decoder: bool = True) -> Models:
+    """The pipeline to train (in the dtypes it was saved or built in; see `cast_frozen`) and, if `need_text_encoder`
+    or an SD checkpoint is named, SD's text encoder.
+
+    `need_image_decoder`: whether the run exports a complete pipeline. A pipeline folder's UNet, VAE and scheduler
+    are never loaded for training; with `need_image_decoder`, `Models.image_decoder_source` says where to read them
+    at export. (A learned-weights folder takes them from the base SD checkpoint, so they are loaded with it.)
+    """
     if model_args.tiny_random:
         models = build_tiny_models(model_args.tiny_random, seed)
     elif model_args.pipeline:
-        pipe = GILLPipeline.from_pretrained(model_args.pipeline)
+        from gill_pipeline.hub import resolve_pipeline_folder
+        from gill_pipeline.learned_weights import is_learned_weights_folder
+
+        folder = resolve_pipeline_folder(model_args.pipeline)
+        decoder_source = None
+        if is_learned_weights_folder(folder) and need_image_decoder:
+            pipe = GILLPipeline.from_pretrained(folder)
+        else:
+            pipe = GILLPipeline.from_pretrained(folder, **dict.fromkeys(IMAGE_DECODER_COMPONENTS))
+            decoder_source = folder if need_image_decoder else None
         text_encoder = text_tokenizer = None
         if model_args.stable_diffusion:
             text_encoder, text_tokenizer = load_sd_text_encoder(model_args.stable_diffusion)
@@ -91,7 +138,7 @@ def load_models(model_args, seed: int = 0, need_text_encoder: bool = True) -> Mo
                 "`stable_diffusion` (the SD checkpoint the pipeline was assembled with) or precomputed "
                 "`train_targets`/`val_targets` (precompute.py)."
             )
-        models = Models(pipe, text_encoder, text_tokenizer)
+        models = Models(pipe, text_encoder, text_tokenizer, decoder_source)
     else:
         from diffusers import StableDiffusionPipeline
 
@@ -111,8 +158,16 @@ def load_models(model_args, seed: int = 0, need_text_encoder: bool = True) -> Mo
             **assemble,
         )
         models = Models(pipe, sd.text_encoder, sd.tokenizer)
-    dtype = DTYPES[model_args.frozen_dtype]
+    return models
+
+
+def cast_frozen(models: Models, frozen_dtype: str) -> None:
+    """The frozen LM, vision encoder and SD text encoder to `frozen_dtype`; the learned parts stay float32.
+
+    Call it after checking precomputed targets against these models (`TargetStore.validate`): a cast rounds the
+    weights their fingerprints are taken from.
+    """
+    dtype = DTYPES[frozen_dtype]
     for module in (models.pipe.llm, models.pipe.image_encoder, models.text_encoder):
         if module is not None:
             module.to(dtype)
-    return models

@@ -17,7 +17,8 @@ UNCOND_FILE = "uncond.safetensors"
 SHARD_TEMPLATE = "targets-{index:05d}.safetensors"
 TARGET_KEY = "target"
 FEATURES_KEY = "image_features"
-FORMAT_VERSION = 1
+# 2: example keys unique per data-set row (`training.data.record_key`), weights fingerprinted at bfloat16 precision.
+FORMAT_VERSION = 2
 
 
 class TargetMismatchError(ValueError):
@@ -26,13 +27,20 @@ class TargetMismatchError(ValueError):
 
 @torch.no_grad()
 def module_fingerprint(module) -> str:
-    """sha256 over the parameter and buffer names, shapes and float32 values (bf16/fp16 copies hash alike)."""
+    """sha256 over the parameter and buffer names, shapes and values, floating-point values rounded to bfloat16.
+
+    The rounding makes a float32 module and its bfloat16 copy hash alike (`.to(torch.bfloat16)` rounds the same way),
+    so targets made with float32 weights stay valid for a run that loads the same weights in bfloat16. A float16
+    copy does NOT hash like its float32 original (float16 rounds small values differently): fingerprint a module
+    before casting it to float16 (training checks the targets before `frozen_dtype` is applied).
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         values = tensor.detach().to("cpu")
-        values = values.float() if values.is_floating_point() else values
+        if values.is_floating_point():
+            values = values.to(torch.bfloat16).view(torch.int16)  # numpy has no bfloat16: hash its bits
         digest.update(values.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -60,12 +68,21 @@ class TargetStore:
         with open(index_path, encoding="utf-8") as f:
             self.index = json.load(f)
         if self.index.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{index_path} has format version {self.index.get('format_version')!r}, expected {FORMAT_VERSION}.")
+            raise ValueError(
+                f"{index_path} has format version {self.index.get('format_version')!r}, expected {FORMAT_VERSION}: "
+                "it was written by an older precompute.py. Run precompute.py again."
+            )
         self.folder = folder
         self.has_image_features = bool(self.index["has_image_features"])
         self.location = {}
         for shard in self.index["shards"]:
             for row, key in enumerate(shard["keys"]):
+                if key in self.location:
+                    raise ValueError(
+                        f"Precomputed targets folder {folder!r} holds example key {key!r} twice "
+                        f"({self.location[key][0]} and {shard['file']}): one of the two targets would be used for both "
+                        "examples. Run precompute.py again."
+                    )
                 self.location[key] = (shard["file"], row)
         self._handles = {}
 

@@ -7,6 +7,9 @@ The data format is the PartiPrompts decisions TSV of the reference: columns `Pro
 rows marked `same` are dropped). Features are the LM's last-layer hidden states at `[IMG0]` of
 `[BOS] prompt [IMG0]..[IMG{r-1}]`, as in the reference notebook; the head (Dropout + Linear) trains full-batch with
 AdamW. F1 is reported on a held-out split, and the head is written into the pipeline's `gill/` folder.
+
+Only the LM, the tokenizer and the learned parts are loaded (no UNet, VAE, scheduler or vision encoder); the LM in
+`--dtype` (e.g. bfloat16 for a 6.7B LM), the learned parts in the float32 they were trained and are saved in.
 """
 
 import argparse
@@ -22,10 +25,11 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
-from gill_pipeline import GILLPipeline
+from gill_pipeline import GILLModel, GILLPipeline
 from gill_pipeline.constants import DECISION_GENERATE, DECISION_RETRIEVE, GILL_COMPONENT
 from training.data import Collator
 from training.model_forward import GILLTrainingModel
+from training.setup_models import DTYPES
 
 logger = logging.getLogger("train_decision")
 LABELS = {"gen": DECISION_GENERATE, "ret": DECISION_RETRIEVE}
@@ -50,9 +54,12 @@ def read_decisions(path: str) -> tuple[list[str], list[int]]:
 @torch.no_grad()
 def img0_hidden_states(pipe, prompts: list[str], max_length: int, batch_size: int = 32) -> torch.Tensor:
     """LM hidden states at `[IMG0]` of `[BOS] prompt [IMG0..]`, one row per prompt `(N, lm_hidden_dim)`."""
-    model = GILLTrainingModel(pipe.llm, pipe.gill, None, pipe.img_token_ids, pipe.tokenizer.pad_token_id or 0)
-    model.to(pipe.device).eval()
     collator = Collator(pipe.tokenizer, len(pipe.img_token_ids), max_length)
+    model = GILLTrainingModel(
+        pipe.llm, pipe.gill, None, pipe.img_token_ids, pad_token_id=pipe.tokenizer.pad_token_id or 0,
+        bos_token_id=collator.bos,
+    )
+    model.to(pipe.device).eval()
     rows = []
     for start in range(0, len(prompts), batch_size):
         captions = [collator.tokenize(p) for p in prompts[start : start + batch_size]]
@@ -88,6 +95,16 @@ def train_head(head, features, labels, steps: int, lr: float, weight_decay: floa
     return loss.item()
 
 
+def load_pipeline(folder: str, dtype: torch.dtype) -> GILLPipeline:
+    """The pipeline without its image decoder and vision encoder (features come from the LM alone), the LM in
+    `dtype`. The learned parts are loaded apart, in float32: the pipeline's `gill/` is saved again with the new head,
+    and a cast would round every other learned weight."""
+    gill = GILLModel.from_pretrained(os.path.join(folder, GILL_COMPONENT))
+    return GILLPipeline.from_pretrained(
+        folder, gill=gill, dtype=dtype, unet=None, vae=None, scheduler=None, image_encoder=None, feature_extractor=None
+    )
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description="Train GILL's decision head; the head is saved into the pipeline.")
     parser.add_argument("--pipeline", required=True, help="A trained GILL pipeline folder (its gill/ is updated).")
@@ -99,6 +116,8 @@ def build_parser():
     parser.add_argument("--max-length", type=int, default=64, help="Tokens per prompt, BOS and [IMG] tokens included.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="dtype of the frozen LM (the head and the other learned parts stay float32).")
     parser.add_argument("--metrics-file", default=None, help="Also write the metrics here as JSON.")
     return parser
 
@@ -110,7 +129,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"`--val-fraction` must be in (0, 1), got {args.val_fraction!r}.")
     if args.steps <= 0:
         raise ValueError(f"`--steps` must be positive, got {args.steps!r}.")
-    pipe = GILLPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe = load_pipeline(args.pipeline, DTYPES[args.dtype]).to(args.device)
     prompts, labels = read_decisions(args.data)
     features = img0_hidden_states(pipe, prompts, args.max_length).to(args.device)
     labels = torch.tensor(labels, device=args.device)

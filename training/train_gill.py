@@ -30,11 +30,17 @@ from torch.utils.data import IterableDataset, Subset
 from training.checkpoint import clean_stale_temporaries, load_checkpoint, resolve_resume, save_checkpoint
 from training.data import Collator, ExampleReader, build_dataset, make_loader
 from training.evaluate import evaluate
-from training.model_forward import GILLTrainingModel, total_loss
+from training.model_forward import GILLTrainingModel, empty_on_any_process, total_loss
 from training.params import TrainConfig, parse_config
-from training.setup_models import load_models
+from training.setup_models import attach_image_decoder, cast_frozen, load_models
 from training.targets import TargetStore, encode_captions
-from training.trainable import img_row_norms, rescale_img_rows, set_train_modes, setup_trainable
+from training.trainable import (
+    enable_gradient_checkpointing,
+    img_row_norms,
+    rescale_img_rows,
+    set_train_modes,
+    setup_trainable,
+)
 
 logger = logging.getLogger("train_gill")
 
@@ -69,7 +75,10 @@ def load_store(folder, models):
 
 
 def data_batches(dataset, collator, config: TrainConfig, accelerator, epoch: int, batch_in_epoch: int):
-    """Endless (epoch, position after this batch, batch), starting at a saved data position."""
+    """Endless (epoch, position after this batch, batch), starting at a saved data position.
+
+    Batches whose images were all unreadable are yielded too (empty): the loop skips them on every process at once.
+    """
     data = config.data
     while True:
         loader = make_loader(
@@ -140,13 +149,19 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(run.output_dir, exist_ok=True)
     set_seed(run.seed)
 
-    # 2. Models: frozen LM / vision / SD; trainable GILL parts (+ LoRA)
+    # 2. Models: frozen LM / vision / SD; trainable GILL parts (+ LoRA). Precomputed targets are checked against the
+    #    frozen models before `frozen_dtype` rounds their weights.
     need_text_encoder = config.data.train_targets is None or (config.data.val_data and config.data.val_targets is None)
-    models = load_models(config.model, seed=run.seed, need_text_encoder=bool(need_text_encoder))
+    models = load_models(
+        config.model, seed=run.seed, need_text_encoder=bool(need_text_encoder), need_image_decoder=run.export_pipeline
+    )
+    train_store = load_store(config.data.train_targets, models)
+    val_store = load_store(config.data.val_targets, models)
+    cast_frozen(models, config.model.frozen_dtype)
     pipe = models.pipe
     params = setup_trainable(pipe, config.lora, extra_frozen=(models.text_encoder,))
     if config.model.gradient_checkpointing:
-        pipe.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        logger.info("Gradient checkpointing on %d LM blocks.", enable_gradient_checkpointing(pipe.llm))
     row_norms = img_row_norms(pipe.llm)
     gill = pipe.gill
 
@@ -155,14 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
     collator = Collator(pipe.tokenizer, len(pipe.img_token_ids), config.data.max_length)
     train_set = build_dataset(
         config.data.train_data, config.data.train_data_type, config.data.image_folder,
-        ExampleReader(pipe.feature_extractor, load_store(config.data.train_targets, models)),
+        ExampleReader(pipe.feature_extractor, train_store),
         config.data.synthetic_size, image_size, run.seed,
     )
     val_set = None
     if config.data.val_data or config.data.val_data_type == "synthetic":
         val_set = build_dataset(
             config.data.val_data, config.data.val_data_type, config.data.val_image_folder,
-            ExampleReader(pipe.feature_extractor, load_store(config.data.val_targets, models)),
+            ExampleReader(pipe.feature_extractor, val_store),
             config.data.synthetic_size, image_size, run.seed + 1,
         )
         if not isinstance(val_set, IterableDataset) and len(val_set) > config.data.val_max_samples:
@@ -171,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Training module, optimizer, schedule
     model = GILLTrainingModel(
         pipe.llm, gill, pipe.image_encoder, pipe.img_token_ids,
-        pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0, accelerator,
+        pad_token_id=pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0,
+        bos_token_id=collator.bos, accelerator=accelerator,
     )
     optimizer, scheduler = build_optimizer(params, optim)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).
@@ -181,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_batch = BatchPreparer(accelerator, models.text_encoder, models.text_tokenizer, gill.config.cond_length)
 
     # 5. Resume
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "samples": 0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "skipped_batches": 0, "samples": 0}
     if accelerator.is_main_process:
         clean_stale_temporaries(run.output_dir)
     if run.resume:
@@ -205,8 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         # micro-steps: forward, backward (gradients synchronised on the last one only)
         sums = {}
         for micro in range(optim.grad_accum_steps):
-            state["epoch"], state["batch_in_epoch"], batch = next(batches)
-            state["skipped"] += int(batch["num_skipped"])
+            batch = next_nonempty_batch(batches, state, accelerator)
             batch = prepare_batch(batch)
             state["samples"] += len(batch["keys"]) * accelerator.num_processes
             concat_caption, concat_img = concat_draws(run.seed, step, micro, config.loss.concat_prob)
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         record = {f"train/{k}_loss" if k in LOSS_NAMES + ("total",) else f"train/{k}": v for k, v in sums.items()}
         record.update({"train/lr": scheduler.get_last_lr()[0], "train/logit_scale": gill.logit_scale.exp().item()})
         record["data/skipped_total"] = float(state["skipped"])
+        record["data/skipped_batches_total"] = float(state["skipped_batches"])
         if grad_norm is not None:
             record["train/grad_norm"] = float(grad_norm)
         history.append(record)
@@ -258,9 +274,33 @@ def main(argv: list[str] | None = None) -> dict:
     # 7. Export the trained pipeline
     export_dir = None
     if state["step"] >= optim.max_steps:
-        export_dir = export(accelerator, pipe, model, run)
+        export_dir = export(accelerator, pipe, model, run, models.image_decoder_source)
     accelerator.end_training()
     return {"history": history, "val": val_metrics, "state": state, "export_dir": export_dir, "output_dir": run.output_dir}
+
+
+def next_nonempty_batch(batches, state: dict, accelerator) -> dict:
+    """The next batch with readable images on every process; micro-batches empty on any process are skipped by all
+    processes together (counted in `state["skipped_batches"]`). Raises when a whole epoch has no readable image."""
+    first_empty = None
+    while True:
+        state["epoch"], state["batch_in_epoch"], batch = next(batches)
+        state["skipped"] += int(batch["num_skipped"])
+        if not empty_on_any_process(batch, accelerator):
+            return batch
+        state["skipped_batches"] += 1
+        logger.warning(
+            "Skipping micro-batch %d of epoch %d (step %d): a process got no readable image in it (%d skipped here).",
+            state["batch_in_epoch"], state["epoch"], state["step"], int(batch["num_skipped"]),
+        )
+        position = (state["epoch"], state["batch_in_epoch"])
+        if first_empty is None:
+            first_empty = position
+        elif position >= (first_empty[0] + 1, first_empty[1]):
+            raise RuntimeError(
+                f"A whole epoch of micro-batches had no readable image ({state['skipped']} images skipped): check "
+                "`image_folder` (image paths in a TSV are relative to it) and the data files."
+            )
 
 
 class _nullcontext:
@@ -282,14 +322,20 @@ def run_validation(model, val_set, collator, config, accelerator, prepare_batch,
     return metrics
 
 
-def export(accelerator, pipe, model, run) -> str | None:
-    """Saves the trained pipeline (the learned parts small and separate in `gill/`, a LoRA adapter in `llm_lora/`)."""
+def export(accelerator, pipe, model, run, image_decoder_source=None) -> str | None:
+    """Saves the trained pipeline (the learned parts small and separate in `gill/`, a LoRA adapter in `llm_lora/`).
+
+    The exported pipeline is complete: the UNet, VAE and scheduler left out of training are read again from
+    `image_decoder_source` (the run's input pipeline folder) first.
+    """
     accelerator.wait_for_everyone()
     export_dir = os.path.join(run.output_dir, EXPORT_DIR)
     if accelerator.is_main_process:
         pipe.gill.eval()
         pipe.gill.save_pretrained(os.path.join(run.output_dir, GILL_DIR))
         if run.export_pipeline:
+            if image_decoder_source is not None:
+                attach_image_decoder(pipe, image_decoder_source)
             pipe.save_pretrained(export_dir)
             logger.info("Exported the trained pipeline to %s", export_dir)
     accelerator.wait_for_everyone()

@@ -4,14 +4,19 @@ Everything else (LM, vision encoder, SD text encoder, VAE, UNet) is frozen and k
 chosen by module, never by matching names.
 """
 
+import functools
 import logging
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from gill_pipeline.lora import is_peft_model
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINTED_FLAG = "_gill_gradient_checkpointing"  # set on an LM block whose forward recomputes in the backward
 
 
 def freeze(module) -> None:
@@ -92,3 +97,40 @@ def rescale_img_rows(gill, input_norm: float, output_norm: float | None) -> None
     if gill.img_output_embeddings is not None and output_norm is not None:
         out = gill.img_output_embeddings
         out.mul_(output_norm / out.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def decoder_layers(llm) -> list[nn.Module]:
+    """The LM's transformer blocks (outermost `GradientCheckpointingLayer`s, as transformers marks them)."""
+    layers = []
+    for module in llm.modules():
+        if isinstance(module, GradientCheckpointingLayer) and not any(module in layer.modules() for layer in layers):
+            layers.append(module)
+    if not layers:
+        raise ValueError(
+            f"`gradient_checkpointing` needs an LM whose blocks are transformers `GradientCheckpointingLayer`s; "
+            f"{type(llm).__name__} has none."
+        )
+    return layers
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # validation, decision features: nothing to recompute
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_gradient_checkpointing(llm) -> int:
+    """Recompute each LM block's activations in the backward pass instead of storing them.
+
+    transformers' own `gradient_checkpointing_enable()` only acts in train mode (`self.training`), and the frozen LM
+    stays in eval mode (no dropout, as in the reference), so each block's `forward` is wrapped here instead:
+    same outputs and gradients, eval mode kept. A LoRA adapter's dropout draws the same mask when recomputed (torch
+    restores the RNG state). The LM must run without a KV cache (`use_cache=False`), which a recomputation would fill
+    twice. Returns the number of wrapped blocks.
+    """
+    layers = decoder_layers(llm)
+    for layer in layers:
+        if not getattr(layer, CHECKPOINTED_FLAG, False):
+            layer.forward = functools.partial(_checkpointed_forward, layer.forward)
+            setattr(layer, CHECKPOINTED_FLAG, True)
+    return len(layers)
