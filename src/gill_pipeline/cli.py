@@ -11,8 +11,34 @@ import sys
 from .constants import IMAGE_MODES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-DEFAULT_MODEL = "tiny-random"
-DEFAULT_PROMPT = ["This is my dog.", "@example-image", "Show me what he would look like in the snow."]
+SHAPES_MODEL = "shapes-world"
+RANDOM_MODEL = "tiny-random"
+# Built-in models: the prompt used when no items are given, and call settings used where the user gave none.
+PRESETS = {
+    # Trained by this project on the shapes world (src/gill_pipeline/bundled/; docs/shapes_world.md).
+    SHAPES_MODEL: dict(
+        prompt=["there is", "@example-image", ". now the same shape in blue :"],
+        settings=dict(
+            max_new_tokens=16, min_text_tokens=0, img_logit_scale=1.0, max_images=1, image_mode="both", steps=20,
+            guidance_scale=5.0,
+        ),
+    ),
+    # Random weights: the random LM would rarely pick [IMG0] itself, so an image is made likely after a few words.
+    RANDOM_MODEL: dict(
+        prompt=["This is my dog.", "@example-image", "Show me what he would look like in the snow."],
+        settings=dict(min_text_tokens=4, img_logit_scale=100.0, max_images=1),
+    ),
+}
+CALL_DEFAULTS = dict(
+    max_new_tokens=32, min_text_tokens=0, img_logit_scale=1.0, max_images=None, image_mode="auto", steps=50,
+    guidance_scale=7.5,
+)
+
+
+def default_model() -> str:
+    from .bundled import bundle_available
+
+    return SHAPES_MODEL if bundle_available() else RANDOM_MODEL
 
 logger = logging.getLogger("gill_pipeline.cli")
 
@@ -21,14 +47,14 @@ class CLIError(Exception):
     """An error in plain words for the user of the command line."""
 
 
-def parse_interleaved_items(items: list[str]) -> list:
+def parse_interleaved_items(items: list[str], model: str = RANDOM_MODEL) -> list:
     """Command-line items -> interleaved input: paths of existing image files become images, the rest text."""
     from PIL import Image
 
     inputs = []
     for item in items:
         if item == "@example-image":
-            inputs.append(example_image())
+            inputs.append(example_image(model))
         elif item.lower().endswith(IMAGE_EXTENSIONS):
             if not os.path.isfile(item):
                 raise CLIError(f"image file not found: {item}")
@@ -42,9 +68,16 @@ def parse_interleaved_items(items: list[str]) -> list:
     return inputs
 
 
-def example_image():
-    """A small drawn picture (a brown 'dog' blob on grass) used by the default example: no file needed."""
+def example_image(model: str = RANDOM_MODEL):
+    """The default example's input image: a picture of the shapes world for the bundled model, else a small drawn
+    'dog' (a brown blob on grass). No file is needed."""
     from PIL import Image, ImageDraw
+
+    if model == SHAPES_MODEL:
+        from .bundled import BUNDLED_EXAMPLE_IMAGE
+
+        with Image.open(BUNDLED_EXAMPLE_IMAGE) as image:
+            return image.convert("RGB")
 
     image = Image.new("RGB", (64, 64), (135, 190, 235))
     draw = ImageDraw.Draw(image)
@@ -60,7 +93,18 @@ def load_pipeline(model: str, device: str, dtype: str | None):
     from .pipeline import GILLPipeline
 
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if model == DEFAULT_MODEL:
+    if model == SHAPES_MODEL:
+        from .bundled import load_bundled_pipeline
+
+        logger.warning(
+            "Using the embedded default: GILL trained by this project on the SHAPES WORLD (tiny models of coloured "
+            "shapes; see docs/shapes_world.md). Pass --model PATH_OR_HUB_ID for another GILL pipeline."
+        )
+        try:
+            pipe = load_bundled_pipeline()
+        except FileNotFoundError as error:
+            raise CLIError(str(error)) from error
+    elif model == RANDOM_MODEL:
         from .tiny import build_tiny_gill_pipeline
 
         logger.warning(
@@ -126,25 +170,30 @@ def write_answer(answer: list, output_dir: str, prompt: list) -> list[str]:
 def run_generate(args) -> int:
     import torch
 
-    items = args.items or DEFAULT_PROMPT
-    prompt = parse_interleaved_items(items)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    model = args.model or default_model()
+    preset = PRESETS.get(model, {})
+    items = args.items or preset.get("prompt") or PRESETS[RANDOM_MODEL]["prompt"]
+    prompt = parse_interleaved_items(items, model)
+    # Settings: the user's, else the built-in model's, else the general defaults.
+    settings = {
+        name: getattr(args, name) if getattr(args, name) is not None else preset.get("settings", {}).get(name, default)
+        for name, default in CALL_DEFAULTS.items()
+    }
+    pipe = load_pipeline(model, args.device, args.dtype)
     if args.retrieval_index:
         pipe.load_retrieval_index(args.retrieval_index, allow_urls=args.allow_urls)
-    random_default = args.model == DEFAULT_MODEL
     output = pipe(
         prompt,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=settings["max_new_tokens"],
         do_sample=args.top_p < 1.0 or args.temperature != 1.0,
         temperature=args.temperature,
         top_p=args.top_p,
-        # The random default would rarely pick [IMG0] by itself: make it show an image after a few words.
-        min_text_tokens=4 if random_default and args.min_text_tokens is None else (args.min_text_tokens or 0),
-        img_logit_scale=100.0 if random_default and args.img_logit_scale is None else (args.img_logit_scale or 1.0),
-        max_images=1 if random_default and args.max_images is None else args.max_images,
-        image_mode=args.image_mode,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        min_text_tokens=settings["min_text_tokens"],
+        img_logit_scale=settings["img_logit_scale"],
+        max_images=settings["max_images"],
+        image_mode=settings["image_mode"],
+        num_inference_steps=settings["steps"],
+        guidance_scale=settings["guidance_scale"],
         generator=torch.Generator().manual_seed(args.seed),
     )
     paths = write_answer(output.outputs[0], args.output_dir, prompt)
@@ -161,13 +210,18 @@ def add_generate_parser(subparsers) -> None:
         help="Answer an interleaved prompt of text and images; writes text, PNGs and a Markdown page.",
         description=(
             "Answer an interleaved prompt. Each ITEM is text, or the path of an image file (.png, .jpg, ...). "
-            "Without --model, uses a tiny pipeline with RANDOM weights (for trying the command offline)."
+            "Without --model, uses the bundled GILL trained on the shapes world (offline); --model tiny-random gives a "
+            "tiny pipeline with RANDOM weights."
         ),
     )
     p.add_argument("items", nargs="*", help="text segments and image paths, in order (default: a dog example)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or Hub repo id (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"pipeline folder or Hub repo id, or {SHAPES_MODEL!r} (the bundled default) or {RANDOM_MODEL!r}",
+    )
     p.add_argument("--output-dir", default="gill_outputs", help="where to write the answer (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to produce (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to produce (default: 32)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: greedy)")
     p.add_argument("--min-text-tokens", type=int, default=None, help="text tokens before an image is allowed")
@@ -175,9 +229,9 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--max-images", type=int, default=None, help="most images in the answer (default: no limit)")
     p.add_argument(
         "--image-mode",
-        default="auto",
+        default=None,
         choices=list(IMAGE_MODES),
-        help="let the decision head choose, always generate / retrieve, or make both (default: %(default)s)",
+        help="let the decision head choose, always generate / retrieve, or make both (default: auto)",
     )
     p.add_argument(
         "--retrieval-index",
@@ -185,8 +239,8 @@ def add_generate_parser(subparsers) -> None:
         help="retrieval index folder or Hub repo id to retrieve images from (see docs/retrieval.md)",
     )
     p.add_argument("--allow-urls", action="store_true", help="let the retrieval index download images from URLs")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")

@@ -15,7 +15,7 @@ SPECIALS = [PAD, UNK, BOS, EOS]
 @dataclasses.dataclass(frozen=True)
 class WorldSizes:
     image_size: int = 32
-    text_length: int = 16  # the SD text conditioning length (captions are at most 9 words)
+    text_length: int = 24  # the SD text conditioning length: a whole context prompt (17 words) + <s> </s> fits
     clip_width: int = 128
     clip_layers: int = 3
     clip_heads: int = 4

@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))}
 
     def do_vae():
-        vae, losses = train_vae(steps(1500), batch(32), args.seed)
+        vae, losses = train_vae(steps(400), batch(32), args.seed)
         vae.save_pretrained(os.path.join(args.out, "vae"))
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
 

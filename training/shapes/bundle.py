@@ -1,0 +1,76 @@
+"""Writes the trained shapes-world GILL as the package's embedded default: the pipeline in fp16 plus its retrieval
+set (index shards and images), small enough to live in the repository.
+
+    python -m training.shapes.bundle --pipeline shapes_gill/run/pipeline --index-images shapes_gill/index_images
+
+The retrieval index is built AFTER the fp16 round trip, from the pipeline exactly as users will load it, so the
+index's fingerprint matches the shipped weights.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+
+import torch
+
+from gill_pipeline.bundled import (
+    BUNDLED_CLASSIFIER,
+    BUNDLED_EXAMPLE_IMAGE,
+    BUNDLED_INDEX,
+    BUNDLED_PIPELINE,
+    BUNDLED_ROOT,
+)
+
+from .models import SIZES
+from .world import Scene, draw
+
+EXAMPLE_SCENE = Scene("circle", "red", "left", "small")
+
+logger = logging.getLogger("shapes.bundle")
+MAX_BUNDLE_BYTES = 25 * 1024 * 1024
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", required=True, help="the trained pipeline folder (train_world_gill's run/pipeline)")
+    parser.add_argument("--index-images", required=True, help="folder of retrieval images with caption sidecars")
+    parser.add_argument("--classifier", required=True, help="the world's attribute classifier folder (for tests)")
+    parser.add_argument("--out", default=BUNDLED_ROOT, help="bundle folder (default: the package's bundled/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from gill_pipeline import GILLPipeline, build_retrieval_index
+
+    pipeline_dir = os.path.join(args.out, os.path.basename(BUNDLED_PIPELINE))
+    index_dir = os.path.join(args.out, os.path.basename(BUNDLED_INDEX))
+    classifier_dir = os.path.join(args.out, os.path.basename(BUNDLED_CLASSIFIER))
+    for folder in (pipeline_dir, index_dir, classifier_dir):
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+
+    pipe = GILLPipeline.from_pretrained(args.pipeline)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(pipeline_dir)
+
+    shipped = GILLPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    shutil.copytree(args.index_images, index_dir)
+    build_retrieval_index(shipped, index_dir, output_dir=index_dir, dtype=torch.float16)
+    shutil.copytree(args.classifier, classifier_dir)
+    draw(EXAMPLE_SCENE, SIZES.image_size, jitter=0, seed=0).save(
+        os.path.join(args.out, os.path.basename(BUNDLED_EXAMPLE_IMAGE))
+    )
+
+    size = folder_bytes(args.out)
+    logger.info("Bundle written to %s: %.1f MB", args.out, size / 2**20)
+    if size > MAX_BUNDLE_BYTES:
+        raise RuntimeError(f"The bundle is {size / 2**20:.1f} MB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MB limit.")
+    return {"bundle_mb": round(size / 2**20, 2)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Measures what GILL does in the shapes world, judged by the world's attribute classifier.
+
+    python -m training.shapes.evaluate_world --base shapes_base [--pipeline DIR --index DIR]
+
+Defaults to the bundled pipeline and index (what ships). Writes benchmarks/results/shapes_world.md and .json:
+1. generation: exact-attribute accuracy of GILL's images vs the world's own SD pipeline given the same captions;
+2. retrieval: caption -> image recall@1 (attribute match) over the index;
+3. decision: accuracy of the decision head on ret/gen labels;
+4. context: prompts whose answer depends on earlier text or an input image, GILL vs SD given the whole text;
+5. captioning: attribute accuracy of the text GILL writes about an input image;
+6. the same on attribute combinations held out of every training stage.
+"""
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from .classifier import AttributeClassifier, to_unit_tensor
+from .models import SIZES
+from .train_world_gill import RETRIEVABLE_SHAPES
+from .world import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES as SHAPE_SIZES,
+    Scene,
+    context_example,
+    context_text,
+    draw,
+    held_out_scenes,
+    training_scenes,
+)
+
+logger = logging.getLogger("shapes.eval")
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "shapes_world")
+SAMPLING = dict(num_inference_steps=20, guidance_scale=5.0)
+# Force an [IMG] group at once: the image must come from what the LM read.
+FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=1e4, max_images=1)
+
+
+def label_tensor(scenes) -> torch.Tensor:
+    return torch.tensor([s.labels() for s in scenes])
+
+
+def accuracy(pred: torch.Tensor, scenes) -> dict:
+    labels = label_tensor(scenes)
+    per = {name: float((pred[:, i] == labels[:, i]).float().mean()) for i, name in enumerate(("shape", "colour", "position", "size"))}
+    return {"exact": float((pred == labels).all(-1).float().mean()), **per, "n": len(scenes)}
+
+
+def judge(classifier, images: torch.Tensor) -> torch.Tensor:
+    return classifier.predict(images.float().clamp(0, 1))
+
+
+def batched(items, size):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def gill_images(pipe, inputs: list[list], seed: int, mode: str = "generate") -> list:
+    """One forced [IMG] group per input; returns the GILLImage of each (None where no image came)."""
+    out = []
+    for chunk_index, chunk in enumerate(batched(inputs, 32)):
+        generators = [torch.Generator().manual_seed(seed + chunk_index * 1000 + i) for i in range(len(chunk))]
+        result = pipe(chunk, generator=generators, image_mode=mode, output_type="pt", **FORCE_IMAGE, **SAMPLING)
+        out += [images[0] if images else None for images in result.images]
+    return out
+
+
+def sd_images(sd, prompts: list[str], seed: int) -> torch.Tensor:
+    out = []
+    for chunk_index, chunk in enumerate(batched(prompts, 32)):
+        generators = [torch.Generator().manual_seed(seed + chunk_index * 1000 + i) for i in range(len(chunk))]
+        out.append(sd(chunk, generator=generators, output_type="pt", **SAMPLING).images)
+    return torch.cat(out)
+
+
+def generation(pipe, sd, classifier, scenes, seed) -> dict:
+    captions = [s.caption() for s in scenes]
+    made = gill_images(pipe, [[c] for c in captions], seed)
+    missing = sum(m is None for m in made)
+    images = torch.stack([m.image if m is not None else torch.zeros(3, SIZES.image_size, SIZES.image_size) for m in made])
+    return {
+        "gill": accuracy(judge(classifier, images), scenes) | {"no_image": missing},
+        "sd": accuracy(judge(classifier, sd_images(sd, captions, seed)), scenes),
+    }
+
+
+def retrieval(pipe, scenes, seed) -> dict:
+    hits, found = 0, gill_images(pipe, [[s.caption()] for s in scenes], seed, mode="retrieve")
+    for scene, image in zip(scenes, found):
+        hits += image is not None and image.metadata.get("caption") == scene.caption()
+    return {"recall@1": hits / len(scenes), "n": len(scenes)}
+
+
+def decision(pipe, scenes) -> dict:
+    probs = []
+    for chunk in batched([[s.caption()] for s in scenes], 64):
+        rows = pipe.decode(
+            [pipe.encode_interleaved(x, torch.device("cpu"), "inputs") for x in chunk],
+            __import__("gill_pipeline").DecodingSettings(**FORCE_IMAGE),
+        )
+        hidden = torch.stack([r.img_hidden_states(0, pipe.num_img_tokens)[0] for r in rows])
+        probs.append(pipe.gill.eval().decide(hidden))
+    retrieve = torch.cat(probs)[:, 1] > 0.5
+    truth = torch.tensor([s.shape in RETRIEVABLE_SHAPES for s in scenes])
+    return {"accuracy": float((retrieve == truth).float().mean()), "n": len(scenes)}
+
+
+def gill_writes(pipe, inputs: list[list], max_new_tokens: int = 12) -> list[str]:
+    texts = []
+    for chunk in batched(inputs, 64):
+        texts += pipe(chunk, max_new_tokens=max_new_tokens, max_images=0).texts
+    return texts
+
+
+def parse_scene(text: str) -> tuple[int, int, int, int]:
+    """Attributes named in a text (the first mention of each); -1 where none is named."""
+    words = text.replace(".", " ").split()
+
+    def first(options):
+        for w in words:
+            if w in options:
+                return list(options).index(w)
+        return -1
+
+    return first(SHAPES), first(COLOURS), first(POSITIONS), first(SHAPE_SIZES)
+
+
+def context(pipe, sd, classifier, examples, seed) -> dict:
+    texts = [context_text(first, instruction) for first, instruction, _ in examples]
+    targets = [target for _, _, target in examples]
+    # a. GILL draws at once after reading the context
+    made = gill_images(pipe, [[t] for t in texts], seed)
+    gill_now = torch.stack([m.image for m in made])
+    # b. GILL first writes its answer, then draws
+    written = [w.split(".")[0] for w in gill_writes(pipe, [[t] for t in texts])]
+    made_after = gill_images(pipe, [[t + " " + w] for t, w in zip(texts, written)], seed)
+    gill_after = torch.stack([m.image for m in made_after])
+    # c. the context given as an image instead of text
+    rng = random.Random(seed)
+    image_inputs = [
+        ["there is", draw(first, SIZES.image_size, 1, rng.randrange(1 << 30)), f". {instruction} :"]
+        for first, instruction, _ in examples
+    ]
+    gill_image_context = torch.stack([m.image for m in gill_images(pipe, image_inputs, seed)])
+    return {
+        "gill_image_at_once": accuracy(judge(classifier, gill_now), targets),
+        "gill_writes_then_draws": accuracy(judge(classifier, gill_after), targets),
+        "gill_written_answer_text": accuracy(torch.tensor([parse_scene(w) for w in written]), targets),
+        "gill_image_context": accuracy(judge(classifier, gill_image_context), targets),
+        "sd_whole_text": accuracy(judge(classifier, sd_images(sd, texts, seed)), targets),
+        "example": {"prompt": texts[0], "gill_wrote": written[0], "target": targets[0].caption()},
+    }
+
+
+def captioning(pipe, scenes, seed) -> dict:
+    rng = random.Random(seed)
+    # BOS follows the image, as in the captioning training sequences ([prefix][BOS caption]).
+    inputs = [[draw(s, SIZES.image_size, 1, rng.randrange(1 << 30)), ""] for s in scenes]
+    texts = gill_writes(pipe, inputs)
+    return accuracy(torch.tensor([parse_scene(t) for t in texts]), scenes) | {"example": texts[0]}
+
+
+def markdown(report: dict) -> str:
+    def row(name, r):
+        return f"| {name} | {r['exact']:.3f} | {r['shape']:.3f} | {r['colour']:.3f} | {r['position']:.3f} | {r['size']:.3f} | {r['n']} |"
+
+    header = ["| what | exact | shape | colour | position | size | n |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["# GILL in the shapes world", "", report["setup"], ""]
+    for split in ("in_distribution", "held_out"):
+        r = report[split]
+        lines += [f"## {split.replace('_', ' ')}", "", *header]
+        lines.append(row("1. generation: GILL", r["generation"]["gill"]))
+        lines.append(row("1. generation: SD (same captions)", r["generation"]["sd"]))
+        for key, name in (
+            ("gill_image_at_once", "4. context (text): GILL draws at once"),
+            ("gill_writes_then_draws", "4. context (text): GILL writes, then draws"),
+            ("gill_written_answer_text", "4. context (text): GILL's written answer (text)"),
+            ("gill_image_context", "4. context (input image): GILL draws at once"),
+            ("sd_whole_text", "4. context (text): SD given the whole text"),
+        ):
+            lines.append(row(name, r["context"][key]))
+        lines.append(row("5. captioning: GILL's text about an input image", r["captioning"]))
+        lines += [""]
+        if "retrieval" in r:
+            lines.append(f"2. retrieval recall@1 (attribute match, {r['retrieval']['n']} captions): **{r['retrieval']['recall@1']:.3f}**")
+        lines.append(f"3. decision accuracy ({r['decision']['n']} prompts): **{r['decision']['accuracy']:.3f}**")
+        ex = r["context"]["example"]
+        lines += ["", f"Context example: `{ex['prompt']}` -> GILL wrote `{ex['gill_wrote']}` (target: `{ex['target']}`).",
+                  f"Captioning example: `{r['captioning']['example']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="folder of training.shapes.pretrain_base (SD and classifier)")
+    parser.add_argument("--pipeline", default=None, help="GILL pipeline folder (default: the bundled one)")
+    parser.add_argument("--index", default=None, help="retrieval index folder (default: the bundled one)")
+    parser.add_argument("--out", default=RESULTS, help="results path without extension")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the evaluation sets (tests: small)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    start = time.time()
+
+    from diffusers import StableDiffusionPipeline
+
+    from gill_pipeline import GILLPipeline
+    from gill_pipeline.bundled import BUNDLED_INDEX, load_bundled_pipeline
+
+    if args.pipeline is None:
+        pipe = load_bundled_pipeline(with_index=False)
+        index = args.index or BUNDLED_INDEX
+    else:
+        pipe, index = GILLPipeline.from_pretrained(args.pipeline, dtype=torch.float32), args.index
+    if index:
+        pipe.load_retrieval_index(index)
+    pipe.set_progress_bar_config(disable=True)
+    sd = StableDiffusionPipeline.from_pretrained(os.path.join(args.base, "sd"), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    classifier = AttributeClassifier.from_pretrained(os.path.join(args.base, "classifier")).eval()
+
+    def take(items, fraction):
+        return items[: max(2, int(len(items) * fraction))]
+
+    rng = random.Random(args.seed)
+    seen = take(training_scenes(), args.scale)
+    held = held_out_scenes()
+    held_gen = take([s for s in held for _ in range(4)], args.scale)  # 4 samples per held-out combination
+    ctx_seen = take([context_example(rng) for _ in range(90)], args.scale)
+    ctx_held = []
+    while len(ctx_held) < max(2, int(45 * args.scale)):
+        example = context_example(rng, include_held_out=True)
+        if example[2].held_out:
+            ctx_held.append(example)
+
+    report = {
+        "setup": (
+            f"Judge: the world's attribute classifier. Sampling: DDIM {SAMPLING['num_inference_steps']} steps, guidance "
+            f"{SAMPLING['guidance_scale']}. GILL images are forced right after the prompt (`img_logit_scale=1e4`, "
+            "`max_new_tokens=1`) unless stated. In-distribution prompts use combinations seen in training (new image "
+            "draws and seeds; the caption texts themselves were seen); held-out combinations were excluded from every "
+            "training stage (base models, GILL, index, decision head)."
+        ),
+        "in_distribution": {
+            "generation": generation(pipe, sd, classifier, seen, args.seed),
+            "retrieval": retrieval(pipe, [s for s in seen if s.shape in RETRIEVABLE_SHAPES], args.seed),
+            "decision": decision(pipe, seen),
+            "context": context(pipe, sd, classifier, ctx_seen, args.seed),
+            "captioning": captioning(pipe, seen, args.seed),
+        },
+        "held_out": {
+            "generation": generation(pipe, sd, classifier, held_gen, args.seed + 1),
+            "decision": decision(pipe, held),
+            "context": context(pipe, sd, classifier, ctx_held, args.seed + 1),
+            "captioning": captioning(pipe, held_gen, args.seed + 1),
+        },
+    }
+    report["seconds"] = round(time.time() - start, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(report) + f"\nEvaluation took {report['seconds']} s. Command: `python -m training.shapes.evaluate_world --base BASE`.\n")
+    logger.info("wrote %s.md", args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

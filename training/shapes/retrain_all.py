@@ -1,0 +1,70 @@
+"""Retrains the whole shapes world from scratch and rewrites the package's bundled default:
+
+1. base models (CLIP, VAE, UNet = a real SD pipeline, causal LM, attribute classifier);
+2. GILL on top (data, assembly, `training/train_gill.py`, retrieval index, `training/train_decision.py`);
+3. the bundle (fp16 pipeline + retrieval set + classifier) in src/gill_pipeline/bundled/;
+4. the figures (benchmarks/results/shapes_world.md).
+
+    python -m training.shapes.retrain_all --work shapes_work          # everything (see docs/shapes_world.md)
+    python -m training.shapes.retrain_all --work /tmp/w --scale 0.002 --bundle-out /tmp/w/bundle   # smoke run
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+
+from gill_pipeline.bundled import BUNDLED_ROOT
+
+logger = logging.getLogger("shapes.retrain")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="working folder for base models, data and runs")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies steps and data sizes (smoke runs: small)")
+    parser.add_argument("--bundle-out", default=BUNDLED_ROOT, help="where the bundle goes (default: the package's)")
+    parser.add_argument("--results", default=None, help="results path without extension (default: benchmarks/results)")
+    parser.add_argument("--skip-base", action="store_true", help="reuse the base models already in --work/base")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from . import bundle, evaluate_world, pretrain_base, train_world_gill
+
+    base, gill = os.path.join(args.work, "base"), os.path.join(args.work, "gill")
+    times, start = {}, time.time()
+    threads = ["--threads", str(args.threads)]
+    small = args.scale < 1.0
+    if not args.skip_base:
+        t = time.time()
+        pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads]
+                           + (["--batch-scale", str(max(args.scale * 20, 0.05))] if small else []))
+        times["base_models"] = round(time.time() - t, 1)
+    t = time.time()
+    train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads])
+    times["gill"] = round(time.time() - t, 1)
+    t = time.time()
+    bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",
+                           os.path.join(gill, "index_images"), "--classifier", os.path.join(base, "classifier"),
+                           "--out", args.bundle_out])
+    times["bundle"] = round(time.time() - t, 1)
+    t = time.time()
+    eval_args = ["--base", base, "--pipeline", os.path.join(args.bundle_out, "shapes_pipeline"),
+                 "--index", os.path.join(args.bundle_out, "shapes_index"), *threads]
+    if args.results:
+        eval_args += ["--out", args.results]
+    if small:
+        eval_args += ["--scale", "0.03"]
+    evaluate_world.main(eval_args)
+    times["evaluation"] = round(time.time() - t, 1)
+    times["total"] = round(time.time() - start, 1)
+    summary = {"seconds": times, **bundled}
+    with open(os.path.join(args.work, "retrain_all.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.info("Retrained the shapes world: %s", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Trains GILL on top of the shapes world's base models, with the package's own tools:
+
+1. writes the world's image-caption data (train / validation TSVs; held-out combinations excluded);
+2. assembles a new GILL pipeline from the world's LM, SD folder and CLIP vision tower
+   (`GILLPipeline.from_base_models`);
+3. trains GILL's learned parts with `training/train_gill.py` (base models frozen);
+4. builds a retrieval index over world images with `gill_pipeline.build_retrieval_index`;
+5. trains the decision head with `training/train_decision.py` on labels that are real in this world: retrieve when
+   the requested shape is one the retrieval set holds (circles and squares), generate otherwise (triangles).
+
+    python -m training.shapes.train_world_gill --base shapes_base --out shapes_gill
+    python -m training.shapes.train_world_gill --base /tmp/b --out /tmp/g --scale 0.01   # a few steps (tests)
+"""
+
+import argparse
+import csv
+import json
+import logging
+import os
+import random
+import time
+
+import torch
+
+from .models import SIZES
+from .world import all_scenes, draw, training_scenes
+
+logger = logging.getLogger("shapes.gill")
+
+# Shapes whose images are in the retrieval set: prompts for them are labelled `ret`, the others `gen`.
+RETRIEVABLE_SHAPES = ("circle", "square")
+
+# GILL's learned-part sizes for this world (the reference sizes are for a 4096-wide LM).
+GILL_SIZES = dict(
+    num_img_tokens=4,
+    num_visual_tokens=4,
+    retrieval_dim=64,
+    mapper_hidden_dim=128,
+    mapper_encoder_layers=2,
+    mapper_decoder_layers=2,
+    mapper_heads=4,
+)
+
+
+def write_caption_set(folder: str, name: str, scenes, seed: int) -> str:
+    """Draws `scenes` into `folder/images/` and writes `folder/<name>.tsv` (`caption<TAB>image`)."""
+    images = os.path.join(folder, "images")
+    os.makedirs(images, exist_ok=True)
+    path = os.path.join(folder, f"{name}.tsv")
+    rng = random.Random(seed)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["caption", "image"])
+        for i, scene in enumerate(scenes):
+            file_name = f"{name}_{i:05d}.png"
+            draw(scene, SIZES.image_size, jitter=1, seed=rng.randrange(1 << 30)).save(os.path.join(images, file_name))
+            writer.writerow([scene.caption(), file_name])
+    return path
+
+
+def write_index_images(folder: str, seed: int) -> int:
+    """One image per retrievable training scene, with a caption sidecar (the index builder's folder format)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    count = 0
+    for scene in training_scenes():
+        if scene.shape not in RETRIEVABLE_SHAPES:
+            continue
+        stem = "_".join(scene.key)
+        draw(scene, SIZES.image_size, jitter=0, seed=rng.randrange(1 << 30)).save(os.path.join(folder, f"{stem}.png"))
+        with open(os.path.join(folder, f"{stem}.txt"), "w", encoding="utf-8") as f:
+            f.write(scene.caption())
+        count += 1
+    return count
+
+
+def write_decision_labels(path: str) -> int:
+    """PartiPrompts-format TSV (Prompt, Category, Challenge, Note, Decision) over the training scenes."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["Prompt", "Category", "Challenge", "Note", "Decision"])
+        scenes = training_scenes()
+        for scene in scenes:
+            label = "ret" if scene.shape in RETRIEVABLE_SHAPES else "gen"
+            writer.writerow([scene.caption(), "Shapes", "Basic", "shapes world", label])
+    return len(scenes)
+
+
+def assemble(base: str, out: str, seed: int) -> str:
+    from diffusers import StableDiffusionPipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    from gill_pipeline import GILLPipeline
+
+    clip = CLIPModel.from_pretrained(os.path.join(base, "clip"))
+    vision = clip.vision_model  # a CLIPVisionModel: its pooled output is what GILL reads
+    sd = StableDiffusionPipeline.from_pretrained(
+        os.path.join(base, "sd"), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe = GILLPipeline.from_base_models(
+        language_model=AutoModelForCausalLM.from_pretrained(os.path.join(base, "lm")),
+        tokenizer=AutoTokenizer.from_pretrained(os.path.join(base, "lm")),
+        stable_diffusion=sd,
+        image_encoder=vision,
+        feature_extractor=CLIPImageProcessor.from_pretrained(os.path.join(base, "clip")),
+        seed=seed,
+        **GILL_SIZES,
+    )
+    folder = os.path.join(out, "assembled")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="folder written by training.shapes.pretrain_base")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies steps and data sizes (tests: 0.01)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    n = lambda x: max(8, int(x * args.scale))  # noqa: E731
+    report, start = {}, time.time()
+
+    # 1. Data (held-out combinations never appear)
+    rng = random.Random(args.seed)
+    pool = training_scenes()
+    data = os.path.join(args.out, "data")
+    train_tsv = write_caption_set(data, "train", [rng.choice(pool) for _ in range(n(4000))], args.seed + 1)
+    val_tsv = write_caption_set(data, "val", [rng.choice(pool) for _ in range(n(256))], args.seed + 2)
+
+    # 2. A new, untrained GILL on the world's frozen base models
+    assembled = assemble(args.base, args.out, args.seed)
+
+    # 3. GILL's learned parts, with the package's training script
+    from training.train_gill import main as train_gill
+
+    run_dir = os.path.join(args.out, "run")
+    steps = max(4, int(1500 * args.scale))
+    metrics = train_gill(
+        [
+            "--pipeline", assembled,
+            "--stable-diffusion", os.path.join(args.base, "sd"),
+            "--train-data", train_tsv,
+            "--image-folder", os.path.join(data, "images"),
+            "--val-data", val_tsv,
+            "--val-image-folder", os.path.join(data, "images"),
+            "--max-length", "24",
+            "--num-workers", "0",
+            "--val-max-samples", "256",
+            "--lr", "1e-3",
+            "--warmup-steps", str(max(1, steps // 15)),
+            "--decay-every", str(max(2, int(steps * 0.7))),
+            "--decay-gamma", "0.1",
+            "--batch-size", str(min(64, n(64))),
+            "--max-steps", str(steps),
+            "--output-dir", run_dir,
+            "--seed", str(args.seed),
+            "--mixed-precision", "no",
+            "--log-every", str(max(1, steps // 20)),
+            "--val-every", "0",
+            "--checkpoint-every", str(max(2, steps // 3)),
+            "--report-to", "tensorboard",
+            "--export-pipeline", "true",
+            "--progress-bar", "false",
+        ]
+    )
+    report["train_gill"] = metrics
+    pipeline_dir = os.path.join(run_dir, "pipeline")
+
+    # 4. The retrieval index over world images (circles and squares)
+    from gill_pipeline import GILLPipeline, build_retrieval_index
+
+    index_images = os.path.join(args.out, "index_images")
+    report["index_images"] = write_index_images(index_images, args.seed + 3)
+    pipe = GILLPipeline.from_pretrained(pipeline_dir)
+    build_retrieval_index(pipe, index_images, output_dir=os.path.join(args.out, "index"))
+
+    # 5. The decision head
+    from training.train_decision import main as train_decision
+
+    labels = os.path.join(data, "decisions.tsv")
+    write_decision_labels(labels)
+    report["decision"] = train_decision(
+        ["--pipeline", pipeline_dir, "--data", labels, "--steps", str(max(4, int(1000 * args.scale))),
+         "--val-fraction", "0.3", "--seed", str(args.seed)]
+    )
+    report["seconds"] = round(time.time() - start, 1)
+    with open(os.path.join(args.out, "train_world_gill.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    logger.info("GILL on the shapes world: %s", json.dumps(report, default=str)[:2000])
+    return report
+
+
+if __name__ == "__main__":
+    main()
