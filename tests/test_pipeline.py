@@ -161,6 +161,15 @@ def test_bos_once_before_the_first_text(opt_pipe):
     torch.testing.assert_close(embeds[k:], expected)
 
 
+def test_images_only_input_ends_with_bos(opt_pipe):
+    """[image prefix][BOS], the start of GILL's captioning sequences, when the input has no text."""
+    embeds = opt_pipe.encode_interleaved([random_image(0)], torch.device("cpu"), "inputs")
+    k = opt_pipe.gill.config.num_visual_tokens
+    assert embeds.shape[0] == k + 1
+    bos = opt_pipe.llm.get_input_embeddings()(torch.tensor([opt_pipe.tokenizer.bos_token_id]))
+    torch.testing.assert_close(embeds[k:], bos)
+
+
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_output_types(opt_pipe, output_type):
     out = call(opt_pipe, DOG, output_type=output_type)

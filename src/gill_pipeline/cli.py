@@ -17,9 +17,10 @@ RANDOM_MODEL = "tiny-random"
 PRESETS = {
     # Trained by this project on the shapes world (src/gill_pipeline/bundled/; docs/shapes_world.md).
     SHAPES_MODEL: dict(
-        prompt=["there is", "@example-image", ". now the same shape in blue :"],
+        # An image of the world in; GILL describes it, then answers with an image: retrieved and generated ("both").
+        prompt=["@example-image"],
         settings=dict(
-            max_new_tokens=16, min_text_tokens=0, img_logit_scale=1.0, max_images=1, image_mode="both", steps=20,
+            max_new_tokens=8, min_text_tokens=0, img_logit_scale=3.0, max_images=1, image_mode="both", steps=20,
             guidance_scale=5.0,
         ),
     ),

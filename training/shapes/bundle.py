@@ -8,6 +8,7 @@ index's fingerprint matches the shipped weights.
 """
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -29,6 +30,22 @@ EXAMPLE_SCENE = Scene("circle", "red", "left", "small")
 
 logger = logging.getLogger("shapes.bundle")
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
+
+
+def scrub_local_paths(folder: str) -> None:
+    """Drops `_name_or_path` entries (the paths of the machine that trained it) from the bundle's JSON configs."""
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(directory, name)
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            if isinstance(config, dict) and "_name_or_path" in config:
+                config.pop("_name_or_path")
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2, sort_keys=True)
+                    f.write("\n")
 
 
 def folder_bytes(folder: str) -> int:
@@ -56,6 +73,7 @@ def main(argv=None) -> dict:
     pipe = GILLPipeline.from_pretrained(args.pipeline)
     pipe.to(dtype=torch.float16)
     pipe.save_pretrained(pipeline_dir)
+    scrub_local_paths(pipeline_dir)
 
     shipped = GILLPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
     shutil.copytree(args.index_images, index_dir)

@@ -321,7 +321,8 @@ class GILLPipeline(DiffusionPipeline):
         """One interleaved list of text and images -> LM input embeddings `(T, D)`.
 
         Text is tokenised without special tokens, and the LM's BOS token (if it has one) is put before the first
-        text segment only; every image becomes `num_visual_tokens` visual-prefix embeddings.
+        text segment only (after the images when there is no text, as in GILL's captioning sequences); every image
+        becomes `num_visual_tokens` visual-prefix embeddings.
         """
         images = [
             to_rgb_pil(x, f"{sample_name}[{i}]") for i, x in enumerate(sample) if not isinstance(x, str)
@@ -343,6 +344,9 @@ class GILLPipeline(DiffusionPipeline):
             else:
                 pieces.append(visual[image_index].to(device=device, dtype=dtype))
                 image_index += 1
+        if not bos_added and self.tokenizer.bos_token_id is not None:
+            # Images only: end with BOS, as GILL's captioning sequences read [image prefix][BOS caption].
+            pieces.append(self.embed_token_ids(torch.tensor([self.tokenizer.bos_token_id], device=device)))
         if not pieces:
             raise ValueError(
                 f"`{sample_name}` has no tokens: its text is empty and this tokenizer has no BOS token. Give some text "

@@ -1,0 +1,104 @@
+"""The shapes world: its scripts stay alive (a reduced run of every stage) and the bundled GILL really works."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gill_pipeline import GILLPipeline
+from gill_pipeline.bundled import BUNDLED_CLASSIFIER, bundle_available, load_bundled_pipeline
+from training.shapes.world import (
+    HELD_OUT,
+    Scene,
+    all_scenes,
+    context_example,
+    draw,
+    held_out_scenes,
+    training_scenes,
+    vocabulary,
+)
+
+
+def test_world_is_deterministic_and_holds_combinations_out():
+    scene = Scene("triangle", "blue", "left", "large")
+    a, b = np.asarray(draw(scene, 32, 1, seed=5)), np.asarray(draw(scene, 32, 1, seed=5))
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+    assert not np.array_equal(a, np.asarray(draw(scene.replace(colour="red"), 32, 1, seed=5)))
+    assert len(all_scenes()) == 180 and len(held_out_scenes()) == len(HELD_OUT) == 9
+    assert not any(s.held_out for s in training_scenes())
+    assert scene.caption() == "a large blue triangle on the left"
+    assert set(scene.caption().split()) <= set(vocabulary())
+
+
+def test_context_examples_change_exactly_one_attribute():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        first, instruction, target = context_example(rng)
+        changed = [a for a in ("shape", "colour", "position", "size") if getattr(first, a) != getattr(target, a)]
+        assert len(changed) == 1 and not target.held_out and instruction.startswith("now")
+
+
+def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
+    from training.shapes.retrain_all import main
+
+    summary = main(["--work", str(tmp_path / "work"), "--scale", "0.002", "--bundle-out", str(tmp_path / "bundle"),
+                    "--results", str(tmp_path / "results"), "--threads", "1"])
+    assert summary["bundle_mb"] < 25
+    for name in ("clip", "sd", "lm", "classifier"):
+        assert os.path.isdir(tmp_path / "work" / "base" / name)
+    pipe = GILLPipeline.from_pretrained(tmp_path / "bundle" / "shapes_pipeline", dtype=torch.float32)
+    pipe.load_retrieval_index(tmp_path / "bundle" / "shapes_index")  # built from the fp16 round-tripped weights
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"generation", "retrieval", "decision", "context", "captioning"} <= set(results["in_distribution"])
+    assert {"generation", "decision", "context", "captioning"} <= set(results["held_out"])
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    if not bundle_available():
+        pytest.fail("The bundled shapes-world pipeline is missing: run `python -m training.shapes.retrain_all`.")
+    pipe = load_bundled_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_bundle_is_small_and_loads(bundled):
+    from gill_pipeline.bundled import BUNDLED_ROOT
+
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(BUNDLED_ROOT) for f in fs)
+    assert size < 25 * 2**20
+    assert bundled.retrieval_index is not None and len(bundled.retrieval_index) > 0
+
+
+@pytest.mark.parametrize(
+    "scene",
+    [Scene("circle", "red", "center", "large"), Scene("square", "blue", "left", "large"), Scene("triangle", "yellow", "right", "large")],
+)
+def test_bundled_gill_draws_what_the_prompt_says(bundled, scene):
+    from training.shapes.classifier import AttributeClassifier
+
+    classifier = AttributeClassifier.from_pretrained(BUNDLED_CLASSIFIER).eval()
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    out = bundled(
+        [[scene.caption()]] * 4, generator=generators, image_mode="generate", output_type="pt", max_new_tokens=1,
+        img_logit_scale=1e4, num_inference_steps=20, guidance_scale=5.0,
+    )
+    images = torch.stack([answer[0].image for answer in out.images])
+    predicted = classifier.predict(images)
+    correct = (predicted == torch.tensor(scene.labels())).all(-1)
+    assert int(correct.sum()) >= 3, (scene, predicted.tolist())
+
+
+def test_readme_default_answers_with_text_a_generated_and_a_retrieved_image(bundled, tmp_path, capsys):
+    """The README's first command: the bundled GILL describes the example image and answers with both images."""
+    from gill_pipeline.cli import main
+
+    assert main(["generate", "--output-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "answer.md").read_text()
+    assert "circle" in page  # the example is a small red circle: the description names its shape
+    assert (tmp_path / "image_0_retrieved.png").is_file() and (tmp_path / "image_0_generated_alternative.png").is_file()
+    assert "Wrote:" in capsys.readouterr().out
