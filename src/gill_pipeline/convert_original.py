@@ -337,7 +337,15 @@ def convert_original_checkpoint(
             `local_files_only`).
     """
     from .hub import record_base_models
-    from .pipeline.assembly import _load_lm, _load_sd, _load_vision, encode_empty_prompt, lm_dims, vision_feature_dim
+    from .pipeline.assembly import (
+        _load_lm,
+        _load_sd,
+        _load_vision,
+        encode_empty_prompt,
+        lm_dims,
+        pipeline_from_parts,
+        vision_feature_dim,
+    )
 
     if pipeline_class is None:
         from .pipeline import GILLPipeline
@@ -388,23 +396,9 @@ def convert_original_checkpoint(
         gill.uncond_prompt_embeds.copy_(uncond)
 
     tokenizer, img_token_ids = reference_tokenizer(tokenizer, model_args, config.num_img_tokens)
-    for module in (llm, image_encoder, sd.vae, sd.unet, gill):
-        module.eval()
-    pipe = pipeline_class(
-        tokenizer=tokenizer,
-        llm=llm,
-        gill=gill,
-        vae=sd.vae,
-        unet=sd.unet,
-        scheduler=sd.scheduler,
-        image_encoder=image_encoder,
-        feature_extractor=feature_extractor,
-        img_token_ids=img_token_ids,
-        base_models=base_models,
+    return pipeline_from_parts(
+        pipeline_class, tokenizer, llm, gill, sd, image_encoder, feature_extractor, img_token_ids, base_models, dtype
     )
-    if dtype is not None:
-        pipe.to(dtype=dtype)
-    return pipe
 
 
 def reference_card_info():

@@ -57,6 +57,31 @@ def add_img_tokens(tokenizer, num_img_tokens: int) -> tuple[Any, list[int]]:
     return tokenizer, tokenizer.convert_tokens_to_ids(tokens)
 
 
+def pipeline_from_parts(
+    pipeline_class, tokenizer, llm, gill, sd, image_encoder, feature_extractor, img_token_ids, base_models, dtype
+):
+    """The GILL pipeline over the given parts and an SD pipeline's vae/unet/scheduler, every module in eval mode,
+    cast to `dtype` when given."""
+    for module in (llm, image_encoder, sd.vae, sd.unet, gill):
+        if module is not None:
+            module.eval()
+    pipe = pipeline_class(
+        tokenizer=tokenizer,
+        llm=llm,
+        gill=gill,
+        vae=sd.vae,
+        unet=sd.unet,
+        scheduler=sd.scheduler,
+        image_encoder=image_encoder,
+        feature_extractor=feature_extractor,
+        img_token_ids=img_token_ids,
+        base_models=base_models,
+    )
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
 def _load_lm(language_model, tokenizer, load_kwargs):
     if isinstance(language_model, str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,24 +221,9 @@ def assemble_gill_pipeline(
             f"(length {cond_length}, width {sd.unet.config.cross_attention_dim})."
         )
     gill.uncond_prompt_embeds.copy_(uncond)
-    gill.eval()
-    for module in (llm, image_encoder, sd.vae, sd.unet):
-        module.eval()
-
-    pipe = pipeline_class(
-        tokenizer=tokenizer,
-        llm=llm,
-        gill=gill,
-        vae=sd.vae,
-        unet=sd.unet,
-        scheduler=sd.scheduler,
-        image_encoder=image_encoder,
-        feature_extractor=feature_extractor,
-        img_token_ids=img_token_ids,
-        base_models=base_models,
+    pipe = pipeline_from_parts(
+        pipeline_class, tokenizer, llm, gill, sd, image_encoder, feature_extractor, img_token_ids, base_models, dtype
     )
-    if dtype is not None:
-        pipe.to(dtype=dtype)
     logger.info(
         "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, UNet conditioning %dx%d.",
         type(llm).__name__,
