@@ -53,7 +53,7 @@ def build(setting, device, dtype):
     ).to(device)
     gill.decision_head.requires_grad_(False)
     img_ids = list(range(setting["vocab"], setting["vocab"] + setting["img_tokens"]))
-    model = GILLTrainingModel(llm, gill, None, img_ids, pad_token_id=1)
+    model = GILLTrainingModel(llm, gill, None, img_ids, pad_token_id=1, bos_token_id=2)
     generator = torch.Generator().manual_seed(0)
     n, t = setting["batch"], setting["caption_tokens"]
     lengths = torch.randint(t // 2, t + 1, (n,), generator=generator)
