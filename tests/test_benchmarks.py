@@ -1,0 +1,39 @@
+"""The benchmark scripts stay in step with the library: one tiny measurement of each (no timing is asserted)."""
+
+import importlib.util
+import os
+
+import torch
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_benchmark_builds_and_steps():
+    bench = load("bench_training")
+    from training.model_forward import total_loss
+    from training.params import LossArgs
+
+    small = dict(bench.SMALL, hidden=32, ffn=64, layers=1, heads=2, vocab=300, vision=16, cond=16, cond_length=8,
+                 batch=4, caption_tokens=8, mapper=16, mapper_layers=1)
+    model, batch, optimizer = bench.build(small, torch.device("cpu"), torch.float32)
+    loss = total_loss(model(batch, concat_caption=False, concat_img=False), LossArgs())
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+
+
+def test_pipeline_benchmark_kv_cache_part_runs():
+    bench = load("bench_pipeline")
+    from gill_pipeline.tiny import build_tiny_lm, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    pipe = bench.build_pipeline(build_tiny_lm("opt", len(tokenizer), tokenizer), cross_attention_dim=32)
+    rows = bench.bench_kv_cache(pipe, repeats=1)
+    assert [n for n, _, _ in rows] == [8, 32, 64]
