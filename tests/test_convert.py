@@ -23,8 +23,10 @@ from gill_pipeline.models.gill_model import GILLModel
 from gill_pipeline.pipeline import DecodingSettings, GILLPipeline
 from gill_pipeline.tiny import build_tiny_lm, build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 
-REAL_DECISION = "/work/shared/data/gill_original/decision_model.pth.tar"
-REAL_ARGS = "/work/shared/data/gill_original/model_args.json"
+# ../shared beside the checkout (as on developer machines and in CI).
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gill_original")
+REAL_DECISION = os.path.join(SHARED_DATA, "decision_model.pth.tar")
+REAL_ARGS = os.path.join(SHARED_DATA, "model_args.json")
 R = 8  # [IMG] tokens, as in the release
 PROMPT_TEXT = "This is my dog."
 MIN_TEXT, SCALE, STEPS = 2, 1e5, 5  # [IMG0] forced at step 2, as the reference notebooks force it
