@@ -678,11 +678,11 @@ class GILLPipeline(DiffusionPipeline):
             for i, image in zip(to_retrieve, retrieved):
                 image.decision_probs = decisions[1][i]
                 image.prompt_embeds_index = requests[i][1]
-                generated = images.get(requests[i])
-                if generated is None:
+                generated_image = images.get(requests[i])
+                if generated_image is None:
                     images[requests[i]] = image
                 else:  # "both": the decision head's choice is shown, the other one rides along
-                    shown, other = (image, generated) if decisions[0][i] else (generated, image)
+                    shown, other = (image, generated_image) if decisions[0][i] else (generated_image, image)
                     shown.alternatives = [other]
                     images[requests[i]] = shown
 
