@@ -13,8 +13,6 @@ Both measured side by side in one run; figures are ratios. Writes benchmarks/res
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -22,6 +20,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from gill_pipeline import DecodingSettings, GILLDecoder, GILLPipeline
 from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+from timing import median_seconds  # benchmarks/timing.py (scripts run from this folder)
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pipeline.md")
 
@@ -53,14 +52,6 @@ def build_pipeline(llm, cross_attention_dim: int, unet: UNet2DConditionModel | N
     return pipe
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_kv_cache(pipe: GILLPipeline, repeats: int) -> list[tuple[int, float, float]]:
@@ -82,7 +73,7 @@ def bench_kv_cache(pipe: GILLPipeline, repeats: int) -> list[tuple[int, float, f
         for use_cache in (True, False):
             settings = DecodingSettings(max_new_tokens=n, max_images=0, use_cache=use_cache)
             with torch.no_grad():
-                results[use_cache] = timed(lambda: decoder(prompt, settings), repeats)
+                results[use_cache] = median_seconds(lambda: decoder(prompt, settings), repeats)
         cached = decoder(prompt, DecodingSettings(max_new_tokens=n, max_images=0))[0]
         uncached = decoder(prompt, DecodingSettings(max_new_tokens=n, max_images=0, use_cache=False))[0]
         if cached.token_ids != uncached.token_ids or len(cached.token_ids) != n:
@@ -97,7 +88,7 @@ def bench_overhead(pipe: GILLPipeline, steps: int, repeats: int) -> dict:
         max_new_tokens=12, min_text_tokens=8, img_logit_scale=1e4, max_images=1, num_inference_steps=steps,
         guidance_scale=7.5, output_type="pt",
     )
-    gill_time = timed(lambda: pipe(prompt, generator=torch.Generator().manual_seed(0), **call), repeats)
+    gill_time = median_seconds(lambda: pipe(prompt, generator=torch.Generator().manual_seed(0), **call), repeats)
 
     sd = StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=None, tokenizer=None, unet=pipe.unet, scheduler=pipe.scheduler,
@@ -106,7 +97,7 @@ def bench_overhead(pipe: GILLPipeline, steps: int, repeats: int) -> dict:
     sd.set_progress_bar_config(disable=True)
     embeds = torch.randn(1, *pipe.gill.uncond_prompt_embeds.shape[1:])
     negative = pipe.gill.uncond_prompt_embeds
-    sd_time = timed(
+    sd_time = median_seconds(
         lambda: sd(
             prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps, guidance_scale=7.5,
             generator=torch.Generator().manual_seed(0), output_type="pt",

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 
 from gill_pipeline.retrieval import ExactSearcher, FaissSearcher, build_retrieval_index
 from gill_pipeline.retrieval.search import import_faiss
+from timing import median_seconds  # benchmarks/timing.py (scripts run from this folder)
 
 DIM = 256
 K = 10
@@ -39,16 +39,6 @@ def unit_rows(n: int, seed: int) -> torch.Tensor:
         block = torch.randn(min(100_000, n - start), DIM, generator=generator)
         out[start : start + block.shape[0]] = torch.nn.functional.normalize(block, dim=-1)
     return out
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def recall(reference: torch.Tensor, rows: torch.Tensor) -> float:

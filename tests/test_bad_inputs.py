@@ -1,6 +1,5 @@
 """Bad input gets a clear ValueError/TypeError that names the argument and shows the value."""
 
-import json
 import os
 
 import numpy as np

@@ -2,10 +2,13 @@
 
 import importlib.util
 import os
+import sys
 
 import torch
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)  # the scripts import their shared helper (benchmarks/timing.py) as a sibling
 
 
 def load(name):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import FAST_CALL, make_pipeline, random_image
-from gill_pipeline import GILLImage, GILLPipeline, GILLPipelineOutput
+from gill_pipeline import GILLPipeline, GILLPipelineOutput
 
 # Forces one image after two words, so every call exercises the mapper and the denoising loop.
 WITH_IMAGE = dict(FAST_CALL, min_text_tokens=2, img_logit_scale=1e4, max_images=1)

@@ -15,7 +15,6 @@ The loop, nanoGPT-style: learning rate, validation + checkpoint, micro-steps, cl
 
 import json
 import logging
-import math
 import os
 import sys
 

@@ -18,10 +18,9 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 
-from .classifier import AttributeClassifier, to_unit_tensor
+from .classifier import AttributeClassifier
 from .models import SIZES
 from .train_world_gill import RETRIEVABLE_SHAPES
 from .world import (
@@ -29,7 +28,6 @@ from .world import (
     POSITIONS,
     SHAPES,
     SIZES as SHAPE_SIZES,
-    Scene,
     context_example,
     context_text,
     draw,

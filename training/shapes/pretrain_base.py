@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classifier import AttributeClassifier, train_classifier
+from .classifier import train_classifier
 from .models import SIZES, build_clip, build_lm, build_scheduler, build_tokenizer, build_unet, build_vae
 from .world import all_scenes, corpus, draw, training_scenes
 
@@ -210,8 +210,6 @@ def train_lm(tokenizer, steps: int, batch: int, seed: int) -> tuple:
 
 # -------------------------------------------------------------------------------------------------------------------
 def save_clip(clip, tokenizer, out: str) -> None:
-    from transformers import CLIPImageProcessor
-
     clip.save_pretrained(out)
     tokenizer.save_pretrained(out)
     processor(SIZES.image_size).save_pretrained(out)

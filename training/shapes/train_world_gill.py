@@ -23,7 +23,7 @@ import time
 import torch
 
 from .models import SIZES
-from .world import all_scenes, draw, training_scenes
+from .world import draw, training_scenes
 
 logger = logging.getLogger("shapes.gill")
 

@@ -4,7 +4,6 @@ import math
 import os
 from typing import Any, Callable
 
-import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
