@@ -397,7 +397,8 @@ def convert_original_checkpoint(
 
     tokenizer, img_token_ids = reference_tokenizer(tokenizer, model_args, config.num_img_tokens)
     return pipeline_from_parts(
-        pipeline_class, tokenizer, llm, gill, sd, image_encoder, feature_extractor, img_token_ids, base_models, dtype
+        pipeline_class, tokenizer, llm, gill, sd.vae, sd.unet, sd.scheduler, image_encoder, feature_extractor,
+        img_token_ids, base_models, dtype,
     )
 
 

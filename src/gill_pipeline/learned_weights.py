@@ -284,20 +284,11 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
         feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
     _check_fit(gill, tokenizer, llm, unet, image_encoder, manifest, source, lm_dims, vision_feature_dim)
-    for module in (llm, gill, vae, unet, image_encoder):
-        if module is not None:
-            module.eval()
-    pipe = pipeline_class(
-        tokenizer=tokenizer,
-        llm=llm,
-        gill=gill,
-        vae=vae,
-        unet=unet,
-        scheduler=scheduler,
-        image_encoder=image_encoder,
-        feature_extractor=feature_extractor,
-        img_token_ids=manifest["img_token_ids"],
-        base_models=manifest["base_models"],
+    from .pipeline.assembly import pipeline_from_parts
+
+    pipe = pipeline_from_parts(
+        pipeline_class, tokenizer, llm, gill, vae, unet, scheduler, image_encoder, feature_extractor,
+        manifest["img_token_ids"], manifest["base_models"],
     )
     load_llm_lora(pipe, folder)
     return pipe

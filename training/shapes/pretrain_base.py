@@ -53,10 +53,8 @@ def cosine_lr(optimizer, step: int, total: int, base: float, warmup: int = 50) -
 
 
 # -------------------------------------------------------------------------------------------------------------------
-def train_clip(tokenizer, steps: int, batch: int, seed: int) -> tuple:
-    torch.manual_seed(seed)
-    clip = build_clip(tokenizer)
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.05)
+def contrastive_steps(clip, tokenizer, optimizer, steps: int, batch: int, lr: float, warmup: int, seed: int) -> list:
+    """CLIP's contrastive loss on world images and captions; returns the losses."""
     scenes = training_scenes()
     rng = random.Random(seed)
     losses = []
@@ -66,13 +64,22 @@ def train_clip(tokenizer, steps: int, batch: int, seed: int) -> tuple:
         chosen = rng.sample(scenes, min(batch, len(scenes)))
         pixels = image_tensor(world_images(chosen, rng.randrange(1 << 30)))
         ids = encode_texts(tokenizer, [s.caption() for s in chosen], SIZES.text_length)
-        cosine_lr(optimizer, step, steps, 5e-4)
-        loss = clip(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), pixel_values=pixels, return_loss=True).loss
+        cosine_lr(optimizer, step, steps, lr, warmup=warmup)
+        mask = (ids != tokenizer.pad_token_id).long()
+        loss = clip(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return clip.eval(), losses
+    clip.eval()
+    return losses
+
+
+def train_clip(tokenizer, steps: int, batch: int, seed: int) -> tuple:
+    torch.manual_seed(seed)
+    clip = build_clip(tokenizer)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.05)
+    return clip, contrastive_steps(clip, tokenizer, optimizer, steps, batch, 5e-4, 50, seed)
 
 
 def refine_clip_vision(clip, tokenizer, steps: int, batch: int, seed: int) -> tuple:
@@ -85,21 +92,8 @@ def refine_clip_vision(clip, tokenizer, steps: int, batch: int, seed: int) -> tu
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=3e-4, weight_decay=0.05)
-    scenes = training_scenes()
-    rng = random.Random(seed)
-    losses = []
-    clip.train()
-    for step in range(steps):
-        chosen = rng.sample(scenes, min(batch, len(scenes)))
-        pixels = image_tensor(world_images(chosen, rng.randrange(1 << 30)))
-        ids = encode_texts(tokenizer, [s.caption() for s in chosen], SIZES.text_length)
-        cosine_lr(optimizer, step, steps, 3e-4, warmup=20)
-        loss = clip(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), pixel_values=pixels, return_loss=True).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return clip.eval().requires_grad_(False), losses
+    losses = contrastive_steps(clip, tokenizer, optimizer, steps, batch, 3e-4, 20, seed)
+    return clip.requires_grad_(False), losses
 
 
 def train_vae(steps: int, batch: int, seed: int) -> tuple:

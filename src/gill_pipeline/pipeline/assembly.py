@@ -58,20 +58,31 @@ def add_img_tokens(tokenizer, num_img_tokens: int) -> tuple[Any, list[int]]:
 
 
 def pipeline_from_parts(
-    pipeline_class, tokenizer, llm, gill, sd, image_encoder, feature_extractor, img_token_ids, base_models, dtype
+    pipeline_class,
+    tokenizer,
+    llm,
+    gill,
+    vae,
+    unet,
+    scheduler,
+    image_encoder,
+    feature_extractor,
+    img_token_ids,
+    base_models,
+    dtype=None,
 ):
-    """The GILL pipeline over the given parts and an SD pipeline's vae/unet/scheduler, every module in eval mode,
-    cast to `dtype` when given."""
-    for module in (llm, image_encoder, sd.vae, sd.unet, gill):
+    """The GILL pipeline over the given parts (the decoder modules may be None), every module in eval mode, cast to
+    `dtype` when given."""
+    for module in (llm, image_encoder, vae, unet, gill):
         if module is not None:
             module.eval()
     pipe = pipeline_class(
         tokenizer=tokenizer,
         llm=llm,
         gill=gill,
-        vae=sd.vae,
-        unet=sd.unet,
-        scheduler=sd.scheduler,
+        vae=vae,
+        unet=unet,
+        scheduler=scheduler,
         image_encoder=image_encoder,
         feature_extractor=feature_extractor,
         img_token_ids=img_token_ids,
@@ -222,7 +233,8 @@ def assemble_gill_pipeline(
         )
     gill.uncond_prompt_embeds.copy_(uncond)
     pipe = pipeline_from_parts(
-        pipeline_class, tokenizer, llm, gill, sd, image_encoder, feature_extractor, img_token_ids, base_models, dtype
+        pipeline_class, tokenizer, llm, gill, sd.vae, sd.unet, sd.scheduler, image_encoder, feature_extractor,
+        img_token_ids, base_models, dtype,
     )
     logger.info(
         "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, UNet conditioning %dx%d.",
