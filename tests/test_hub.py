@@ -23,7 +23,7 @@ INFO = ModelCardInfo(datasets=["cc3m"], metrics={"clip_similarity": 0.641}, metr
 
 def run(pipe):
     out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **CALL)
-    images = [image.image for image in out.images[0]]
+    images = [image.image for image in out.gill_images[0]]
     return out.texts[0], images
 
 

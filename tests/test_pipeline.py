@@ -42,7 +42,7 @@ def test_any_causal_lm_runs_the_whole_pipeline(lm_type):
     out = call(pipe, DOG)
     assert isinstance(out, GILLPipelineOutput)
     (answer,) = out.outputs
-    images = out.images[0]
+    images = out.gill_images[0]
     assert len(images) == 1 and images[0].source == "generated"
     image = images[0].image
     assert image.shape == (3, 16, 16) and 0 <= image.min() and image.max() <= 1
@@ -60,7 +60,7 @@ def test_unet_widths_and_schedulers(cross_attention_dim, scheduler):
     b = call(pipe, DOG, seed=1)
     assert_same_answers(a.outputs, b.outputs, atol=0)
     c = call(pipe, DOG, seed=2)
-    assert not torch.equal(a.images[0][0].image, c.images[0][0].image)
+    assert not torch.equal(a.gill_images[0][0].image, c.gill_images[0][0].image)
 
 
 def test_save_load_round_trip(tmp_path, llama_pipe):
@@ -98,7 +98,7 @@ def test_optional_components_none_survive_save_load(tmp_path, opt_pipe):
     for name in ("image_encoder", "feature_extractor", "vae", "unet", "scheduler"):
         assert getattr(loaded, name) is None
     out = loaded(["This is my dog."], max_new_tokens=4, max_images=0)
-    assert len(out.texts[0]) > 0 and out.images == [[]]
+    assert len(out.texts[0]) > 0 and out.gill_images == [[]]
     with pytest.raises(ValueError, match="image_mode='generate'.*unet"):
         loaded(["This is my dog."], image_mode="generate")
     with pytest.raises(ValueError, match="image_encoder"):
@@ -173,7 +173,7 @@ def test_images_only_input_ends_with_bos(opt_pipe):
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_output_types(opt_pipe, output_type):
     out = call(opt_pipe, DOG, output_type=output_type)
-    image = out.images[0][0].image
+    image = out.gill_images[0][0].image
     if output_type == "pil":
         assert isinstance(image, PIL.Image.Image) and image.size == (16, 16)
     elif output_type == "np":
@@ -188,13 +188,13 @@ def test_latents_and_height_width(opt_pipe):
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     a = call(opt_pipe, DOG, latents=latents, height=8, width=8, seed=1)
     b = call(opt_pipe, DOG, latents=latents, height=8, width=8, seed=2)
-    assert a.images[0][0].image.shape == (3, 8, 8)
-    torch.testing.assert_close(a.images[0][0].image, b.images[0][0].image)  # the latents, not the seed, decide
+    assert a.gill_images[0][0].image.shape == (3, 8, 8)
+    torch.testing.assert_close(a.gill_images[0][0].image, b.gill_images[0][0].image)  # the latents, not the seed, decide
 
 
 def test_num_images_per_prompt_ranks_candidates(opt_pipe):
     out = call(opt_pipe, DOG, num_images_per_prompt=3)
-    image = out.images[0][0]
+    image = out.gill_images[0][0]
     assert len(image.candidates) == 3
     similarity = image.scores["similarity"]
     assert similarity == sorted(similarity, reverse=True)
@@ -228,8 +228,8 @@ def test_guidance_uses_stored_empty_prompt_embedding():
     c = call(pipe, DOG, guidance_scale=1.0)  # no guidance: the empty-prompt embedding is not read
     pipe.gill.uncond_prompt_embeds.sub_(1.0)
     d = call(pipe, DOG, guidance_scale=1.0)
-    assert not torch.allclose(a.images[0][0].image, b.images[0][0].image)
-    torch.testing.assert_close(c.images[0][0].image, d.images[0][0].image)
+    assert not torch.allclose(a.gill_images[0][0].image, b.gill_images[0][0].image)
+    torch.testing.assert_close(c.gill_images[0][0].image, d.gill_images[0][0].image)
 
 
 def test_to_dtype_moves_every_component():
@@ -242,9 +242,9 @@ def test_to_dtype_moves_every_component():
             }
             assert dtypes == {torch.bfloat16}, (name, dtypes)
     out = call(pipe, DOG)
-    assert out.images[0][0].image.dtype == torch.bfloat16  # "pt" keeps the pipeline's dtype, as in diffusers
-    assert torch.isfinite(out.images[0][0].image.float()).all()
-    array = call(pipe, DOG, output_type="np").images[0][0].image
+    assert out.gill_images[0][0].image.dtype == torch.bfloat16  # "pt" keeps the pipeline's dtype, as in diffusers
+    assert torch.isfinite(out.gill_images[0][0].image.float()).all()
+    array = call(pipe, DOG, output_type="np").gill_images[0][0].image
     assert array.dtype == np.float32 and np.isfinite(array).all()
 
 
@@ -270,7 +270,7 @@ def test_lm_embedding_matrix_is_not_changed():
     assert pipe.tokenizer.convert_tokens_to_ids("[IMG0]") == pipe.img_token_ids[0]
     assert pipe.num_img_tokens == 8 and pipe.gill.img_output_embeddings is not None  # Llama is untied
     out = call(pipe, DOG)
-    assert len(out.images[0]) == 1
+    assert len(out.gill_images[0]) == 1
 
 
 def test_model_cpu_offload_is_configured(opt_pipe):

@@ -87,7 +87,7 @@ def test_bundled_gill_draws_what_the_prompt_says(bundled, scene):
         [[scene.caption()]] * 4, generator=generators, image_mode="generate", output_type="pt", max_new_tokens=1,
         img_logit_scale=1e4, num_inference_steps=20, guidance_scale=5.0,
     )
-    images = torch.stack([answer[0].image for answer in out.images])
+    images = torch.stack([answer[0].image for answer in out.gill_images])
     predicted = classifier.predict(images)
     correct = (predicted == torch.tensor(scene.labels())).all(-1)
     assert int(correct.sum()) >= 3, (scene, predicted.tolist())

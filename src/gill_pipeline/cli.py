@@ -198,7 +198,7 @@ def run_generate(args) -> int:
         generator=torch.Generator().manual_seed(args.seed),
     )
     paths = write_answer(output.outputs[0], args.output_dir, prompt)
-    print(f"Answer: {output.texts[0]!r} with {len(output.images[0])} image(s)")
+    print(f"Answer: {output.texts[0]!r} with {len(output.gill_images[0])} image(s)")
     print("Wrote:")
     for path in paths:
         print(f"  {path}")

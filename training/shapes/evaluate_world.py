@@ -67,7 +67,7 @@ def gill_images(pipe, inputs: list[list], seed: int, mode: str = "generate") -> 
     for chunk_index, chunk in enumerate(batched(inputs, 32)):
         generators = [torch.Generator().manual_seed(seed + chunk_index * 1000 + i) for i in range(len(chunk))]
         result = pipe(chunk, generator=generators, image_mode=mode, output_type="pt", **FORCE_IMAGE, **SAMPLING)
-        out += [images[0] if images else None for images in result.images]
+        out += [images[0] if images else None for images in result.gill_images]
     return out
 
 

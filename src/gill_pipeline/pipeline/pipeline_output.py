@@ -62,4 +62,9 @@ class GILLPipelineOutput(BaseOutput):
     @property
     def images(self) -> list[list[GILLImage]]:
         """All image objects of each answer."""
+        return self.gill_images
+
+    @property
+    def gill_images(self) -> list[list[GILLImage]]:
+        """The [`GILLImage`] objects of each answer, in order."""
         return [[x for x in answer if isinstance(x, GILLImage)] for answer in self.outputs]
