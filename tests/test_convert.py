@@ -193,7 +193,7 @@ def test_converted_pipeline_behaves_like_the_reference(release, converted):
     sd = release["sd"]
     sd.set_progress_bar_config(disable=True)
     ref_image = sd(prompt_embeds=expected["mapper"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                   output_type="pt").gill_images[0]
+                   output_type="pt").images[0]
     out = pipe([image, PROMPT_TEXT], max_new_tokens=STEPS, min_text_tokens=MIN_TEXT, img_logit_scale=SCALE,
                num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.gill_images[0][0].image, ref_image, atol=1e-4, rtol=1e-4)
