@@ -10,7 +10,8 @@ from huggingface_hub import constants as hf_constants
 from conftest import FAST_CALL, make_pipeline
 from fake_hub import FakeHub
 from gill_pipeline import GILLPipeline
-from gill_pipeline.hub import HubLoadError, push_folder_to_hub, record_base_models
+from gill_pipeline.base_models import record_base_models
+from gill_pipeline.hub import HubLoadError, push_folder_to_hub
 from gill_pipeline.learned_weights import LEARNED_WEIGHTS_MANIFEST_FILE
 from gill_pipeline.model_card import ModelCardInfo
 

@@ -29,7 +29,14 @@ import re
 import torch
 from diffusers.utils import logging
 
+from .base_models import record_base_models
+from .components import pipeline_from_parts
 from .constants import IMG_TOKEN_TEMPLATE
+from .model_card import ModelCardInfo, write_model_card
+from .model_dims import lm_dims, vision_feature_dim
+from .models.gill_model import GILLModel
+from .pipeline import GILLPipeline
+from .pipeline.assembly import _load_lm, _load_sd, _load_vision, encode_empty_prompt
 
 logger = logging.get_logger(__name__)
 
@@ -232,8 +239,6 @@ def build_gill_model_from_reference(
     """The reference's learned tensors as a [`GILLModel`] (strict: every tensor used, every parameter filled;
     without `decision_model` the decision head keeps its random initialisation, with a warning). The
     `uncond_prompt_embeds` buffer is left at zero: set it from the Stable Diffusion text encoder."""
-    from .models.gill_model import GILLModel
-
     model_args = read_model_args(model_args)
     num_tokens = int(model_args.get("num_tokens", 8))
     path = str(checkpoint)
@@ -336,20 +341,7 @@ def convert_original_checkpoint(
         load_kwargs: passed to every `from_pretrained` of a base model (`revision`, `token`, `cache_dir`,
             `local_files_only`).
     """
-    from .hub import record_base_models
-    from .pipeline.assembly import (
-        _load_lm,
-        _load_sd,
-        _load_vision,
-        encode_empty_prompt,
-        lm_dims,
-        pipeline_from_parts,
-        vision_feature_dim,
-    )
-
     if pipeline_class is None:
-        from .pipeline import GILLPipeline
-
         pipeline_class = GILLPipeline
     model_args = read_model_args(model_args)
     gill = build_gill_model_from_reference(checkpoint, model_args, decision_model, mapper_heads)
@@ -404,8 +396,6 @@ def convert_original_checkpoint(
 
 def reference_card_info():
     """What the model card of a converted release says about its training and reported results."""
-    from .model_card import ModelCardInfo
-
     return ModelCardInfo(
         description=(
             "Converted from the reference GILL release (github.com/kohjingyu/gill, `pretrained_ckpt.pth.tar` and "
@@ -434,8 +424,6 @@ def convert_original_to_folder(
 ) -> str:
     """Converts the release (see [`convert_original_checkpoint`]) and saves it with a model card: a whole pipeline
     folder, or with `learned_weights_only=True` a learned-weights folder (MBs). Returns `output_dir`."""
-    from .model_card import write_model_card
-
     pipe = convert_original_checkpoint(model_args, checkpoint, decision_model, **convert_kwargs)
     output_dir = str(output_dir)
     if learned_weights_only:

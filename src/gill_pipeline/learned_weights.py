@@ -17,25 +17,50 @@ or takes them from the caller (`llm=`, `vae=`, `unet=`, `image_encoder=`, ...).
 import json
 import os
 
+import diffusers
+import transformers
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from diffusers.utils import logging
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from . import __version__
+from .base_models import BASE_MODEL_ROLES, DEFAULT_IMAGE_ENCODER_CLASS, normalize_base_models
+from .components import default_image_processor, pipeline_from_parts
 from .constants import GILL_COMPONENT, MODEL_INDEX_FILE, TOKENIZER_COMPONENT
-from .hub import BASE_MODEL_ROLES, DEFAULT_IMAGE_ENCODER_CLASS, HubLoadError, hub_download_kwargs, normalize_base_models
-from .lora import LORA_FOLDER, is_peft_model, load_llm_lora
+from .file_names import (
+    FEATURE_EXTRACTOR_FOLDER,
+    LEARNED_WEIGHTS_MANIFEST_FILE,
+    LORA_FOLDER,
+    SCHEDULER_FOLDER,
+    SD_SCHEDULER_SUBFOLDER,
+    SD_UNET_SUBFOLDER,
+    SD_VAE_SUBFOLDER,
+)
+from .hub import HubLoadError, hub_download_kwargs
+from .loading import (
+    PipelineFolderError,
+    check_fit,
+    check_img_tokens,
+    check_model_kind,
+    pop_dtype,
+    read_json_object,
+    refuse_remote_code,
+    refuse_unsafe_files,
+    validate_component,
+)
+from .lora import check_lora_folder, is_peft_model, load_llm_lora
+from .model_dims import lm_dims, lm_dims_from_config, vision_feature_dim
+from .models.gill_model import GILLModel
 
 logger = logging.get_logger(__name__)
 
-LEARNED_WEIGHTS_MANIFEST_FILE = "gill_learned_weights.json"
 LEARNED_WEIGHTS_FORMAT = "gill_pipeline.learned_weights"
 LEARNED_WEIGHTS_FORMAT_VERSION = 1
-FEATURE_EXTRACTOR_FOLDER = "feature_extractor"
-SCHEDULER_FOLDER = "scheduler"
-SD_VAE_SUBFOLDER = "vae"
-SD_UNET_SUBFOLDER = "unet"
-SD_SCHEDULER_SUBFOLDER = "scheduler"
 # Components a caller may pass to `from_pretrained` instead of loading them from the recorded base models.
 PASSABLE_COMPONENTS = ("llm", "tokenizer", "gill", "vae", "unet", "scheduler", "image_encoder", "feature_extractor")
+# Causal LM families transformers knows by name: a recorded LM must be one of them (remote code is never run).
+CAUSAL_LM_TYPES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def is_learned_weights_folder(folder: str) -> bool:
@@ -122,20 +147,39 @@ def save_learned_weights(pipe, save_directory: str | os.PathLike, base_models: d
 # --------------------------------------------------------------------------------------------------------------
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, LEARNED_WEIGHTS_MANIFEST_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise HubLoadError(f"Cannot read the learned-weights manifest {path}: {error}") from error
+    manifest = read_json_object(path, "the learned-weights manifest")
     if manifest.get("format") != LEARNED_WEIGHTS_FORMAT:
         raise HubLoadError(f"{path} is not a GILL learned-weights manifest (format {manifest.get('format')!r}).")
-    if manifest.get("format_version", 0) > LEARNED_WEIGHTS_FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or version > LEARNED_WEIGHTS_FORMAT_VERSION:
         raise HubLoadError(
-            f"{path} has format version {manifest['format_version']}; this gill_pipeline ({__version__}) reads up to "
+            f"{path} has format version {version!r}; this gill_pipeline ({__version__}) reads up to "
             f"{LEARNED_WEIGHTS_FORMAT_VERSION}. Upgrade gill_pipeline."
         )
+    ids = manifest.get("img_token_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise HubLoadError(f"{path}: `img_token_ids` must be a list of integers, got {ids!r}.")
     manifest["base_models"] = normalize_base_models(manifest.get("base_models"), argument=path)
     return manifest
+
+
+def validate_learned_weights_folder(folder: str, allow_pickle: bool = False, passed: tuple[str, ...] = ()) -> None:
+    """Names the first missing, corrupted or unsafe file of a learned-weights folder, before anything is loaded.
+
+    Components in `passed` (given by the caller) are not read from the folder, so they are not checked.
+    """
+    refuse_unsafe_files(folder, allow_pickle)
+    if "gill" not in passed:
+        validate_component(os.path.join(folder, GILL_COMPONENT), GILL_COMPONENT, GILLModel, allow_pickle)
+    if "tokenizer" not in passed:
+        validate_component(
+            os.path.join(folder, TOKENIZER_COMPONENT), TOKENIZER_COMPONENT, transformers.PreTrainedTokenizerBase
+        )
+    for name, kind in ((FEATURE_EXTRACTOR_FOLDER, CLIPImageProcessor), (SCHEDULER_FOLDER, SchedulerMixin)):
+        if name not in passed and os.path.isdir(os.path.join(folder, name)):
+            validate_component(os.path.join(folder, name), name, kind)
+    if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
+        check_lora_folder(os.path.join(folder, LORA_FOLDER), allow_pickle)
 
 
 def _required_entry(manifest: dict, role: str, source: str, hint: str) -> dict:
@@ -148,34 +192,62 @@ def _required_entry(manifest: dict, role: str, source: str, hint: str) -> dict:
 
 
 def _load_base(what: str, entry: dict, source: str, load):
-    """Runs `load()`; a failure names the base model, its revision and the learned weights that need it."""
+    """Runs `load()`; a failure names the base model, its revision and the learned weights that record it."""
     try:
         return load()
-    except OSError as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise HubLoadError(
             f"Cannot load the base {what} {entry['repo_id']!r} (revision {entry.get('revision') or 'main'!r}) that "
-            f"the learned weights {source!r} fit: {error}"
+            f"the learned weights {source!r} record: {error}"
         ) from error
+
+
+def _join(subfolder: str | None, name: str) -> str:
+    return f"{subfolder}/{name}" if subfolder else name
+
+
+def _load_scheduler(path_or_repo: str, kwargs: dict):
+    """A scheduler of the class its config names (`_class_name`, a diffusers scheduler), from a folder or a repo."""
+    # Any scheduler class reads the config file; the class it names is then built from it.
+    config = diffusers.DDPMScheduler.load_config(path_or_repo, **kwargs)
+    scheduler_class = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if not isinstance(scheduler_class, type) or not issubclass(scheduler_class, SchedulerMixin):
+        raise ValueError(f"Unknown scheduler class {config.get('_class_name')!r} in {path_or_repo}.")
+    return scheduler_class.from_config(config)
+
+
+def _lm_config(entry: dict, kwargs: dict):
+    """The recorded LM's config, checked to be a causal LM that transformers knows (no remote code)."""
+    config_dict, _ = PretrainedConfig.get_config_dict(entry["repo_id"], **kwargs)
+    model_type = config_dict.get("model_type")
+    if model_type not in CAUSAL_LM_TYPES:
+        raise ValueError(
+            f"it is not a causal LM that transformers knows: its config.json has model_type {model_type!r} "
+            f"(architectures {config_dict.get('architectures')})"
+        )
+    return transformers.AutoConfig.for_model(**config_dict)
+
+
+def _check_decoder_config(model_class, entry: dict, subfolder: str, kwargs: dict) -> None:
+    config = model_class.load_config(entry["repo_id"], subfolder=subfolder, **kwargs)
+    check_model_kind(model_class, config, f"{entry['repo_id']}/{subfolder}/config.json", subfolder)
 
 
 def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kwargs):
     """Builds a pipeline from a learned-weights folder plus its base models (loaded, or passed in `kwargs`).
 
-    `kwargs`: `dtype` (or `torch_dtype`), the download arguments (`token`, `cache_dir`, `local_files_only`,
-    `force_download`, `proxies`; `revision` was the learned-weights repo's own and is dropped here),
-    `llm_kwargs` (extra arguments for the LM's `from_pretrained`, e.g. `quantization_config`), and components to use
-    as they are (`llm`, `tokenizer`, `gill`, `vae`, `unet`, `scheduler`, `image_encoder`, `feature_extractor`;
-    `vae=None, unet=None` loads no image decoder, `image_encoder=None` no vision encoder).
+    `kwargs`: `dtype` (or `torch_dtype`; a dtype or its name), `allow_pickle` (default False: pickled weights are
+    refused), the download arguments (`token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`;
+    `revision` was the learned-weights repo's own and is dropped here), `llm_kwargs` (extra arguments for the LM's
+    `from_pretrained`, e.g. `quantization_config`), and components to use as they are (`llm`, `tokenizer`, `gill`,
+    `vae`, `unet`, `scheduler`, `image_encoder`, `feature_extractor`; `vae=None, unet=None` loads no image decoder,
+    `image_encoder=None` no vision encoder).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
-
-    from .models.gill_model import GILLModel
-    from .pipeline.assembly import lm_dims, vision_feature_dim
-
-    manifest = read_manifest(folder)
-    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    refuse_remote_code(kwargs)
+    allow_pickle = bool(kwargs.pop("allow_pickle", False))
+    dtype = pop_dtype(kwargs)
     llm_kwargs = dict(kwargs.pop("llm_kwargs", None) or {})
+    refuse_remote_code(llm_kwargs, "from_pretrained(llm_kwargs=...)")
     download = hub_download_kwargs(kwargs)
     kwargs.pop("revision", None)
     passed = {name: kwargs.pop(name) for name in PASSABLE_COMPONENTS if name in kwargs}
@@ -184,30 +256,47 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     if kwargs:
         raise TypeError(
             f"Unexpected arguments {sorted(kwargs)} for loading the learned weights {source!r}; accepted: dtype, "
-            f"llm_kwargs, revision, token, cache_dir, local_files_only, and the components {list(PASSABLE_COMPONENTS)}."
+            "allow_pickle, llm_kwargs, revision, token, cache_dir, local_files_only, force_download, proxies, and the "
+            f"components {list(PASSABLE_COMPONENTS)}."
         )
+    manifest = read_manifest(folder)
+    validate_learned_weights_folder(folder, allow_pickle, tuple(passed))
+    learned = f"the learned weights {source!r}"
     typed = {"dtype": dtype} if dtype is not None else {}
+    # diffusers and transformers refuse pickled weights with `use_safetensors=True`; with `allow_pickle` they read
+    # them with torch.load(weights_only=True).
+    safe = {} if allow_pickle else {"use_safetensors": True}
 
     def entry_kwargs(entry):
         extra = {"revision": entry.get("revision")} if entry.get("revision") else {}
-        return {**download, **typed, **extra}
+        return {**download, **extra}
 
     # The learned parts and the small files saved with them.
-    gill = passed.get("gill") or GILLModel.from_pretrained(os.path.join(folder, GILL_COMPONENT))
+    gill = passed.get("gill") or GILLModel.from_pretrained(os.path.join(folder, GILL_COMPONENT), **safe)
     if dtype is not None and "gill" not in passed:
         gill = gill.to(dtype)
     tokenizer = passed.get("tokenizer") or AutoTokenizer.from_pretrained(os.path.join(folder, TOKENIZER_COMPONENT))
+    check_img_tokens(
+        tokenizer, manifest["img_token_ids"], gill.config.num_img_tokens,
+        "The tokenizer" if "tokenizer" in passed else f"The tokenizer {os.path.join(folder, TOKENIZER_COMPONENT)}",
+        learned, tokens=manifest.get("img_tokens"),
+    )
 
-    # The language model.
+    # The language model: its config is read and checked before any weight is downloaded.
     if "llm" in passed:
         llm = passed["llm"]
     else:
         entry = _required_entry(manifest, "llm", source, "`llm=` (a loaded causal LM)")
+        config = _load_base("LM", entry, source, lambda: _lm_config(entry, entry_kwargs(entry)))
+        lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        check_fit(gill.config, learned, lm=lm_dims_from_config(lm_class, config), lm_name=f"The base LM {entry['repo_id']!r}")
         llm = _load_base(
             "LM",
             entry,
             source,
-            lambda: AutoModelForCausalLM.from_pretrained(entry["repo_id"], **entry_kwargs(entry), **llm_kwargs),
+            lambda: AutoModelForCausalLM.from_pretrained(
+                entry["repo_id"], **entry_kwargs(entry), **typed, **safe, **llm_kwargs
+            ),
         )
     if llm is None:
         raise ValueError("`llm` cannot be None: a GILL pipeline needs its language model.")
@@ -220,12 +309,17 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     else:
         entry = _required_entry(manifest, "stable_diffusion", source, "`vae=` and `unet=` (or both None)")
         sub = entry.get("subfolder")
+        for model_class, name in ((AutoencoderKL, SD_VAE_SUBFOLDER), (UNet2DConditionModel, SD_UNET_SUBFOLDER)):
+            _load_base(
+                f"Stable Diffusion {name}", entry, source,
+                lambda: _check_decoder_config(model_class, entry, _join(sub, name), entry_kwargs(entry)),
+            )
         vae = _load_base(
             "Stable Diffusion VAE",
             entry,
             source,
             lambda: AutoencoderKL.from_pretrained(
-                entry["repo_id"], subfolder=_join(sub, SD_VAE_SUBFOLDER), **entry_kwargs(entry)
+                entry["repo_id"], subfolder=_join(sub, SD_VAE_SUBFOLDER), **entry_kwargs(entry), **typed, **safe
             ),
         )
         unet = _load_base(
@@ -233,7 +327,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
             entry,
             source,
             lambda: UNet2DConditionModel.from_pretrained(
-                entry["repo_id"], subfolder=_join(sub, SD_UNET_SUBFOLDER), **entry_kwargs(entry)
+                entry["repo_id"], subfolder=_join(sub, SD_UNET_SUBFOLDER), **entry_kwargs(entry), **typed, **safe
             ),
         )
     if "scheduler" in passed:
@@ -249,29 +343,34 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
             entry,
             source,
             lambda: _load_scheduler(
-                entry["repo_id"],
-                {"subfolder": _join(entry.get("subfolder"), SD_SCHEDULER_SUBFOLDER), **download,
-                 **({"revision": entry["revision"]} if entry.get("revision") else {})},
+                entry["repo_id"], {"subfolder": _join(entry.get("subfolder"), SD_SCHEDULER_SUBFOLDER), **entry_kwargs(entry)}
             ),
         )
 
-    # The vision encoder.
+    # The vision encoder: a transformers model class named in the record.
     if "image_encoder" in passed:
         image_encoder = passed["image_encoder"]
     else:
         entry = _required_entry(manifest, "image_encoder", source, "`image_encoder=` (or None)")
-        import transformers
-
         class_name = entry.get("class_name") or DEFAULT_IMAGE_ENCODER_CLASS
         encoder_class = getattr(transformers, class_name, None)
-        if encoder_class is None:
-            raise ValueError(f"The learned weights {source!r} record an unknown vision encoder class {class_name!r}.")
+        if not isinstance(encoder_class, type) or not issubclass(encoder_class, PreTrainedModel):
+            raise ValueError(
+                f"The learned weights {source!r} record the vision encoder class {class_name!r}, which is not a "
+                "transformers model class."
+            )
         sub = {"subfolder": entry["subfolder"]} if entry.get("subfolder") else {}
+
+        def check_encoder_kind():
+            config, _ = PretrainedConfig.get_config_dict(entry["repo_id"], **sub, **entry_kwargs(entry))
+            check_model_kind(encoder_class, config, f"{entry['repo_id']}/config.json", "image_encoder")
+
+        _load_base("vision encoder", entry, source, check_encoder_kind)
         image_encoder = _load_base(
             "vision encoder",
             entry,
             source,
-            lambda: encoder_class.from_pretrained(entry["repo_id"], **sub, **entry_kwargs(entry)),
+            lambda: encoder_class.from_pretrained(entry["repo_id"], **sub, **entry_kwargs(entry), **typed, **safe),
         )
     if "feature_extractor" in passed:
         feature_extractor = passed["feature_extractor"]
@@ -280,63 +379,19 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     elif os.path.isdir(os.path.join(folder, FEATURE_EXTRACTOR_FOLDER)):
         feature_extractor = CLIPImageProcessor.from_pretrained(os.path.join(folder, FEATURE_EXTRACTOR_FOLDER))
     else:
-        size = image_encoder.config.image_size
-        feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        feature_extractor = default_image_processor(image_encoder)
 
-    _check_fit(gill, tokenizer, llm, unet, image_encoder, manifest, source, lm_dims, vision_feature_dim)
-    from .pipeline.assembly import pipeline_from_parts
-
+    check_fit(
+        gill.config,
+        learned,
+        lm=lm_dims(llm),
+        lm_name=f"The LM ({type(llm).__name__})",
+        cross_attention_dim=unet.config.cross_attention_dim if unet is not None else None,
+        vision_dim=vision_feature_dim(image_encoder) if image_encoder is not None else None,
+    )
     pipe = pipeline_from_parts(
         pipeline_class, tokenizer, llm, gill, vae, unet, scheduler, image_encoder, feature_extractor,
         manifest["img_token_ids"], manifest["base_models"],
     )
-    load_llm_lora(pipe, folder)
+    load_llm_lora(pipe, folder, allow_pickle)
     return pipe
-
-
-def _join(subfolder: str | None, name: str) -> str:
-    return f"{subfolder}/{name}" if subfolder else name
-
-
-def _load_scheduler(path_or_repo: str, kwargs: dict):
-    """A scheduler of the class its config names (`_class_name`), from a folder or a Hub repo."""
-    import diffusers
-
-    # Any scheduler class reads the config file; the class it names is then built from it.
-    config = diffusers.DDPMScheduler.load_config(path_or_repo, **kwargs)
-    scheduler_class = getattr(diffusers, config.get("_class_name", ""), None)
-    if scheduler_class is None:
-        raise ValueError(f"Unknown scheduler class {config.get('_class_name')!r} in {path_or_repo}.")
-    return scheduler_class.from_config(config)
-
-
-def _check_fit(gill, tokenizer, llm, unet, image_encoder, manifest, source, lm_dims, vision_feature_dim):
-    """Raises a clear error when a base model does not fit the learned weights (widths, token ids)."""
-    config = gill.config
-    ids = tokenizer.convert_tokens_to_ids(manifest.get("img_tokens") or [])
-    if manifest.get("img_tokens") and ids != manifest["img_token_ids"]:
-        raise ValueError(
-            f"The tokenizer gives the [IMG] tokens {manifest['img_tokens']} the ids {ids}, but the learned weights "
-            f"{source!r} were saved with {manifest['img_token_ids']}: use the tokenizer saved with them."
-        )
-    lm_input, lm_hidden, tied = lm_dims(llm)
-    if (lm_input, lm_hidden) != (config.lm_input_dim, config.lm_hidden_dim):
-        raise ValueError(
-            f"The LM ({type(llm).__name__}) has input/hidden widths {lm_input}/{lm_hidden}, but the learned weights "
-            f"{source!r} fit {config.lm_input_dim}/{config.lm_hidden_dim}: it is not the LM they were trained with."
-        )
-    if tied != config.tie_img_embeddings:
-        raise ValueError(
-            f"The LM ({type(llm).__name__}) has {'tied' if tied else 'untied'} embeddings, but the learned weights "
-            f"{source!r} were made for an LM with {'tied' if config.tie_img_embeddings else 'untied'} ones."
-        )
-    if unet is not None and unet.config.cross_attention_dim != config.cond_dim:
-        raise ValueError(
-            f"The UNet's cross-attention width is {unet.config.cross_attention_dim}, but the learned weights "
-            f"{source!r} map to width {config.cond_dim}: it is not the Stable Diffusion they were trained for."
-        )
-    if image_encoder is not None and vision_feature_dim(image_encoder) != config.vision_dim:
-        raise ValueError(
-            f"The vision encoder's feature width is {vision_feature_dim(image_encoder)}, but the learned weights "
-            f"{source!r} read width {config.vision_dim}: it is not the vision encoder they were trained with."
-        )

@@ -7,7 +7,8 @@ The `llm/` folder always holds the untouched base LM.
 import contextlib
 import os
 
-LORA_FOLDER = "llm_lora"
+from .file_names import LORA_CONFIG_FILE, LORA_FOLDER, LORA_WEIGHTS_FILE, PICKLE_SUFFIXES
+from .loading import PipelineFolderError, read_json_object
 
 
 def is_peft_model(model) -> bool:
@@ -18,11 +19,23 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def load_llm_lora(pipe, folder: str) -> None:
+def check_lora_folder(lora_dir: str, allow_pickle: bool = False) -> None:
+    """The adapter's config must be a JSON object and its weights safetensors (a pickle only with `allow_pickle`)."""
+    read_json_object(os.path.join(lora_dir, LORA_CONFIG_FILE), "the LM's LoRA adapter config")
+    files = os.listdir(lora_dir)
+    if LORA_WEIGHTS_FILE not in files and not (allow_pickle and any(f.endswith(PICKLE_SUFFIXES) for f in files)):
+        raise PipelineFolderError(
+            f"Missing file: {os.path.join(lora_dir, LORA_WEIGHTS_FILE)} (the LM's LoRA adapter); files there: "
+            f"{sorted(files)}"
+        )
+
+
+def load_llm_lora(pipe, folder: str, allow_pickle: bool = False) -> None:
     """Wraps `pipe.llm` with the LoRA adapter saved in `folder/llm_lora`, if there is one."""
     lora_dir = os.path.join(folder, LORA_FOLDER)
     if not os.path.isdir(lora_dir):
         return
+    check_lora_folder(lora_dir, allow_pickle)
     from peft import PeftModel
 
     llm = PeftModel.from_pretrained(pipe.llm, lora_dir, is_trainable=False)

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .constants import MODEL_INDEX_FILE
-from .hub import BASE_MODEL_ROLES, LIBRARY_NAME, MODEL_CARD_FILE, normalize_base_models
+from .base_models import BASE_MODEL_ROLES, normalize_base_models
+from .constants import GILL_COMPONENT, MODEL_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
+from .file_names import LEARNED_WEIGHTS_MANIFEST_FILE, LIBRARY_NAME, MODEL_CARD_FILE
 
 PIPELINE_TAG = "any-to-any"  # interleaved images and text in; text, generated and retrieved images out
 DEFAULT_TAGS = ("gill", "multimodal", "text-to-image", "image-to-text", "image-retrieval", "diffusers")
@@ -61,8 +62,6 @@ class ModelCardInfo:
 
 def _read_folder_record(folder: str) -> tuple[str, dict, dict]:
     """(kind, base_models, extra facts) of a saved pipeline folder or learned-weights folder."""
-    from .learned_weights import LEARNED_WEIGHTS_MANIFEST_FILE
-
     index_path = os.path.join(folder, MODEL_INDEX_FILE)
     manifest_path = os.path.join(folder, LEARNED_WEIGHTS_MANIFEST_FILE)
     if os.path.isfile(index_path):
@@ -81,8 +80,6 @@ def _read_folder_record(folder: str) -> tuple[str, dict, dict]:
 
 
 def _gill_size(folder: str) -> int | None:
-    from .constants import GILL_COMPONENT, SAFETENSORS_WEIGHTS_FILE
-
     path = os.path.join(folder, GILL_COMPONENT, SAFETENSORS_WEIGHTS_FILE)
     return os.path.getsize(path) if os.path.isfile(path) else None
 

@@ -1,10 +1,13 @@
 """Assembling a new, untrained GILL pipeline from any causal LM, Stable Diffusion checkpoint and CLIP vision encoder."""
 
 import copy
+import os
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
 from ..constants import (
     DEFAULT_MAPPER_DECODER_LAYERS,
@@ -16,29 +19,15 @@ from ..constants import (
     DEFAULT_RETRIEVAL_DIM,
     IMG_TOKEN_TEMPLATE,
 )
-from ..hub import record_base_models
+from ..base_models import record_base_models
+from ..components import default_image_processor, pipeline_from_parts
+from ..file_names import looks_like_local_path
+from ..loading import PipelineFolderError, pop_dtype, refuse_remote_code
+from ..model_dims import lm_dims, vision_feature_dim
 from ..models.gill_model import GILLModel
 
 
 logger = logging.get_logger(__name__)
-
-
-def vision_feature_dim(image_encoder) -> int:
-    """Width of the pooled feature GILL reads from a vision encoder (CLIP's `pooler_output`, or `image_embeds`)."""
-    config = image_encoder.config
-    if type(image_encoder).__name__.endswith("WithProjection"):
-        return config.projection_dim
-    return config.hidden_size
-
-
-def lm_dims(llm) -> tuple[int, int, bool]:
-    """(input embedding width, last hidden width, whether input and output embeddings are tied)."""
-    inputs = llm.get_input_embeddings()
-    outputs = llm.get_output_embeddings()
-    if outputs is None:
-        raise ValueError(f"`language_model` ({type(llm).__name__}) has no output embeddings: pass a causal LM.")
-    tied = outputs.weight is inputs.weight or outputs.weight.data_ptr() == inputs.weight.data_ptr()
-    return inputs.embedding_dim, outputs.weight.shape[1], tied
 
 
 @torch.no_grad()
@@ -57,46 +46,15 @@ def add_img_tokens(tokenizer, num_img_tokens: int) -> tuple[Any, list[int]]:
     return tokenizer, tokenizer.convert_tokens_to_ids(tokens)
 
 
-def pipeline_from_parts(
-    pipeline_class,
-    tokenizer,
-    llm,
-    gill,
-    vae,
-    unet,
-    scheduler,
-    image_encoder,
-    feature_extractor,
-    img_token_ids,
-    base_models,
-    dtype=None,
-):
-    """The GILL pipeline over the given parts (the decoder modules may be None), every module in eval mode, cast to
-    `dtype` when given."""
-    for module in (llm, image_encoder, vae, unet, gill):
-        if module is not None:
-            module.eval()
-    pipe = pipeline_class(
-        tokenizer=tokenizer,
-        llm=llm,
-        gill=gill,
-        vae=vae,
-        unet=unet,
-        scheduler=scheduler,
-        image_encoder=image_encoder,
-        feature_extractor=feature_extractor,
-        img_token_ids=img_token_ids,
-        base_models=base_models,
-    )
-    if dtype is not None:
-        pipe.to(dtype=dtype)
-    return pipe
+def _check_local_source(value, argument: str) -> None:
+    """A name that can only be a local path must be an existing folder (else transformers would call it a bad
+    repo id)."""
+    if isinstance(value, str) and looks_like_local_path(value) and not os.path.isdir(value):
+        raise PipelineFolderError(f"`{argument}`: no such folder {value!r}.")
 
 
 def _load_lm(language_model, tokenizer, load_kwargs):
     if isinstance(language_model, str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         llm = AutoModelForCausalLM.from_pretrained(language_model, **load_kwargs)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(language_model)
         return llm, tokenizer
@@ -107,8 +65,6 @@ def _load_lm(language_model, tokenizer, load_kwargs):
 
 def _load_sd(stable_diffusion, load_kwargs):
     if isinstance(stable_diffusion, str):
-        from diffusers import StableDiffusionPipeline
-
         return StableDiffusionPipeline.from_pretrained(
             stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **load_kwargs
         )
@@ -117,15 +73,10 @@ def _load_sd(stable_diffusion, load_kwargs):
 
 def _load_vision(image_encoder, feature_extractor, load_kwargs):
     if isinstance(image_encoder, str):
-        from transformers import CLIPImageProcessor, CLIPVisionModel
-
         encoder = CLIPVisionModel.from_pretrained(image_encoder, **load_kwargs)
         return encoder, feature_extractor or CLIPImageProcessor.from_pretrained(image_encoder)
     if image_encoder is not None and feature_extractor is None:
-        from transformers import CLIPImageProcessor
-
-        size = image_encoder.config.image_size
-        feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        feature_extractor = default_image_processor(image_encoder)
     return image_encoder, feature_extractor
 
 
@@ -145,8 +96,9 @@ def assemble_gill_pipeline(
     mapper_heads: int = DEFAULT_MAPPER_HEADS,
     cond_length: int | None = None,
     seed: int = 0,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     base_models: dict | None = None,
+    allow_pickle: bool = False,
     **load_kwargs,
 ):
     r"""
@@ -173,15 +125,30 @@ def assemble_gill_pipeline(
             Length of the mapper's output; defaults to the SD tokenizer's `model_max_length` (77 for SD 1.x/2.x).
         seed (`int`, *optional*, defaults to 0):
             Seed for the initial weights of the learned parts.
-        dtype (`torch.dtype`, *optional*):
-            Cast the whole pipeline to this dtype at the end. Also passed to loaders when models are given by name.
+        dtype (`torch.dtype` or `str`, *optional*):
+            Cast the whole pipeline to this dtype at the end (a dtype or a name such as `"bfloat16"`, `"fp16"`). Also
+            passed to loaders when models are given by name.
         base_models (`dict`, *optional*):
             The record of the base models' Hub ids and revisions (`{"llm": ..., "stable_diffusion": ...,
             "image_encoder": ...}`, see `gill_pipeline.hub`), saved with the learned weights. By default it is made
             from the names given (or the `name_or_path` of loaded models when it is a Hub id).
+        allow_pickle (`bool`, *optional*, defaults to `False`):
+            Models given by name are read from safetensors only; `True` also accepts pickled weight files, read with
+            `torch.load(weights_only=True)`. See docs/security.md.
         load_kwargs:
-            Passed to every `from_pretrained` (e.g. `revision`, `cache_dir`, `local_files_only`, `token`).
+            Passed to every `from_pretrained` (e.g. `revision`, `cache_dir`, `local_files_only`, `token`). Remote code
+            (`trust_remote_code`, `custom_pipeline`) is refused.
     """
+    refuse_remote_code(load_kwargs, "from_base_models")
+    dtype = pop_dtype({"dtype": dtype, "torch_dtype": load_kwargs.pop("torch_dtype", None)})
+    if not isinstance(allow_pickle, bool):
+        raise TypeError(f"`allow_pickle` must be a bool, got {allow_pickle!r}.")
+    if not allow_pickle:
+        load_kwargs["use_safetensors"] = True
+    for value, argument in (
+        (language_model, "language_model"), (stable_diffusion, "stable_diffusion"), (image_encoder, "image_encoder")
+    ):
+        _check_local_source(value, argument)
     if base_models is None:
         base_models = record_base_models(language_model, stable_diffusion, image_encoder, load_kwargs.get("revision"))
     if dtype is not None:

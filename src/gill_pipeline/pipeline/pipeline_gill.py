@@ -12,10 +12,14 @@ from diffusers.utils import logging
 from diffusers.utils.doc_utils import replace_example_docstring
 
 from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
-from ..hub import HUB_KWARGS, normalize_base_models, resolve_pipeline_folder
-from ..loading import validate_pipeline_folder
+from ..base_models import normalize_base_models
+from ..hub import HUB_KWARGS, resolve_pipeline_folder
+from ..learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
+from ..loading import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
 from ..lora import load_llm_lora, saving_without_lora
+from ..push import push_pipeline_to_hub
 from ..models.gill_model import GILLModel
+from .assembly import assemble_gill_pipeline
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder
 from .inputs import normalize_interleaved_inputs, to_rgb_pil
 from .pipeline_output import GILLImage, GILLPipelineOutput
@@ -125,22 +129,26 @@ class GILLPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GILLPipeline":
         r"""
         Loads a GILL pipeline from a local folder or a Hub repo id (accepts diffusers' `from_pretrained` arguments,
-        e.g. `dtype`, `revision`, `token`, `cache_dir`, `local_files_only`, and components to use as they are).
+        e.g. `dtype` (a dtype or a name such as `"bfloat16"`), `revision`, `token`, `cache_dir`, `local_files_only`,
+        and components to use as they are), or a learned-weights folder or repo (see `gill_pipeline.learned_weights`).
 
-        A missing or corrupted file of the folder raises an error that names the file. A LoRA adapter saved with
-        the pipeline (`llm_lora/`) is applied to the LM.
+        Before any weight is read, every file is checked (a missing, corrupted or wrong-kind file is named), the
+        learned parts are checked to fit the LM, UNet, vision encoder and tokenizer, and pickled weights are refused
+        unless `allow_pickle=True` (then read with `torch.load(weights_only=True)`). Remote code is never loaded; see
+        docs/security.md. A LoRA adapter saved with the pipeline (`llm_lora/`) is applied to the LM.
         """
-        folder = resolve_pipeline_folder(str(pretrained_model_name_or_path), **kwargs)
-        from ..learned_weights import is_learned_weights_folder, load_learned_weights_pipeline
-
+        name = os.fspath(pretrained_model_name_or_path)
+        refuse_remote_code(kwargs)
+        folder = resolve_pipeline_folder(name, **kwargs)
         if is_learned_weights_folder(folder):
-            return load_learned_weights_pipeline(cls, folder, str(pretrained_model_name_or_path), **kwargs)
-        validate_pipeline_folder(folder)
-        for name in HUB_KWARGS:
-            if name != "local_files_only":
-                kwargs.pop(name, None)
+            return load_learned_weights_pipeline(cls, folder, name, **kwargs)
+        for hub_argument in HUB_KWARGS:
+            if hub_argument != "local_files_only":
+                kwargs.pop(hub_argument, None)
+        kwargs, allow_pickle = prepare_pipeline_load(cls, folder, kwargs)
         pipe = super().from_pretrained(folder, **kwargs)
-        load_llm_lora(pipe, folder)
+        check_pipeline_parts(pipe, f"the learned weights {os.path.join(folder, 'gill')}")
+        load_llm_lora(pipe, folder, allow_pickle)
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
@@ -151,15 +159,11 @@ class GILLPipeline(DiffusionPipeline):
     def save_learned_weights(self, save_directory: str | os.PathLike, base_models: dict | None = None) -> str:
         """Saves only the learned parts (a few MB) and the record of the base models they fit; see
         [`gill_pipeline.learned_weights`]. `GILLPipeline.from_pretrained(save_directory)` loads them back."""
-        from ..learned_weights import save_learned_weights
-
         return save_learned_weights(self, save_directory, base_models=base_models)
 
     def push_to_hub(self, repo_id: str, learned_weights_only: bool = False, card_info=None, **kwargs) -> str:
         """Uploads the whole pipeline (or, with `learned_weights_only=True`, only the learned weights) to a Hub repo
-        with a model card; see [`gill_pipeline.hub.push_pipeline_to_hub`]. Returns the commit URL."""
-        from ..hub import push_pipeline_to_hub
-
+        with a model card; see [`gill_pipeline.push.push_pipeline_to_hub`]. Returns the commit URL."""
         return push_pipeline_to_hub(
             self, repo_id, learned_weights_only=learned_weights_only, card_info=card_info, **kwargs
         )
@@ -174,8 +178,6 @@ class GILLPipeline(DiffusionPipeline):
     @classmethod
     def from_base_models(cls, *args, **kwargs) -> "GILLPipeline":
         """Assembles a new, untrained GILL pipeline; see [`gill_pipeline.assemble_gill_pipeline`]."""
-        from .assembly import assemble_gill_pipeline
-
         return assemble_gill_pipeline(cls, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
