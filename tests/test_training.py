@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from gill_pipeline import GILLImage, GILLPipeline  # noqa: E402
+from multiprocess_run import run_two_processes  # noqa: E402
 from training import precompute, train_decision, train_gill  # noqa: E402
 from training.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, TMP_PREFIX  # noqa: E402
 from training.data import Collator, EpochBatchSampler, ExampleReader, SyntheticDataset  # noqa: E402
@@ -97,10 +97,16 @@ def test_exported_pipeline_loads_and_generates(trained_run):
     assert os.path.isfile(os.path.join(trained_run["output_dir"], train_gill.GILL_DIR, "config.json"))
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora_dropout"])
+def test_resume_continues_exactly(tmp_path, lora):
+    # With LoRA dropout every step draws from the global RNG: the resumed run must continue every random stream
+    # exactly (a DataLoader built at resume must not draw its base seed from it).
     common = ("--synthetic-size", 12, "--batch-size", 4, "--max-steps", 6, "--warmup-steps", 2, "--decay-every", 3,
               "--val-every", 0, "--checkpoint-every", 0, "--export-pipeline", "false")
-    train_gill.main(run_args(tmp_path / "straight", *common))
+    if lora:
+        common += ("--lora", "true", "--lora-rank", 4, "--lora-dropout", 0.3, "--lora-target-modules", "q_proj,v_proj",
+                   "--export-pipeline", "true")
+    straight = train_gill.main(run_args(tmp_path / "straight", *common))
     # Interrupted after 4 steps (mid-epoch: 3 batches per epoch), then resumed to the end.
     first = train_gill.main(run_args(tmp_path / "resumed", *common, "--exit-after-steps", 4))
     assert first["state"]["step"] == 4 and first["export_dir"] is None
@@ -116,6 +122,15 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The losses of the resumed steps are the same bits, dropout masks included.
+    for name in LOSSES:
+        assert [h[f"train/{name}_loss"] for h in straight["history"][4:]] == [h[f"train/{name}_loss"] for h in second["history"]]
+    if lora:  # and so is the adapter
+        a = load_file(str(tmp_path / "straight" / "pipeline" / "llm_lora" / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / "pipeline" / "llm_lora" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and len(a) > 0
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
 
 
 def test_lora_adapter_is_saved_reloaded_and_changes_the_lm(tmp_path):
@@ -273,16 +288,11 @@ def test_pipeline_source_trains_without_image_decoder_and_exports_a_complete_pip
 
 
 def test_two_process_job_sees_the_other_process_negatives(tmp_path):
-    # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its multi-CPU path needs
-    # mpirun); `--multi_gpu` starts two through torchrun, and without a GPU they form a gloo group on the CPU.
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPO, "training", "train_gill.py"),
-        *run_args(tmp_path, "--max-steps", 2, "--batch-size", 3, "--synthetic-size", 12, "--val-every", 2,
-                  "--checkpoint-every", 1, "--export-pipeline", "false"),
-    ]
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    completed = run_two_processes(
+        run_args(tmp_path, "--max-steps", 2, "--batch-size", 3, "--synthetic-size", 12, "--val-every", 2,
+                 "--checkpoint-every", 1, "--export-pipeline", "false"),
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     with open(tmp_path / train_gill.METRICS_FILE) as f:
         records = [json.loads(line) for line in f]

@@ -97,8 +97,9 @@ def test_training_counts_and_logs_skipped_images(tmp_path, caplog):
         "--train-data", tsv, "--train-data-type", "auto", "--image-folder", images, "--val-data-type", "synthetic",
         "--batch-size", 4, "--max-steps", 2, "--val-every", 0, "--checkpoint-every", 0, "--export-pipeline", "false",
     ]])
-    assert result["state"]["skipped"] == 2  # one epoch of 8 rows: the missing and the corrupted image
-    assert "Skipped 2 unreadable or missing images" in caplog.text
+    assert result["state"]["skipped"] == result["state"]["skipped_images"] == 2  # the missing and the corrupted image
+    assert "Skipped 2 examples in total (2 images missing or unreadable, 0 malformed rows)" in caplog.text
+    assert "missing.jpg' is missing" in caplog.text and "broken.jpg' is unreadable" in caplog.text
 
 
 def test_precomputed_targets_are_used_and_checked(tmp_path, tiny):
@@ -204,7 +205,8 @@ def test_empty_micro_batches_are_skipped_counted_and_logged(tmp_path, caplog):
     result = train_gill.main(train_args(tmp_path / "run", *common))
     state = result["state"]
     assert state["step"] == 4 and state["samples"] == 4
-    assert state["skipped_batches"] >= 2 and state["skipped"] == state["skipped_batches"]  # a whole epoch was read
+    # Two epochs were read: each missing image made an empty batch twice, but is one skipped example.
+    assert state["skipped_batches"] == 4 and state["skipped"] == state["skipped_images"] == 2
     assert result["history"][-1]["data/skipped_batches_total"] == state["skipped_batches"]
     assert "Skipping micro-batch" in caplog.text
 

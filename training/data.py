@@ -8,6 +8,7 @@ through [`EpochBatchSampler`] (a seeded permutation per epoch, split across proc
 webdataset shards are streamed in a fixed order and a resumed run skips the batches already consumed.
 """
 
+import codecs
 import glob
 import io
 import json
@@ -60,50 +61,119 @@ def unique_records(records, source: str):
         yield record
 
 
-def read_tsv(path: str, image_folder: str | None = None) -> list[tuple[str, str, str]]:
-    """A CC3M-style TSV with a `caption<TAB>image` header; image paths are relative to `image_folder`."""
+def decoded_lines(path: str):
+    """(line number, text, problem) for every line of a UTF-8 text file, counted from 1.
+
+    A UTF-8 byte-order mark before the first line is dropped (spreadsheet exports write one), and line ends (LF or
+    CRLF) are stripped. A line that is not valid UTF-8 comes with `text=None` and the problem in words: one bad line
+    must not end a run over millions of good ones.
+    """
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield line_number, raw.decode("utf-8").rstrip("\r\n"), None
+            except UnicodeDecodeError as error:
+                yield line_number, None, f"not valid UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"
+
+
+def decode_text(data: bytes) -> tuple[str | None, str | None]:
+    """bytes of a caption file -> (text, None), or (None, the problem with its line) when not valid UTF-8."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        return None, f"line {line}: not valid UTF-8 (byte {data[error.start]:#04x})"
+
+
+class RowProblems(list):
+    """Rows of a data set's index that were skipped as malformed: `(file, line, problem)`, each logged once when found."""
+
+    def add(self, path: str, line_number: int | None, problem: str) -> None:
+        self.append((path, line_number, problem))
+        where = path if line_number is None else f"{path}, line {line_number}"
+        logger.warning("Skipping a malformed row (%s): %s", where, problem)
+
+
+def read_tsv(path: str, image_folder: str | None = None, problems: RowProblems | None = None) -> list[tuple[str, str, str]]:
+    """A CC3M-style TSV with a `caption<TAB>image` header; image paths are relative to `image_folder`.
+
+    Malformed rows (not UTF-8, too few columns, an empty caption or image) are skipped and added to `problems`.
+    """
     image_folder = image_folder or os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        if TSV_CAPTION_COLUMN not in header or TSV_IMAGE_COLUMN not in header:
-            raise ValueError(
-                f"TSV file {path!r} must have a header with `{TSV_CAPTION_COLUMN}` and `{TSV_IMAGE_COLUMN}` columns, "
-                f"got {header}."
-            )
-        c, i = header.index(TSV_CAPTION_COLUMN), header.index(TSV_IMAGE_COLUMN)
-        records = []
-        for line_number, line in enumerate(f, start=2):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) <= max(c, i) or not parts[c].strip():
-                logger.warning("Skipping line %d of %s: expected a caption and an image, got %r.", line_number, path, line)
-                continue
-            records.append((record_key(parts[i], line_number), parts[c].strip(), os.path.join(image_folder, parts[i])))
+    problems = RowProblems() if problems is None else problems
+    lines = decoded_lines(path)
+    _, header_text, header_problem = next(lines, (1, "", None))
+    header = (header_text or "").split("\t")
+    if header_problem is not None or TSV_CAPTION_COLUMN not in header or TSV_IMAGE_COLUMN not in header:
+        raise ValueError(
+            f"TSV file {path!r} must have a header with `{TSV_CAPTION_COLUMN}` and `{TSV_IMAGE_COLUMN}` columns, "
+            f"got {header_problem or header}."
+        )
+    c, i = header.index(TSV_CAPTION_COLUMN), header.index(TSV_IMAGE_COLUMN)
+    records = []
+    for line_number, text, problem in lines:
+        if problem is None:
+            parts = text.split("\t")
+            if len(parts) <= max(c, i) or not parts[c].strip() or not parts[i].strip():
+                problem = f"expected a caption and an image, got {text!r}"
+        if problem is not None:
+            problems.add(path, line_number, problem)
+            continue
+        records.append((record_key(parts[i], line_number), parts[c].strip(), os.path.join(image_folder, parts[i])))
     return records
 
 
-def read_folder(folder: str) -> list[tuple[str, str, str]]:
+def _jsonl_record(text: str) -> tuple[dict | None, str | None]:
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg} at column {error.colno})"
+    if not isinstance(item, dict):
+        return None, f"expected a JSON object, got {type(item).__name__}"
+    if not isinstance(item.get("image"), str) or not item["image"] or "caption" not in item:
+        return None, f"needs `image` (a path) and `caption`, got keys {sorted(item)}"
+    if not str(item["caption"]).strip():
+        return None, "the caption is empty"
+    return item, None
+
+
+def read_folder(folder: str, problems: RowProblems | None = None) -> list[tuple[str, str, str]]:
     """A folder of images with captions: `captions.jsonl` lines `{"image": "a.jpg", "caption": "..."}`, or else one
-    sidecar `a.txt` per image `a.jpg` (searched recursively)."""
+    sidecar `a.txt` per image `a.jpg` (searched recursively). Malformed rows or caption files are skipped and added to
+    `problems`."""
     index = os.path.join(folder, CAPTIONS_JSONL)
+    problems = RowProblems() if problems is None else problems
     records = []
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                item = json.loads(line)
-                if "image" not in item or "caption" not in item:
-                    raise ValueError(f"Line {line_number} of {index} needs `image` and `caption`, got {sorted(item)}.")
-                key = record_key(item["image"], line_number)
-                records.append((key, str(item["caption"]).strip(), os.path.join(folder, item["image"])))
+        for line_number, text, problem in decoded_lines(index):
+            if problem is None and not text.strip():
+                continue
+            item, problem = (None, problem) if problem is not None else _jsonl_record(text)
+            if problem is not None:
+                problems.add(index, line_number, problem)
+                continue
+            key = record_key(item["image"], line_number)
+            records.append((key, str(item["caption"]).strip(), os.path.join(folder, item["image"])))
         return records
+    found_images = False
     for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
         if path.lower().endswith(IMAGE_EXTENSIONS):
+            found_images = True
             sidecar = os.path.splitext(path)[0] + ".txt"
             if os.path.isfile(sidecar):
-                with open(sidecar, encoding="utf-8") as f:
-                    records.append((os.path.relpath(path, folder), f.read().strip(), path))
-    if not records:
+                with open(sidecar, "rb") as f:
+                    caption, problem = decode_text(f.read())
+                if problem is None and not caption.strip():
+                    problem = "line 1: the caption is empty"
+                if problem is not None:
+                    problems.add(sidecar, None, problem)
+                    continue
+                records.append((os.path.relpath(path, folder), caption.strip(), path))
+    if not records and not (found_images and problems):
         raise ValueError(
             f"Image folder {folder!r} has neither {CAPTIONS_JSONL} nor images with sidecar .txt captions."
         )
@@ -154,6 +224,15 @@ def synthetic_example(index: int, size: int, seed: int = 0) -> tuple[str, PIL.Im
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------------------------
+SKIP_IMAGE = "image"  # the example's image is missing or unreadable
+SKIP_ROW = "row"  # the example itself is malformed (a webdataset sample without a readable caption)
+
+
+def skipped_example(key: str, kind: str, reason: str) -> dict:
+    """An example the collator drops; the loop counts it once per key and logs `reason` (which names the file)."""
+    return {"key": key, "caption": "", "skipped": True, "skip_kind": kind, "skip_reason": reason}
+
+
 class ExampleReader:
     """Turns (key, caption, image or path) into a training example: pixel values (or stored features) + target."""
 
@@ -165,8 +244,8 @@ class ExampleReader:
         example = {"key": key, "caption": caption}
         stored = self.store.get(key) if self.store is not None else None
         if self.store is not None:
-            if stored is None and self.store.has_image_features:
-                return {**example, "skipped": True}  # the image was unreadable when the features were made
+            if stored is None and self.store.has_image_features:  # the image was unreadable when the features were made
+                return skipped_example(key, SKIP_IMAGE, f"no image features in {self.store.folder!r} (unreadable image)")
             if stored is None:
                 raise KeyError(
                     f"Example {key!r} has no precomputed target in {self.store.folder!r}: the targets were made for "
@@ -179,7 +258,12 @@ class ExampleReader:
             resolve_image_path(image_source) if isinstance(image_source, str) else image_source
         )
         if image is None:
-            return {**example, "skipped": True}
+            if isinstance(image_source, str):
+                path = resolve_image_path(image_source)
+                reason = f"image {path!r} is {'unreadable' if os.path.isfile(path) else 'missing'}"
+            else:
+                reason = "the image bytes are unreadable"
+            return skipped_example(key, SKIP_IMAGE, reason)
         pixel_values = self.image_processor(images=[image], return_tensors="pt").pixel_values[0]
         return {**example, "pixel_values": pixel_values, "skipped": False}
 
@@ -214,7 +298,11 @@ class SyntheticDataset(Dataset):
 
 
 class ShardDataset(IterableDataset):
-    """webdataset tar shards, streamed in a fixed order, split across processes and DataLoader workers."""
+    """webdataset tar shards, streamed in a fixed order, split across processes and DataLoader workers.
+
+    A sample without a caption, or whose caption is not UTF-8, comes out as a skipped example naming its shard and
+    key (the loop counts it once, however many epochs read it, and a resumed run skips it again the same way).
+    """
 
     def __init__(self, urls: str, reader: ExampleReader):
         self.urls, self.reader = urls, reader
@@ -232,12 +320,20 @@ class ShardDataset(IterableDataset):
             caption = next((sample[k] for k in WDS_CAPTION_KEYS if k in sample), None)
             image = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
             key = sample.get("__key__", "")
+            where = f"{sample.get('__url__', self.urls)}, sample {key!r}"
+            problem = None
             if caption is None:
-                logger.warning("Shard sample %r has no caption (%s); skipped.", key, "/".join(WDS_CAPTION_KEYS))
+                problem = f"no caption ({'/'.join(WDS_CAPTION_KEYS)})"
+            elif isinstance(caption, bytes):
+                caption, problem = decode_text(caption)
+            if problem is None and not str(caption).strip():
+                problem = "the caption is empty"
+            if problem is not None:
+                yield skipped_example(key, SKIP_ROW, f"{where}: {problem}")
                 continue
-            caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else str(caption)
+            caption = str(caption).strip()
             if image is None:
-                yield {"key": key, "caption": caption, "skipped": True}
+                yield skipped_example(key, SKIP_IMAGE, f"{where}: no image ({'/'.join(WDS_IMAGE_KEYS)})")
                 continue
             yield self.reader(key, caption, bytes(image))
 
@@ -257,6 +353,7 @@ def guess_data_type(path: str | None, data_type: str) -> str:
 
 
 def build_dataset(path, data_type, image_folder, reader, synthetic_size, image_size, seed):
+    """The data set of `path`; a map-style one has `malformed_rows`, the rows of its index skipped when read."""
     data_type = guess_data_type(path, data_type)
     if data_type == "synthetic":
         return SyntheticDataset(synthetic_size, image_size, reader, seed)
@@ -264,11 +361,15 @@ def build_dataset(path, data_type, image_folder, reader, synthetic_size, image_s
         return ShardDataset(path, reader)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Data set {path!r} does not exist.")
-    records = read_tsv(path, image_folder) if data_type == "tsv" else read_folder(path)
+    problems = RowProblems()
+    records = read_tsv(path, image_folder, problems) if data_type == "tsv" else read_folder(path, problems)
     if not records:
-        raise ValueError(f"Data set {path!r} has no examples.")
-    records = list(unique_records(records, repr(path)))
-    return RecordDataset(records, reader)
+        raise ValueError(f"Data set {path!r} has no examples ({len(problems)} malformed rows skipped).")
+    if problems:
+        logger.warning("Data set %r: %d malformed rows skipped, %d examples kept.", path, len(problems), len(records))
+    dataset = RecordDataset(list(unique_records(records, repr(path))), reader)
+    dataset.malformed_rows = len(problems)
+    return dataset
 
 
 def iterate_records(path, data_type, image_folder, synthetic_size, image_size, seed):
@@ -281,6 +382,9 @@ def iterate_records(path, data_type, image_folder, synthetic_size, image_size, s
     elif data_type == "webdataset":
         dataset = ShardDataset(path, reader=lambda key, caption, image: {"key": key, "caption": caption, "image": image})
         for item in dataset:
+            if item.get("skip_kind") == SKIP_ROW:
+                logger.warning("Skipping a malformed sample (%s).", item["skip_reason"])
+                continue
             yield item["key"], item["caption"], item.get("image")
     else:
         records = read_tsv(path, image_folder) if data_type == "tsv" else read_folder(path)
@@ -326,7 +430,8 @@ class EpochBatchSampler(Sampler):
 
 class Collator:
     """Examples -> a batch: caption token ids (BOS + caption, room left for the r [IMG] tokens), images or image
-    features, targets; skipped examples are dropped and counted in `num_skipped`."""
+    features, targets; skipped examples are dropped, counted in `num_skipped` and listed in `skipped_examples` as
+    (key, kind, reason)."""
 
     def __init__(self, tokenizer, num_img_tokens: int, max_length: int):
         if max_length <= num_img_tokens + 1:
@@ -345,6 +450,9 @@ class Collator:
     def __call__(self, examples: list[dict]) -> dict:
         kept = [e for e in examples if not e["skipped"]]
         batch = {"num_skipped": torch.tensor(len(examples) - len(kept)), "keys": [e["key"] for e in kept]}
+        batch["skipped_examples"] = [
+            (e["key"], e.get("skip_kind", SKIP_IMAGE), e.get("skip_reason", "")) for e in examples if e["skipped"]
+        ]
         batch["captions"] = [e["caption"] for e in kept]
         ids = [self.tokenize(e["caption"]) for e in kept]
         lengths = torch.tensor([len(i) for i in ids], dtype=torch.long)
@@ -361,9 +469,59 @@ class Collator:
         return batch
 
 
+class SkipCounter:
+    """Examples skipped in training, each counted once (not again every epoch) over every process.
+
+    `images`: examples whose image was missing or unreadable; `rows`: malformed rows, those of a data set's index
+    (counted once when read) plus malformed webdataset samples met in the stream. The keys already counted are kept,
+    and saved in checkpoints, so a resumed run counts the same.
+    """
+
+    def __init__(self, malformed_rows: int = 0):
+        self.keys: set[str] = set()
+        self.images = 0
+        self.rows = malformed_rows
+
+    @property
+    def total(self) -> int:
+        return self.images + self.rows
+
+    def add(self, skipped: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Counts the (key, kind, reason) not seen before and returns them."""
+        new = []
+        for key, kind, reason in skipped:
+            if key in self.keys:
+                continue
+            self.keys.add(key)
+            new.append((key, kind, reason))
+            if kind == SKIP_ROW:
+                self.rows += 1
+            else:
+                self.images += 1
+        return new
+
+    def state_dict(self) -> dict:
+        return {"keys": sorted(self.keys), "images": self.images, "rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keys, self.images, self.rows = set(state["keys"]), int(state["images"]), int(state["rows"])
+
+
+def loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator a DataLoader draws its base seed (worker seeds) from.
+
+    Without one, `iter(DataLoader(...))` draws it from the global torch RNG; a resumed run builds its loader at
+    another moment than the uninterrupted run did, so every later global draw (LoRA dropout) would differ.
+    """
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
+
+
 def make_loader(dataset, collator, batch_size, num_workers, seed, epoch, rank, world_size, start_batch=0, shuffle=True):
     """A DataLoader over one epoch from batch `start_batch` on (the exact data position of a resumed run)."""
-    common = dict(collate_fn=collator, num_workers=num_workers, persistent_workers=False)
+    common = dict(
+        collate_fn=collator, num_workers=num_workers, persistent_workers=False,
+        generator=loader_generator(seed, epoch, rank),
+    )
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(dataset, batch_size=batch_size, drop_last=True, **common)
         return _skip(loader, start_batch)

@@ -7,6 +7,7 @@ section (`optim: {lr: 1e-3}`); the command line uses the field names with dashes
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,22 @@ def _positive(name, value, allow_zero=False):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"`{name}` must be a {kind} number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+
+
+def _check_numbers(settings) -> None:
+    """Every `float` setting must be a finite number: `inf` or `nan` passes most range checks (`nan < 0` is False)
+    and would silently turn every weight into NaN. Runs first in each `__post_init__`."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if float not in (hints[f.name], *typing.get_args(hints[f.name])) or value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"`{f.name}` must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ValueError(f"`{f.name}` must be a finite number, got {value!r}.")
 
 
 def _choice(name, value, choices):
@@ -65,6 +82,7 @@ class ModelArgs:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         sources = [n for n in ("pipeline", "language_model", "tiny_random") if getattr(self, n)]
         if len(sources) != 1:
             raise ValueError(
@@ -110,6 +128,7 @@ class DataArgs:
     val_max_samples: int = field(default=1000, metadata={"help": "At most this many validation examples are used."})
 
     def __post_init__(self):
+        _check_numbers(self)
         _choice("train_data_type", self.train_data_type, DATA_TYPES)
         _choice("val_data_type", self.val_data_type, DATA_TYPES)
         if self.train_data is None and self.train_data_type != "synthetic":
@@ -142,6 +161,7 @@ class OptimArgs:
     max_steps: int = field(default=20000, metadata={"help": "Optimizer steps of the whole run."})
 
     def __post_init__(self):
+        _check_numbers(self)
         _positive("lr", self.lr)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
@@ -174,6 +194,7 @@ class LossArgs:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         for name in ("caption_weight", "img_token_weight", "retrieval_weight", "generation_weight"):
             _positive(name, getattr(self, name), allow_zero=True)
         if not 0 <= self.concat_prob <= 1:
@@ -192,6 +213,7 @@ class LoraArgs:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         if not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
             raise ValueError(f"`lora_rank` must be a positive integer, got {self.lora_rank!r}.")
         _positive("lora_alpha", self.lora_alpha)
@@ -223,8 +245,14 @@ class RunArgs:
         default=True, metadata={"help": "At the end, save the whole trained pipeline to output_dir/pipeline."}
     )
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar on the main process."})
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={"help": "A step with a NaN/inf loss or gradient is skipped (the weights, optimizer and checkpoints "
+                  "never see it) and counted; after this many in a row the run stops with an error."},
+    )
 
     def __post_init__(self):
+        _check_numbers(self)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         for name in ("log_every",):
             _positive(name, getattr(self, name))
@@ -234,6 +262,8 @@ class RunArgs:
             raise ValueError(f"`keep_checkpoints` must be a positive integer, got {self.keep_checkpoints!r}.")
         if self.exit_after_steps is not None:
             _positive("exit_after_steps", self.exit_after_steps)
+        if not isinstance(self.max_nonfinite_steps, int) or isinstance(self.max_nonfinite_steps, bool) or self.max_nonfinite_steps <= 0:
+            raise ValueError(f"`max_nonfinite_steps` must be a positive integer, got {self.max_nonfinite_steps!r}.")
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "optim": OptimArgs, "loss": LossArgs, "lora": LoraArgs, "run": RunArgs}

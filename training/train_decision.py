@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import sys
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from gill_pipeline import GILLModel, GILLPipeline
 from gill_pipeline.constants import DECISION_GENERATE, DECISION_RETRIEVE, GILL_COMPONENT
-from training.data import Collator
+from training.data import Collator, RowProblems, decoded_lines
 from training.model_forward import GILLTrainingModel
 from training.setup_models import DTYPES
 
@@ -36,16 +37,28 @@ LABELS = {"gen": DECISION_GENERATE, "ret": DECISION_RETRIEVE}
 
 
 def read_decisions(path: str) -> tuple[list[str], list[int]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        if reader.fieldnames is None or "Prompt" not in reader.fieldnames or "Decision" not in reader.fieldnames:
-            raise ValueError(f"`data` {path!r} must be a TSV with `Prompt` and `Decision` columns, got {reader.fieldnames}.")
-        prompts, labels = [], []
-        for row in reader:
-            decision = (row["Decision"] or "").strip()
-            if decision in LABELS and row["Prompt"].strip():
-                prompts.append(row["Prompt"].strip())
-                labels.append(LABELS[decision])
+    """Prompts and their labels; a row that is not UTF-8 or lacks columns is skipped, logged with its line."""
+    lines = decoded_lines(path)  # a UTF-8 BOM before the header is dropped
+    _, header_text, problem = next(lines, (1, "", None))
+    header = next(csv.reader([header_text or ""], delimiter="\t"), [])
+    if problem is not None or "Prompt" not in header or "Decision" not in header:
+        raise ValueError(f"`data` {path!r} must be a TSV with `Prompt` and `Decision` columns, got {problem or header}.")
+    p, d = header.index("Prompt"), header.index("Decision")
+    problems = RowProblems()
+    prompts, labels = [], []
+    for line_number, text, problem in lines:
+        row = next(csv.reader([text], delimiter="\t"), []) if problem is None else []
+        if problem is None and len(row) <= max(p, d):
+            problem = f"expected {len(header)} columns, got {len(row)}"
+        if problem is not None:
+            problems.add(path, line_number, problem)
+            continue
+        decision = row[d].strip()
+        if decision in LABELS and row[p].strip():
+            prompts.append(row[p].strip())
+            labels.append(LABELS[decision])
+    if problems:
+        logger.warning("`data` %r: %d malformed rows skipped.", path, len(problems))
     if len(set(labels)) < 2:
         raise ValueError(f"`data` {path!r} needs prompts labelled both `gen` and `ret`; got {len(labels)} usable rows.")
     return prompts, labels
@@ -86,11 +99,18 @@ def train_head(head, features, labels, steps: int, lr: float, weight_decay: floa
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     dtype = head[1].weight.dtype
-    for _ in range(steps):
+    for step in range(steps):
         loss = F.cross_entropy(head(features.to(dtype)), labels)
+        if not torch.isfinite(loss):  # nothing non-finite may reach the head that is saved into the pipeline
+            raise FloatingPointError(
+                f"The decision head's loss is {loss.item()} at step {step}: lower `--lr` or check the LM's hidden "
+                "states (a float16 LM can overflow). Nothing was saved."
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        raise FloatingPointError("The decision head's weights are not finite after training: lower `--lr`. Nothing was saved.")
     head.eval()
     return loss.item()
 
@@ -129,6 +149,10 @@ def main(argv=None) -> dict:
         raise ValueError(f"`--val-fraction` must be in (0, 1), got {args.val_fraction!r}.")
     if args.steps <= 0:
         raise ValueError(f"`--steps` must be positive, got {args.steps!r}.")
+    for name in ("lr", "weight_decay"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise ValueError(f"`--{name.replace('_', '-')}` must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value!r}.")
     pipe = load_pipeline(args.pipeline, DTYPES[args.dtype]).to(args.device)
     prompts, labels = read_decisions(args.data)
     features = img0_hidden_states(pipe, prompts, args.max_length).to(args.device)

@@ -13,21 +13,32 @@ Resume an interrupted run exactly where it stopped:  ... --resume latest
 The loop, nanoGPT-style: learning rate, validation + checkpoint, micro-steps, clip, step, log. See docs/training.md.
 """
 
+import gc
 import json
 import logging
+import math
 import os
 import sys
+import traceback
+import warnings
 
 if __package__ in (None, ""):  # run as a script: make `training` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch.utils.data import IterableDataset, Subset
 
-from training.checkpoint import clean_stale_temporaries, load_checkpoint, resolve_resume, save_checkpoint
-from training.data import Collator, ExampleReader, build_dataset, make_loader
+from training.checkpoint import (
+    clean_stale_temporaries,
+    load_checkpoint,
+    load_skips,
+    read_latest,
+    resolve_resume,
+    save_checkpoint,
+)
+from training.data import Collator, ExampleReader, SkipCounter, build_dataset, make_loader
 from training.evaluate import evaluate
 from training.model_forward import GILLTrainingModel, empty_on_any_process, total_loss
 from training.params import TrainConfig, parse_config
@@ -125,11 +136,44 @@ def log_metrics(accelerator, output_dir, metrics: dict, step: int):
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv)
-    run, optim = config.run, config.optim
+    accelerator = make_accelerator(config)
+    try:
+        result = train(config, accelerator)
+    except BaseException as error:
+        # The frames of the traceback hold the DDP model: free them now, not at interpreter exit (see `shutdown`).
+        traceback.clear_frames(error.__traceback__)
+        shutdown(accelerator, together=False)
+        raise
+    shutdown(accelerator, together=True)
+    return result
 
-    # 1. Accelerator, logging, seed
+
+def shutdown(accelerator, together: bool) -> None:
+    """Ends trackers and the process group, in order, on every process.
+
+    gloo on CPU can hang at exit when the DDP reducer, still alive during interpreter shutdown, is what destroys the
+    process group (its worker thread waits for the GIL). So the DDP model is released while every process is still
+    running, then the group is destroyed explicitly. `together`: all processes got here (a normal end), so they can
+    wait for each other first; after an error they may not, and nobody waits.
+    """
+    if together:
+        accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()  # finishes the trackers and destroys the process group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    logger.debug("Process group shut down on process %d.", accelerator.process_index)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    run = config.run
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if any(
         getattr(config.loss, f"{n}_weight") == 0 for n in LOSS_NAMES
     ) else []
@@ -145,6 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    return accelerator
+
+
+def train(config: TrainConfig, accelerator) -> dict:
+    run, optim = config.run, config.optim
     os.makedirs(run.output_dir, exist_ok=True)
     set_seed(run.seed)
 
@@ -196,13 +245,20 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_batch = BatchPreparer(accelerator, models.text_encoder, models.text_tokenizer, gill.config.cond_length)
 
     # 5. Resume
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "skipped_batches": 0, "samples": 0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_batches": 0, "samples": 0, "nonfinite_steps": 0,
+             "nonfinite_streak": 0}
+    skips = SkipCounter(malformed_rows=getattr(train_set, "malformed_rows", 0))
     if accelerator.is_main_process:
         clean_stale_temporaries(run.output_dir)
+    accelerator.wait_for_everyone()  # the main process may have put back a checkpoint that `resume` names
     if run.resume:
         folder = resolve_resume(run.output_dir, run.resume)
         state.update(load_checkpoint(accelerator, folder, model, optimizer, scheduler))
+        saved_skips = load_skips(folder)
+        if saved_skips is not None:
+            skips.load_state_dict(saved_skips)
         logger.info("Resumed from %s at step %d (epoch %d, batch %d).", folder, state["step"], state["epoch"], state["batch_in_epoch"])
+    count_skips(state, skips)
     accelerator.init_trackers(TRACKER_DIR, config={k: str(v) for s in config.to_dict().values() for k, v in s.items()})
 
     # 6. The loop
@@ -219,8 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
         step = state["step"]
         # micro-steps: forward, backward (gradients synchronised on the last one only)
         sums = {}
+        finite = True
         for micro in range(optim.grad_accum_steps):
-            batch = next_nonempty_batch(batches, state, accelerator)
+            batch = next_nonempty_batch(batches, state, accelerator, skips)
             batch = prepare_batch(batch)
             state["samples"] += len(batch["keys"]) * accelerator.num_processes
             concat_caption, concat_img = concat_draws(run.seed, step, micro, config.loss.concat_prob)
@@ -229,31 +286,43 @@ def main(argv: list[str] | None = None) -> dict:
                 out = model(batch, concat_caption=concat_caption, concat_img=concat_img)
                 loss = total_loss(out, config.loss)
                 accelerator.backward(loss / optim.grad_accum_steps)
+            finite = finite and bool(torch.isfinite(loss.detach()))
             for name in LOSS_NAMES + ("total",):
                 value = loss if name == "total" else out.get(name)
                 if value is not None:
                     sums[name] = sums.get(name, 0.0) + value.item() / optim.grad_accum_steps
             sums["global_batch"] = float(out["retrieval_logits"].shape[1])
-        # clip, step, schedule
-        grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip) if optim.grad_clip > 0 else None
-        optimizer.step()
-        scheduler.step()
+        # clip (an infinite bound only measures the norm), watch, step, schedule
+        grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
+        # With fp16 loss scaling, non-finite gradients are the scaler's business (it skips the step, lowers the scale).
+        finite = finite and (accelerator.scaler is not None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
+        if all_finite(finite, accelerator):
+            optimizer.step()
+            state["nonfinite_streak"] = 0
+            if config.loss.rescale_img_rows:
+                rescale_img_rows(gill, *row_norms)
+        else:
+            skip_nonfinite_step(state, run, accelerator, sums, grad_norm)
+        with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if config.loss.rescale_img_rows:
-            rescale_img_rows(gill, *row_norms)
         state["step"] = step + 1
         # log
         record = {f"train/{k}_loss" if k in LOSS_NAMES + ("total",) else f"train/{k}": v for k, v in sums.items()}
         record.update({"train/lr": scheduler.get_last_lr()[0], "train/logit_scale": gill.logit_scale.exp().item()})
         record["data/skipped_total"] = float(state["skipped"])
+        record["data/skipped_images_total"] = float(state["skipped_images"])
+        record["data/malformed_rows_total"] = float(state["malformed_rows"])
         record["data/skipped_batches_total"] = float(state["skipped_batches"])
-        if grad_norm is not None:
-            record["train/grad_norm"] = float(grad_norm)
+        record["train/nonfinite_steps_total"] = float(state["nonfinite_steps"])
+        record["train/grad_norm"] = float(grad_norm)
         history.append(record)
         if state["step"] % run.log_every == 0 or state["step"] == 1:
             log_metrics(accelerator, run.output_dir, record, state["step"])
             if state["skipped"]:
-                logger.info("Skipped %d unreadable or missing images so far.", state["skipped"])
+                logger.info("Skipped %d examples so far (%d images missing or unreadable, %d malformed rows).",
+                            state["skipped"], state["skipped_images"], state["malformed_rows"])
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{sums['total']:.3f}")
@@ -264,27 +333,45 @@ def main(argv: list[str] | None = None) -> dict:
             log_metrics(accelerator, run.output_dir, val_metrics, state["step"])
             logger.info("step %d validation: %s", state["step"], {k: round(v, 4) for k, v in val_metrics.items()})
         if (run.checkpoint_every and state["step"] % run.checkpoint_every == 0) or (done and state["step"] < optim.max_steps):
-            save_checkpoint(accelerator, run.output_dir, model, optimizer, scheduler, dict(state), run.keep_checkpoints)
+            save_checkpoint(
+                accelerator, run.output_dir, model, optimizer, scheduler, dict(state), run.keep_checkpoints,
+                skips=skips.state_dict(),
+            )
     if progress is not None:
         progress.close()
     if state["skipped"]:
-        logger.warning("Skipped %d unreadable or missing images in total.", state["skipped"])
+        logger.warning("Skipped %d examples in total (%d images missing or unreadable, %d malformed rows).",
+                       state["skipped"], state["skipped_images"], state["malformed_rows"])
+    if state["nonfinite_steps"]:
+        logger.warning("Skipped %d optimizer steps with a non-finite loss or gradient.", state["nonfinite_steps"])
 
     # 7. Export the trained pipeline
     export_dir = None
     if state["step"] >= optim.max_steps:
         export_dir = export(accelerator, pipe, model, run, models.image_decoder_source)
-    accelerator.end_training()
     return {"history": history, "val": val_metrics, "state": state, "export_dir": export_dir, "output_dir": run.output_dir}
 
 
-def next_nonempty_batch(batches, state: dict, accelerator) -> dict:
+def count_skips(state: dict, skips: SkipCounter) -> None:
+    state["skipped"], state["skipped_images"], state["malformed_rows"] = skips.total, skips.images, skips.rows
+
+
+def next_nonempty_batch(batches, state: dict, accelerator, skips: SkipCounter) -> dict:
     """The next batch with readable images on every process; micro-batches empty on any process are skipped by all
-    processes together (counted in `state["skipped_batches"]`). Raises when a whole epoch has no readable image."""
+    processes together (counted in `state["skipped_batches"]`). Raises when a whole epoch has no readable image.
+
+    The examples skipped in a batch (any process's) are counted once per key in `skips`, and logged when new.
+    """
     first_empty = None
     while True:
         state["epoch"], state["batch_in_epoch"], batch = next(batches)
-        state["skipped"] += int(batch["num_skipped"])
+        skipped = batch["skipped_examples"]
+        if accelerator.num_processes > 1:
+            skipped = gather_object(skipped)  # every process calls this for every micro-batch: a collective
+        for key, _, reason in skips.add(skipped):
+            if accelerator.is_main_process:
+                logger.warning("Skipping example %r: %s", key, reason)
+        count_skips(state, skips)
         if not empty_on_any_process(batch, accelerator):
             return batch
         state["skipped_batches"] += 1
@@ -300,6 +387,33 @@ def next_nonempty_batch(batches, state: dict, accelerator) -> dict:
                 f"A whole epoch of micro-batches had no readable image ({state['skipped']} images skipped): check "
                 "`image_folder` (image paths in a TSV are relative to it) and the data files."
             )
+
+
+def all_finite(local: bool, accelerator) -> bool:
+    """Whether the step is finite on every process (the processes must agree to step, or to skip, together)."""
+    if accelerator.num_processes == 1:
+        return local
+    return not bool(accelerator.reduce(torch.tensor(int(not local), device=accelerator.device), reduction="max"))
+
+
+def skip_nonfinite_step(state: dict, run, accelerator, sums: dict, grad_norm) -> None:
+    """A step whose loss or gradient is NaN/inf never reaches the weights, the optimizer moments or a checkpoint: it
+    is skipped and counted; after `max_nonfinite_steps` in a row the run stops, its last checkpoint untouched."""
+    state["nonfinite_steps"] += 1
+    state["nonfinite_streak"] += 1
+    if accelerator.is_main_process:
+        logger.warning(
+            "Step %d skipped: non-finite loss or gradient (loss %s, gradient norm %s); %d in a row.",
+            state["step"] + 1, sums.get("total"), float(grad_norm), state["nonfinite_streak"],
+        )
+    if state["nonfinite_streak"] >= run.max_nonfinite_steps:
+        latest = read_latest(run.output_dir)
+        raise NonFiniteTrainingError(
+            f"{state['nonfinite_streak']} optimizer steps in a row (up to step {state['step'] + 1}) had a non-finite "
+            f"loss or gradient (`max_nonfinite_steps`={run.max_nonfinite_steps}); the weights were not updated by "
+            f"them. Last checkpoint: {latest or 'none written'}. Lower `lr`, check the data and targets for NaN/inf, "
+            "or resume with `--resume latest`."
+        )
 
 
 class _nullcontext:

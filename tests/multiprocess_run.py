@@ -1,0 +1,55 @@
+"""Start a real 2-process (gloo, CPU) training job for a test, and never leave a worker behind."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil  # a dependency of accelerate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(REPO, "training", "train_gill.py")
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL to the launcher's process group and to every descendant's group: torchrun starts each worker in a
+    session of its own, so killing the launcher's group alone would orphan them."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    groups = set()
+    for process_id in [pid] + [p.pid for p in descendants]:
+        try:
+            groups.add(os.getpgid(process_id))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_two_processes(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 training/train_gill.py ARGS`; on timeout every process of the
+    job is killed and `subprocess.TimeoutExpired` raised.
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its multi-CPU path needs
+    mpirun); `--multi_gpu` starts two through torchrun, and without a GPU they form a gloo group on the CPU.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN_SCRIPT, *map(str, args),
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(process.pid)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
