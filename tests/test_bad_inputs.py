@@ -16,15 +16,15 @@ from gill_pipeline.pipeline.inputs import to_rgb_pil
 @pytest.mark.parametrize(
     "inputs,error,pattern",
     [
-        (None, ValueError, r"`inputs`.*got None"),
-        ([], ValueError, r"`inputs` is empty"),
-        ([[]], ValueError, r"`inputs\[0\]` is empty"),
-        ([["ok"], []], ValueError, r"`inputs\[1\]` is empty"),
-        (42, TypeError, r"`inputs`.*got int: 42"),
-        (["a dog", 3.5], TypeError, r"`inputs\[1\]`.*got float: 3.5"),
-        (["a dog", {"x": 1}], TypeError, r"`inputs\[1\]`.*got dict"),
+        (None, ValueError, r"`prompt`.*got None"),
+        ([], ValueError, r"`prompt` is empty"),
+        ([[]], ValueError, r"`prompt\[0\]` is empty"),
+        ([["ok"], []], ValueError, r"`prompt\[1\]` is empty"),
+        (42, TypeError, r"`prompt`.*got int: 42"),
+        (["a dog", 3.5], TypeError, r"`prompt\[1\]`.*got float: 3.5"),
+        (["a dog", {"x": 1}], TypeError, r"`prompt\[1\]`.*got dict"),
         ([["a dog"], "a cat"], ValueError, r"mixes lists and single elements"),
-        ([[["a dog"]]], ValueError, r"`inputs\[0\]\[0\]` is a list"),
+        ([[["a dog"]]], ValueError, r"`prompt\[0\]\[0\]` is a list"),
     ],
 )
 def test_bad_structure(opt_pipe, inputs, error, pattern):
@@ -66,13 +66,13 @@ def test_bad_arguments(opt_pipe, kwargs, pattern):
 
 def test_input_longer_than_the_context(opt_pipe):
     limit = opt_pipe.llm.config.max_position_embeddings
-    with pytest.raises(ValueError, match=rf"`inputs\[1\]` is \d+ LM positions long.*context of {limit}"):
+    with pytest.raises(ValueError, match=rf"`prompt\[1\]` is \d+ LM positions long.*context of {limit}"):
         opt_pipe([["short"], ["This is my dog. " * 60]], **FAST_CALL)
 
 
 def test_tiny_image_is_refused(opt_pipe):
     tiny = PIL.Image.new("RGB", (1, 1))
-    with pytest.raises(ValueError, match=r"`inputs\[1\]` is 1x1 pixels"):
+    with pytest.raises(ValueError, match=r"`prompt\[1\]` is 1x1 pixels"):
         opt_pipe(["a dog", tiny], **FAST_CALL)
 
 
@@ -174,7 +174,100 @@ def test_empty_text_without_bos_is_a_named_error():
     pipe = __import__("conftest").make_pipeline("qwen2")
     pipe.tokenizer.bos_token = None
     assert pipe.tokenizer.bos_token_id is None
-    with pytest.raises(ValueError, match=r"`inputs\[1\]` has no tokens"):
+    with pytest.raises(ValueError, match=r"`prompt\[1\]` has no tokens"):
         pipe([["a dog"], [""]], **FAST_CALL)
     out = pipe(["", "a dog"], max_new_tokens=2, max_images=0)  # empty segments beside real text are fine
     assert len(out.outputs) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every argument is checked before the LM runs (nothing decodes for nothing)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def lm_must_not_run(opt_pipe, monkeypatch):
+    def fail(*args, **kwargs):
+        pytest.fail("the LM ran before the bad argument was reported")
+
+    monkeypatch.setattr(opt_pipe, "decode", fail)
+    monkeypatch.setattr(opt_pipe, "encode_interleaved", fail)
+    return opt_pipe
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        # latents: channels, size, dtype, values (the tiny UNet takes (n, 4, 8, 8) for its default 16x16 images)
+        (dict(latents=torch.zeros(1, 3, 8, 8)), r"`latents` has shape \(1, 3, 8, 8\).*\(num_images_per_prompt, 4, 8, 8\)"),
+        (dict(latents=torch.zeros(1, 4, 5, 5)), r"`latents` has shape \(1, 4, 5, 5\)"),
+        (dict(latents=torch.zeros(1, 4, 16, 16), height=16, width=24), r"`latents` has shape .*16x24"),
+        (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.long)), r"`latents` must be a floating-point.*int64"),
+        (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), r"`latents` contains NaN"),
+        (dict(latents=np.zeros((1, 4, 8, 8))), r"`latents` must be a 4-d tensor.*ndarray"),
+        # generators
+        (dict(generator=42), r"`generator` must be a `torch.Generator`.*int 42"),
+        (dict(generator=[7]), r"`generator` must be a `torch.Generator`.*int 7"),
+        # image sizes: zero, negative, strings, bools, floats, sizes the decoder cannot take
+        (dict(height=0), r"`height` must be a positive integer, got 0"),
+        (dict(width=-16), r"`width` must be a positive integer, got -16"),
+        (dict(height="64"), r"`height` must be a positive integer, got '64'"),
+        (dict(width=True), r"`width` must be a positive integer, got True"),
+        (dict(height=64.0), r"`height` must be a positive integer, got 64.0"),
+        (dict(height=12), r"`height` must be a multiple of 8.*got 12"),
+        # flags are booleans, not truthy values
+        (dict(do_sample="no"), r"`do_sample` must be True or False, got str 'no'"),
+        (dict(return_dict=1), r"`return_dict` must be True or False, got int 1"),
+        (dict(use_cache="yes"), r"`use_cache` must be True or False"),
+        (dict(stop_at_newline=None), r"`stop_at_newline` must be True or False, got NoneType"),
+        # callbacks
+        (dict(callback_on_step_end="x"), r"`callback_on_step_end` must be a callable.*'x'"),
+        (dict(callback_on_step_end_tensor_inputs="latents"), r"`callback_on_step_end_tensor_inputs` must be a list"),
+        # decoder options
+        (dict(guidance_rescale=2.0), r"`guidance_rescale` must be in \[0, 1\], got 2.0"),
+        (dict(guidance_rescale="0.5"), r"`guidance_rescale`.*'0.5'"),
+        (dict(eta=-1.0), r"`eta` must be a finite number >= 0.0, got -1.0"),
+        (dict(timesteps=[900, 500], sigmas=[1.0, 0.5]), r"only one of `timesteps` and `sigmas`"),
+        (dict(timesteps="abc"), r"`timesteps` must be a non-empty list of finite numbers, got 'abc'"),
+        (dict(sigmas=[1.0, float("nan")]), r"`sigmas` must be a non-empty list of finite numbers"),
+        (dict(cross_attention_kwargs="scale"), r"`cross_attention_kwargs` must be a dict or None.*'scale'"),
+        # the rest
+        (dict(output_type=None), r"`output_type` must be one of"),
+        (dict(image_mode=["auto"]), r"`image_mode` must be one of"),
+        (dict(max_images=1.5), r"`max_images` must be an integer >= 0, got 1.5"),
+        (dict(top_p=0), r"`top_p` must be a positive finite number, got 0"),
+        (dict(num_images_per_prompt=True), r"`num_images_per_prompt` must be a positive integer, got True"),
+        (dict(min_text_tokens="2"), r"`min_text_tokens`.*'2'"),
+    ],
+)
+def test_every_argument_is_checked_before_the_lm_runs(lm_must_not_run, kwargs, pattern):
+    settings = dict(FAST_CALL)
+    settings.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        lm_must_not_run(["This is my dog.", random_image(0)], **settings)
+
+
+def _closed_image():
+    image = random_image(0)
+    image.close()
+    return image
+
+
+@pytest.mark.parametrize(
+    "element,pattern",
+    [
+        (torch.full((3, 16, 16), float("nan")), r"`prompt\[1\]` is a float tensor with NaN or infinite values"),
+        (torch.full((3, 16, 16), float("inf")), r"`prompt\[1\]` is a float tensor with NaN or infinite values"),
+        (_closed_image(), r"`prompt\[1\]` is a PIL image that cannot be read: Operation on closed image"),
+        ("a lone \ud800 surrogate", r"`prompt\[1\]` is text that cannot be encoded as UTF-8: character '\\ud800' at position 7"),
+    ],
+    ids=["nan-pixels", "inf-pixels", "closed-pil", "lone-surrogate"],
+)
+def test_unreadable_elements_are_named_before_the_lm_runs(lm_must_not_run, element, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        lm_must_not_run(["This is my dog.", element], **FAST_CALL)
+
+
+def test_both_prompt_forms_name_the_argument_used(opt_pipe):
+    with pytest.raises(TypeError, match=r"`prompt\[1\]`.*got float"):
+        opt_pipe(["a dog", 3.5], **FAST_CALL)
+    with pytest.raises(TypeError, match=r"`inputs\[1\]`.*got float"):
+        opt_pipe(inputs=["a dog", 3.5], **FAST_CALL)

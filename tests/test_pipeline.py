@@ -126,8 +126,12 @@ def test_batch_sampling_equals_one_by_one(opt_pipe):
 
 def test_dict_and_tuple_outputs_equal(opt_pipe):
     as_dict = call(opt_pipe, DOG)
-    (as_tuple,) = call(opt_pipe, DOG, return_dict=False)
-    assert_same_answers(as_dict.outputs, as_tuple, atol=0)
+    images, texts, outputs, warnings = call(opt_pipe, DOG, return_dict=False)
+    assert_same_answers(as_dict.outputs, outputs, atol=0)
+    assert texts == as_dict.texts and warnings == as_dict.warnings == [[]]
+    assert len(images) == len(as_dict.images) == len(as_dict.gill_images[0])
+    for a, b in zip(images, as_dict.images):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_same_generator_same_output_and_unbatched_input_forms(opt_pipe):

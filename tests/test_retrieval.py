@@ -504,3 +504,45 @@ def test_push_and_load_through_the_hub(pipe, built, tmp_path):
         assert found.record["id"] == "img003.png" and loaded.image_root.startswith(str(tmp_path / "cache"))
     finally:
         pipe.retrieval_index = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# An answer asking for more images than the retrieval set can give
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def two_image_index(pipe, tmp_path):
+    folder = write_images(str(tmp_path / "two"), range(2))
+    build_retrieval_index(pipe, folder, folder, progress=False)
+    pipe.load_retrieval_index(folder)
+    yield pipe
+    pipe.retrieval_index = None
+
+
+def test_retrieval_running_out_falls_back_to_generation(two_image_index, decision):
+    decision("retrieve")
+    out = two_image_index("Show me", image_mode="retrieve", **dict(IMAGE_CALL, max_images=3))
+    images = out.gill_images[0]
+    assert [image.source for image in images] == ["retrieved", "retrieved", "generated"]
+    assert "fallback" in images[2].metadata and images[2].decision_probs[1] > 0.99
+    assert len(out.warnings[0]) == 1 and "no image left" in out.warnings[0][0]
+    assert out.texts[0] is not None and len(out.images) == 3
+
+
+def test_retrieval_running_out_without_a_decoder_keeps_the_text(two_image_index, decision):
+    decision("retrieve")
+    unet, vae = two_image_index.unet, two_image_index.vae
+    two_image_index.unet = two_image_index.vae = None  # a retrieval-only pipeline
+    try:
+        out = two_image_index("Show me", image_mode="retrieve", **dict(IMAGE_CALL, max_images=3))
+    finally:
+        two_image_index.unet, two_image_index.vae = unet, vae
+    assert [image.source for image in out.gill_images[0]] == ["retrieved", "retrieved"]
+    assert any("left out" in message for message in out.warnings[0])
+
+
+def test_retrieve_can_return_none_instead_of_raising(pipe, tmp_path):
+    index = index_of(pipe, 1, image_root=str(tmp_path))  # its only image file does not exist
+    queries = random_unit_rows(1, pipe.gill.config.retrieval_dim, 1)
+    with pytest.raises(ImageLoadError):
+        index.retrieve(queries)
+    assert index.retrieve(queries, allow_missing=True) == [None]

@@ -61,6 +61,25 @@ def normalize_interleaved_inputs(inputs: Any, name: str = "inputs") -> tuple[lis
     return batch, bool(all(nested))
 
 
+def check_interleaved_sample(sample: list[Any], name: str) -> list[Any]:
+    """One interleaved list -> the same list with every image as an RGB PIL image; raises, naming the element, for
+    text that cannot be encoded (e.g. a lone surrogate) and images that cannot be read or converted."""
+    checked = []
+    for i, element in enumerate(sample):
+        if isinstance(element, str):
+            try:
+                element.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"`{name}[{i}]` is text that cannot be encoded as UTF-8: character {element[error.start]!r} at "
+                    f"position {error.start} ({error.reason}). Remove it or fix the text's decoding."
+                ) from None
+            checked.append(element)
+        else:
+            checked.append(to_rgb_pil(element, f"{name}[{i}]"))
+    return checked
+
+
 def to_rgb_pil(image: Any, name: str = "image") -> PIL.Image.Image:
     """Converts a PIL image, a numpy HWC uint8 array or a CHW tensor to an RGB PIL image, or raises."""
     if isinstance(image, torch.Tensor):
@@ -69,6 +88,10 @@ def to_rgb_pil(image: Any, name: str = "image") -> PIL.Image.Image:
         image = _array_to_pil(image, name)
     if not isinstance(image, PIL.Image.Image):
         raise TypeError(f"`{name}` must be a PIL.Image, numpy array or torch tensor; got {type(image).__name__}.")
+    try:
+        image.load()  # a closed image, or a file truncated or removed since it was opened, fails here
+    except (ValueError, OSError) as error:
+        raise ValueError(f"`{name}` is a PIL image that cannot be read: {error}.") from None
 
     width, height = image.size
     if min(width, height) < MIN_IMAGE_SIDE:
@@ -124,6 +147,8 @@ def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
             "not a batch)."
         )
     tensor = tensor.detach().cpu()
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"`{name}` is a float tensor with NaN or infinite values; image values must be in [0, 1].")
     if tensor.dtype == torch.uint8:
         array = tensor.permute(1, 2, 0).numpy()
     elif tensor.is_floating_point():

@@ -1,15 +1,25 @@
 """GILLPipeline: interleaved images and text in; text, generated and retrieved images out."""
 
+import inspect
 import math
 import os
 from typing import Any, Callable
 
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.doc_utils import replace_example_docstring
+from transformers import (
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.image_processing_utils import BaseImageProcessor
 
 from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
 from ..base_models import normalize_base_models
@@ -19,9 +29,10 @@ from ..loading import check_pipeline_parts, prepare_pipeline_load, refuse_remote
 from ..lora import load_llm_lora, saving_without_lora
 from ..push import push_pipeline_to_hub
 from ..models.gill_model import GILLModel
+from ..models.open_clip_vision import OpenCLIPVisionModel
 from .assembly import assemble_gill_pipeline
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder
-from .inputs import normalize_interleaved_inputs, to_rgb_pil
+from .inputs import check_interleaved_sample, normalize_interleaved_inputs, to_rgb_pil
 from .pipeline_output import GILLImage, GILLPipelineOutput
 
 
@@ -33,14 +44,44 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from PIL import Image
         >>> from gill_pipeline import GILLPipeline
+        >>> from gill_pipeline.bundled import BUNDLED_EXAMPLE_IMAGE, BUNDLED_INDEX, BUNDLED_PIPELINE
 
-        >>> pipe = GILLPipeline.from_pretrained("path/to/gill-pipeline", dtype=torch.bfloat16).to("cuda")
-        >>> dog = Image.open("dog.png")
-        >>> out = pipe(["This is my dog.", dog, "Show me what he would look like in the snow."])
+        >>> # The small GILL trained on the shapes world that ships with the package (any GILL folder or Hub id works,
+        >>> # e.g. with `dtype=torch.bfloat16` and `.to("cuda")`).
+        >>> pipe = GILLPipeline.from_pretrained(BUNDLED_PIPELINE)
+        >>> index = pipe.load_retrieval_index(BUNDLED_INDEX)  # optional: GILL may then answer with retrieved images
+        >>> circle = Image.open(BUNDLED_EXAMPLE_IMAGE)
+        >>> out = pipe(
+        ...     prompt=[circle],
+        ...     max_new_tokens=8,
+        ...     img_logit_scale=3.0,
+        ...     num_inference_steps=20,
+        ...     guidance_scale=5.0,
+        ...     generator=torch.Generator().manual_seed(0),
+        ... )
+        >>> print(out.texts[0])
+        >>> out.images[0].save("answer.png")
         >>> for element in out.outputs[0]:
-        ...     print(element if isinstance(element, str) else (element.source, element.image.size))
+        ...     print(element if isinstance(element, str) else (element.source, element.decision_probs))
         ```
 """
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(value, name: str, minimum: int):
+    # A bool is not an int here, and neither is a float such as 2.0: both are usually a mistake.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r:.100} ({type(value).__name__}).")
+
+
+def _check_number(value, name: str, positive: bool = False, minimum: float | None = None):
+    if not _is_number(value) or (positive and value <= 0) or (minimum is not None and value < minimum):
+        kind = "a positive finite number" if positive else f"a finite number >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r:.100} ({type(value).__name__}).")
 
 
 class GILLPipeline(DiffusionPipeline):
@@ -78,16 +119,17 @@ class GILLPipeline(DiffusionPipeline):
     _optional_components = ["image_encoder", "feature_extractor", "vae", "unet", "scheduler"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
+    # Components are typed, as in diffusers: `from_pipe`, offloading and optional components read these hints.
     def __init__(
         self,
-        tokenizer,
-        llm,
+        tokenizer: PreTrainedTokenizerBase,
+        llm: PreTrainedModel,
         gill: GILLModel,
-        vae=None,
-        unet=None,
-        scheduler=None,
-        image_encoder=None,
-        feature_extractor=None,
+        vae: AutoencoderKL | None = None,
+        unet: UNet2DConditionModel | None = None,
+        scheduler: SchedulerMixin | None = None,
+        image_encoder: CLIPVisionModel | CLIPVisionModelWithProjection | OpenCLIPVisionModel | None = None,
+        feature_extractor: BaseImageProcessor | None = None,
         img_token_ids: list[int] | None = None,
         base_models: dict | None = None,
     ):
@@ -121,6 +163,12 @@ class GILLPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Set by `load_retrieval_index`; without it, `image_mode="auto"` always generates.
         self.retrieval_index = None
+        # Call state read by diffusers-style callbacks (`callback_on_step_end`), set at the start of each call.
+        self._guidance_scale = 7.5
+        self._guidance_rescale = 0.0
+        self._cross_attention_kwargs = None
+        self._num_timesteps = 0
+        self._interrupt = False
 
     # ----------------------------------------------------------------------------------------------------------
     # Saving and loading
@@ -191,63 +239,97 @@ class GILLPipeline(DiffusionPipeline):
     def num_img_tokens(self) -> int:
         return len(self.config.img_token_ids)
 
+    # What diffusers' callbacks read and write (e.g. `SDCFGCutoffCallback` sets `pipe._guidance_scale = 0.0`);
+    # the denoising loop of the decoder pipeline is kept in step with them after every callback.
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        time_cond = self.unet.config.get("time_cond_proj_dim") if self.unet is not None else None
+        return self._guidance_scale > 1 and time_cond is None
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the current (or last) image generation."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a callback to stop the current denoising loop early."""
+        return self._interrupt
+
     # ----------------------------------------------------------------------------------------------------------
     # 1. Checks
     # ----------------------------------------------------------------------------------------------------------
     def check_inputs(
         self,
-        batch,
+        batch: list[list[Any]],
+        *,
         max_new_tokens,
+        do_sample,
         temperature,
         top_p,
         min_text_tokens,
         img_logit_scale,
         max_images,
-        num_inference_steps,
-        guidance_scale,
-        num_images_per_prompt,
-        output_type,
+        stop_at_newline,
         image_mode,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        guidance_scale,
+        guidance_rescale,
+        eta,
+        cross_attention_kwargs,
+        num_images_per_prompt,
         generator,
         latents,
+        output_type,
+        return_dict,
+        use_cache,
+        callback_on_step_end,
         callback_on_step_end_tensor_inputs,
     ):
-        def is_int(value):
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        if not is_int(max_new_tokens) or max_new_tokens <= 0:
-            raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
-        if not is_number(temperature) or temperature <= 0:
-            raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}.")
-        if not is_number(top_p) or not 0 < top_p <= 1:
+        """Checks every argument of the call before any model runs; errors name the argument and show its value."""
+        for name, value in (
+            ("do_sample", do_sample),
+            ("stop_at_newline", stop_at_newline),
+            ("return_dict", return_dict),
+            ("use_cache", use_cache),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r:.100}.")
+        _check_int(max_new_tokens, "max_new_tokens", minimum=1)
+        _check_number(temperature, "temperature", positive=True)
+        _check_number(top_p, "top_p", positive=True)
+        if top_p > 1:
             raise ValueError(f"`top_p` must be a number in (0, 1], got {top_p!r}.")
-        if not is_int(min_text_tokens) or min_text_tokens < 0:
-            raise ValueError(f"`min_text_tokens` must be a non-negative integer, got {min_text_tokens!r}.")
-        if not is_number(img_logit_scale) or img_logit_scale <= 0:
-            raise ValueError(f"`img_logit_scale` must be a positive finite number, got {img_logit_scale!r}.")
-        if max_images is not None and (not is_int(max_images) or max_images < 0):
-            raise ValueError(f"`max_images` must be None or a non-negative integer, got {max_images!r}.")
-        if not is_int(num_inference_steps) or num_inference_steps <= 0:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if not is_number(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a non-negative finite number, got {guidance_scale!r}.")
-        if not is_int(num_images_per_prompt) or num_images_per_prompt <= 0:
-            raise ValueError(
-                f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}."
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if image_mode not in IMAGE_MODES:
-            raise ValueError(f"`image_mode` must be one of {IMAGE_MODES}, got {image_mode!r}.")
+        _check_int(min_text_tokens, "min_text_tokens", minimum=0)
+        _check_number(img_logit_scale, "img_logit_scale", positive=True)
+        if max_images is not None:
+            _check_int(max_images, "max_images", minimum=0)
+        if not isinstance(image_mode, str) or image_mode not in IMAGE_MODES:
+            raise ValueError(f"`image_mode` must be one of {IMAGE_MODES}, got {image_mode!r:.100}.")
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r:.100}.")
         if image_mode == "retrieve" and self.retrieval_index is None:
             raise ValueError(
                 "`image_mode='retrieve'` needs a retrieval set, but none is loaded. Load one with "
                 "`pipe.load_retrieval_index(...)`, or use `image_mode='generate'` or 'auto'."
             )
-        if image_mode in ("generate", "both") and (self.unet is None or self.vae is None or self.scheduler is None):
+        if image_mode in ("generate", "both") and not self.can_generate:
             raise ValueError(
                 f"`image_mode={image_mode!r}` needs the pipeline's `unet`, `vae` and `scheduler`, but this pipeline "
                 "was loaded without them."
@@ -257,29 +339,131 @@ class GILLPipeline(DiffusionPipeline):
                 "`image_mode='both'` needs a retrieval set, but none is loaded. Load one with "
                 "`pipe.load_retrieval_index(...)`."
             )
-        if isinstance(generator, list) and len(generator) != len(batch):
+
+        # Generation settings are checked even when the answer may turn out to have no image: a wrong value is
+        # reported now, not after the LM has decoded.
+        multiple = self.image_size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value is None:
+                continue
+            _check_int(value, name, minimum=1)
+            if value % multiple:
+                raise ValueError(
+                    f"`{name}` must be a multiple of {multiple} (the decoder's latent scale), got {value}."
+                )
+        _check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        _check_number(guidance_scale, "guidance_scale", minimum=0.0)
+        _check_number(guidance_rescale, "guidance_rescale", minimum=0.0)
+        if guidance_rescale > 1:
+            raise ValueError(f"`guidance_rescale` must be in [0, 1], got {guidance_rescale!r}.")
+        _check_number(eta, "eta", minimum=0.0)
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass only one of `timesteps` and `sigmas`, not both.")
+        for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            if not isinstance(value, (list, tuple)) or not value or not all(
+                _is_number(v) for v in value
+            ):
+                raise ValueError(f"`{name}` must be a non-empty list of finite numbers, got {value!r:.200}.")
+            if self.scheduler is not None and name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"`{name}` was given, but the scheduler {type(self.scheduler).__name__} does not accept custom "
+                    f"{name} in `set_timesteps`; use `num_inference_steps`, or another scheduler."
+                )
+        if eta != 0 and self.scheduler is not None and "eta" not in inspect.signature(self.scheduler.step).parameters:
             raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but {len(batch)} inputs were given: pass "
-                "one generator per input, or a single generator."
+                f"`eta`={eta!r} was given, but the scheduler {type(self.scheduler).__name__} does not use `eta` (only "
+                "DDIM-type schedulers do); leave it at 0.0 or use `DDIMScheduler`."
             )
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise TypeError(
+                f"`cross_attention_kwargs` must be a dict or None, got {type(cross_attention_kwargs).__name__} "
+                f"{cross_attention_kwargs!r:.100}."
+            )
+        _check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+
+        if isinstance(generator, list):
+            if len(generator) != len(batch):
+                raise ValueError(
+                    f"`generator` is a list of {len(generator)} generators, but {len(batch)} inputs were given: pass "
+                    "one generator per input, or a single generator."
+                )
+            bad = [g for g in generator if not isinstance(g, torch.Generator)]
+        else:
+            bad = [] if generator is None or isinstance(generator, torch.Generator) else [generator]
+        if bad:
+            raise TypeError(
+                f"`generator` must be a `torch.Generator`, a list of them (one per input) or None, got "
+                f"{type(bad[0]).__name__} {bad[0]!r:.100}; e.g. `generator=torch.Generator().manual_seed(42)`."
+            )
+
         if latents is not None:
-            if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-                raise ValueError(
-                    f"`latents` must be a 4-d tensor of shape (num_images_per_prompt, C, H, W), got "
-                    f"{type(latents).__name__} {tuple(getattr(latents, 'shape', ()))}."
-                )
-            if latents.shape[0] != num_images_per_prompt:
-                raise ValueError(
-                    f"`latents` has {latents.shape[0]} rows but `num_images_per_prompt` is {num_images_per_prompt}: "
-                    "the same latents are used for every generated [IMG] group."
-                )
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+            self._check_latents(latents, height, width, num_images_per_prompt)
+
+        if callback_on_step_end is not None and not (
+            callable(callback_on_step_end) or isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks))
         ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got "
-                f"{callback_on_step_end_tensor_inputs}."
+            raise TypeError(
+                f"`callback_on_step_end` must be a callable `(pipe, step, timestep, callback_kwargs) -> dict`, a "
+                f"diffusers `PipelineCallback` or None, got {type(callback_on_step_end).__name__} "
+                f"{callback_on_step_end!r:.100}."
             )
+        if callback_on_step_end_tensor_inputs is not None:
+            if not isinstance(callback_on_step_end_tensor_inputs, (list, tuple)) or not all(
+                isinstance(k, str) and k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+            ):
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs}, "
+                    f"got {callback_on_step_end_tensor_inputs!r:.200}."
+                )
+
+    def _check_latents(self, latents, height, width, num_images_per_prompt):
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise ValueError(
+                f"`latents` must be a 4-d tensor of shape (num_images_per_prompt, C, H, W), got "
+                f"{type(latents).__name__} {tuple(getattr(latents, 'shape', ()))}."
+            )
+        if not latents.is_floating_point():
+            raise TypeError(f"`latents` must be a floating-point tensor, got dtype {latents.dtype}.")
+        if latents.shape[0] != num_images_per_prompt:
+            raise ValueError(
+                f"`latents` has {latents.shape[0]} rows but `num_images_per_prompt` is {num_images_per_prompt}: "
+                "the same latents are used for every generated [IMG] group."
+            )
+        if self.unet is None or self.vae is None:
+            return
+        height, width = self.default_image_size(height, width)
+        expected = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if tuple(latents.shape[1:]) != expected:
+            raise ValueError(
+                f"`latents` has shape {tuple(latents.shape)}, but images of {height}x{width} with this UNet need "
+                f"(num_images_per_prompt, {expected[0]}, {expected[1]}, {expected[2]}) (channels = "
+                f"`unet.config.in_channels`, size = image size / {self.vae_scale_factor})."
+            )
+        if not torch.isfinite(latents).all():
+            raise ValueError("`latents` contains NaN or infinite values.")
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether the pipeline has the decoder modules needed to generate images."""
+        return self.unet is not None and self.vae is not None and self.scheduler is not None
+
+    @property
+    def image_size_multiple(self) -> int:
+        """Generated image sides must be multiples of this (the latent scale; the SD pipeline also asks for 8)."""
+        return math.lcm(8, self.vae_scale_factor)
+
+    def default_image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """`(height, width)` of generated images: the given sizes, else the UNet's sample size in pixels."""
+        sample = self.unet.config.sample_size if self.unet is not None else 64
+        if isinstance(sample, (list, tuple)):
+            sample_h, sample_w = sample
+        else:
+            sample_h = sample_w = sample
+        return height or sample_h * self.vae_scale_factor, width or sample_w * self.vae_scale_factor
 
     # ----------------------------------------------------------------------------------------------------------
     # 3. Encoding the interleaved input
@@ -441,44 +625,68 @@ class GILLPipeline(DiffusionPipeline):
     def generate_images(
         self,
         prompt_embeds: torch.Tensor,
-        generators: list | torch.Generator | None,
-        height: int | None,
-        width: int | None,
-        num_inference_steps: int,
-        guidance_scale: float,
-        num_images_per_prompt: int,
-        latents: torch.Tensor | None,
-        output_type: str,
-        callback_on_step_end: Callable | None,
-        callback_on_step_end_tensor_inputs: list[str],
+        *,
+        generators: list | torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        cross_attention_kwargs: dict | None = None,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pt",
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> torch.Tensor:
-        """Prompt embeddings `(N, L, W)` -> images `(N * num_images_per_prompt, C, H, W)` in [0, 1] (or latents)."""
+        """Prompt embeddings `(N, L, W)` -> images `(N * num_images_per_prompt, C, H, W)` in [0, 1] (or latents),
+        by the stock Stable Diffusion denoising loop over this pipeline's modules."""
         sd = self._decoder_pipeline()
+        self._guidance_scale, self._guidance_rescale, self._interrupt = guidance_scale, guidance_rescale, False
+        self._cross_attention_kwargs = cross_attention_kwargs
         dtype = self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype)
         negative = self.gill.uncond_prompt_embeds.to(device=prompt_embeds.device, dtype=dtype)
         negative = negative.expand(prompt_embeds.shape[0], -1, -1)
         if latents is not None:
             latents = latents.repeat(prompt_embeds.shape[0], 1, 1, 1)
+        height, width = self.default_image_size(height, width)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         def callback(sd_pipe, step, timestep, callback_kwargs):
-            return callback_on_step_end(self, step, timestep, callback_kwargs)
+            # The callback sees (and may change) this pipeline's state; the loop then follows it.
+            self._num_timesteps = sd_pipe.num_timesteps
+            outputs = callback_on_step_end(self, step, timestep, callback_kwargs)
+            sd_pipe._guidance_scale = self._guidance_scale
+            sd_pipe._interrupt = self._interrupt
+            return outputs
 
-        return sd(
+        images = sd(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            cross_attention_kwargs=cross_attention_kwargs,
             num_images_per_prompt=num_images_per_prompt,
             generator=generators,
             latents=latents,
             output_type="latent" if output_type == "latent" else "pt",
             callback_on_step_end=callback if callback_on_step_end is not None else None,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
             return_dict=True,
         ).images
+        self._num_timesteps = sd.num_timesteps
+        return images
 
     @torch.no_grad()
     def rank_candidates(self, images: torch.Tensor, img0_hidden: torch.Tensor) -> torch.Tensor:
@@ -504,7 +712,7 @@ class GILLPipeline(DiffusionPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        inputs: Any,
+        prompt: Any = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -517,23 +725,29 @@ class GILLPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         use_cache: bool = True,
-        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        inputs: Any = None,
     ):
         r"""
         Answers interleaved images and text with interleaved text and images.
 
         Args:
-            inputs (`str`, image, `list` of them, or `list` of such lists):
+            prompt (`str`, image, `list` of them, or `list` of such lists):
                 One interleaved sequence of text segments and images (PIL images, numpy HWC uint8 arrays or CHW
-                tensors in [0, 1]), or a list of such sequences (a batch).
+                tensors in [0, 1]), or a list of such sequences (a batch). Also accepted as `inputs=`.
             max_new_tokens (`int`, *optional*, defaults to 32):
                 How many tokens to produce at most per input; an `[IMG]` group counts as one.
             do_sample (`bool`, *optional*, defaults to `False`):
@@ -554,58 +768,101 @@ class GILLPipeline(DiffusionPipeline):
                 `"auto"` lets the decision head choose between retrieving and generating (generating when no
                 retrieval set is loaded, retrieving when the pipeline has no UNet); `"generate"` or `"retrieve"`
                 force one; `"both"` makes both for every `[IMG]` group: the answer shows the decision head's choice,
-                and its [`GILLImage`] carries the other one in `alternatives`.
+                and its [`GILLImage`] carries the other one in `alternatives`. When the retrieval set has no image
+                left for a group, the group is generated instead (or left out when the pipeline cannot generate),
+                and `warnings` says so.
             height (`int`, *optional*), width (`int`, *optional*):
-                Size of generated images; defaults to the UNet's sample size times the VAE scale factor.
+                Size of generated images (multiples of 8 and of the VAE scale factor); defaults to the UNet's sample
+                size times the VAE scale factor.
             num_inference_steps (`int`, *optional*, defaults to 50):
+            timesteps (`list[int]`, *optional*), sigmas (`list[float]`, *optional*):
+                Custom denoising timesteps or sigmas, for schedulers whose `set_timesteps` accepts them (as in
+                diffusers); `num_inference_steps` is then ignored.
             guidance_scale (`float`, *optional*, defaults to 7.5):
                 Classifier-free guidance against the stored empty-prompt embedding; `<= 1` disables it.
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                Guidance rescale factor in [0, 1] (Lin et al., "Common Diffusion Noise Schedules ..."), as in diffusers.
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's eta; only for schedulers whose `step` takes it (anything else refuses a non-zero value).
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the UNet's attention processors (e.g. `{"scale": 0.5}` for a loaded LoRA).
             num_images_per_prompt (`int`, *optional*, defaults to 1):
                 Candidates generated per `[IMG]` group; with an image encoder they are ranked by their
                 retrieval-space similarity to the `[IMG0]` embedding and the best is shown.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 One generator, or one per input (then a batch gives the same result as the inputs one by one).
             latents (`torch.Tensor`, *optional*):
-                Noise latents of shape `(num_images_per_prompt, C, H/8, W/8)`, used for every generated group.
+                Noise latents of shape `(num_images_per_prompt, unet.config.in_channels, height / s, width / s)` with
+                `s` the VAE scale factor, used for every generated group.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, *optional*, defaults to `True`):
-                Return a [`GILLPipelineOutput`] instead of a tuple.
+                Return a [`GILLPipelineOutput`] instead of the tuple `(images, texts, outputs, warnings)`.
             use_cache (`bool`, *optional*, defaults to `True`):
                 Decode with a KV cache; `False` re-runs the whole sequence for every token (the reference's way).
-            callback_on_step_end (`Callable`, *optional*):
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called at the end of each denoising step as `callback_on_step_end(pipe, step, timestep,
-                callback_kwargs)`, as in diffusers.
+                callback_kwargs)`, with this pipeline as `pipe`, as in diffusers: it may read `pipe.num_timesteps`,
+                `pipe.guidance_scale`, `pipe.do_classifier_free_guidance`, set `pipe._guidance_scale` (e.g.
+                diffusers' `SDCFGCutoffCallback`) or stop the denoising early with `pipe._interrupt = True`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                Tensors passed in `callback_kwargs`: any of `latents`, `prompt_embeds`, `negative_prompt_embeds`.
+            inputs (*optional*):
+                Another name for `prompt`.
 
         Examples:
 
         Returns:
-            [`GILLPipelineOutput`] or `tuple`: one interleaved answer (text segments and [`GILLImage`]s) per input.
+            [`GILLPipelineOutput`] or `tuple`: `images`, the images shown in the answers (in `output_type`, in
+            order); `texts`, each answer's text; `outputs`, each answer interleaved (text segments and
+            [`GILLImage`]s with their source, decision probabilities, scores and candidates); `warnings`, per answer.
         """
-        # 1. Check inputs
-        batch, is_batched = normalize_interleaved_inputs(inputs)
+        # 1. Check inputs (every argument, before any model runs)
+        if inputs is not None and prompt is not None:
+            raise ValueError("Pass the interleaved input once: as `prompt` or as `inputs`, not both.")
+        input_name = "inputs" if inputs is not None else "prompt"
+        batch, is_batched = normalize_interleaved_inputs(inputs if inputs is not None else prompt, input_name)
+        names = [f"{input_name}[{b}]" if is_batched else input_name for b in range(len(batch))]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
             batch,
-            max_new_tokens,
-            temperature,
-            top_p,
-            min_text_tokens,
-            img_logit_scale,
-            max_images,
-            num_inference_steps,
-            guidance_scale,
-            num_images_per_prompt,
-            output_type,
-            image_mode,
-            generator,
-            latents,
-            callback_on_step_end_tensor_inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            min_text_tokens=min_text_tokens,
+            img_logit_scale=img_logit_scale,
+            max_images=max_images,
+            stop_at_newline=stop_at_newline,
+            image_mode=image_mode,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            cross_attention_kwargs=cross_attention_kwargs,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            return_dict=return_dict,
+            use_cache=use_cache,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
+        batch = [check_interleaved_sample(sample, name) for sample, name in zip(batch, names)]
 
         # 2. Define call parameters
         device = self._execution_device
-        names = [f"inputs[{b}]" if is_batched else "inputs" for b in range(len(batch))]
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._num_timesteps = 0
+        self._interrupt = False
         settings = DecodingSettings(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -631,69 +888,51 @@ class GILLPipeline(DiffusionPipeline):
             if requests
             else None
         )
-        decisions = self.decide(img_hidden, image_mode) if requests else ([], [])
+        retrieve, probs = self.decide(img_hidden, image_mode) if requests else ([], [])
+        warnings = [[] for _ in batch]
 
-        # 6. Map [IMG] states to prompt embeddings and run the denoising loop for the groups to generate
-        images: dict[tuple[int, int], GILLImage] = {}
-        to_generate = [i for i, retrieve in enumerate(decisions[0]) if not retrieve or image_mode == "both"]
-        if to_generate:
-            gen_prompt_embeds = self.gill.map_to_prompt_embeds(img_hidden[to_generate])
-            generators = self._expand_generators(generator, [requests[i][0] for i in to_generate], num_images_per_prompt)
-            generated = self.generate_images(
-                gen_prompt_embeds,
-                generators,
-                height,
-                width,
-                num_inference_steps,
-                guidance_scale,
-                num_images_per_prompt,
-                latents,
-                output_type,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-            )
-            for n, i in enumerate(to_generate):
-                candidates = generated[n * num_images_per_prompt : (n + 1) * num_images_per_prompt]
-                scores = {}
-                # Every generated image gets its retrieval-space similarity to [IMG0]; several are ranked by it.
-                if output_type != "latent" and self.image_encoder is not None:
-                    similarity = self.rank_candidates(candidates, img_hidden[i, 0])
-                    order = similarity.argsort(descending=True)
-                    candidates, scores = candidates[order], {"similarity": similarity[order].tolist()}
-                candidates = self._postprocess(candidates, output_type)
-                images[requests[i]] = GILLImage(
-                    image=candidates[0],
-                    source="generated",
-                    decision_probs=decisions[1][i],
-                    scores=scores,
-                    candidates=candidates,
-                    prompt_embeds_index=requests[i][1],
-                )
+        # 6. Retrieve images for the groups the decision sent to retrieval (every group with image_mode="both")
+        retrieved = self.retrieve_for_groups(
+            img_hidden, requests, retrieve, probs, batch, image_mode, output_type, warnings
+        )
 
-        # 7. Retrieve images for the groups the decision sent to retrieval (all groups with image_mode="both")
-        to_retrieve = [i for i, retrieve in enumerate(decisions[0]) if retrieve or image_mode == "both"]
-        if to_retrieve:
-            retrieved = self.retrieve_images(
-                img_hidden[to_retrieve], [requests[i] for i in to_retrieve], batch, output_type
-            )
-            for i, image in zip(to_retrieve, retrieved):
-                image.decision_probs = decisions[1][i]
-                image.prompt_embeds_index = requests[i][1]
-                generated_image = images.get(requests[i])
-                if generated_image is None:
-                    images[requests[i]] = image
-                else:  # "both": the decision head's choice is shown, the other one rides along
-                    shown, other = (image, generated_image) if decisions[0][i] else (generated_image, image)
-                    shown.alternatives = [other]
-                    images[requests[i]] = shown
+        # 7. Generate images (groups sent to generation, "both", and groups retrieval could not serve)
+        to_generate = [
+            i
+            for i in range(len(requests))
+            if self.can_generate and (not retrieve[i] or image_mode == "both" or requests[i] not in retrieved)
+        ]
+        generated = self.generate_for_groups(
+            img_hidden,
+            requests,
+            to_generate,
+            probs,
+            generator=generator,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            cross_attention_kwargs=cross_attention_kwargs,
+            num_images_per_prompt=num_images_per_prompt,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
-        # 8. Post-process: interleave text segments and images
+        # 8. Post-process: choose the image shown per group, interleave text segments and images
+        images = self.merge_group_images(requests, retrieve, retrieved, generated, warnings)
         outputs = [self.assemble_answer(b, seq, images) for b, seq in enumerate(sequences)]
+        output = GILLPipelineOutput.from_answers(outputs, warnings)
 
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (outputs,)
-        return GILLPipelineOutput(outputs=outputs)
+            return output.to_tuple()
+        return output
 
     # ----------------------------------------------------------------------------------------------------------
     # Steps of the call
@@ -703,19 +942,100 @@ class GILLPipeline(DiffusionPipeline):
         retrieve) probabilities. With `image_mode="both"` both images are made and this picks the one shown first."""
         probs = self.gill.decide(img_hidden[:, 0])
         prob_pairs = [(float(p[0]), float(p[1])) for p in probs]
-        can_generate = self.unet is not None and self.vae is not None and self.scheduler is not None
-        if image_mode == "retrieve" or (image_mode == "auto" and not can_generate and self.retrieval_index is not None):
+        if image_mode == "retrieve" or (image_mode == "auto" and not self.can_generate and self.retrieval_index is not None):
             retrieve = [True] * len(prob_pairs)
         elif image_mode == "generate" or self.retrieval_index is None:
             retrieve = [False] * len(prob_pairs)
         else:
             retrieve = [bool(p.argmax() == DECISION_RETRIEVE) for p in probs]
-        if any(not r for r in retrieve) and not can_generate:
-            raise ValueError(
-                "The answer asks for a generated image, but this pipeline has no `unet`/`vae`/`scheduler`. Load a "
-                "retrieval set and use `image_mode='retrieve'`, or pass `max_images=0`."
-            )
         return retrieve, prob_pairs
+
+    def retrieve_for_groups(
+        self, img_hidden, requests, retrieve, probs, batch, image_mode, output_type, warnings
+    ) -> dict[tuple[int, int], GILLImage]:
+        """Step 6: a retrieved image for each group sent to retrieval (every group with `image_mode="both"`).
+
+        A group for which the retrieval set has no image left (all shown already in this answer, or unloadable) is
+        missing from the result and noted in `warnings`; step 7 generates it when the pipeline can."""
+        wanted = [i for i in range(len(requests)) if retrieve[i] or image_mode == "both"]
+        if not wanted or self.retrieval_index is None:
+            return {}
+        found = self.retrieve_images(img_hidden[wanted], [requests[i] for i in wanted], batch, output_type)
+        result = {}
+        for i, image in zip(wanted, found):
+            b, g = requests[i]
+            if image is None:
+                fallback = "it is generated instead" if self.can_generate else "it is left out (no image decoder)"
+                message = (
+                    f"[IMG] group {g}: the retrieval set has no image left to show (every candidate was already "
+                    f"shown in this answer or could not be loaded); {fallback}."
+                )
+                logger.warning(f"Answer {b}: {message}")
+                warnings[b].append(message)
+                continue
+            image.decision_probs = probs[i]
+            image.prompt_embeds_index = g
+            result[requests[i]] = image
+        return result
+
+    def generate_for_groups(
+        self, img_hidden, requests, to_generate, probs, *, generator, num_images_per_prompt, output_type, **decoder_kwargs
+    ) -> dict[tuple[int, int], GILLImage]:
+        """Step 7: map the `[IMG]` states of the groups `to_generate` to prompt embeddings and denoise; candidates of
+        a group are ranked by their retrieval-space similarity to `[IMG0]` (when there is an image encoder)."""
+        if not to_generate:
+            return {}
+        prompt_embeds = self.gill.map_to_prompt_embeds(img_hidden[to_generate])
+        generators = self._expand_generators(generator, [requests[i][0] for i in to_generate], num_images_per_prompt)
+        generated = self.generate_images(
+            prompt_embeds,
+            generators=generators,
+            num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
+            **decoder_kwargs,
+        )
+        result = {}
+        for n, i in enumerate(to_generate):
+            candidates = generated[n * num_images_per_prompt : (n + 1) * num_images_per_prompt]
+            scores = {}
+            # Every generated image gets its retrieval-space similarity to [IMG0]; several are ranked by it.
+            if output_type != "latent" and self.image_encoder is not None:
+                similarity = self.rank_candidates(candidates, img_hidden[i, 0])
+                order = similarity.argsort(descending=True)
+                candidates, scores = candidates[order], {"similarity": similarity[order].tolist()}
+            candidates = self._postprocess(candidates, output_type)
+            result[requests[i]] = GILLImage(
+                image=candidates[0],
+                source="generated",
+                decision_probs=probs[i],
+                scores=scores,
+                candidates=candidates,
+                prompt_embeds_index=requests[i][1],
+            )
+        return result
+
+    @staticmethod
+    def merge_group_images(requests, retrieve, retrieved, generated, warnings) -> dict[tuple[int, int], GILLImage]:
+        """The image shown per group: the decision head's choice, the other one (`"both"`) in `alternatives`; a
+        group that retrieval could not serve shows its generated image, marked in `metadata["fallback"]`."""
+        images = {}
+        for i, key in enumerate(requests):
+            from_index, from_decoder = retrieved.get(key), generated.get(key)
+            if from_index is not None and from_decoder is not None:
+                shown, other = (from_index, from_decoder) if retrieve[i] else (from_decoder, from_index)
+                shown.alternatives = [other]
+                images[key] = shown
+            elif from_index is not None:
+                images[key] = from_index
+            elif from_decoder is not None:
+                if retrieve[i]:
+                    from_decoder.metadata["fallback"] = "retrieval had no image left; generated instead"
+                images[key] = from_decoder
+            else:
+                message = f"[IMG] group {key[1]}: no image could be retrieved or generated; it is left out."
+                if message not in warnings[key[0]]:
+                    warnings[key[0]].append(message)
+        return images
 
     def load_retrieval_index(
         self, path_or_repo_id, allow_urls: bool = False, image_root: str | os.PathLike | None = None, **hub_kwargs
@@ -753,10 +1073,10 @@ class GILLPipeline(DiffusionPipeline):
         self.retrieval_index = index
         return index
 
-    def retrieve_images(self, img_hidden, requests, batch, output_type) -> list[GILLImage]:
+    def retrieve_images(self, img_hidden, requests, batch, output_type) -> list[GILLImage | None]:
         """One retrieved image per `[IMG]` group (hidden states `(N, r, D)`, `requests[n] = (input, group)`), never an
         image already shown in the same answer: neither one retrieved for an earlier group nor an input image that
-        came from the index (a retrieved PIL image given back as input)."""
+        came from the index (a retrieved PIL image given back as input). `None` where no image is left to show."""
         from ..retrieval import RETRIEVAL_ID_INFO_KEY
 
         index = self.retrieval_index
@@ -773,7 +1093,10 @@ class GILLPipeline(DiffusionPipeline):
             for b in set(owners)
         }
         images = []
-        for found in index.retrieve(queries.to(index.device), owners, exclude):
+        for found in index.retrieve(queries.to(index.device), owners, exclude, allow_missing=True):
+            if found is None:  # nothing left to show for this group: the caller falls back
+                images.append(None)
+                continue
             image = found.image
             if output_type != "pil":
                 image = self.image_processor.pil_to_numpy([image])
@@ -803,7 +1126,8 @@ class GILLPipeline(DiffusionPipeline):
             text = self.tokenizer.decode(seq.token_ids[start:img_start], skip_special_tokens=True)
             if text:
                 answer.append(text)
-            answer.append(images[(b, g)])
+            if (b, g) in images:  # a group with no image (see `merge_group_images`) is left out
+                answer.append(images[(b, g)])
             start = img_start + self.num_img_tokens
         text = self.tokenizer.decode(seq.token_ids[start:], skip_special_tokens=True)
         if text:

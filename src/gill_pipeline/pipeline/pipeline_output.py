@@ -47,22 +47,36 @@ class GILLPipelineOutput(BaseOutput):
     r"""
     Output of [`GILLPipeline`].
 
+    As in diffusers, `images` holds images: here every image shown in the answers, in order (answer 0's images, then
+    answer 1's, ...), in the call's `output_type`. An answer may hold no image or several, so `outputs` keeps each
+    answer whole and `gill_images` its [`GILLImage`] objects.
+
     Args:
+        images (`list`):
+            The images shown, all answers in order: PIL images, numpy arrays or tensors (`output_type`).
+        texts (`list[str]`):
+            All text of each answer, joined.
         outputs (`list[list[str | GILLImage]]`):
-            One interleaved answer per input: text segments and [`GILLImage`] objects in the order produced.
+            One interleaved answer per input: text segments and [`GILLImage`] objects (the image with its source,
+            decision probabilities, scores, candidates and alternatives) in the order produced.
+        warnings (`list[list[str]]`):
+            Per answer, what did not go as asked (e.g. a retrieval set with no image left for an `[IMG]` group,
+            which was then generated instead).
     """
 
+    images: list[Any]
+    texts: list[str]
     outputs: list[list[Union[str, GILLImage]]]
+    warnings: list[list[str]]
 
-    @property
-    def texts(self) -> list[str]:
-        """All text of each answer, joined."""
-        return ["".join(x for x in answer if isinstance(x, str)) for answer in self.outputs]
-
-    @property
-    def images(self) -> list[list[GILLImage]]:
-        """All image objects of each answer."""
-        return self.gill_images
+    @classmethod
+    def from_answers(cls, outputs: list[list[Union[str, GILLImage]]], warnings: list[list[str]] | None = None):
+        return cls(
+            images=[x.image for answer in outputs for x in answer if isinstance(x, GILLImage)],
+            texts=["".join(x for x in answer if isinstance(x, str)) for answer in outputs],
+            outputs=outputs,
+            warnings=warnings if warnings is not None else [[] for _ in outputs],
+        )
 
     @property
     def gill_images(self) -> list[list[GILLImage]]:

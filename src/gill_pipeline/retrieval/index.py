@@ -317,7 +317,8 @@ class RetrievalIndex:
         owners: list[int] | None = None,
         exclude_ids: dict[int, set[str]] | None = None,
         max_load_attempts: int = DEFAULT_MAX_LOAD_ATTEMPTS,
-    ) -> list[RetrievedImage]:
+        allow_missing: bool = False,
+    ) -> list[RetrievedImage | None]:
         """One loaded image per query, never one already shown in the same answer.
 
         Args:
@@ -327,6 +328,8 @@ class RetrievalIndex:
             exclude_ids (`dict[int, set[str]]`, *optional*): Ids never to retrieve for an answer (e.g. its inputs).
             max_load_attempts (`int`, *optional*, defaults to 16):
                 Images that fail to load (missing, unreadable, refused) for one query before giving up with an error.
+            allow_missing (`bool`, *optional*, defaults to `False`): Give `None` (and log why) for a query with no
+                image left to show, instead of raising, so the other queries' results are kept.
         """
         if len(self) == 0:
             raise ValueError("The retrieval index is empty.")
@@ -353,19 +356,28 @@ class RetrievalIndex:
                     logger.warning(f"Skipping retrieval candidate {record['id']!r}: {error}")
                     skipped.append(record["id"])
                     if len(skipped) >= max_load_attempts:
-                        raise ImageLoadError(
+                        message = (
                             f"None of the {len(skipped)} best images for a query could be loaded ({skipped[:5]}...): "
                             "check the index's `image_root` and `allow_urls`."
-                        ) from error
+                        )
+                        if not allow_missing:
+                            raise ImageLoadError(message) from error
+                        logger.warning(message)
+                        results.append(None)
+                        break
                     continue
                 excluded.add(row)
                 results.append(RetrievedImage(image, dict(record), row, score, rank, skipped))
                 break
             else:
-                raise ImageLoadError(
+                message = (
                     f"No image left to retrieve: all {len(self)} images of the index were already shown in this "
                     f"answer or could not be loaded ({len(skipped)} failed)."
                 )
+                if not allow_missing:
+                    raise ImageLoadError(message)
+                logger.warning(message)
+                results.append(None)
         return results
 
     # ----------------------------------------------------------------------------------------------------------
