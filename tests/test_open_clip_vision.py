@@ -162,6 +162,34 @@ def test_force_patch_dropout_is_kept(open_clip, registered_tiny_model, tmp_path)
     assert loaded.config.vision_cfg["patch_dropout"] == 0.25 and loaded.visual.patch_dropout.prob == 0.25
 
 
+def test_timm_tower_with_forced_image_size(open_clip, tmp_path):
+    """A timm trunk (timm's own tiny test ViT): open_clip resizes it after creation for `force_image_size`; the
+    loaded copy must be rebuilt at that size, and never ask timm for pretrained weights."""
+    pytest.importorskip("timm", reason="timm towers need the `timm` package")
+    config = {**TINY_MODEL_CONFIG, "vision_cfg": {"timm_model_name": "test_vit", "timm_pool": "", "image_size": 160}}
+    encoder, _ = OpenCLIPVisionModel.from_open_clip(config, force_image_size=64)
+    encoder.save_pretrained(tmp_path)
+    loaded = OpenCLIPVisionModel.from_pretrained(tmp_path)
+    assert loaded.config.vision_cfg["timm_model_pretrained"] is False and loaded.image_size == (64, 64)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).pooler_output, encoder(pixels).pooler_output, rtol=0, atol=1e-5)
+
+
+def test_an_architecture_the_config_misses_is_refused_at_build_time(open_clip, registered_tiny_model, monkeypatch):
+    """If a keyword changed the tower in a way our config did not record, from_open_clip must refuse to build (and so
+    never save) a component that would load as a different model. Simulated by dropping `force_quick_gelu` from the
+    config our component is built from."""
+    from gill_pipeline.models import open_clip_vision
+
+    derive = open_clip_vision._final_model_config
+    monkeypatch.setattr(
+        open_clip_vision, "_final_model_config", lambda *args: {**derive(*args), "quick_gelu": False}
+    )
+    with pytest.raises(ValueError, match="its features differ"):
+        OpenCLIPVisionModel.from_open_clip(TINY_NAME, force_quick_gelu=True)
+
+
 @pytest.mark.parametrize(
     "preprocess",
     [

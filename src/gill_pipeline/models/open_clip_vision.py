@@ -107,12 +107,23 @@ class OpenCLIPVisionModel(ModelMixin, ConfigMixin):
         self.visual = open_clip.model._build_vision_tower(
             embed_dim, vision_config, quick_gelu, getattr(torch, cast_dtype) if cast_dtype else None
         )
+        if vision_config.timm_model_name:
+            self._resize_timm_trunk(vision_config.image_size)
         width = getattr(self.visual, "output_dim", hidden_size or embed_dim)
         if hidden_size is None:
             hidden_size = width
             self.register_to_config(hidden_size=hidden_size)
         if width != hidden_size:
             raise ValueError(f"`hidden_size`={hidden_size} does not match the tower's output width {width}.")
+
+    def _resize_timm_trunk(self, image_size):
+        # open_clip builds a timm trunk at timm's default input size and resizes it (`set_input_size`) only after
+        # loading weights when `force_image_size` is given; the saved `image_size` is the final one, so a trunk whose
+        # patch embedding expects another size is resized the same way here.
+        patch_embed = getattr(self.visual.trunk, "patch_embed", None)
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if patch_embed is not None and tuple(getattr(patch_embed, "img_size", size)) != size:
+            self.visual.set_input_size(size)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -243,7 +254,13 @@ def _copy_and_check(encoder: OpenCLIPVisionModel, visual: torch.nn.Module, confi
     time, instead of after a save and load."""
     parameter = next(visual.parameters())
     encoder.to(device=parameter.device)
-    encoder.visual.load_state_dict(visual.state_dict(), strict=True)
+    try:
+        encoder.visual.load_state_dict(visual.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"The open_clip tower could not be rebuilt from its config {config}: {error}. A keyword passed to "
+            "`from_open_clip` changes the architecture in a way this component does not record."
+        ) from error
     # Low precisions keep some tensors (layer norms) in float32: copy each tensor's dtype, not one dtype.
     theirs = dict(visual.named_parameters()) | dict(visual.named_buffers())
     for name, tensor in list(encoder.visual.named_parameters()) + list(encoder.visual.named_buffers()):
