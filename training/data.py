@@ -21,6 +21,8 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from gill_pipeline.pipeline.inputs import to_rgb_pil
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -197,8 +199,17 @@ def load_rgb(source) -> PIL.Image.Image | None:
             source = io.BytesIO(source)
         with PIL.Image.open(source) as image:
             image.load()
-            return image.convert("RGB")
+            return rgb_or_none(image)
     except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        return None
+
+
+def rgb_or_none(image: PIL.Image.Image) -> PIL.Image.Image | None:
+    """The pipeline's own RGB conversion (transparent pixels on white, 16-bit scaled), so training sees images as
+    inference does; None for an image inference would refuse (too small, or a mode with no RGB meaning)."""
+    try:
+        return to_rgb_pil(image)
+    except (TypeError, ValueError):
         return None
 
 
@@ -254,9 +265,10 @@ class ExampleReader:
             example["target"] = stored["target"]
             if "image_features" in stored:
                 return {**example, "image_features": stored["image_features"], "skipped": False}
-        image = image_source if isinstance(image_source, PIL.Image.Image) else load_rgb(
-            resolve_image_path(image_source) if isinstance(image_source, str) else image_source
-        )
+        if isinstance(image_source, PIL.Image.Image):
+            image = rgb_or_none(image_source)
+        else:
+            image = load_rgb(resolve_image_path(image_source) if isinstance(image_source, str) else image_source)
         if image is None:
             if isinstance(image_source, str):
                 path = resolve_image_path(image_source)

@@ -21,6 +21,8 @@ if __package__ in (None, ""):
 import torch
 from safetensors.torch import save_file
 
+from gill_pipeline.models.vision import image_pixel_values, pooled_image_features
+
 from training.data import iterate_records, load_rgb, resolve_image_path, unique_records
 from training.params import DATA_TYPES, TINY_LM_TYPES
 from training.targets import (
@@ -100,11 +102,8 @@ def precompute_targets(
         targets = encode_captions(text_encoder, tokenizer, [c for _, c in kept], cond_length).float().cpu()
         features = None
         if image_encoder is not None:
-            pixels = image_processor(images=images, return_tensors="pt").pixel_values
-            param = next(image_encoder.parameters())
-            output = image_encoder(pixel_values=pixels.to(param.device, param.dtype))
-            pooled = getattr(output, "pooler_output", None)
-            features = (pooled if pooled is not None else output.image_embeds).float().cpu()
+            pixels = image_pixel_values(image_processor, images)
+            features = pooled_image_features(image_encoder, pixels).float().cpu()
         for row, (key, _) in enumerate(kept):
             pending.append((key, targets[row : row + 1], None if features is None else features[row : row + 1]))
 

@@ -30,6 +30,7 @@ from ..lora import load_llm_lora, saving_without_lora
 from ..push import push_pipeline_to_hub
 from ..models.gill_model import GILLModel
 from ..models.open_clip_vision import OpenCLIPVisionModel
+from ..models.vision import image_pixel_values, pooled_image_features
 from .assembly import assemble_gill_pipeline
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder
 from .inputs import check_interleaved_sample, normalize_interleaved_inputs, to_rgb_pil
@@ -494,13 +495,8 @@ class GILLPipeline(DiffusionPipeline):
             raise ValueError(
                 "The input contains images, but this pipeline has no `image_encoder`/`feature_extractor`."
             )
-        pixel_values = self.feature_extractor(images=images, return_tensors="pt").pixel_values
-        dtype = next(self.image_encoder.parameters()).dtype
-        output = self.image_encoder(pixel_values=pixel_values.to(device=device, dtype=dtype))
-        pooled = getattr(output, "pooler_output", None)
-        if pooled is None:
-            pooled = output.image_embeds
-        return pooled
+        pixel_values = image_pixel_values(self.feature_extractor, images)
+        return pooled_image_features(self.image_encoder, pixel_values.to(device))
 
     def encode_interleaved(self, sample: list[Any], device: torch.device, sample_name: str) -> torch.Tensor:
         """One interleaved list of text and images -> LM input embeddings `(T, D)`.

@@ -1,0 +1,33 @@
+"""What GILL reads from a vision encoder: one home for inference, retrieval and training.
+
+The pipeline (`GILLPipeline.encode_image_features`), the retrieval index builder and the training scripts
+(`training/model_forward.py`, `training/precompute.py`) all call these, so the feature an image gives can never differ
+between training and inference.
+"""
+
+import PIL.Image
+import torch
+
+
+def pooled_image_features(image_encoder, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pixel values `(N, 3, H, W)` -> the encoder's pooled feature `(N, vision_dim)`, in the encoder's dtype.
+
+    CLIP vision models give `pooler_output`; projection models (`CLIPVisionModelWithProjection`) give `image_embeds`;
+    `OpenCLIPVisionModel` gives its projected embedding as `pooler_output`.
+    """
+    parameter = next(image_encoder.parameters())
+    output = image_encoder(pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        pooled = getattr(output, "image_embeds", None)
+    if pooled is None:
+        raise ValueError(
+            f"The vision encoder {type(image_encoder).__name__} returned neither `pooler_output` nor `image_embeds`; "
+            "GILL needs one pooled feature per image."
+        )
+    return pooled
+
+
+def image_pixel_values(image_processor, images: list[PIL.Image.Image]) -> torch.Tensor:
+    """RGB PIL images -> pixel values `(N, 3, H, W)` by the pipeline's image processor (`feature_extractor`)."""
+    return image_processor(images=images, return_tensors="pt").pixel_values
