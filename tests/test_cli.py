@@ -116,3 +116,97 @@ def test_generate_still_works(tmp_path, capsys):
     argv = ["generate", "A dog.", "--max-new-tokens", "3", "--steps", "1", "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     assert os.path.isfile(tmp_path / "answer.txt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every bad argument is one line and exit code 2 (issue 11, section 5)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "gill: error: the following arguments are required: command"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+        (["push"], "gill push: error: the following arguments are required: folder, repo_id"),
+        (["generate", "--device", "bogus"], "argument --device: 'bogus' is not a torch device"),
+        (["generate", "--device", "meta"], "argument --device: 'meta' is not a device to run on here"),
+        (["generate", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+        (["generate", "--max-new-tokens", "many"], "argument --max-new-tokens: expected a positive integer"),
+        (["generate", "--temperature", "nan"], "argument --temperature: expected a positive finite number"),
+        (["generate", "--top-p", "1.5"], "argument --top-p: expected a number in (0, 1]"),
+        (["generate", "--guidance-scale", "-1"], "argument --guidance-scale: expected a non-negative finite number"),
+        (["generate", "--max-images", "-2"], "argument --max-images: expected a non-negative integer"),
+        (["generate", "--seed", "-1"], "argument --seed: expected an integer seed"),
+        (["generate", "--dtype", "auto"], "argument --dtype: `--dtype`='auto' is not supported"),
+        (["generate", "--image-mode", "sometimes"], "argument --image-mode: invalid choice: 'sometimes'"),
+        (["generate", "--model", "/no/such/dir"], "No such folder: '/no/such/dir'"),
+        (["generate", "--model", "./no_such_model"], "No such folder: './no_such_model'"),
+        (["generate", "--model", "tiny-random", "--retrieval-index", "./no_index"], "--retrieval-index: no such folder"),
+        (["generate", "--model", "tiny-random", "missing.png"], "image file not found: missing.png"),
+        (["convert-original", "--output-dir", "x", "--mapper-heads", "0"], "argument --mapper-heads: expected a positive"),
+        (["convert-original", "--output-dir", "x", "--dtype", "int8"], "argument --dtype: `--dtype` must be"),
+    ],
+)
+def test_bad_arguments_are_one_line_with_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "usage:" not in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_line(capsys):
+    assert main(["generate", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "'cuda': cuda is not available on this machine" in err and err.count("\n") == 1
+
+
+def test_unreadable_image_and_bad_output_dir_are_one_line(tmp_path, capsys):
+    not_an_image = tmp_path / "photo.png"
+    not_an_image.write_text("not an image")
+    assert main(["generate", "--model", "tiny-random", str(not_an_image)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {not_an_image}" in err and err.count("\n") == 1
+    a_file = tmp_path / "answer"
+    a_file.write_text("")
+    assert main(["generate", "--model", "tiny-random", "--output-dir", str(a_file)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_generate_help_shows_the_defaults_a_run_uses(capsys, monkeypatch):
+    import inspect
+
+    from gill_pipeline.cli import PRESETS, SHAPES_MODEL
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside "shapes-world"
+    assert main(["generate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a dog example" not in text
+    defaults = inspect.signature(GILLPipeline.__call__).parameters
+    assert f"{defaults['max_new_tokens'].default} with other models" in text
+    assert f"{defaults['num_inference_steps'].default} with other models" in text
+    shapes = PRESETS[SHAPES_MODEL]["settings"]
+    assert f"{shapes['steps']} with '{SHAPES_MODEL}'" in text and f"{shapes['guidance_scale']} with '{SHAPES_MODEL}'" in text
+    assert f"{shapes['image_mode']} with '{SHAPES_MODEL}'" in text
+
+
+def test_the_torchvision_fallback_notice_is_dropped_and_others_kept(caplog):
+    import logging
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    with caplog.at_level(logging.WARNING, logger="transformers.utils.import_utils"):
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`")
+        logger.warning("another notice")
+    assert [r.getMessage() for r in caplog.records] == ["another notice"]
+
+
+@pytest.mark.slow
+def test_generate_output_has_no_library_notices(tmp_path):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "gill_pipeline.cli", "generate", "--model", "tiny-random", "--max-new-tokens", "2",
+            "--steps", "1", "--output-dir", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr and "[transformers]" not in result.stderr
+    assert "Loading pipeline components" not in result.stderr and "Loading weights" not in result.stderr
+    assert "Answer:" in result.stdout

@@ -203,3 +203,19 @@ def test_record_base_models_from_ids_and_objects(pipe, tmp_path):
     assert record["image_encoder"]["class_name"] == "CLIPVisionModel"
     assert record_base_models(pipe.llm, None, pipe.image_encoder)["llm"] is None
     assert record_base_models(str(tmp_path), None, None)["llm"] is None  # a local path cannot be shared
+
+
+def test_a_recorded_base_model_of_the_wrong_kind_is_named(pipe, hub, pushed, tmp_path):
+    _, cache = hub
+    # The LM recorded is a CLIP vision repo: named before any weight is downloaded.
+    folder = pipe.save_learned_weights(tmp_path / "lm_is_clip", base_models=dict(BASE, llm=BASE["image_encoder"]))
+    with pytest.raises(HubLoadError, match=r"base LM 'tiny/clip'.*not a causal LM.*model_type 'clip_vision_model'"):
+        GILLPipeline.from_pretrained(folder, cache_dir=cache)
+    # The vision encoder recorded is the OPT repo.
+    folder = pipe.save_learned_weights(tmp_path / "clip_is_lm", base_models=dict(BASE, image_encoder=BASE["llm"]))
+    with pytest.raises(HubLoadError, match=r"base vision encoder 'tiny/opt'.*Wrong kind of model.*model_type 'opt'"):
+        GILLPipeline.from_pretrained(folder, cache_dir=cache, llm=pipe.llm, vae=None, unet=None)
+    # Stable Diffusion recorded as the OPT repo: no vae/ there.
+    folder = pipe.save_learned_weights(tmp_path / "sd_is_lm", base_models=dict(BASE, stable_diffusion=BASE["llm"]))
+    with pytest.raises(HubLoadError, match=r"base Stable Diffusion vae 'tiny/opt'"):
+        GILLPipeline.from_pretrained(folder, cache_dir=cache, llm=pipe.llm, image_encoder=None)

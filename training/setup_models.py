@@ -1,15 +1,22 @@
 """Loading the models a training run starts from: a GILL pipeline plus SD's text encoder (for the targets)."""
 
-import importlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 from gill_pipeline import GILLPipeline
+from gill_pipeline.hub import resolve_pipeline_folder
+from gill_pipeline.learned_weights import is_learned_weights_folder
+from gill_pipeline.loading import (
+    PipelineFolderError,
+    read_json_object,
+    refuse_unsafe_files,
+    resolve_component_class,
+    validate_component,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ class Models:
 
 
 IMAGE_DECODER_COMPONENTS = ("unet", "vae", "scheduler")
+# The kind of class each decoder component must be: names in model_index.json (which may come from the Hub) are
+# resolved to diffusers classes by name and checked, never imported from anywhere else.
+IMAGE_DECODER_KINDS = {"unet": ModelMixin, "vae": ModelMixin, "scheduler": SchedulerMixin}
 
 
 def build_tiny_models(lm_type: str, seed: int = 0) -> Models:
@@ -88,8 +98,7 @@ def load_sd_text_encoder(stable_diffusion: str):
 
 def image_decoder_components(folder: str) -> dict[str, tuple[str, str]]:
     """`{name: (library, class name)}` of the UNet, VAE and scheduler a saved pipeline folder holds."""
-    with open(os.path.join(folder, DiffusionPipeline.config_name), encoding="utf-8") as f:
-        index = json.load(f)
+    index = read_json_object(os.path.join(folder, DiffusionPipeline.config_name))
     return {
         name: tuple(index[name])
         for name in IMAGE_DECODER_COMPONENTS
@@ -98,11 +107,27 @@ def image_decoder_components(folder: str) -> dict[str, tuple[str, str]]:
 
 
 def attach_image_decoder(pipe: GILLPipeline, folder: str) -> None:
-    """Loads the UNet, VAE and scheduler of the pipeline saved in `folder` into `pipe` (nothing else is read)."""
+    """Loads the UNet, VAE and scheduler of the pipeline saved in `folder` into `pipe` (nothing else is read).
+
+    Only diffusers classes of the right kind are accepted, and only safetensors weights: the folder may come from
+    the Hub (see docs/security.md)."""
+    refuse_unsafe_files(folder)
+    where = os.path.join(folder, DiffusionPipeline.config_name)
     loaded = {}
     for name, (library, class_name) in image_decoder_components(folder).items():
-        component_class = getattr(importlib.import_module(library), class_name)
-        loaded[name] = component_class.from_pretrained(os.path.join(folder, name))
+        if library != "diffusers":
+            raise PipelineFolderError(
+                f"{where} (component `{name}`): refusing the class {class_name!r} of library {library!r}; the image "
+                "decoder is made of diffusers classes only."
+            )
+        component_class = resolve_component_class(library, class_name, f"{where} (component `{name}`)")
+        if not issubclass(component_class, IMAGE_DECODER_KINDS[name]):
+            raise PipelineFolderError(
+                f"{where} (component `{name}`): {class_name} is not a diffusers {IMAGE_DECODER_KINDS[name].__name__}."
+            )
+        validate_component(os.path.join(folder, name), name, component_class, listed_in=where)
+        safe = {"use_safetensors": True} if issubclass(component_class, ModelMixin) else {}
+        loaded[name] = component_class.from_pretrained(os.path.join(folder, name), **safe)
         if isinstance(loaded[name], torch.nn.Module):
             loaded[name].requires_grad_(False).eval()
     pipe.register_modules(**loaded)
@@ -119,9 +144,6 @@ def load_models(model_args, seed: int = 0, need_text_encoder: bool = True, need_
     if model_args.tiny_random:
         models = build_tiny_models(model_args.tiny_random, seed)
     elif model_args.pipeline:
-        from gill_pipeline.hub import resolve_pipeline_folder
-        from gill_pipeline.learned_weights import is_learned_weights_folder
-
         folder = resolve_pipeline_folder(model_args.pipeline)
         decoder_source = None
         if is_learned_weights_folder(folder) and need_image_decoder:

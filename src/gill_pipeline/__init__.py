@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import _import_notices  # noqa: F401  (before anything imports diffusers: see the module)
 from .models import GILLMapper, GILLModel, OpenCLIPVisionModel
 from .pipeline import (
     DecodingSettings,

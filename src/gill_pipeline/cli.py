@@ -4,11 +4,19 @@ Subcommands register themselves in `SUBCOMMANDS`; user errors print one line and
 """
 
 import argparse
+import inspect
 import logging
+import math
 import os
 import sys
 
+import torch
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
 from .constants import IMAGE_MODES
+from .file_names import looks_like_local_path
+from .loading import DTYPE_NAMES, resolve_dtype
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHAPES_MODEL = "shapes-world"
@@ -30,10 +38,20 @@ PRESETS = {
         settings=dict(min_text_tokens=4, img_logit_scale=100.0, max_images=1),
     ),
 }
-CALL_DEFAULTS = dict(
-    max_new_tokens=32, min_text_tokens=0, img_logit_scale=1.0, max_images=None, image_mode="auto", steps=50,
-    guidance_scale=7.5,
+# CLI option -> `GILLPipeline.__call__` argument; options left unset take the built-in model's preset, else the
+# pipeline's own default (read from its signature, so the help text cannot drift from it).
+CALL_ARGUMENTS = dict(
+    max_new_tokens="max_new_tokens", min_text_tokens="min_text_tokens", img_logit_scale="img_logit_scale",
+    max_images="max_images", image_mode="image_mode", steps="num_inference_steps", guidance_scale="guidance_scale",
 )
+
+
+def call_defaults() -> dict:
+    """The pipeline's defaults for the options of `CALL_ARGUMENTS`."""
+    from .pipeline import GILLPipeline
+
+    parameters = inspect.signature(GILLPipeline.__call__).parameters
+    return {option: parameters[name].default for option, name in CALL_ARGUMENTS.items()}
 
 
 def default_model() -> str:
@@ -45,7 +63,94 @@ logger = logging.getLogger("gill_pipeline.cli")
 
 
 class CLIError(Exception):
-    """An error in plain words for the user of the command line."""
+    """An error in plain words for the user of the command line; `prog` is the (sub)command it concerns."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a [`CLIError`]: one line on stderr and exit code 2, like every other error
+    (argparse's own `error` prints the whole usage first)."""
+
+    def error(self, message):
+        raise CLIError(message, prog=self.prog)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types: a bad value is named by argparse ("argument --steps: ...") with our reason.
+# ----------------------------------------------------------------------------------------------------------------
+def _number(text: str, kind, what: str, check) -> float | int:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if (isinstance(value, float) and not math.isfinite(value)) or not check(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v > 0)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, "a non-negative integer", lambda v: v >= 0)
+
+
+def seed(text: str) -> int:
+    return _number(text, int, "an integer seed in [0, 2**63)", lambda v: 0 <= v < 2**63)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a positive finite number", lambda v: v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, "a non-negative finite number", lambda v: v >= 0)
+
+
+def probability(text: str) -> float:
+    return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def dtype_name(text: str) -> str:
+    try:
+        resolve_dtype(text, "--dtype")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def device(text: str) -> str:
+    """A torch device this machine has (checked before any model is loaded)."""
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cpu":
+        return text
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}
+    module = backend.get(parsed.type)
+    if module is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device to run on here (use cpu, cuda, mps or xpu)")
+    if not module.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: {parsed.type} is not available on this machine (use --device cpu)")
+    count = getattr(module, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {parsed.type} device(s)")
+    return text
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """diffusers' and transformers' notices and loading bars concern library developers, not the CLI user; errors
+    still show. The denoising progress bar stays."""
+    if verbose:
+        return
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
 
 
 def parse_interleaved_items(items: list[str], model: str = RANDOM_MODEL) -> list:
@@ -89,11 +194,9 @@ def example_image(model: str = RANDOM_MODEL):
 
 
 def load_pipeline(model: str, device: str, dtype: str | None):
-    import torch
-
     from .pipeline import GILLPipeline
 
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    torch_dtype = resolve_dtype(dtype, "--dtype")
     if model == SHAPES_MODEL:
         from .bundled import load_bundled_pipeline
 
@@ -169,16 +272,18 @@ def write_answer(answer: list, output_dir: str, prompt: list) -> list[str]:
 
 
 def run_generate(args) -> int:
-    import torch
-
     model = args.model or default_model()
     preset = PRESETS.get(model, {})
     items = args.items or preset.get("prompt") or PRESETS[RANDOM_MODEL]["prompt"]
     prompt = parse_interleaved_items(items, model)
-    # Settings: the user's, else the built-in model's, else the general defaults.
+    if args.retrieval_index and looks_like_local_path(args.retrieval_index) and not os.path.isdir(args.retrieval_index):
+        raise CLIError(f"--retrieval-index: no such folder: {args.retrieval_index}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise CLIError(f"--output-dir: {args.output_dir} exists and is not a folder")
+    # Settings: the user's, else the built-in model's, else the pipeline's defaults.
     settings = {
         name: getattr(args, name) if getattr(args, name) is not None else preset.get("settings", {}).get(name, default)
-        for name, default in CALL_DEFAULTS.items()
+        for name, default in call_defaults().items()
     }
     pipe = load_pipeline(model, args.device, args.dtype)
     if args.retrieval_index:
@@ -205,34 +310,80 @@ def run_generate(args) -> int:
     return 0
 
 
+def _default_help(option: str, defaults: dict) -> str:
+    """'(default: X with the built-in shapes-world model, ..., Y otherwise)': the values a run really uses."""
+    general = defaults[option]
+    general_text = "no limit" if general is None else general
+    special = [
+        f"{preset['settings'][option]} with {name!r}"
+        for name, preset in PRESETS.items()
+        if preset["settings"].get(option, general) != general
+    ]
+    if not special:
+        return f"(default: {general_text})"
+    return f"(default: {', '.join(special)}; {general_text} with other models)"
+
+
 def add_generate_parser(subparsers) -> None:
+    defaults = call_defaults()
+    bundled = default_model() == SHAPES_MODEL
     p = subparsers.add_parser(
         "generate",
         help="Answer an interleaved prompt of text and images; writes text, PNGs and a Markdown page.",
         description=(
             "Answer an interleaved prompt. Each ITEM is text, or the path of an image file (.png, .jpg, ...). "
-            "Without --model, uses the bundled GILL trained on the shapes world (offline); --model tiny-random gives a "
-            "tiny pipeline with RANDOM weights."
+            + (
+                f"Without --model, uses the bundled GILL trained on the shapes world ({SHAPES_MODEL!r}, offline); "
+                if bundled
+                else f"Without --model, uses {RANDOM_MODEL!r} (the bundled shapes-world model is not installed); "
+            )
+            + f"--model {RANDOM_MODEL} gives a tiny pipeline with RANDOM weights. Options left unset take the "
+            "built-in model's settings, else the pipeline's defaults."
         ),
     )
-    p.add_argument("items", nargs="*", help="text segments and image paths, in order (default: a dog example)")
+    items_default = (
+        f"an example picture of the shapes world with the bundled {SHAPES_MODEL} model; a drawn dog and two "
+        "sentences with other models"
+        if bundled
+        else "a drawn dog and two sentences"
+    )
+    p.add_argument("items", nargs="*", help=f"text segments and image paths, in order (default: {items_default})")
     p.add_argument(
         "--model",
         default=None,
-        help=f"pipeline folder or Hub repo id, or {SHAPES_MODEL!r} (the bundled default) or {RANDOM_MODEL!r}",
+        help=f"pipeline folder or Hub repo id, or {SHAPES_MODEL!r} or {RANDOM_MODEL!r} (default: {default_model()!r})",
     )
     p.add_argument("--output-dir", default="gill_outputs", help="where to write the answer (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to produce (default: 32)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: greedy)")
-    p.add_argument("--min-text-tokens", type=int, default=None, help="text tokens before an image is allowed")
-    p.add_argument("--img-logit-scale", type=float, default=None, help="make images more likely when above 1")
-    p.add_argument("--max-images", type=int, default=None, help="most images in the answer (default: no limit)")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=None,
+        help="most tokens to produce " + _default_help("max_new_tokens", defaults),
+    )
+    p.add_argument(
+        "--temperature", type=positive_float, default=1.0,
+        help="sampling temperature (default: 1.0; with --top-p 1 too, decoding is greedy)",
+    )
+    p.add_argument(
+        "--top-p", type=probability, default=1.0,
+        help="nucleus sampling threshold (default: 1.0; with --temperature 1 too, decoding is greedy)",
+    )
+    p.add_argument(
+        "--min-text-tokens", type=non_negative_int, default=None,
+        help="text tokens before an image is allowed " + _default_help("min_text_tokens", defaults),
+    )
+    p.add_argument(
+        "--img-logit-scale", type=positive_float, default=None,
+        help="makes images more likely when above 1 " + _default_help("img_logit_scale", defaults),
+    )
+    p.add_argument(
+        "--max-images", type=non_negative_int, default=None,
+        help="most images in the answer " + _default_help("max_images", defaults),
+    )
     p.add_argument(
         "--image-mode",
         default=None,
         choices=list(IMAGE_MODES),
-        help="let the decision head choose, always generate / retrieve, or make both (default: auto)",
+        help="let the decision head choose, always generate / retrieve, or make both "
+        + _default_help("image_mode", defaults),
     )
     p.add_argument(
         "--retrieval-index",
@@ -240,11 +391,25 @@ def add_generate_parser(subparsers) -> None:
         help="retrieval index folder or Hub repo id to retrieve images from (see docs/retrieval.md)",
     )
     p.add_argument("--allow-urls", action="store_true", help="let the retrieval index download images from URLs")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: 7.5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="denoising steps " + _default_help("steps", defaults)
+    )
+    p.add_argument(
+        "--guidance-scale", type=non_negative_float, default=None,
+        help="classifier-free guidance " + _default_help("guidance_scale", defaults),
+    )
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--device", type=device, default="cpu",
+        help="torch device to run on, checked to exist here: cpu, cuda, cuda:1, mps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype", type=dtype_name, default=None,
+        help=f"weights dtype, one of {sorted(DTYPE_NAMES)} (default: the dtype the model is loaded in, float32)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="also show the libraries' notices and loading progress bars"
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -252,8 +417,6 @@ def add_generate_parser(subparsers) -> None:
 # gill convert-original
 # ----------------------------------------------------------------------------------------------------------------
 def run_convert_original(args) -> int:
-    import torch
-
     from .convert_original import (
         REFERENCE_ARGS_FILE,
         REFERENCE_CHECKPOINT_FILE,
@@ -291,7 +454,7 @@ def run_convert_original(args) -> int:
         stable_diffusion=args.stable_diffusion,
         image_encoder=args.image_encoder,
         mapper_heads=args.mapper_heads,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=resolve_dtype(args.dtype, "--dtype"),
         **load_kwargs,
     )
     what = "learned weights" if args.learned_weights_only else "pipeline"
@@ -330,8 +493,12 @@ def add_convert_original_parser(subparsers) -> None:
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: the standard cache)")
     p.add_argument("--token", help="Hugging Face token for gated or private base models")
     p.add_argument("--local-files-only", action="store_true", help="do not download; use the cache only")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the saved weights")
-    p.add_argument("--mapper-heads", type=int, default=4, help="attention heads of the mapper (default: %(default)s)")
+    p.add_argument(
+        "--dtype", type=dtype_name, help=f"dtype of the saved weights, one of {sorted(DTYPE_NAMES)} (default: float32)"
+    )
+    p.add_argument(
+        "--mapper-heads", type=positive_int, default=4, help="attention heads of the mapper (default: %(default)s)"
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
     p.set_defaults(func=run_convert_original)
 
@@ -431,20 +598,34 @@ SUBCOMMANDS = [add_generate_parser, add_convert_original_parser, add_push_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gill", description="GILL: interleaved images and text with a causal LM.")
+    parser = ArgumentParser(prog="gill", description="GILL: interleaved images and text with a causal LM.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    # Library messages may span lines (transformers' hints); the CLI promises one line per error.
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand. Every user error (bad argument, path, number, model, device, refused file) prints one
+    line `gill <command>: error: ...` on stderr and returns 2; `--help` returns 0."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except CLIError as error:
+        print(f"{error.prog or 'gill'}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    quiet_libraries(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (CLIError, ValueError, TypeError, OSError) as error:
-        print(f"gill {args.command}: error: {error}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"gill {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

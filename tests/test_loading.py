@@ -1,0 +1,216 @@
+"""Loading says what is wrong, by file, before any weight is read: local paths, dtype names, component configs of
+the wrong kind, parts that do not fit each other (issue 11, section 2)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_pipeline
+from gill_pipeline import GILLPipeline
+from gill_pipeline.loading import PipelineFolderError, resolve_dtype
+from gill_pipeline.tiny import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved_opt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("opt_saved")
+    make_pipeline("opt").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama_saved")
+    make_pipeline("llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def copy_of(saved_opt, tmp_path):
+    target = tmp_path / "pipe"
+    shutil.copytree(saved_opt, target)
+    return target
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local paths are never taken for Hub repo ids
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["/no/such/dir", "./no_such_dir", "../no_such_dir", "~/no_such_gill_dir", "a/b/c"])
+def test_a_missing_local_path_is_no_such_folder(name):
+    with pytest.raises(PipelineFolderError, match="No such folder") as error:
+        GILLPipeline.from_pretrained(name)
+    assert "Repo id must be" not in str(error.value)
+
+
+def test_a_file_is_not_a_folder(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"x")
+    with pytest.raises(PipelineFolderError, match="No such folder.*it is a file"):
+        GILLPipeline.from_pretrained(str(path))
+
+
+def test_an_org_name_whose_org_is_a_local_folder_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(OSError, match="there is a local folder 'outputs', but not 'outputs/run1'"):
+        GILLPipeline.from_pretrained("outputs/run1")
+
+
+def test_from_base_models_names_a_missing_local_folder(opt_pipe):
+    with pytest.raises(PipelineFolderError, match="`language_model`: no such folder '/no/such/lm'"):
+        GILLPipeline.from_base_models("/no/such/lm", stable_diffusion=None, image_encoder=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dtype names
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("float16", torch.float16), ("fp16", torch.float16), ("torch.float16", torch.float16), ("bf16", torch.bfloat16),
+     ("bfloat16", torch.bfloat16), ("float32", torch.float32), ("FP32", torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
+def test_dtype_names_resolve(name, dtype):
+    assert resolve_dtype(name) is dtype
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [("auto", ValueError, "'auto' is not supported"), ("float8", ValueError, "one of"),
+     (torch.int8, ValueError, "floating-point"), (16, TypeError, "got int 16")],
+)
+def test_bad_dtypes_are_refused(value, error, message):
+    with pytest.raises(error, match=message):
+        resolve_dtype(value)
+
+
+def test_a_dtype_name_loads_that_dtype(saved_opt):
+    pipe = GILLPipeline.from_pretrained(saved_opt, dtype="bf16")
+    assert pipe.llm.dtype == torch.bfloat16 and pipe.unet.dtype == torch.bfloat16 and pipe.gill.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="`torch_dtype`='auto'"):
+        GILLPipeline.from_pretrained(saved_opt, torch_dtype="auto")
+
+
+def test_a_dtype_name_loads_learned_weights_in_that_dtype(opt_pipe, tmp_path):
+    folder = opt_pipe.save_learned_weights(tmp_path / "learned")
+    pipe = GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm, vae=None, unet=None, image_encoder=None, dtype="fp16")
+    assert pipe.gill.dtype == torch.float16
+    with pytest.raises(ValueError, match="`dtype` must be"):
+        GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm, vae=None, unet=None, image_encoder=None, dtype="half8")
+
+
+def test_from_base_models_takes_a_dtype_name():
+    pipe = make_pipeline("opt", dtype="bfloat16")
+    assert pipe.llm.dtype == torch.bfloat16 and pipe.gill.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="`dtype` must be"):
+        make_pipeline("opt", dtype="float64x")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Component configs: present, JSON objects, of the right kind
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_config_that_is_not_an_object_is_named(copy_of):
+    path = copy_of / "llm" / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(PipelineFolderError, match=rf"Corrupted JSON file: {path}.*holds a list, not a JSON object"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_a_vae_config_in_the_unet_folder_is_the_wrong_kind(copy_of):
+    shutil.copy(copy_of / "vae" / "config.json", copy_of / "unet" / "config.json")
+    with pytest.raises(PipelineFolderError, match=rf"Wrong kind of model: {copy_of / 'unet' / 'config.json'} describes"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_an_lm_config_in_the_vision_folder_is_the_wrong_kind(copy_of):
+    shutil.copy(copy_of / "llm" / "config.json", copy_of / "image_encoder" / "config.json")
+    with pytest.raises(PipelineFolderError, match="model_type 'opt', but component `image_encoder` is loaded as"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_a_missing_tokenizer_is_named(copy_of):
+    for name in os.listdir(copy_of / "tokenizer"):
+        if name.startswith("tokenizer"):
+            os.remove(copy_of / "tokenizer" / name)
+    (copy_of / "tokenizer" / "special_tokens_map.json").write_text("{}")
+    with pytest.raises(PipelineFolderError, match=rf"{copy_of / 'tokenizer'} \(component `tokenizer`\) has none of"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parts that do not fit each other: refused at load time, from the config files
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_gill_folder_from_another_pipeline_is_refused(copy_of, saved_llama):
+    shutil.rmtree(copy_of / "gill")
+    shutil.copytree(saved_llama / "gill", copy_of / "gill")
+    with pytest.raises(ValueError, match=r"The LM .*llm/config.json \(OPTForCausalLM\) has input/hidden widths .* "
+                       r"but the learned weights .*gill/config.json fit"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_an_lm_of_another_width_is_refused(copy_of, saved_llama):
+    shutil.rmtree(copy_of / "llm")
+    shutil.copytree(saved_llama / "llm", copy_of / "llm")
+    edit_json(copy_of / "model_index.json", llm=["transformers", "LlamaForCausalLM"])
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*it is not the LM they were trained with"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_a_unet_of_another_cross_attention_width_is_refused_before_its_weights_are_read(copy_of):
+    # The weights no longer match the config either: the fit error must come first, naming the file.
+    edit_json(copy_of / "unet" / "config.json", cross_attention_dim=48)
+    with pytest.raises(ValueError, match=rf"The UNet {copy_of / 'unet' / 'config.json'}'s cross-attention width is 48"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_a_tokenizer_without_the_img_tokens_is_refused(copy_of):
+    shutil.rmtree(copy_of / "tokenizer")
+    build_tiny_tokenizer().save_pretrained(copy_of / "tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer .* has no tokens \['\[IMG0\]'"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_img_token_ids_other_than_the_tokenizer_gives_are_refused(copy_of):
+    index = json.loads((copy_of / "model_index.json").read_text())
+    edit_json(copy_of / "model_index.json", img_token_ids=list(reversed(index["img_token_ids"])))
+    with pytest.raises(ValueError, match="gives the \\[IMG\\] tokens .* but .*model_index.json records"):
+        GILLPipeline.from_pretrained(copy_of)
+
+
+def test_a_passed_component_that_does_not_fit_is_refused(saved_opt, llama_pipe):
+    with pytest.raises(ValueError, match="not the LM they were trained with|untied"):
+        GILLPipeline.from_pretrained(saved_opt, llm=llama_pipe.llm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learned-weights folders
+# ----------------------------------------------------------------------------------------------------------------
+def test_learned_weights_without_their_safetensors_are_named(opt_pipe, tmp_path):
+    folder = opt_pipe.save_learned_weights(tmp_path / "learned")
+    os.remove(os.path.join(folder, "gill", "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(PipelineFolderError, match=r"Missing weights: no \.safetensors file in .*gill"):
+        GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm, vae=None, unet=None, image_encoder=None)
+
+
+def test_learned_weights_without_their_tokenizer_are_named(opt_pipe, tmp_path):
+    folder = opt_pipe.save_learned_weights(tmp_path / "learned")
+    shutil.rmtree(os.path.join(folder, "tokenizer"))
+    with pytest.raises(PipelineFolderError, match=rf"Missing folder: {os.path.join(folder, 'tokenizer')}"):
+        GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm, vae=None, unet=None, image_encoder=None)
+
+
+def test_a_manifest_that_is_not_an_object_is_named(opt_pipe, tmp_path):
+    folder = opt_pipe.save_learned_weights(tmp_path / "learned")
+    path = os.path.join(folder, "gill_learned_weights.json")
+    with open(path, "w") as f:
+        f.write('"just a string"')
+    with pytest.raises(PipelineFolderError, match=rf"Corrupted JSON file: {path} \(the learned-weights manifest\)"):
+        GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm)

@@ -1,0 +1,198 @@
+"""Nothing pickled unless the user opts in, nothing imported from a folder, no remote code (issue 11, section 3;
+docs/security.md).
+
+A "bomb" is a pickle that, when unpickled without `weights_only=True`, creates a marker file: every test checks that
+the marker never appears.
+"""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_pipeline
+from gill_pipeline import GILLPipeline
+from gill_pipeline.loading import PipelineFolderError, UnsafeFileError
+from training.setup_models import attach_image_decoder
+
+
+class Bomb:
+    """Unpickling this runs `open(marker, "w")`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_bomb(path, marker):
+    torch.save({"weight": Bomb(marker)}, path)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved")
+    make_pipeline("opt").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def pipe_dir(saved, tmp_path):
+    target = tmp_path / "pipe"
+    shutil.copytree(saved, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pickles
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_pickle_beside_the_safetensors_is_refused_before_it_is_read(pipe_dir, tmp_path):
+    marker = tmp_path / "ran"
+    write_bomb(pipe_dir / "llm" / "pytorch_model.bin", marker)
+    with pytest.raises(UnsafeFileError, match=rf"pickled file {pipe_dir / 'llm' / 'pytorch_model.bin'}.*allow_pickle"):
+        GILLPipeline.from_pretrained(pipe_dir)
+    assert not marker.exists()
+
+
+def test_allow_pickle_reads_pickled_weights_with_weights_only(pipe_dir, tmp_path, opt_pipe):
+    # A plain state dict as the only LM weights: read with allow_pickle=True, and equal to the original.
+    os.remove(pipe_dir / "llm" / "model.safetensors")
+    torch.save(opt_pipe.llm.state_dict(), pipe_dir / "llm" / "pytorch_model.bin")
+    with pytest.raises(UnsafeFileError):
+        GILLPipeline.from_pretrained(pipe_dir)
+    loaded = GILLPipeline.from_pretrained(pipe_dir, allow_pickle=True)
+    torch.testing.assert_close(loaded.llm.get_input_embeddings().weight, opt_pipe.llm.get_input_embeddings().weight)
+    # A bomb in its place is refused by torch.load(weights_only=True), even with allow_pickle=True.
+    marker = tmp_path / "ran"
+    write_bomb(pipe_dir / "llm" / "pytorch_model.bin", marker)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        GILLPipeline.from_pretrained(pipe_dir, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_use_safetensors_false_needs_allow_pickle(saved):
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        GILLPipeline.from_pretrained(saved, use_safetensors=False)
+
+
+def test_learned_weights_refuse_pickles(opt_pipe, tmp_path):
+    folder = opt_pipe.save_learned_weights(tmp_path / "learned")
+    gill_dir = os.path.join(folder, "gill")
+    marker = tmp_path / "ran"
+    write_bomb(os.path.join(gill_dir, "diffusion_pytorch_model.bin"), marker)
+    kwargs = dict(llm=opt_pipe.llm, vae=None, unet=None, image_encoder=None)
+    with pytest.raises(UnsafeFileError, match="diffusion_pytorch_model.bin"):
+        GILLPipeline.from_pretrained(folder, **kwargs)
+    # With allow_pickle, the safetensors file is still what is read.
+    loaded = GILLPipeline.from_pretrained(folder, allow_pickle=True, **kwargs)
+    torch.testing.assert_close(loaded.gill.logit_scale, opt_pipe.gill.logit_scale)
+    assert not marker.exists()
+
+
+def test_a_pickled_lora_adapter_is_refused(pipe_dir, tmp_path):
+    lora = pipe_dir / "llm_lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    write_bomb(lora / "adapter_model.bin", tmp_path / "ran")
+    with pytest.raises(UnsafeFileError, match="adapter_model.bin"):
+        GILLPipeline.from_pretrained(pipe_dir)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_from_base_models_refuses_pickled_weights(opt_pipe, tmp_path):
+    lm_dir = tmp_path / "lm"
+    opt_pipe.llm.save_pretrained(lm_dir)
+    os.remove(lm_dir / "model.safetensors")
+    torch.save(opt_pipe.llm.state_dict(), lm_dir / "pytorch_model.bin")
+    with pytest.raises(OSError, match="model.safetensors"):
+        GILLPipeline.from_base_models(str(lm_dir), stable_diffusion=None, image_encoder=None, tokenizer=opt_pipe.tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Code and classes named by a folder
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_code_file_in_the_folder_is_refused_even_with_allow_pickle(pipe_dir, tmp_path):
+    marker = tmp_path / "ran"
+    (pipe_dir / "unet" / "transformers.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    with pytest.raises(UnsafeFileError, match="code file"):
+        GILLPipeline.from_pretrained(pipe_dir, allow_pickle=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [["subprocess", "Popen"], ["os", "system"], ["my_module", "UNet2DConditionModel"], ["gill_pipeline_evil", "X"]],
+)
+def test_classes_from_other_libraries_are_refused(pipe_dir, entry):
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    index["unet"] = entry
+    (pipe_dir / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsafeFileError, match=rf"refusing the class '{entry[1]}' of library '{entry[0]}'"):
+        GILLPipeline.from_pretrained(pipe_dir)
+
+
+def test_a_custom_pipeline_class_is_refused(pipe_dir):
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    index["_class_name"] = ["my_pipeline", "MyPipeline"]
+    (pipe_dir / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineFolderError, match="custom pipeline code is never loaded"):
+        GILLPipeline.from_pretrained(pipe_dir)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"trust_remote_code": True}, {"custom_pipeline": "my_pipeline"}, {"custom_revision": "main"}]
+)
+def test_remote_code_arguments_are_refused(saved, opt_pipe, tmp_path, kwargs):
+    with pytest.raises(ValueError, match=rf"`{next(iter(kwargs))}`=.* is not accepted"):
+        GILLPipeline.from_pretrained(saved, **kwargs)
+    folder = opt_pipe.save_learned_weights(tmp_path / "learned")
+    with pytest.raises(ValueError, match="is not accepted"):
+        GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm, llm_kwargs=kwargs)
+    with pytest.raises(ValueError, match="is not accepted"):
+        GILLPipeline.from_base_models(opt_pipe.llm, None, None, tokenizer=opt_pipe.tokenizer, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training/setup_models.py: attaching an image decoder from a (possibly downloaded) folder
+# ----------------------------------------------------------------------------------------------------------------
+def test_attach_image_decoder_never_imports_a_module_named_by_the_folder(pipe_dir, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    (tmp_path / "evil_decoder.py").write_text(
+        f"open({str(marker)!r}, 'w')\nclass UNet2DConditionModel:\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the module would be importable from the working directory
+    monkeypatch.syspath_prepend(str(tmp_path))
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    index["unet"] = ["evil_decoder", "UNet2DConditionModel"]
+    (pipe_dir / "model_index.json").write_text(json.dumps(index))
+    pipe = make_pipeline("opt")
+    with pytest.raises(PipelineFolderError, match="refusing the class 'UNet2DConditionModel' of library 'evil_decoder'"):
+        attach_image_decoder(pipe, str(pipe_dir))
+    assert not marker.exists()
+
+
+def test_attach_image_decoder_refuses_a_non_decoder_class_and_pickles(pipe_dir, tmp_path):
+    index_path = pipe_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", "AutoencoderKL"]
+    index_path.write_text(json.dumps(index))
+    pipe = make_pipeline("opt")
+    with pytest.raises(PipelineFolderError, match="AutoencoderKL is not a diffusers SchedulerMixin"):
+        attach_image_decoder(pipe, str(pipe_dir))
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    index_path.write_text(json.dumps(index))
+    write_bomb(pipe_dir / "unet" / "diffusion_pytorch_model.bin", tmp_path / "ran")
+    with pytest.raises(UnsafeFileError):
+        attach_image_decoder(pipe, str(pipe_dir))
+    assert not (tmp_path / "ran").exists()
+
+
+def test_attach_image_decoder_still_loads_a_good_folder(saved):
+    pipe = make_pipeline("opt", seed=1)
+    attach_image_decoder(pipe, str(saved))
+    reference = GILLPipeline.from_pretrained(saved)
+    torch.testing.assert_close(pipe.unet.conv_in.weight, reference.unet.conv_in.weight)
