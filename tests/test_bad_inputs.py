@@ -116,8 +116,15 @@ def test_numpy_and_tensor_images(opt_pipe):
     from_pt = opt_pipe.encode_interleaved(["x", tensor], device, "inputs")
     torch.testing.assert_close(from_pil, from_np)
     torch.testing.assert_close(from_pil, from_pt)
-    with pytest.raises(TypeError, match=r"`image` is a numpy array of dtype float64"):
+    # Float arrays in [0, 1] (diffusers' "np" output) are images too; 0..255 floats and other dtypes are refused.
+    from_float_np = opt_pipe.encode_interleaved(["x", array.astype(np.float32) / 255], device, "inputs")
+    torch.testing.assert_close(from_pil, from_float_np)
+    with pytest.raises(ValueError, match=r"`image` is a float array with values in \[0.000, 25\d.000\]"):
         to_rgb_pil(array.astype(np.float64))
+    with pytest.raises(ValueError, match=r"`image` is a float array with NaN"):
+        to_rgb_pil(np.full((16, 16, 3), np.nan))
+    with pytest.raises(TypeError, match=r"`image` is a numpy array of dtype int32"):
+        to_rgb_pil(array.astype(np.int32))
     with pytest.raises(ValueError, match=r"float tensor with values in \[0.000, 25\d.000\]"):
         to_rgb_pil(tensor * 255)
     with pytest.raises(ValueError, match=r"tensor of shape \(2, 3, 32, 32\)"):

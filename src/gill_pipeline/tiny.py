@@ -51,19 +51,30 @@ SCHEDULERS = {
 }
 
 
-def build_tiny_tokenizer(vocab_size: int = 320, model_max_length: int = 128) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in-process on a few sentences (deterministic)."""
+# ChatML, as instruction LMs such as Qwen2.5-Instruct write it.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TINY_CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_tokenizer(
+    vocab_size: int = 320, model_max_length: int = 128, chat_template: bool = False
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process on a few sentences (deterministic). With `chat_template`, it
+    also has ChatML's special tokens and template, like an instruction LM's tokenizer."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"] + (TINY_CHAT_TOKENS if chat_template else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(TINY_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
         eos_token="</s>",
@@ -71,6 +82,10 @@ def build_tiny_tokenizer(vocab_size: int = 320, model_max_length: int = 128) -> 
         unk_token="<unk>",
         model_max_length=model_max_length,
     )
+    if chat_template:
+        fast.add_special_tokens({"additional_special_tokens": TINY_CHAT_TOKENS})
+        fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
 
 
 def build_tiny_lm(lm_type: str, vocab_size: int, tokenizer=None, hidden_size: int = 32, num_layers: int = 2):
@@ -203,16 +218,18 @@ def build_tiny_gill_pipeline(
     scheduler: str = "ddim",
     seed: int = 0,
     pipeline_class=None,
+    chat_template: bool = False,
     **assemble_kwargs,
 ):
-    """A whole GILL pipeline with random weights, assembled with [`GILLPipeline.from_base_models`]."""
+    """A whole GILL pipeline with random weights, assembled with [`GILLPipeline.from_base_models`]. With
+    `chat_template`, its tokenizer has a ChatML chat template (an instruction LM's tokenizer)."""
     if pipeline_class is None:
         from .pipeline import GILLPipeline
 
         pipeline_class = GILLPipeline
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = build_tiny_tokenizer(chat_template=chat_template)
         llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
         sd = build_tiny_stable_diffusion(cross_attention_dim, scheduler)
         image_encoder, processor = build_tiny_vision_encoder()

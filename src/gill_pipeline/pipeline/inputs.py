@@ -123,10 +123,21 @@ def to_rgb_pil(image: Any, name: str = "image") -> PIL.Image.Image:
 
 
 def _array_to_pil(array: np.ndarray, name: str) -> PIL.Image.Image:
+    if np.issubdtype(array.dtype, np.floating):
+        # Float HWC in [0, 1], as diffusers' `output_type="np"` gives images (so an answer can be fed back).
+        if not np.isfinite(array).all():
+            raise ValueError(f"`{name}` is a float array with NaN or infinite values; image values must be in [0, 1].")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"`{name}` is a float array with values in [{lo:.3f}, {hi:.3f}]; float image arrays must be in [0, 1] "
+                "(uint8 arrays in 0..255)."
+            )
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
     if array.dtype != np.uint8:
         raise TypeError(
-            f"`{name}` is a numpy array of dtype {array.dtype}; numpy images must be uint8 (HWC or HW) with values "
-            "0..255."
+            f"`{name}` is a numpy array of dtype {array.dtype}; numpy images must be uint8 (0..255) or float in "
+            "[0, 1], HWC or HW."
         )
     # uint8 HW -> "L", HWC with 3 channels -> "RGB", with 4 -> "RGBA".
     if array.ndim == 2:
