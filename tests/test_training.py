@@ -124,7 +124,8 @@ def test_resume_continues_exactly(tmp_path, lora):
         assert torch.equal(a[key], b[key]), key
     # The losses of the resumed steps are the same bits, dropout masks included.
     for name in LOSSES:
-        assert [h[f"train/{name}_loss"] for h in straight["history"][4:]] == [h[f"train/{name}_loss"] for h in second["history"]]
+        resumed_losses = [h[f"train/{name}_loss"] for h in second["history"]]
+        assert [h[f"train/{name}_loss"] for h in straight["history"][4:]] == resumed_losses
     if lora:  # and so is the adapter
         a = load_file(str(tmp_path / "straight" / "pipeline" / "llm_lora" / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / "resumed" / "pipeline" / "llm_lora" / "adapter_model.safetensors"))

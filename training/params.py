@@ -262,7 +262,8 @@ class RunArgs:
             raise ValueError(f"`keep_checkpoints` must be a positive integer, got {self.keep_checkpoints!r}.")
         if self.exit_after_steps is not None:
             _positive("exit_after_steps", self.exit_after_steps)
-        if not isinstance(self.max_nonfinite_steps, int) or isinstance(self.max_nonfinite_steps, bool) or self.max_nonfinite_steps <= 0:
+        patience = self.max_nonfinite_steps
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience <= 0:
             raise ValueError(f"`max_nonfinite_steps` must be a positive integer, got {self.max_nonfinite_steps!r}.")
 
 

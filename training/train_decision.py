@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
     for name in ("lr", "weight_decay"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-            raise ValueError(f"`--{name.replace('_', '-')}` must be a finite {'positive' if name == 'lr' else 'non-negative'} number, got {value!r}.")
+            kind = "positive" if name == "lr" else "non-negative"
+            raise ValueError(f"`--{name.replace('_', '-')}` must be a finite {kind} number, got {value!r}.")
     pipe = load_pipeline(args.pipeline, DTYPES[args.dtype]).to(args.device)
     prompts, labels = read_decisions(args.data)
     features = img0_hidden_states(pipe, prompts, args.max_length).to(args.device)
