@@ -106,7 +106,7 @@ def test_precomputed_targets_are_used_and_checked(tmp_path, tiny):
     out = tmp_path / "targets"
     summary = precompute.main(["--tiny-random", "opt", "--data-type", "synthetic", "--synthetic-size", "8",
                                "--output", str(out), "--image-features", "--shard-size", "3", "--dtype", "float32"])
-    assert summary == {"count": 8, "skipped": 0, "shards": 3}
+    assert summary == {"count": 8, "skipped": 0, "shards": 3, "malformed_rows": 0}
     store = TargetStore(str(out))
     store.validate(tiny.pipe.gill, tiny.text_encoder, tiny.text_tokenizer, tiny.pipe.image_encoder)
     expected = encode_captions(tiny.text_encoder, tiny.text_tokenizer, ["a green circle on a red background"], 16)

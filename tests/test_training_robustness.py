@@ -89,6 +89,10 @@ def test_every_reader_skips_malformed_rows_naming_file_and_line(tmp_path, tiny, 
     assert dataset.malformed_rows == 2
     assert f"{tsv}, line 3): not valid UTF-8 (byte 0xe9 at column 4)" in caplog.text
     assert f"{tsv}, line 4): expected a caption and an image" in caplog.text
+    # precompute.py reads the same rows: targets for the good ones, the malformed ones counted.
+    summary = precompute.main(["--tiny-random", "opt", "--data", str(tsv), "--image-folder", str(images),
+                               "--output", str(tmp_path / "targets"), "--dtype", "float32"])
+    assert (summary["count"], summary["malformed_rows"]) == (2, 2)
 
     # captions.jsonl: a broken JSON line is reported at ITS line (not "line 1" of the JSON text), and skipped with
     # the non-UTF-8 line, the non-object and the one without a caption.

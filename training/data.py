@@ -92,7 +92,7 @@ def decode_text(data: bytes) -> tuple[str | None, str | None]:
 
 
 class RowProblems(list):
-    """Rows of a data set's index that were skipped as malformed: `(file, line, problem)`, each logged once when found."""
+    """Rows of a data set's index skipped as malformed: `(file, line, problem)`, each logged once, when found."""
 
     def add(self, path: str, line_number: int | None, problem: str) -> None:
         self.append((path, line_number, problem))
@@ -100,7 +100,9 @@ class RowProblems(list):
         logger.warning("Skipping a malformed row (%s): %s", where, problem)
 
 
-def read_tsv(path: str, image_folder: str | None = None, problems: RowProblems | None = None) -> list[tuple[str, str, str]]:
+def read_tsv(
+    path: str, image_folder: str | None = None, problems: RowProblems | None = None
+) -> list[tuple[str, str, str]]:
     """A CC3M-style TSV with a `caption<TAB>image` header; image paths are relative to `image_folder`.
 
     Malformed rows (not UTF-8, too few columns, an empty caption or image) are skipped and added to `problems`.
@@ -384,8 +386,12 @@ def build_dataset(path, data_type, image_folder, reader, synthetic_size, image_s
     return dataset
 
 
-def iterate_records(path, data_type, image_folder, synthetic_size, image_size, seed):
-    """(key, caption, image source) of every example, in order (used by precompute.py)."""
+def iterate_records(
+    path, data_type, image_folder, synthetic_size, image_size, seed, problems: RowProblems | None = None
+):
+    """(key, caption, image source) of every example, in order (used by precompute.py); malformed rows and samples
+    are left out and added to `problems`."""
+    problems = RowProblems() if problems is None else problems
     data_type = guess_data_type(path, data_type)
     if data_type == "synthetic":
         for i in range(synthetic_size):
@@ -395,11 +401,11 @@ def iterate_records(path, data_type, image_folder, synthetic_size, image_size, s
         dataset = ShardDataset(path, reader=lambda key, caption, image: {"key": key, "caption": caption, "image": image})
         for item in dataset:
             if item.get("skip_kind") == SKIP_ROW:
-                logger.warning("Skipping a malformed sample (%s).", item["skip_reason"])
+                problems.add(path, None, item["skip_reason"])
                 continue
             yield item["key"], item["caption"], item.get("image")
     else:
-        records = read_tsv(path, image_folder) if data_type == "tsv" else read_folder(path)
+        records = read_tsv(path, image_folder, problems) if data_type == "tsv" else read_folder(path, problems)
         yield from records
 
 

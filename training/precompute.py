@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from gill_pipeline.models.vision import image_pixel_values, pooled_image_features
 
-from training.data import iterate_records, load_rgb, resolve_image_path, unique_records
+from training.data import RowProblems, iterate_records, load_rgb, resolve_image_path, unique_records
 from training.params import DATA_TYPES, TINY_LM_TYPES
 from training.targets import (
     FEATURES_KEY,
@@ -195,13 +195,17 @@ def main(argv=None) -> dict:
     text_encoder.to(args.device)
     if image_encoder is not None:
         image_encoder.to(args.device).eval()
+    problems = RowProblems()  # malformed rows are skipped (each logged with its file and line) and counted
     records = iterate_records(
-        args.data, args.data_type, args.image_folder, args.synthetic_size, image_size, args.synthetic_seed
+        args.data, args.data_type, args.image_folder, args.synthetic_size, image_size, args.synthetic_seed, problems
     )
-    return precompute_targets(
+    summary = precompute_targets(
         records, text_encoder, tokenizer, args.output, cond_length, image_encoder, image_processor,
         args.batch_size, args.shard_size, STORE_DTYPES[args.dtype],
     )
+    if problems:
+        logger.warning("Skipped %d malformed rows of %s.", len(problems), args.data)
+    return {**summary, "malformed_rows": len(problems)}
 
 
 if __name__ == "__main__":
