@@ -32,6 +32,7 @@ from diffusers.utils import logging
 from .base_models import record_base_models
 from .components import pipeline_from_parts
 from .constants import IMG_TOKEN_TEMPLATE
+from .loading import refuse_remote_code, resolve_dtype
 from .model_card import ModelCardInfo, write_model_card
 from .model_dims import lm_dims, vision_feature_dim
 from .models.gill_model import GILLModel
@@ -337,7 +338,8 @@ def convert_original_checkpoint(
         tokenizer, feature_extractor (*optional*): needed when the LM / vision encoder are given as objects.
         base_models (`dict`, *optional*): the record of the base models' Hub ids; made from the names by default.
         mapper_heads (`int`, *optional*, defaults to 4): attention heads of the mapper (not visible in the weights).
-        dtype (`torch.dtype`, *optional*): load the base models in this dtype and cast the pipeline to it.
+        dtype (`torch.dtype` or `str`, *optional*): load the base models in this dtype (or dtype name, e.g.
+            `"bfloat16"`) and cast the pipeline to it.
         load_kwargs: passed to every `from_pretrained` of a base model (`revision`, `token`, `cache_dir`,
             `local_files_only`).
     """
@@ -356,8 +358,12 @@ def convert_original_checkpoint(
         )
     if base_models is None:
         base_models = record_base_models(language_model, stable_diffusion, image_encoder, load_kwargs.get("revision"))
+    # The same rules as every loader (docs/security.md): dtype names, no remote code, base models from safetensors.
+    refuse_remote_code(load_kwargs, "convert_original_checkpoint")
+    dtype = resolve_dtype(dtype)
     if dtype is not None:
         load_kwargs["dtype"] = dtype
+    load_kwargs.setdefault("use_safetensors", True)
     llm, tokenizer = _load_lm(language_model, tokenizer, load_kwargs)
     sd = _load_sd(stable_diffusion, dict(load_kwargs))
     image_encoder, feature_extractor = _load_vision(image_encoder, feature_extractor, load_kwargs)
