@@ -144,6 +144,7 @@ def test_generate_still_works(tmp_path, capsys):
         (["generate", "--model", "tiny-random", "missing.png"], "image file not found: missing.png"),
         (["convert-original", "--output-dir", "x", "--mapper-heads", "0"], "argument --mapper-heads: expected a positive"),
         (["convert-original", "--output-dir", "x", "--dtype", "int8"], "argument --dtype: `--dtype` must be"),
+        (["convert-original", "--release-dir", "/no/release", "--output-dir", "x"], "--release-dir '/no/release' is not"),
     ],
 )
 def test_bad_arguments_are_one_line_with_exit_code_2(argv, message, capsys):
@@ -169,6 +170,9 @@ def test_unreadable_image_and_bad_output_dir_are_one_line(tmp_path, capsys):
     a_file.write_text("")
     assert main(["generate", "--model", "tiny-random", "--output-dir", str(a_file)]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+    assert main(["convert-original", "--model-args", str(a_file), "--checkpoint", str(a_file), "--output-dir",
+                 str(a_file)]) == 2
+    assert "--output-dir: " in capsys.readouterr().err
 
 
 def test_generate_help_shows_the_defaults_a_run_uses(capsys, monkeypatch):

@@ -437,6 +437,8 @@ def run_convert_original(args) -> int:
     for flag, path in (("--model-args", model_args), ("--checkpoint", checkpoint), ("--decision-model", decision)):
         if path is not None and not os.path.isfile(path):
             raise CLIError(f"{flag}: file not found: {path}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise CLIError(f"--output-dir: {args.output_dir} exists and is not a folder")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
         raise CLIError(f"--output-dir {args.output_dir!r} is not empty (pass --overwrite to write into it anyway)")
     if decision is None:
@@ -593,8 +595,15 @@ def add_push_parser(subparsers) -> None:
     p.set_defaults(func=run_push)
 
 
+def add_evaluate_parser(subparsers) -> None:
+    # `gill evaluate` lives with the evaluation code, which imports this module's helpers: imported when needed.
+    from .evaluation.command import add_evaluate_parser as add
+
+    add(subparsers)
+
+
 # Each entry adds one subcommand to the parser; other modules append to it.
-SUBCOMMANDS = [add_generate_parser, add_convert_original_parser, add_push_parser]
+SUBCOMMANDS = [add_generate_parser, add_convert_original_parser, add_push_parser, add_evaluate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -627,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"gill {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gill {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
