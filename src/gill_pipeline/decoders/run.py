@@ -104,6 +104,7 @@ def run_decoder(
     callback_on_step_end_tensor_inputs: list[str] | None = None,
     layout: ConditioningLayout | None = None,
     family: str | None = None,
+    progress_bar_config: dict | None = None,
     **decoder_kwargs: Any,
 ):
     r"""
@@ -128,6 +129,8 @@ def run_decoder(
             precomputed embeddings, and Sana pairs them with the wrong masks.
         layout ([`ConditioningLayout`], *optional*): When given, names the family and the shapes are checked.
         family (`str`, *optional*): Family or pipeline class name, when `decoder` is a dict of components.
+        progress_bar_config (`dict`, *optional*): For the stock pipeline's progress bar (e.g. `{"disable": True}`);
+            by default a pipeline `decoder`'s own.
         decoder_kwargs: Any other stock `__call__` argument (e.g. `true_cfg_scale`, `use_resolution_binning`).
 
     Returns:
@@ -135,6 +138,8 @@ def run_decoder(
     """
     family = _resolve_family(decoder, family, layout)
     pipe = build_decoder_pipeline(decoder, family=family)
+    if progress_bar_config is not None:
+        pipe.set_progress_bar_config(**progress_bar_config)
     call_params = inspect.signature(type(pipe).__call__).parameters
     _check_conditioning(family, conditioning, layout)
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
