@@ -1,4 +1,5 @@
-"""The `gill` command line: `gill generate`, `gill convert-original`, `gill push` (see docs/cli.md).
+"""The `gill` command line: `gill generate`, `gill convert-original`, `gill push`, `gill chat`, `gill demo` (see
+docs/cli.md; docs/demo.md for chat and demo).
 
 Subcommands register themselves in `SUBCOMMANDS`; user errors print one line and exit with code 2.
 """
@@ -602,8 +603,26 @@ def add_evaluate_parser(subparsers) -> None:
     add(subparsers)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# gill chat, gill demo: defined beside the terminal chat and the web page (imported only when the parser is built)
+# ----------------------------------------------------------------------------------------------------------------
+def add_chat_parser(subparsers) -> None:
+    from .chat_cli import add_chat_parser as add
+
+    add(subparsers)
+
+
+def add_demo_parser(subparsers) -> None:
+    from .demo.launch import add_demo_parser as add
+
+    add(subparsers)
+
+
 # Each entry adds one subcommand to the parser; other modules append to it.
-SUBCOMMANDS = [add_generate_parser, add_convert_original_parser, add_push_parser, add_evaluate_parser]
+SUBCOMMANDS = [
+    add_generate_parser, add_convert_original_parser, add_push_parser, add_evaluate_parser, add_chat_parser,
+    add_demo_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

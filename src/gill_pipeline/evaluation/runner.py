@@ -1,0 +1,79 @@
+"""What every protocol does the same way: examples in batches with a progress bar, records appended per batch,
+images read from disk and saved per example."""
+
+import os
+from typing import Callable
+
+import PIL.Image
+import torch
+from diffusers.utils import logging
+from tqdm.auto import tqdm
+
+from .records import RecordLog
+
+
+logger = logging.get_logger(__name__)
+
+
+def load_rgb(path: str) -> PIL.Image.Image:
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def to_tensor(images: list[PIL.Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL images -> `(N, 3, H, W)` in [0, 1], resized to `size` (width, height) when given (bicubic)."""
+    import numpy as np
+
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        if size is not None and image.size != tuple(size):
+            image = image.resize(tuple(size), PIL.Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(image, dtype=np.uint8))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def limit_examples(examples: list, limit: int | None) -> list:
+    if limit is None:
+        return examples
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"`limit` must be a positive integer or None, got {limit!r}.")
+    return examples[:limit]
+
+
+def run_batches(
+    log: RecordLog,
+    examples: list,
+    system: str,
+    work: Callable[[list, list[int]], list[dict]],
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+    desc: str = "",
+) -> None:
+    """Runs `work(batch, seeds) -> records` over the examples `system` has not done yet, appending each batch's
+    records. An example's seed is `seed` plus its place in the whole example list, so it does not depend on which
+    examples a resumed run still had to do."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    place = {example.id: i for i, example in enumerate(examples)}
+    if len(place) != len(examples):
+        raise ValueError("Example ids must be unique; the data file repeats one.")
+    todo = log.todo(examples, system)
+    batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc=f"{desc} [{system}]", disable=not progress or not batches):
+        records = work(batch, [seed + place[e.id] for e in batch])
+        for record in records:
+            record["system"] = system
+        log.append(records)
+
+
+def save_image(log: RecordLog, system: str, example_id: str, image: PIL.Image.Image) -> str:
+    """Saves a generated image; returns its path relative to the output folder (as records keep it)."""
+    path = log.image_path(system, example_id)
+    image.save(path)
+    return os.path.relpath(path, log.output_dir)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,124 @@
+"""Contextual image generation on VIST (GILL paper, section 4.1 and table 1).
+
+Each story gives its captions and images in order; the model reads the last `num_captions` captions, with the images
+of all but the last step between them, and makes the image of the last step. It is compared with the true image by
+the CLIP similarity of their image embeddings (paper: GILL 0.641 with 5 captions and 4 images) and by LPIPS. The
+baseline is the decoder alone given the same captions as one text (it cannot see images).
+"""
+
+import os
+
+from .datasets import read_vist_stories
+from .metrics import cosine_similarity
+from .records import RecordLog, check_settings, write_summary
+from .runner import limit_examples, load_rgb, mean, run_batches, save_image, to_tensor
+from .systems import GILLSystem, make_baseline
+
+
+PROTOCOL = "vist"
+
+
+def story_inputs(story, num_captions: int, include_images: bool) -> tuple[list, str]:
+    """(GILL's interleaved input, the baseline's text) for a story; the target is the story's last image."""
+    start = len(story.captions) - num_captions
+    interleaved = []
+    for step in range(start, len(story.captions)):
+        interleaved.append(story.captions[step])
+        if include_images and step < len(story.captions) - 1:
+            interleaved.append(load_rgb(story.image_paths[step]))
+    return interleaved, " ".join(story.captions[start:])
+
+
+def evaluate_vist(
+    pipe,
+    stories_file: str,
+    image_dir: str,
+    output_dir: str,
+    *,
+    clip,
+    lpips=None,
+    baseline_text_encoder=None,
+    num_captions: int = 5,
+    include_images: bool = True,
+    image_pattern: str = "{id}.jpg",
+    limit: int | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    progress: bool = True,
+) -> dict:
+    r"""
+    Runs the VIST protocol and writes `records.jsonl`, `summary.json`, `summary.md` and the images to `output_dir`.
+
+    Args:
+        pipe ([`GILLPipeline`]): the GILL pipeline under test.
+        stories_file (`str`): a VIST story-in-sequence JSON file; `image_dir`: its images (`image_pattern`).
+        clip ([`ImageEmbedder`] or `Callable`): images -> embeddings, for the CLIP similarity to the true image.
+        lpips ([`LPIPS`] or `Callable`, *optional*): `(images_a, images_b) -> (N,)` distances; the true image is
+            resized to the generated image's size.
+        baseline_text_encoder (`str` or `(text_encoder, tokenizer)`, *optional*): gives the decoder baseline (see
+            [`DecoderBaseline`]); without it only GILL is run.
+        num_captions (`int`, defaults to 5), include_images (`bool`, defaults to `True`): the context (paper: 5
+            captions and 4 images; 1 caption).
+        limit (`int`, *optional*): evaluate the first `limit` stories only (a larger limit later resumes the run).
+
+    Returns:
+        `dict`: the summary (per system: mean CLIP similarity, mean LPIPS, number of stories).
+    """
+    if not isinstance(num_captions, int) or isinstance(num_captions, bool) or num_captions < 1:
+        raise ValueError(f"`num_captions` must be a positive integer, got {num_captions!r}.")
+    settings = dict(
+        protocol=PROTOCOL, stories_file=os.path.abspath(stories_file), num_captions=num_captions,
+        include_images=include_images, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        baseline=baseline_text_encoder is not None, lpips=lpips is not None,
+    )
+    loaded = read_vist_stories(stories_file, image_dir, image_pattern)
+    check_settings(output_dir, settings)
+    stories = limit_examples([s for s in loaded.examples if len(s.captions) >= num_captions], limit)
+    short = len(loaded.examples) - len([s for s in loaded.examples if len(s.captions) >= num_captions])
+    sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    gill = GILLSystem(pipe, **sampling)
+    baseline = make_baseline(pipe, baseline_text_encoder, sampling)
+    log = RecordLog(output_dir)
+
+    def scored(system, batch, images) -> list[dict]:
+        truth = [load_rgb(s.image_paths[-1]) for s in batch]
+        similarity = cosine_similarity(clip(images), clip(truth))
+        records = []
+        for i, story in enumerate(batch):
+            record = {"id": story.id, "clip_similarity": float(similarity[i]), "image": save_image(log, system, story.id, images[i])}
+            if lpips is not None:
+                generated = to_tensor([images[i]])
+                record["lpips"] = float(lpips(generated, to_tensor([truth[i]], images[i].size))[0])
+            records.append(record)
+        return records
+
+    def run_gill(batch, seeds):
+        return scored(gill.name, batch, gill.generate([story_inputs(s, num_captions, include_images)[0] for s in batch], seeds))
+
+    def run_baseline(batch, seeds):
+        return scored(baseline.name, batch, baseline.generate([story_inputs(s, num_captions, False)[1] for s in batch], seeds))
+
+    run_batches(log, stories, gill.name, run_gill, batch_size, seed, progress, desc=PROTOCOL)
+    if baseline is not None:
+        run_batches(log, stories, baseline.name, run_baseline, batch_size, seed, progress, desc=PROTOCOL)
+
+    wanted = {s.id for s in stories}
+    results = {}
+    for system in [gill.name] + ([baseline.name] if baseline is not None else []):
+        records = [r for r in log.of(system) if r["id"] in wanted]
+        results[system] = {"clip_similarity": mean([r["clip_similarity"] for r in records])}
+        if lpips is not None:
+            results[system]["lpips"] = mean([r["lpips"] for r in records])
+        results[system]["n"] = len(records)
+    context = f"{num_captions} captions" + (f" and {num_captions - 1} images" if include_images and num_captions > 1 else "")
+    notes = [
+        f"Context: the last {context} of each story; target: the story's last image.",
+        "clip_similarity: cosine similarity of the CLIP image embeddings of the generated and the true image "
+        "(higher is better); lpips: lower is better.",
+        f"Stories left out: {loaded.skipped} with a missing image, {short} with fewer than {num_captions} steps.",
+    ]
+    if baseline is not None:
+        notes.append("sd: the decoder alone, given the same captions joined as one text (it cannot see images).")
+    return write_summary(output_dir, PROTOCOL, results, settings, notes)
