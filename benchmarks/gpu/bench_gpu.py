@@ -164,26 +164,46 @@ def build_gill_sd15(mode, device, dtype):
 
 
 def build_decoder(family, mode, device, dtype):
-    """A stock decoder pipeline WITH its text encoders: SD 1.5, SDXL or Flux.1-dev at real sizes (tiny in --tiny)."""
+    """A stock decoder pipeline WITH its text encoders at real sizes (tiny in --tiny).
+
+    `family`: "sd15", "sdxl", "flux" (Flux.1-dev), and "sd3" (3.5-large), "pixart" (Sigma), "sana" (1600M), which
+    the memory part leaves out for time. On the meta device (no memory) the tests read the layouts of the unmasked
+    families from them; PixArt's and Sana's text encoders read their masks' values, which meta tensors do not have.
+    """
     from diffusers import (
+        DDIMScheduler,
         EulerDiscreteScheduler,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
+        PixArtSigmaPipeline,
+        SanaPipeline,
+        StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        Gemma2Config,
+        Gemma2Model,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from gill_pipeline.tiny import build_tiny_tokenizer
-    from gill_pipeline.tiny_decoders import build_tiny_decoder, build_tiny_t5_tokenizer
+    from gill_pipeline.tiny_decoders import build_tiny_decoder, build_tiny_gemma_tokenizer, build_tiny_t5_tokenizer
 
     if mode == "tiny":
-        pipe = build_tiny_decoder({"sd15": "sd", "sdxl": "sdxl", "flux": "flux-dev"}[family])
-        return pipe.to(device, dtype)
+        tiny_name = {"sd15": "sd", "flux": "flux-dev", "pixart": "pixart-sigma"}.get(family, family)
+        return build_tiny_decoder(tiny_name).to(device, dtype)
     clip_tokenizer = build_tiny_tokenizer(model_max_length=77)
     # Schedulers are made outside `built_on`: their sigma tables stay fp32 on the host, as from_pretrained makes them.
     euler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     flow = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    ddim = DDIMScheduler()
+    flux_vae = {key: real_configs.FLUX_VAE[key] for key in ("latent_channels", "use_quant_conv", "use_post_quant_conv",
+                                                            "sample_size", "scaling_factor", "shift_factor")}
     with built_on(device, dtype):
         if family == "sd15":
             pipe = StableDiffusionPipeline(
@@ -199,11 +219,31 @@ def build_decoder(family, mode, device, dtype):
                 tokenizer=clip_tokenizer, tokenizer_2=build_tiny_tokenizer(model_max_length=77),
                 unet=real_configs.sdxl_unet(), scheduler=euler, add_watermarker=False,
             )
+        elif family == "sd3":
+            pipe = StableDiffusion3Pipeline(
+                vae=real_configs.sd_vae(**flux_vae), transformer=real_configs.sd35_large_transformer(), scheduler=flow,
+                text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**real_configs.CLIP_L_TEXT)),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**real_configs.CLIP_BIGG_TEXT)),
+                text_encoder_3=T5EncoderModel(T5Config(**real_configs.T5_XXL)), tokenizer=clip_tokenizer,
+                tokenizer_2=build_tiny_tokenizer(model_max_length=77), tokenizer_3=build_tiny_t5_tokenizer(),
+            )
+        elif family == "pixart":
+            pipe = PixArtSigmaPipeline(
+                vae=real_configs.sd_vae(), transformer=real_configs.pixart_sigma_transformer(), scheduler=ddim,
+                text_encoder=T5EncoderModel(T5Config(**real_configs.T5_XXL)),
+                tokenizer=build_tiny_t5_tokenizer(),
+            )
+        elif family == "sana":
+            # The DC autoencoder's real config is not written down here: a tiny one stands in (the text side and
+            # the transformer, what the layout and the memory of text encoders depend on, are real).
+            pipe = SanaPipeline(
+                vae=build_tiny_decoder("sana").vae.to(device, dtype), transformer=real_configs.sana_transformer(),
+                scheduler=flow, text_encoder=Gemma2Model(Gemma2Config(**real_configs.GEMMA_2_2B)),
+                tokenizer=build_tiny_gemma_tokenizer(),
+            )
         else:
             pipe = FluxPipeline(
-                vae=real_configs.sd_vae(**{k: real_configs.FLUX_VAE[k] for k in (
-                    "latent_channels", "use_quant_conv", "use_post_quant_conv", "sample_size", "scaling_factor",
-                    "shift_factor")}),
+                vae=real_configs.sd_vae(**flux_vae),
                 text_encoder=CLIPTextModel(CLIPTextConfig(**real_configs.CLIP_L_TEXT)), tokenizer=clip_tokenizer,
                 text_encoder_2=T5EncoderModel(T5Config(**real_configs.T5_XXL)), tokenizer_2=build_tiny_t5_tokenizer(),
                 transformer=real_configs.flux_transformer(),

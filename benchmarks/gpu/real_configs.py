@@ -7,7 +7,14 @@ weights. Used by `bench_gpu.py` (models built directly on the device) and for th
 """
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -61,6 +68,31 @@ FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_
 FLUX_VAE = dict(SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
                 scaling_factor=0.3611, shift_factor=0.1159)
 
+# stabilityai/stable-diffusion-3.5-large transformer
+SD35_LARGE_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                              num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                              pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+# PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer
+PIXART_SIGMA_TRANSFORMER = dict(sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72,
+                                num_attention_heads=16, caption_channels=4096, in_channels=4, out_channels=8,
+                                cross_attention_dim=1152, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
+                                use_additional_conditions=False, interpolation_scale=2, attention_bias=True,
+                                activation_fn="gelu-approximate", norm_elementwise_affine=False, norm_eps=1e-6)
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers transformer
+SANA_1600M_TRANSFORMER = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32,
+                              num_layers=20, num_cross_attention_heads=20, cross_attention_head_dim=112,
+                              cross_attention_dim=2240, caption_channels=2304, mlp_ratio=2.5, sample_size=32,
+                              patch_size=1)
+
+DENOISERS = {
+    "SD 1.5 UNet": lambda: sd15_unet(),
+    "SDXL UNet": lambda: sdxl_unet(),
+    "SD3.5-large transformer": lambda: sd35_large_transformer(),
+    "Flux.1 transformer": lambda: flux_transformer(),
+    "PixArt-Sigma XL transformer": lambda: pixart_sigma_transformer(),
+    "Sana 1600M transformer": lambda: sana_transformer(),
+}
+
 TEXT_ENCODERS = {
     "CLIP-L text": lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
     "OpenCLIP bigG text (projected)": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)),
@@ -102,6 +134,18 @@ def flux_transformer() -> FluxTransformer2DModel:
     return FluxTransformer2DModel(**FLUX_TRANSFORMER)
 
 
+def sd35_large_transformer() -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER)
+
+
+def pixart_sigma_transformer() -> PixArtTransformer2DModel:
+    return PixArtTransformer2DModel(**PIXART_SIGMA_TRANSFORMER)
+
+
+def sana_transformer() -> SanaTransformer2DModel:
+    return SanaTransformer2DModel(**SANA_1600M_TRANSFORMER)
+
+
 def parameter_count(build) -> int:
     """Parameters of a model built on the meta device (no memory, no initialisation cost)."""
     with torch.device("meta"):
@@ -120,7 +164,7 @@ def text_encoder_memory_table(bytes_per_parameter: int = 2) -> list[tuple[str, i
 
 
 if __name__ == "__main__":
-    for name, build in TEXT_ENCODERS.items():
+    for name, build in {**TEXT_ENCODERS, **DENOISERS}.items():
         print(f"{name}: {parameter_count(build) / 1e6:.1f}M parameters")
     for family, total, gib in text_encoder_memory_table():
         print(f"{family}: text encoders {total / 1e9:.3f}B parameters, {gib:.2f} GiB in bf16")
