@@ -39,7 +39,6 @@ from .file_names import (
 )
 from .hub import HubLoadError, hub_download_kwargs
 from .loading import (
-    PipelineFolderError,
     check_fit,
     check_img_tokens,
     check_model_kind,
