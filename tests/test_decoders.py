@@ -267,6 +267,17 @@ def test_saved_without_text_encoders_runs_from_stored_negatives(name, decoders, 
         read_conditioning_layout(reloaded)
 
 
+def test_a_full_checkpoint_loads_without_its_text_encoders(decoders, tmp_path):
+    pipe, cond, _ = decoders("flux-dev")
+    pipe.save_pretrained(tmp_path / "full")
+    assert os.path.isdir(tmp_path / "full" / "text_encoder_2")
+    reloaded = load_decoder(tmp_path / "full")
+    assert reloaded.text_encoder is None and reloaded.text_encoder_2 is None and reloaded.tokenizer_2 is None
+    assert (ours(reloaded, cond, None) - ours(pipe, cond, None)).abs().max() <= 1e-5
+    with_text = load_decoder(tmp_path / "full", text_encoders=True)
+    assert torch.equal(encode_conditioning(with_text, CAPTIONS)["prompt_embeds"], cond["prompt_embeds"])
+
+
 def test_components_alone_are_enough():
     pipe = build_tiny_decoder("flux-dev")
     cond = encode_conditioning(pipe, CAPTIONS[:1])

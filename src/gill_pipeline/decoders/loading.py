@@ -1,5 +1,7 @@
 """Loading a decoder checkpoint WITHOUT its text encoders (what GILL inference needs)."""
 
+import inspect
+
 from diffusers import DiffusionPipeline
 
 from .families import DecoderFamily, family_by_name, family_for_pipeline
@@ -29,7 +31,7 @@ def load_decoder(
     elif not isinstance(family, DecoderFamily):
         family = family_by_name(family)
     skipped = {} if text_encoders else {name: None for name in family.text_components}
-    init_params = family.pipeline_class.__init__.__code__.co_varnames
+    init_params = inspect.signature(family.pipeline_class.__init__).parameters
     skipped.update({name: None for name in _NEVER_LOADED if name in init_params})
     skipped.update(kwargs)
     return family.pipeline_class.from_pretrained(pretrained_model_name_or_path, **skipped)
