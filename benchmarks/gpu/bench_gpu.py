@@ -126,7 +126,12 @@ def build_gill_sd15(mode, device, dtype):
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
     from gill_pipeline import GILLPipeline
-    from gill_pipeline.tiny import build_tiny_lm, build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+    from gill_pipeline.tiny import (
+        build_tiny_lm,
+        build_tiny_stable_diffusion,
+        build_tiny_tokenizer,
+        build_tiny_vision_encoder,
+    )
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()  # random weights: the tokenizer only has to give ids inside the LM vocabulary
@@ -435,7 +440,8 @@ def report(results: dict, args) -> str:
     lines = [
         "# GILL on a GPU: real sizes, random weights",
         "",
-        f"Command: `python benchmarks/gpu/bench_gpu.py{' --tiny' if args.tiny else ''}` ({r['elapsed_s']:.0f} s in all). "
+        f"Command: `python benchmarks/gpu/bench_gpu.py{' --tiny' if args.tiny else ''}` "
+        f"({r['elapsed_s']:.0f} s in all). "
         f"Device: {r['device']}; torch {torch.__version__}; dtype {r['dtype']}. "
         + ("Tiny configs (a smoke run: the figures mean nothing). " if args.tiny else
            "Models built on the device from the published configs (`benchmarks/gpu/real_configs.py`), random weights. ")

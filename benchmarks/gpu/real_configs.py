@@ -49,8 +49,8 @@ GEMMA_2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, n
                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192)
 
 # runwayml/stable-diffusion-v1-5 unet and vae
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2)
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
               scaling_factor=0.18215)

@@ -253,7 +253,8 @@ def build_tiny_pixart_sigma() -> PixArtSigmaPipeline:
         norm_eps=1e-6,
     )
     return PixArtSigmaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae_kl(), transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae_kl(), transformer=transformer,
+        scheduler=DDIMScheduler(),
     )
 
 

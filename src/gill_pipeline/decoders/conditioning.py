@@ -93,7 +93,8 @@ def _encode(pipe, captions: list[str], device, do_classifier_free_guidance: bool
             f"{type(pipe).__name__}.encode_prompt returned {len(outputs)} values; {family!r} expects "
             f"{family.encode_outputs}. The diffusers version may have changed this pipeline."
         )
-    return {name: value for name, value in zip(family.encode_outputs, outputs) if name is not None and value is not None}
+    named = zip(family.encode_outputs, outputs)
+    return {name: value for name, value in named if name is not None and value is not None}
 
 
 def encode_conditioning(pipe, captions: list[str], *, device=None, **encode_overrides) -> dict[str, torch.Tensor]:
@@ -187,7 +188,8 @@ def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
         try:
             json.dumps(value)
         except TypeError:
-            logger.warning(f"The `encode_prompt` setting `{name}` ({type(value).__name__}) is not recorded in the layout.")
+            kind = type(value).__name__
+            logger.warning(f"The `encode_prompt` setting `{name}` ({kind}) is not recorded in the layout.")
             continue
         kept[name] = value
     return kept

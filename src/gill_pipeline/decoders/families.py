@@ -21,13 +21,19 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-
 from diffusers.utils import logging
 
 from .layout import GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_NONE
 
-
 logger = logging.get_logger(__name__)
+
+# What SDXL's and SD3's `encode_prompt` return, and PixArt's and Sana's.
+_EMBEDS_AND_POOLED = (
+    "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"
+)
+_EMBEDS_AND_MASKS = (
+    "prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"
+)
 
 
 class DecoderFamily:
@@ -90,7 +96,7 @@ class StableDiffusionXLFamily(DecoderFamily):
     denoiser = "unet"
     denoiser_class = UNet2DConditionModel
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    encode_outputs = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    encode_outputs = _EMBEDS_AND_POOLED
     width_checks = {"prompt_embeds": "cross_attention_dim"}
 
     def matches(self, components):
@@ -113,7 +119,7 @@ class StableDiffusion3Family(DecoderFamily):
     pipeline_class = StableDiffusion3Pipeline
     denoiser_class = SD3Transformer2DModel
     text_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
-    encode_outputs = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    encode_outputs = _EMBEDS_AND_POOLED
     width_checks = {"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"}
 
     def check_text_side(self, pipe):
@@ -145,7 +151,7 @@ class PixArtSigmaFamily(DecoderFamily):
     name = "pixart-sigma"
     pipeline_class = PixArtSigmaPipeline
     denoiser_class = PixArtTransformer2DModel
-    encode_outputs = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+    encode_outputs = _EMBEDS_AND_MASKS
     width_checks = {"prompt_embeds": "caption_channels"}
     # `negative_prompt` defaults to "" and is refused together with `negative_prompt_embeds`; resolution binning
     # maps the requested size to the model's trained bins and rejects small models: GILL denoises the size asked.
@@ -156,7 +162,7 @@ class SanaFamily(DecoderFamily):
     name = "sana"
     pipeline_class = SanaPipeline
     denoiser_class = SanaTransformer2DModel
-    encode_outputs = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+    encode_outputs = _EMBEDS_AND_MASKS
     width_checks = {"prompt_embeds": "caption_channels"}
     call_overrides = {"negative_prompt": None, "use_resolution_binning": False}
 
