@@ -162,6 +162,18 @@ def test_force_patch_dropout_is_kept(open_clip, registered_tiny_model, tmp_path)
     assert loaded.config.vision_cfg["patch_dropout"] == 0.25 and loaded.visual.patch_dropout.prob == 0.25
 
 
+def test_low_precision_tower_keeps_float32_norms_across_save_and_load(open_clip, registered_tiny_model, tmp_path):
+    """`precision="bf16"` builds layer norms that compute in float32; loading in bfloat16 must keep them so."""
+    encoder, _ = OpenCLIPVisionModel.from_open_clip(TINY_NAME, precision="bf16")
+    encoder.save_pretrained(tmp_path)
+    loaded = OpenCLIPVisionModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert loaded.config.cast_dtype == "bfloat16"
+    assert loaded.visual.ln_post.weight.dtype == torch.float32 and loaded.visual.conv1.weight.dtype == torch.bfloat16
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).pooler_output, encoder(pixels).pooler_output, rtol=0, atol=0)
+
+
 def test_timm_tower_with_forced_image_size(open_clip, tmp_path):
     """A timm trunk (timm's own tiny test ViT): open_clip resizes it after creation for `force_image_size`; the
     loaded copy must be rebuilt at that size, and never ask timm for pretrained weights."""

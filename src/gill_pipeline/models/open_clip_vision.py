@@ -116,6 +116,18 @@ class OpenCLIPVisionModel(ModelMixin, ConfigMixin):
         if width != hidden_size:
             raise ValueError(f"`hidden_size`={hidden_size} does not match the tower's output width {width}.")
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        if model.config.cast_dtype is not None:
+            # A tower built for a low precision computes its norms in float32 (open_clip's `LayerNormFp32`), which
+            # needs float32 norm weights whatever `torch_dtype` the rest was loaded in.
+            norm_class = _import_open_clip().transformer.LayerNormFp32
+            for module in model.visual.modules():
+                if isinstance(module, norm_class):
+                    module.float()
+        return model
+
     def _resize_timm_trunk(self, image_size):
         # open_clip builds a timm trunk at timm's default input size and resizes it (`set_input_size`) only after
         # loading weights when `force_image_size` is given; the saved `image_size` is the final one, so a trunk whose
@@ -132,8 +144,8 @@ class OpenCLIPVisionModel(ModelMixin, ConfigMixin):
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = True):
-        # A tower built for a low `precision` keeps its norms in float32 (so `self.dtype`, its first parameter's
-        # dtype, says nothing); its inputs must match its first layer, as open_clip's own training casts them.
+        # A tower built for a low `precision` keeps its norms in float32 (so its first parameter's dtype says
+        # nothing); its inputs must match its first layer, as open_clip's own training casts them.
         first_layer = next(m for m in self.visual.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
         pooled = self.visual(pixel_values.to(first_layer.weight.dtype))
         if isinstance(pooled, tuple):  # towers with `output_tokens` (CoCa's) return (pooled, tokens)
