@@ -387,7 +387,7 @@ def bench_training(pipe, cfg, device, dtype) -> list[dict]:
     gill.train()
     gill.decision_head.requires_grad_(False)
     model = GILLTrainingModel(pipe.llm.requires_grad_(False), gill, pipe.image_encoder.requires_grad_(False),
-                              pipe.img_token_ids, pad_token_id=1, bos_token_id=2)
+                              pipe.img_token_ids, pad_token_id=1, bos_token_id=2).to(device)
     optimizer = torch.optim.AdamW([p for p in gill.parameters() if p.requires_grad], lr=1e-4)
     vocab = pipe.llm.get_input_embeddings().num_embeddings
     image_size = pipe.image_encoder.config.image_size
