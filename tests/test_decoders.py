@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from gill_pipeline.decoders import (
     ConditioningLayout,
     build_decoder_pipeline,
+    conditioning_mse,
     default_negative_conditioning,
     encode_conditioning,
     load_decoder,
@@ -325,3 +326,26 @@ def test_step_callback_reaches_the_stock_loop(decoders):
 
     ours(pipe, cond, neg, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
     assert steps == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sana"])
+def test_conditioning_loss_covers_every_learned_tensor_and_respects_masks(name, decoders):
+    pipe, cond, _ = decoders(name)
+    layout = read_conditioning_layout(pipe)
+    assert conditioning_mse(cond, cond, layout)["total"] == 0
+    moved = {key: value.clone() for key, value in cond.items()}
+    if name == "sana":  # a change at padded positions only: no loss; at a real position: loss
+        padded = cond["prompt_attention_mask"] == 0
+        moved["prompt_embeds"][padded] += 1.0
+        assert conditioning_mse(moved, cond, layout)["total"] == 0
+        moved["prompt_embeds"][:, 0] += 1.0
+        losses = conditioning_mse(moved, cond, layout)
+        assert losses["prompt_embeds"] > 0 and sorted(losses) == ["prompt_embeds", "total"]
+    else:  # attended: every position counts, and the pooled embedding has its own term
+        moved["prompt_embeds"][:, -1] += 1.0
+        moved["pooled_prompt_embeds"] += 1.0
+        losses = conditioning_mse(moved, cond, layout)
+        assert losses["prompt_embeds"] > 0 and losses["pooled_prompt_embeds"] == pytest.approx(1.0)
+        assert losses["total"] == pytest.approx(losses["prompt_embeds"] + losses["pooled_prompt_embeds"])
+    with pytest.raises(ValueError, match="`predicted` has no `prompt_embeds`"):
+        conditioning_mse({}, cond, layout)

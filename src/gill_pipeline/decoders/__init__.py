@@ -4,6 +4,7 @@
 - [`encode_conditioning`] / [`default_negative_conditioning`]: targets and stored negatives, from the family's own
   `encode_prompt`.
 - [`run_decoder`]: images from conditioning through the family's stock pipeline, no text encoder needed.
+- [`conditioning_mse`]: the generation loss against those targets, masks respected.
 """
 
 from .conditioning import default_negative_conditioning, encode_conditioning, encode_settings, read_conditioning_layout
@@ -17,6 +18,7 @@ from .families import (
 )
 from .layout import ConditioningLayout, ConditioningTensor
 from .loading import load_decoder
+from .loss import conditioning_mse
 from .run import build_decoder_pipeline, run_decoder
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "DecoderFamily",
     "SUPPORTED_PIPELINE_CLASSES",
     "build_decoder_pipeline",
+    "conditioning_mse",
     "default_negative_conditioning",
     "encode_conditioning",
     "encode_settings",
