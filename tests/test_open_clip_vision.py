@@ -175,14 +175,17 @@ def test_low_precision_tower_keeps_float32_norms_across_save_and_load(open_clip,
 
 
 def test_timm_tower_with_forced_image_size(open_clip, tmp_path):
-    """A timm trunk (timm's own tiny test ViT): open_clip resizes it after creation for `force_image_size`; the
-    loaded copy must be rebuilt at that size, and never ask timm for pretrained weights."""
+    """A timm trunk (timm's own tiny test ViT, without a projection): open_clip resizes it after creation for
+    `force_image_size`; the loaded copy must be rebuilt at that size, never ask timm for pretrained weights, and
+    report the trunk's own width as `hidden_size`."""
     pytest.importorskip("timm", reason="timm towers need the `timm` package")
-    config = {**TINY_MODEL_CONFIG, "vision_cfg": {"timm_model_name": "test_vit", "timm_pool": "", "image_size": 160}}
+    vision_cfg = {"timm_model_name": "test_vit", "timm_pool": "token", "timm_proj": "none", "image_size": 160}
+    config = {**TINY_MODEL_CONFIG, "vision_cfg": vision_cfg}
     encoder, _ = OpenCLIPVisionModel.from_open_clip(config, force_image_size=64)
     encoder.save_pretrained(tmp_path)
     loaded = OpenCLIPVisionModel.from_pretrained(tmp_path)
     assert loaded.config.vision_cfg["timm_model_pretrained"] is False and loaded.image_size == (64, 64)
+    assert loaded.config.hidden_size == loaded.visual.trunk.num_features != TINY_MODEL_CONFIG["embed_dim"]
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels).pooler_output, encoder(pixels).pooler_output, rtol=0, atol=1e-5)

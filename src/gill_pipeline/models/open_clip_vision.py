@@ -196,7 +196,9 @@ class OpenCLIPVisionModel(ModelMixin, ConfigMixin):
         config = _final_model_config(open_clip, base_config, kwargs)
         encoder = cls(**config, model_name=record)
         input_dtype = open_clip.model.get_input_dtype(kwargs.get("precision", "fp32")) or torch.float32
-        _copy_and_check(encoder, visual, config, input_dtype)
+        width = _copy_and_check(encoder, visual, config, input_dtype)
+        if width != encoder.config.hidden_size:  # a timm trunk without a projection: the trunk's own width
+            encoder.register_to_config(hidden_size=width)
         processor = OpenCLIPImageProcessor.from_open_clip_preprocess(visual.preprocess_cfg)
         return encoder.eval(), processor
 
@@ -260,10 +262,12 @@ def _final_model_config(open_clip, base_config: dict, kwargs: dict[str, Any]) ->
     )
 
 
-def _copy_and_check(encoder: OpenCLIPVisionModel, visual: torch.nn.Module, config: dict, input_dtype: torch.dtype):
+def _copy_and_check(
+    encoder: OpenCLIPVisionModel, visual: torch.nn.Module, config: dict, input_dtype: torch.dtype
+) -> int:
     """Copies the created tower's weights (and dtypes) into `encoder` and checks it computes the same features: a
     `create_model` keyword that changes the architecture in a way our config does not record fails here, at build
-    time, instead of after a save and load."""
+    time, instead of after a save and load. Returns the width of the features."""
     parameter = next(visual.parameters())
     encoder.to(device=parameter.device)
     try:
@@ -293,3 +297,4 @@ def _copy_and_check(encoder: OpenCLIPVisionModel, visual: torch.nn.Module, confi
             f"{(got - expected).abs().max().item() if got.shape == expected.shape else 'in shape'}). A keyword "
             "passed to `from_open_clip` changes the architecture in a way this component does not record."
         )
+    return int(got.shape[-1])
