@@ -305,6 +305,8 @@ def test_bad_conditioning_is_refused(decoders):
     layout = read_conditioning_layout(pipe)
     with pytest.raises(ValueError, match="must hold exactly"):
         run_decoder(pipe, {"prompt_embeds": cond["prompt_embeds"]}, neg)
+    with pytest.raises(ValueError, match="`negative_conditioning` must hold"):
+        run_decoder(pipe, cond, {"prompt_embeds": neg["prompt_embeds"]})
     with pytest.raises(ValueError, match="pass `negative_conditioning`"):
         run_decoder(pipe, cond, None, guidance_scale=4.0)
     with pytest.raises(ValueError, match="per-prompt shape"):

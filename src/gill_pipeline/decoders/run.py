@@ -165,10 +165,16 @@ def run_decoder(
         return value.to(device=device) if kind_is_mask else value.to(device=device, dtype=dtype)
 
     kwargs = {name: prepare(name, value) for name, value in conditioning.items()}
-    for name, value in (negative_conditioning or {}).items():
-        if name not in conditioning:
-            raise ValueError(f"`negative_conditioning` holds `{name}`, which `conditioning` does not.")
-        kwargs[NEGATIVE_PREFIX + name] = prepare(NEGATIVE_PREFIX + name, value)
+    if negative_conditioning:
+        # A partial set would let the stock pipeline fill the rest its own way (e.g. SDXL's zero pooled negative).
+        expected = sorted(name for name in conditioning if NEGATIVE_PREFIX + name in call_params)
+        if sorted(negative_conditioning) != expected:
+            raise ValueError(
+                f"`negative_conditioning` must hold {expected} for {family.pipeline_class.__name__}, got "
+                f"{sorted(negative_conditioning)}."
+            )
+        for name, value in negative_conditioning.items():
+            kwargs[NEGATIVE_PREFIX + name] = prepare(NEGATIVE_PREFIX + name, value)
 
     size = family.default_size(pipe)
     kwargs.update(
