@@ -98,17 +98,15 @@ def retrieval(pipe, scenes, seed) -> dict:
 
 
 def decision(pipe, scenes) -> dict:
-    probs = []
-    for chunk in batched([[s.caption()] for s in scenes], 64):
-        rows = pipe.decode(
-            [pipe.encode_interleaved(x, torch.device("cpu"), "inputs") for x in chunk],
-            __import__("gill_pipeline").DecodingSettings(**FORCE_IMAGE),
-        )
-        hidden = torch.stack([r.img_hidden_states(0, pipe.num_img_tokens)[0] for r in rows])
-        probs.append(pipe.gill.eval().decide(hidden))
-    retrieve = torch.cat(probs)[:, 1] > 0.5
-    truth = torch.tensor([s.shape in RETRIEVABLE_SHAPES for s in scenes])
-    return {"accuracy": float((retrieve == truth).float().mean()), "n": len(scenes)}
+    # The decision head read at a forced [IMG0], scored as `gill evaluate decision` scores the PartiPrompts labels.
+    from gill_pipeline.evaluation import GILLSystem, decision_report
+
+    system = GILLSystem(pipe)
+    probs = torch.cat([system.decision_probs(chunk) for chunk in batched([[s.caption()] for s in scenes], 64)])
+    predicted = ["ret" if p > 0.5 else "gen" for p in probs[:, 1].tolist()]
+    truth = ["ret" if s.shape in RETRIEVABLE_SHAPES else "gen" for s in scenes]
+    report = decision_report(predicted, truth)
+    return {"accuracy": report["accuracy"], "n": report["n"]}
 
 
 def gill_writes(pipe, inputs: list[list], max_new_tokens: int = 12) -> list[str]:
