@@ -19,6 +19,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import OPTConfig, OPTForCausalLM
 
 from gill_pipeline import DecodingSettings, GILLDecoder, GILLPipeline
+from gill_pipeline.models.lm_bridge import new_cache
 from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 from timing import median_seconds  # benchmarks/timing.py (scripts run from this folder)
 
@@ -59,11 +60,10 @@ def bench_kv_cache(pipe: GILLPipeline, repeats: int) -> list[tuple[int, float, f
     decoder = GILLDecoder(
         lm_forward=pipe._lm_forward,
         embed_ids=pipe.embed_token_ids,
-        img_logits=pipe.gill.img_logits,
         img_token_ids=pipe.img_token_ids,
         eos_token_ids=set(),
         is_newline=lambda token: False,
-        cache_config=pipe.llm.config,
+        new_cache=lambda: new_cache(pipe.llm),
     )
     ids = torch.randint(4, 300, (32,), generator=torch.Generator().manual_seed(0))
     prompt = [pipe.embed_token_ids(ids)]

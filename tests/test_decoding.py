@@ -93,7 +93,7 @@ def test_img_logit_scale_is_abs_times_factor(opt_pipe):
     decoder_settings = DecodingSettings(img_logit_scale=3.0)
     from gill_pipeline.pipeline.decoding import DecodedSequence, GILLDecoder
 
-    decoder = GILLDecoder(None, None, None, pipe.img_token_ids, set(), lambda t: False)
+    decoder = GILLDecoder(None, None, pipe.img_token_ids, set(), lambda t: False)
     vocab = max(pipe.img_token_ids) + 1
     logits = torch.zeros(2, vocab)
     logits[:, pipe.img_token_ids[0]] = torch.tensor([-2.0, 2.0])

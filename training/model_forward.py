@@ -19,6 +19,9 @@ second caption and its `[IMG0]` are targets here too.
 import torch
 from torch import nn
 
+from gill_pipeline.models.lm_bridge import embed_tokens, lm_forward_with_img_logits
+from gill_pipeline.models.vision import pooled_image_features
+
 from .losses import IGNORE_INDEX, contrastive_loss, generation_l2_loss, next_token_loss
 
 PREFIX = -1  # placeholder id of a visual-prefix position while sequences are assembled
@@ -54,33 +57,21 @@ class GILLTrainingModel(nn.Module):
     # Embeddings and the LM
     # ------------------------------------------------------------------------------------------------------------
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids -> LM input embeddings, `[IMG]` positions from `gill` (the LM's matrix is only read)."""
-        table = self.llm.get_input_embeddings()
-        is_img = ids[..., None] == self.img_token_ids
-        any_img = is_img.any(-1)
-        safe = torch.where(any_img | (ids >= table.num_embeddings) | (ids < 0), torch.zeros_like(ids), ids)
-        embeds = table(safe)
-        rows = self.gill.img_input_embeddings.to(embeds.dtype)[is_img.float().argmax(-1)]
-        return torch.where(any_img[..., None], rows, embeds)
+        """Token ids -> LM input embeddings, `[IMG]` positions from `gill` (the library's `embed_tokens`)."""
+        return embed_tokens(self.llm, self.gill, self.img_token_ids.tolist(), ids)
 
     def run_lm(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits over the LM vocabulary extended with the `[IMG]` ids, and last-layer hidden states."""
+        """-> logits over the LM vocabulary extended with the `[IMG]` ids, and last-layer hidden states.
+
+        The `[IMG]` columns are computed as at inference (`lm_forward_with_img_logits`), the LM's own logit
+        post-processing included.
+        """
         dtype = self.llm.get_input_embeddings().weight.dtype
         # No KV cache: training never decodes, and a cache filled again by a checkpointed layer's recomputation would
         # corrupt it (see `trainable.enable_gradient_checkpointing`).
-        output = self.llm(
-            inputs_embeds=embeds.to(dtype), attention_mask=mask, output_hidden_states=True, return_dict=True,
-            use_cache=False,
+        logits, hidden, _ = lm_forward_with_img_logits(
+            self.llm, self.gill, self.img_token_ids.tolist(), embeds.to(dtype), attention_mask=mask, use_cache=False
         )
-        hidden = output.hidden_states[-1]
-        logits = output.logits
-        ids = self.img_token_ids
-        vocab = max(logits.shape[-1], int(ids.max()) + 1)
-        if vocab > logits.shape[-1]:
-            logits = torch.cat([logits, logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))], -1)
-        img_logits = self.gill.img_logits(hidden).to(logits.dtype)
-        # Same as inference: the [IMG] columns come from gill's output rows, whatever the LM had there.
-        logits = logits.index_copy(-1, ids, img_logits)
         return logits, hidden
 
     @torch.no_grad()
@@ -92,10 +83,7 @@ class GILLTrainingModel(nn.Module):
                 f"Every example of this batch was skipped as unreadable ({int(batch['num_skipped'])} images): check "
                 "`image_folder` (image paths in a TSV are relative to it) and the data files."
             )
-        dtype = next(self.image_encoder.parameters()).dtype
-        output = self.image_encoder(pixel_values=batch["pixel_values"].to(dtype))
-        pooled = getattr(output, "pooler_output", None)
-        return (pooled if pooled is not None else output.image_embeds).float()
+        return pooled_image_features(self.image_encoder, batch["pixel_values"]).float()
 
     # ------------------------------------------------------------------------------------------------------------
     # Sequences

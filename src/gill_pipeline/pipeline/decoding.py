@@ -9,13 +9,22 @@ The rules are those of GILL's inference algorithm:
 
 Each token's last-layer hidden state is taken from the forward pass in which that token is an INPUT, so an `[IMG]`
 group produced at the last step is still run through the LM once to get its hidden states.
+
+A batch gives the same tokens as its inputs one by one, for every kind of LM (full, sliding-window or ALiBi
+attention, recurrent / linear-attention / state-space layers): no row ever gets a padded slot between two of its
+tokens. Prompts are left-padded (pads come before a row's first token, where every layer ignores them) and each row
+keeps a queue of tokens still to be fed: the text token it chose, or the `r` ids of an `[IMG]` group. Every LM pass
+feeds the same number of tokens from each row that has any (the shortest queue), so a row that chose text and a row
+that chose `[IMG0]` advance one token at a time together, and rows that all chose `[IMG0]` feed their groups in one
+pass. A row chooses its next token only once its queue is empty, from the logits of its last fed token. Rows that
+are done get masked slots; their outputs are no longer read.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 @dataclass
@@ -51,22 +60,80 @@ class DecodedSequence:
         return torch.stack(self.hidden_states[start : start + num_img_tokens])
 
 
-# (inputs_embeds, attention_mask, position_ids, cache, logits_to_keep) -> (logits, last_hidden_state)
-LMForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object, int], tuple[torch.Tensor, torch.Tensor]]
+class GILLImgTokenLogitsProcessor(LogitsProcessor):
+    """GILL's `[IMG]` rules as a transformers `LogitsProcessor`, for rows given at construction.
+
+    `[IMG1..r-1]` are suppressed; `[IMG0]` is suppressed in a row that has fewer than `min_text_tokens` text tokens,
+    already `max_images` groups, or less than `r` positions left in the LM's context; elsewhere `img_logit_scale > 1`
+    replaces its logit by `|logit| * img_logit_scale`.
+
+    Args:
+        img_token_ids (`list[int]`): The `r` ids of `[IMG0]..[IMG{r-1}]`.
+        num_text_tokens (`Sequence[int]`): Text tokens each row has produced.
+        num_images (`Sequence[int]`): `[IMG]` groups each row has produced.
+        room (`Sequence[int]`): Positions left in each row's context.
+        min_text_tokens, max_images, img_logit_scale: as in [`DecodingSettings`].
+    """
+
+    def __init__(
+        self,
+        img_token_ids: list[int],
+        num_text_tokens: Sequence[int],
+        num_images: Sequence[int],
+        room: Sequence[int],
+        min_text_tokens: int = 0,
+        max_images: int | None = None,
+        img_logit_scale: float = 1.0,
+    ):
+        self.img_token_ids = list(img_token_ids)
+        self.allowed = [
+            text >= min_text_tokens and (max_images is None or images < max_images) and left >= len(img_token_ids)
+            for text, images, left in zip(num_text_tokens, num_images, room)
+        ]
+        self.img_logit_scale = img_logit_scale
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        img0, rest = self.img_token_ids[0], self.img_token_ids[1:]
+        scores[:, rest] = float("-inf")
+        logit = scores[:, img0]
+        if self.img_logit_scale > 1:
+            logit = logit.abs() * self.img_logit_scale
+        allowed = torch.tensor(self.allowed, device=scores.device)
+        scores[:, img0] = torch.where(allowed, logit, torch.full_like(logit, float("-inf")))
+        return scores
+
+
+def _continues_in_chunks(cache) -> bool:
+    """Whether an LM with this cache continues exactly from it when given several new tokens in one pass.
+
+    Attention caches do. Recurrent, linear-attention and state-space layers (`Cache.is_linear`) continue from their
+    cached state exactly only one token at a time in transformers (Jamba's multi-token scan, for one, starts from a zero
+    state), and a cache class of the LM's own promises nothing: those LMs are fed one token per pass.
+    """
+    return isinstance(cache, Cache) and not any(cache.is_linear)
+
+
+# (inputs_embeds, attention_mask, position_ids, cache, use_cache, logits_to_keep)
+#     -> (logits over the LM vocabulary extended with the [IMG] ids, last hidden state, cache)
+LMForward = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, object, bool, int], tuple[torch.Tensor, torch.Tensor, object]
+]
 
 
 class GILLDecoder:
     """Runs the decoding loop for a batch of prompts given as input embeddings.
 
     Args:
-        lm_forward: runs the causal LM (see `LMForward`); returns logits over the LM's own vocabulary for the last
-            `logits_to_keep` positions and the last hidden state for all positions.
+        lm_forward: runs the causal LM (see `LMForward`); returns logits over the LM vocabulary extended with the
+            `[IMG]` ids for the last `logits_to_keep` positions, the last hidden state for all positions, and the
+            cache to pass next time (the one it was given, or the LM's own when it was given `None`).
         embed_ids: maps token ids `(B, W)` (`[IMG]` ids included) to input embeddings `(B, W, D)`.
-        img_logits: maps hidden states `(N, D)` to `[IMG]` logits `(N, r)`.
         img_token_ids: the `r` ids of `[IMG0]..[IMG{r-1}]`.
         eos_token_ids: ids that end a row.
         is_newline: says whether a token id decodes to text containing a newline.
-        cache_config: the LM config a `DynamicCache` is built from.
+        new_cache: returns the empty cache to start from, or `None` to let the LM build its own
+            (see `models.lm_bridge.new_cache`).
         max_positions: the LM's context length; a row stops when it is full, and `[IMG0]` is forbidden when its
             group would not fit.
     """
@@ -75,20 +142,18 @@ class GILLDecoder:
         self,
         lm_forward: LMForward,
         embed_ids: Callable[[torch.Tensor], torch.Tensor],
-        img_logits: Callable[[torch.Tensor], torch.Tensor],
         img_token_ids: list[int],
         eos_token_ids: set[int],
         is_newline: Callable[[int], bool],
-        cache_config=None,
+        new_cache: Callable[[], object] | None = None,
         max_positions: int | None = None,
     ):
         self.lm_forward = lm_forward
         self.embed_ids = embed_ids
-        self.img_logits = img_logits
         self.img_token_ids = list(img_token_ids)
         self.eos_token_ids = set(eos_token_ids)
         self.is_newline = is_newline
-        self.cache_config = cache_config
+        self.new_cache = new_cache
         self.max_positions = max_positions
 
     # ------------------------------------------------------------------------------------------------------
@@ -101,7 +166,6 @@ class GILLDecoder:
         batch_size = len(prompt_embeds)
         device, dtype = prompt_embeds[0].device, prompt_embeds[0].dtype
         width = prompt_embeds[0].shape[-1]
-        r = len(self.img_token_ids)
 
         # Left-pad the prompts so that every row's next position is the last column.
         length = max(e.shape[0] for e in prompt_embeds)
@@ -113,90 +177,96 @@ class GILLDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         next_position = mask.sum(-1)
 
-        cache = DynamicCache(config=self.cache_config) if settings.use_cache else None
+        cache = self.new_cache() if settings.use_cache and self.new_cache is not None else None
         history = (embeds, mask, positions)  # the whole sequence, for decoding without a cache
-        logits, _ = self._forward(embeds, mask, positions, cache, history, 1)
+        logits, _, cache = self._forward(embeds, mask, positions, cache, history, settings.use_cache)
         next_logits = logits[:, -1]
+        max_tokens_per_pass = 1 if settings.use_cache and not _continues_in_chunks(cache) else None
 
         rows = [DecodedSequence() for _ in range(batch_size)]
-        for step in range(settings.max_new_tokens):
+        queues: list[list[int]] = [[] for _ in range(batch_size)]  # tokens chosen but not yet fed
+        choices = [0] * batch_size  # tokens (an [IMG] group counts once) each row has chosen
+        done = [False] * batch_size  # nothing left to choose or feed
+        while True:
+            # 1. Rows that fed everything they chose choose their next token.
             room = self._room(next_position)
+            choosing = []
             for b, row in enumerate(rows):
-                if room[b] < 1 and not row.finished:
-                    row.finished = True  # the LM's context is full
-            if all(row.finished for row in rows):
-                break
-            tokens = self._choose_tokens(next_logits, rows, settings, generator, room)
-            chunks: list[list[int]] = [[] for _ in range(batch_size)]
-            for b, token in enumerate(tokens):
-                row = rows[b]
-                if row.finished:
+                if done[b] or queues[b]:
                     continue
-                if token in self.eos_token_ids or (settings.stop_at_newline and self.is_newline(token)):
-                    row.finished = True
-                elif token == self.img_token_ids[0]:
-                    row.img_starts.append(len(row.token_ids))
-                    chunks[b] = list(self.img_token_ids)
+                if choices[b] >= settings.max_new_tokens:
+                    done[b] = True
+                elif room[b] < 1:
+                    row.finished = done[b] = True  # the LM's context is full
                 else:
-                    row.num_text_tokens += 1
-                    chunks[b] = [token]
-                row.token_ids.extend(chunks[b])
+                    choosing.append(b)
+            if choosing:
+                if isinstance(generator, list):
+                    row_generator = [generator[b] for b in choosing]
+                else:
+                    row_generator = generator
+                tokens = self._choose_tokens(
+                    next_logits[choosing], [rows[b] for b in choosing], settings, row_generator, [room[b] for b in choosing]
+                )
+                for b, token in zip(choosing, tokens):
+                    self._take(b, token, rows[b], queues, choices, done, settings)
 
-            last_step = step == settings.max_new_tokens - 1
-            if last_step:
-                # Only `[IMG]` groups still need their hidden states; a last text token is never fed.
-                chunks = [c if len(c) == r and c[0] == self.img_token_ids[0] else [] for c in chunks]
-            if not any(chunks):
-                if all(row.finished for row in rows) or last_step:
-                    break
-                continue
-
-            chunk_width = max(len(c) for c in chunks)
-            ids = torch.zeros(batch_size, chunk_width, dtype=torch.long, device=device)
-            chunk_mask = torch.zeros(batch_size, chunk_width, dtype=torch.long, device=device)
-            for b, c in enumerate(chunks):
-                if c:
-                    ids[b, : len(c)] = torch.tensor(c, device=device)
-                    chunk_mask[b, : len(c)] = 1
-            chunk_positions = next_position[:, None] + torch.arange(chunk_width, device=device)[None]
-            # Padded slots are masked out, but LMs with learned position tables still look their positions up.
-            chunk_positions = torch.where(chunk_mask.bool(), chunk_positions, torch.zeros_like(chunk_positions))
-            chunk_embeds = self.embed_ids(ids).to(dtype) * chunk_mask[..., None].to(dtype)
-            mask = torch.cat([mask, chunk_mask], dim=1)
-            history = (
-                torch.cat([history[0], chunk_embeds], dim=1),
-                mask,
-                torch.cat([history[2], chunk_positions], dim=1),
-            )
-            logits, hidden = self._forward(chunk_embeds, mask, chunk_positions, cache, history, chunk_width)
-            next_position = next_position + chunk_mask.sum(-1)
-
-            last_index = (chunk_mask.sum(-1) - 1).clamp(min=0)
-            next_logits = logits[torch.arange(batch_size, device=device), last_index]
-            for b, c in enumerate(chunks):
-                rows[b].hidden_states.extend(hidden[b, : len(c)].unbind(0))
-            if last_step or all(row.finished for row in rows):
+            # 2. One LM pass over the same number of queued tokens from every row that has any.
+            feeding = [b for b in range(batch_size) if queues[b]]
+            if not feeding:
                 break
+            n = min(min(len(queues[b]) for b in feeding), max_tokens_per_pass or len(self.img_token_ids))
+            ids = torch.zeros(batch_size, n, dtype=torch.long, device=device)
+            step_mask = torch.zeros(batch_size, n, dtype=torch.long, device=device)
+            step_positions = torch.zeros(batch_size, n, dtype=torch.long, device=device)
+            offsets = torch.arange(n, device=device)
+            for b in feeding:
+                ids[b] = torch.tensor(queues[b][:n], device=device)
+                step_mask[b] = 1
+                # Rows that are done keep position 0: LMs with learned position tables look up masked slots too.
+                step_positions[b] = next_position[b] + offsets
+            step_embeds = self.embed_ids(ids).to(dtype) * step_mask[..., None].to(dtype)
+            mask = torch.cat([mask, step_mask], dim=1)
+            history = (
+                torch.cat([history[0], step_embeds], dim=1),
+                mask,
+                torch.cat([history[2], step_positions], dim=1),
+            )
+            logits, hidden, cache = self._forward(step_embeds, mask, step_positions, cache, history, settings.use_cache)
+            for b in feeding:
+                rows[b].hidden_states.extend(hidden[b].unbind(0))
+                queues[b] = queues[b][n:]
+                next_position[b] += n
+                # Only rows whose queue is now empty choose from these logits: their last fed token is the last slot.
+                next_logits[b] = logits[b, -1]
         return rows
 
     # ------------------------------------------------------------------------------------------------------
-    def _forward(self, embeds, mask, positions, cache, history, keep):
-        """One LM pass over the new chunk; without a cache the whole history is run (the reference's way)."""
-        if cache is not None:
-            logits, hidden = self.lm_forward(embeds, mask, positions, cache, keep)
+    def _take(self, b, token, row, queues, choices, done, settings) -> None:
+        """Records row `b`'s chosen token and queues what must be run through the LM."""
+        choices[b] += 1
+        if token in self.eos_token_ids or (settings.stop_at_newline and self.is_newline(token)):
+            row.finished = done[b] = True
+            return
+        if token == self.img_token_ids[0]:
+            row.img_starts.append(len(row.token_ids))
+            chunk = list(self.img_token_ids)
         else:
-            logits, hidden = self.lm_forward(history[0], history[1], history[2], None, keep)
-        hidden = hidden[:, -embeds.shape[1] :]
-        full = self._extend_with_img_logits(logits, hidden[:, -keep:])
-        return full, hidden
+            row.num_text_tokens += 1
+            chunk = [token]
+        row.token_ids.extend(chunk)
+        if choices[b] >= settings.max_new_tokens and len(chunk) == 1:
+            done[b] = True  # a last text token is never fed; a last [IMG] group still needs its hidden states
+        else:
+            queues[b] = chunk
 
-    def _extend_with_img_logits(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """LM logits `(B, K, V_lm)` -> logits over the LM vocabulary plus the `[IMG]` ids."""
-        vocab = max(logits.shape[-1], max(self.img_token_ids) + 1)
-        full = logits.new_full((*logits.shape[:-1], vocab), float("-inf"))
-        full[..., : logits.shape[-1]] = logits
-        full[..., self.img_token_ids] = self.img_logits(hidden).to(full.dtype)
-        return full.float()
+    def _forward(self, embeds, mask, positions, cache, history, use_cache):
+        """One LM pass over the new tokens; without a cache the whole history is run (the reference's way)."""
+        if use_cache:
+            logits, hidden, cache = self.lm_forward(embeds, mask, positions, cache, True, 1)
+        else:
+            logits, hidden, _ = self.lm_forward(history[0], history[1], history[2], None, False, 1)
+        return logits.float(), hidden[:, -embeds.shape[1] :], cache
 
     def _room(self, next_position: torch.Tensor) -> list[int]:
         """Positions left in each row's context."""
@@ -205,40 +275,37 @@ class GILLDecoder:
         return [self.max_positions - int(p) for p in next_position]
 
     def _choose_tokens(self, logits, rows, settings, generator, room) -> list[int]:
-        logits = logits.clone()
-        img0, rest = self.img_token_ids[0], self.img_token_ids[1:]
-        logits[:, rest] = float("-inf")
-        for b, row in enumerate(rows):
-            allowed = (
-                row.num_text_tokens >= settings.min_text_tokens
-                and (settings.max_images is None or len(row.img_starts) < settings.max_images)
-                and room[b] >= len(self.img_token_ids)
-            )
-            if not allowed:
-                logits[b, img0] = float("-inf")
-            elif settings.img_logit_scale > 1:
-                logits[b, img0] = logits[b, img0].abs() * settings.img_logit_scale
-        if not settings.do_sample:
-            return logits.argmax(-1).tolist()
+        """The next token of each of `rows` (those that choose now) from their logits `(len(rows), V)`.
 
-        logits = logits / settings.temperature
-        if settings.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cumulative > settings.top_p
-            remove[..., 1:] = remove[..., :-1].clone()  # keep the first token past the threshold
-            remove[..., 0] = False
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
-        probs = logits.softmax(-1)
-        # Only unfinished rows draw, so a row's generator advances exactly as it would for that input alone.
-        active = [b for b, row in enumerate(rows) if not row.finished]
-        chosen = [0] * len(rows)
+        `generator` is one generator for these rows, or a list with one per row.
+        """
+        processors = LogitsProcessorList(
+            [
+                GILLImgTokenLogitsProcessor(
+                    self.img_token_ids,
+                    num_text_tokens=[row.num_text_tokens for row in rows],
+                    num_images=[len(row.img_starts) for row in rows],
+                    room=room,
+                    min_text_tokens=settings.min_text_tokens,
+                    max_images=settings.max_images,
+                    img_logit_scale=settings.img_logit_scale,
+                )
+            ]
+        )
+        if settings.do_sample:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_p < 1.0:
+                processors.append(TopPLogitsWarper(settings.top_p))
+        # The processors read no previous ids: GILL's per-row state is given to its processor at construction.
+        no_ids = torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)
+        scores = processors(no_ids, logits)
+        if not settings.do_sample:
+            return scores.argmax(-1).tolist()
+        probs = scores.softmax(-1)
+        # Only rows that choose now draw, so a row's generator advances exactly as it would for that input alone.
         if isinstance(generator, list):
-            for b in active:
-                chosen[b] = int(torch.multinomial(probs[b].to(generator[b].device), 1, generator=generator[b]))
-        elif active:
-            sample_device = generator.device if generator is not None else probs.device
-            drawn = torch.multinomial(probs[active].to(sample_device), 1, generator=generator)[:, 0].tolist()
-            for b, token in zip(active, drawn):
-                chosen[b] = token
-        return chosen
+            return [
+                int(torch.multinomial(p.to(g.device), 1, generator=g)) for p, g in zip(probs, generator)
+            ]
+        sample_device = generator.device if generator is not None else probs.device
+        return torch.multinomial(probs.to(sample_device), 1, generator=generator)[:, 0].tolist()

@@ -29,6 +29,7 @@ from ..loading import check_pipeline_parts, prepare_pipeline_load, refuse_remote
 from ..lora import load_llm_lora, saving_without_lora
 from ..push import push_pipeline_to_hub
 from ..models.gill_model import GILLModel
+from ..models.lm_bridge import embed_tokens, lm_forward_with_img_logits, new_cache
 from ..models.open_clip_vision import OpenCLIPVisionModel
 from ..models.vision import image_pixel_values, pooled_image_features
 from .assembly import assemble_gill_pipeline
@@ -475,18 +476,10 @@ class GILLPipeline(DiffusionPipeline):
     def embed_token_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (`[IMG]` ids included) -> LM input embeddings, on `ids.device`.
 
-        `[IMG]` positions get the learned rows of `self.gill`; the LM's embedding matrix is only read.
+        `[IMG]` positions get the learned rows of `self.gill`, on the scale of the LM's own text embeddings; the LM's
+        embedding matrix is only read (see `models.lm_bridge.embed_tokens`, shared with training).
         """
-        table = self.llm.get_input_embeddings()
-        img_ids = torch.tensor(self.img_token_ids, device=ids.device)
-        is_img = (ids[..., None] == img_ids).any(-1)
-        safe_ids = torch.where(is_img | (ids >= table.num_embeddings), torch.zeros_like(ids), ids)
-        embeds = table(safe_ids.to(table.weight.device)).to(ids.device)
-        if is_img.any():
-            which = (ids[..., None] == img_ids).float().argmax(-1)
-            rows = self.gill.img_input_embeddings.to(device=ids.device, dtype=embeds.dtype)[which]
-            embeds = torch.where(is_img[..., None], rows, embeds)
-        return embeds
+        return embed_tokens(self.llm, self.gill, self.img_token_ids, ids)
 
     @torch.no_grad()
     def encode_image_features(self, images: list[PIL.Image.Image], device: torch.device) -> torch.Tensor:
@@ -555,18 +548,20 @@ class GILLPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------------------------------------
     # 4. Decoding
     # ----------------------------------------------------------------------------------------------------------
-    def _lm_forward(self, embeds, mask, positions, cache, logits_to_keep):
-        output = self.llm(
-            inputs_embeds=embeds,
+    def _lm_forward(self, embeds, mask, positions, cache, use_cache, logits_to_keep):
+        """One LM pass -> (logits with the `[IMG]` columns, last hidden state, cache); see `GILLDecoder`."""
+        logits, hidden, output = lm_forward_with_img_logits(
+            self.llm,
+            self.gill,
+            self.img_token_ids,
+            embeds,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
-            use_cache=cache is not None,
-            output_hidden_states=True,
+            use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            return_dict=True,
         )
-        return output.logits, output.hidden_states[-1]
+        return logits, hidden, output.cache if use_cache else None
 
     def _is_newline(self, token_id: int) -> bool:
         return "\n" in self.tokenizer.decode([token_id])
@@ -588,11 +583,10 @@ class GILLPipeline(DiffusionPipeline):
         decoder = GILLDecoder(
             lm_forward=self._lm_forward,
             embed_ids=self.embed_token_ids,
-            img_logits=self.gill.img_logits,
             img_token_ids=self.img_token_ids,
             eos_token_ids=self._eos_token_ids(),
             is_newline=self._is_newline,
-            cache_config=self.llm.config,
+            new_cache=lambda: new_cache(self.llm),
             max_positions=self._lm_context_length(),
         )
         return decoder(prompt_embeds, settings, generator)

@@ -1,0 +1,131 @@
+"""Where GILL's learned `[IMG]` rows meet the frozen causal LM: written once, used by inference and training.
+
+- `embed_tokens`: token ids (`[IMG]` ids included) -> the LM's input embeddings. `[IMG]` positions take
+  `GILLModel.img_input_embeddings`, kept in the space of the LM's embedding MATRIX rows and put through the LM
+  embedding module's own scale, as text is (Gemma, XGLM, BioGPT and MiniCPM3 multiply their lookups by
+  `embed_scale`). Initialising the rows from the matrix's statistics and rescaling them to the matrix's row norms
+  during training therefore stays consistent with what the LM reads.
+- `lm_forward_with_img_logits`: one LM forward whose logits cover the LM vocabulary extended with the `[IMG]` ids.
+  The `[IMG]` logits are appended as extra columns of the LM head's own output, so whatever the LM does to its
+  logits after the head (Gemma's final soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`, a cast to
+  float) is done to the `[IMG]` logits too, without a list of families.
+- `new_cache`: the cache transformers' `generate()` would start from.
+"""
+
+import contextlib
+
+import torch
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def _unwrapped(module):
+    """The embedding module itself when an adapter (peft) wraps it."""
+    return getattr(module, "base_layer", module)
+
+
+def input_embedding_scale(llm) -> float | torch.Tensor:
+    """The factor the LM's input embedding module multiplies its looked-up rows by (1 for most LMs).
+
+    transformers' scaled embedding modules (`GemmaTextScaledWordEmbedding`, `XGLMScaledWordEmbedding`,
+    `BioGptScaledWordEmbedding`, `MiniCPM3...`) all keep it as `embed_scale`.
+    """
+    scale = getattr(_unwrapped(llm.get_input_embeddings()), "embed_scale", None)
+    return 1.0 if scale is None else scale
+
+
+def embed_tokens(llm, gill, img_token_ids, ids: torch.Tensor) -> torch.Tensor:
+    """Token ids `(...)` -> LM input embeddings `(..., D)` on `ids.device`; the LM's matrix is only read.
+
+    `[IMG]` positions get `gill.img_input_embeddings` times the embedding module's scale. Negative ids (placeholders
+    that the caller overwrites, e.g. visual-prefix slots) and ids past the LM's vocabulary (the `[IMG]` ids) are
+    looked up as id 0 first, so the LM never indexes out of range.
+    """
+    table = llm.get_input_embeddings()
+    img_ids = torch.as_tensor(list(img_token_ids), device=ids.device, dtype=ids.dtype)
+    matches = ids[..., None] == img_ids
+    is_img = matches.any(-1)
+    vocab = _unwrapped(table).weight.shape[0]
+    safe_ids = torch.where(is_img | (ids < 0) | (ids >= vocab), torch.zeros_like(ids), ids)
+    embeds = table(safe_ids.to(_unwrapped(table).weight.device)).to(ids.device)
+    if not is_img.any():
+        return embeds
+    scale = input_embedding_scale(llm)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(device=ids.device, dtype=embeds.dtype)
+    rows = gill.img_input_embeddings.to(device=ids.device, dtype=embeds.dtype) * scale
+    return torch.where(is_img[..., None], rows[matches.to(torch.uint8).argmax(-1)], embeds)
+
+
+@contextlib.contextmanager
+def _img_logits_from_lm_head(llm, gill, found: dict):
+    """Appends the `[IMG]` logits of the head's input to the LM head's output while the LM runs."""
+    head = llm.get_output_embeddings()
+    if head is None:
+        yield
+        return
+
+    def append_img_logits(module, inputs, output):
+        found["width"] = output.shape[-1]
+        rows = gill.img_output_rows.to(device=output.device)
+        img = inputs[0].to(device=output.device, dtype=rows.dtype) @ rows.t()
+        return torch.cat([output, img.to(output.dtype)], dim=-1)
+
+    handle = head.register_forward_hook(append_img_logits)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def lm_forward_with_img_logits(llm, gill, img_token_ids, inputs_embeds: torch.Tensor, **lm_kwargs):
+    """Runs the LM on `inputs_embeds` -> (logits over the LM vocabulary plus the `[IMG]` ids, last hidden state,
+    the LM's output).
+
+    Columns of ids past the LM's vocabulary that are not `[IMG]` ids are `-inf`; the `[IMG]` columns always come from
+    `gill`, whatever the LM had there. `lm_kwargs` go to the LM (`attention_mask`, `cache`, `logits_to_keep`, ...).
+    """
+    img_token_ids = list(img_token_ids)
+    found = {}
+    with _img_logits_from_lm_head(llm, gill, found):
+        output = llm(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **lm_kwargs)
+    hidden = output.hidden_states[-1]
+    logits = output.logits
+    r = len(img_token_ids)
+    if found and logits.shape[-1] == found["width"] + r:
+        lm_logits, img_logits = logits[..., :-r], logits[..., -r:]
+    else:
+        # The head was not called as a module, or the LM reshaped its logits: fall back to the raw `[IMG]` logits
+        # of the last hidden state (no post-processing the LM may apply).
+        logger.warning_once(
+            f"{type(llm).__name__}: could not read the `[IMG]` logits through the LM head; using `hidden @ rows.T`."
+        )
+        lm_logits = logits
+        kept = hidden[..., -logits.shape[-2] :, :]
+        img_logits = gill.img_logits(kept).to(device=logits.device, dtype=logits.dtype)
+    vocab = max(lm_logits.shape[-1], max(img_token_ids) + 1)
+    if vocab > lm_logits.shape[-1]:
+        filler = lm_logits.new_full((*lm_logits.shape[:-1], vocab - lm_logits.shape[-1]), float("-inf"))
+        lm_logits = torch.cat([lm_logits, filler], dim=-1)
+    ids = torch.as_tensor(img_token_ids, device=lm_logits.device)
+    return lm_logits.index_copy(-1, ids, img_logits), hidden, output
+
+
+def _base_model(llm):
+    get_base_model = getattr(llm, "get_base_model", None)  # peft
+    return get_base_model() if callable(get_base_model) else llm
+
+
+def new_cache(llm):
+    """The cache `generate()` starts from: a `DynamicCache` for the LM's text config, or `None` for LMs that bring
+    their own cache class (MiniMax, Mamba, ...), which then build it in their first forward with `use_cache=True`."""
+    from transformers import DynamicCache
+
+    model = _base_model(llm)
+    supports_default = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if supports_default is not None and not supports_default():
+        return None
+    config = model.config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return DynamicCache(config=config)

@@ -1,0 +1,253 @@
+"""GILL's decoding on a zoo of tiny random LMs of every transformers causal-LM family that takes input embeddings and
+a cache: a batch equals its rows one by one, `[IMG]` rows are embedded like text, `[IMG]` logits get the LM's own
+logit post-processing.
+
+Every family of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built from its config with small generic sizes (sliding windows
+smaller than the test sequences, one layer of each kind for hybrid models); a few families need an override, and those
+that cannot take part are skipped with the reason. A representative subset runs by default, the whole zoo under
+`-m slow`.
+"""
+
+import functools
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as transformers_logging
+
+from gill_pipeline import DecodingSettings, GILLDecoder, GILLModel
+from gill_pipeline.models.lm_bridge import embed_tokens, input_embedding_scale, lm_forward_with_img_logits, new_cache
+
+VOCAB = 96
+NUM_IMG_TOKENS = 3
+MAX_PARAMETERS = 3_000_000  # "tiny": a family whose smallest build is bigger than this is skipped
+
+# Small sizes under every name transformers configs use for them (each config gets the names it has).
+GENERIC = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    sliding_window=4,  # much shorter than the decoded sequences: windows really cut
+    attention_window_size=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    is_decoder=True,  # BERT-like families are causal LMs only as decoders
+    # mixtures of experts
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    # multi-head latent attention
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    # partial rotary embeddings given in dimensions
+    rotary_dim=8,
+    # state-space / linear-attention layers
+    state_size=8,
+    mamba_d_state=8,
+    mamba_n_heads=4,
+    mamba_d_head=16,
+    mamba_expand=2,
+    mamba_n_groups=1,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    # per-layer input embeddings (Gemma 3n / 4)
+    vocab_size_per_layer_input=VOCAB,
+    hidden_size_per_layer_input=8,
+)
+
+PER_FAMILY = {
+    "mamba2": dict(num_heads=4, head_dim=16, expand=2, n_groups=1, chunk_size=8),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1]),
+    "zaya": dict(num_experts_per_tok=1),
+    "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=32),
+    "gemma3n_text": dict(num_kv_shared_layers=0),
+}
+
+SKIP = {
+    "blt": "byte-level patching model with its own entropy model; not a plain token LM",
+    "cpmant": "does not accept `inputs_embeds`",
+    "xlnet": "permutation LM with memory instead of a cache",
+    "reformer": "chunked LSH attention with its own buffers; no `Cache`",
+    "xmod": "needs a language adapter chosen at call time",
+}
+
+
+def _read_only(cls, name: str) -> bool:
+    name = getattr(cls, "attribute_map", {}).get(name, name)
+    attribute = getattr(cls, name, None)
+    return isinstance(attribute, property) and attribute.fset is None
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_config(family: str):
+    cls = CONFIG_MAPPING[family]
+    default = cls()
+    # Only names the family's config has: a stray `sliding_window` would make `DynamicCache` drop keys that a
+    # full-attention model still attends to.
+    overrides = {k: v for k, v in GENERIC.items() if hasattr(default, k)}
+    overrides.update(PER_FAMILY.get(family, {}))
+    # Hybrid models: one layer of each kind the full-size model has (attention, sliding, linear, state-space...).
+    default_types = getattr(default, "layer_types", None)
+    if isinstance(default_types, (list, tuple)) and default_types and not _read_only(cls, "layer_types"):
+        kinds = list(dict.fromkeys(default_types))
+        overrides["num_hidden_layers"] = max(2, len(kinds))
+        overrides["layer_types"] = (kinds * 2)[: overrides["num_hidden_layers"]]
+    overrides = {k: v for k, v in overrides.items() if not _read_only(cls, k)}
+    return cls(**overrides)
+
+
+def build_tiny_lm(family: str):
+    """A tiny random LM of `family` in eval mode, or `pytest.skip` with the reason it cannot take part."""
+    if family in SKIP:
+        pytest.skip(SKIP[family])
+    transformers_logging.set_verbosity_error()
+    try:
+        config = tiny_config(family)
+    except ImportError as error:
+        pytest.skip(f"needs an extra package: {error}")
+    if getattr(config, "is_encoder_decoder", False):
+        pytest.skip("encoder-decoder model")
+    with torch.device("meta"):
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if size > MAX_PARAMETERS:
+        pytest.skip(f"cannot be built tiny from its config ({size / 1e6:.0f}M parameters)")
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(config).eval()
+    # Random LMs of some families start with tiny weights; make every family's logits clearly ordered.
+    return llm
+
+
+def tiny_gill(llm) -> GILLModel:
+    width = llm.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(0)
+    gill = GILLModel(
+        lm_input_dim=width,
+        lm_hidden_dim=width,
+        vision_dim=8,
+        cond_dim=8,
+        cond_length=4,
+        num_img_tokens=NUM_IMG_TOKENS,
+        num_visual_tokens=1,
+        retrieval_dim=8,
+        tie_img_embeddings=llm.get_output_embeddings().weight is llm.get_input_embeddings().weight,
+        mapper_hidden_dim=8,
+        mapper_encoder_layers=1,
+        mapper_decoder_layers=1,
+        mapper_heads=1,
+    ).eval()
+    head = llm.get_output_embeddings()
+    gill.init_img_embeddings_from(llm.get_input_embeddings().weight, None if head is None else head.weight)
+    return gill
+
+
+def img_token_ids(llm) -> list[int]:
+    vocab = llm.get_input_embeddings().weight.shape[0]
+    return list(range(vocab, vocab + NUM_IMG_TOKENS))
+
+
+def scheduled_decoder(llm, gill) -> GILLDecoder:
+    """A `GILLDecoder` over the LM whose `[IMG0]` logit follows the row's own tokens: huge when the LM's favourite
+    text token plus the row's position is a multiple of 4, else very low. Rows therefore produce `[IMG0]` at
+    different steps, and a row's choice depends on nothing but its own tokens."""
+    ids = img_token_ids(llm)
+
+    def lm_forward(embeds, mask, positions, cache, use_cache, keep):
+        logits, hidden, output = lm_forward_with_img_logits(
+            llm, gill, ids, embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache,
+            logits_to_keep=keep,
+        )
+        favourite = logits[:, -1, : ids[0]].argmax(-1)
+        logits = logits.clone()
+        # The row's length so far makes the schedule differ between rows even when a random LM repeats one token.
+        wanted = (favourite + positions[:, -1]) % 4 == 0
+        logits[:, -1, ids[0]] = torch.where(wanted, 1e4, -1e4).to(logits.dtype)
+        return logits, hidden, getattr(output, "cache", None) if use_cache else None
+
+    return GILLDecoder(
+        lm_forward=lm_forward,
+        embed_ids=lambda token_ids: embed_tokens(llm, gill, ids, token_ids),
+        img_token_ids=ids,
+        eos_token_ids=set(),
+        is_newline=lambda token: False,
+        new_cache=lambda: new_cache(llm),
+        max_positions=None,
+    )
+
+
+def prompts(llm, gill) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = img_token_ids(llm)
+    lengths = (6, 11, 3)  # different lengths: left padding of 0, 5 and 8 slots
+    rows = [torch.randint(3, ids[0], (n,), generator=generator) for n in lengths]
+    return [embed_tokens(llm, gill, ids, row) for row in rows]
+
+
+ALL_FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+# One of each kind: full attention (learned positions, rotary), sliding window, ALiBi, state-space, hybrid and
+# linear attention, an own cache class, scaled input embeddings, final-logit soft-capping, logit scaling.
+REPRESENTATIVE = [
+    "opt", "llama", "mistral", "gpt_neo", "mpt", "bloom", "mamba2", "qwen3_next", "jamba", "minimax", "gemma2",
+    "cohere2", "granite", "xglm",
+]
+SETTINGS = DecodingSettings(max_new_tokens=8, min_text_tokens=1, max_images=2)
+
+
+def check_batch_equals_single_calls(family: str, use_cache: bool = True):
+    llm = build_tiny_lm(family)
+    gill = tiny_gill(llm)
+    decoder = scheduled_decoder(llm, gill)
+    embeds = prompts(llm, gill)
+    settings = DecodingSettings(**{**SETTINGS.__dict__, "use_cache": use_cache})
+    with torch.no_grad():
+        batched = decoder(embeds, settings)
+        singles = [decoder([e], settings)[0] for e in embeds]
+    for b, (row, single) in enumerate(zip(batched, singles)):
+        assert row.token_ids == single.token_ids, f"{family}: row {b} differs from its single call"
+        assert row.img_starts == single.img_starts
+        assert len(row.hidden_states) == len(single.hidden_states)
+        torch.testing.assert_close(
+            torch.stack(row.hidden_states), torch.stack(single.hidden_states), atol=1e-4, rtol=1e-4,
+            msg=lambda m: f"{family}: row {b} hidden states: {m}",
+        )
+        # And both equal ONE forward over the row's prompt and fed tokens, without padding or cache.
+        fed = row.token_ids[: len(row.hidden_states)]
+        sequence = torch.cat([embeds[b], decoder.embed_ids(torch.tensor(fed))])[None]
+        with torch.no_grad():
+            reference = llm(inputs_embeds=sequence, output_hidden_states=True).hidden_states[-1][0, embeds[b].shape[0] :]
+        torch.testing.assert_close(
+            torch.stack(row.hidden_states), reference, atol=1e-4, rtol=1e-4,
+            msg=lambda m: f"{family}: row {b} hidden states vs one full forward: {m}",
+        )
+    return batched
+
+
+@pytest.mark.parametrize("family", REPRESENTATIVE)
+def test_batch_equals_single_calls(family):
+    rows = check_batch_equals_single_calls(family)
+    # The schedule makes rows emit [IMG0] at different steps (the case that used to pad one row inside a step).
+    assert len({tuple(row.img_starts) for row in rows}) > 1, [row.img_starts for row in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_batch_equals_single_calls_whole_zoo(family):
+    check_batch_equals_single_calls(family)
