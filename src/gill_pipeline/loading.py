@@ -281,7 +281,7 @@ def validate_pipeline_folder(
     refuse_unsafe_files(folder, allow_pickle)
     saved_class = index.get("_class_name")
     if pipeline_class is not None:
-        names = {c.__name__ for c in pipeline_class.__mro__}
+        names = {c.__name__ for c in pipeline_class.__mro__ if issubclass(c, diffusers.DiffusionPipeline)}
         if not isinstance(saved_class, str) or saved_class not in names:
             raise PipelineFolderError(
                 f"{index_path} records the pipeline class {saved_class!r}, not {pipeline_class.__name__}: it is not "
