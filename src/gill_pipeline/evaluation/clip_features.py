@@ -48,7 +48,7 @@ def _as_features(output) -> torch.Tensor:
 
 class ImageEmbedder(torch.nn.Module):
     r"""
-    A CLIP image tower as a feature network: images `(N, 3, H, W)` in [0, 1] (or PIL images) -> `(N, F)` features,
+    A CLIP image tower as a feature network: images `(N, 3, H, W)` in [0, 1] (or PIL images) -> `(N, F)` CPU features,
     through the model's own image processor. Usable as the FID feature
     extractor ("CLIP-FID").
 
@@ -90,8 +90,11 @@ class ImageEmbedder(torch.nn.Module):
         parameter = next(self.model.parameters())
         pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
         if hasattr(self.model, "get_image_features"):
-            return _as_features(self.model.get_image_features(pixel_values=pixel_values)).float()
-        return _as_features(self.model(pixel_values=pixel_values)).float()
+            features = _as_features(self.model.get_image_features(pixel_values=pixel_values))
+        else:
+            features = _as_features(self.model(pixel_values=pixel_values))
+        # On the CPU, where the metrics keep their state (torchmetrics' FID sums features into CPU tensors).
+        return features.float().cpu()
 
 
 def _has_weight(path: str, prefix: str) -> bool:
@@ -151,7 +154,7 @@ class CLIPTextImageScorer:
         ).to(self.images.device)
         return _as_features(
             self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        ).float()
+        ).float().cpu()
 
     def image_embeds(self, images) -> torch.Tensor:
         return self.images(images)

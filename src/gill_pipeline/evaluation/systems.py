@@ -32,8 +32,8 @@ class GILLSystem:
     GILL's answers to the questions of the paper's protocols, for a loaded [`GILLPipeline`].
 
     Args:
-        pipe ([`GILLPipeline`]): the pipeline (with a retrieval index loaded when `decide`/retrieval protocols need it:
-            they do not; they read the heads directly).
+        pipe ([`GILLPipeline`]): the pipeline. No retrieval index is needed: retrieval and the decision read GILL's
+            heads directly, and generation never retrieves.
         num_inference_steps (`int`), guidance_scale (`float`): the decoder's sampling settings.
     """
 

@@ -95,7 +95,8 @@ def evaluate_text_to_image(
                 fid_features, list(_batches(real, size, batch_size)), list(_batches(generated, size, batch_size))
             )
         if clip_scorer is not None and records:
-            images = [t for batch in _batches(generated, None, batch_size) for t in batch]
+            # On the CLIP's device: torchmetrics moves the model to where the images are.
+            images = [t.to(clip_scorer.images.device) for batch in _batches(generated, None, batch_size) for t in batch]
             results[system.name]["clip_score"] = clip_score(
                 clip_scorer.as_torchmetrics(), images, [r["caption"] for r in records], batch_size
             )
