@@ -125,7 +125,7 @@ def test_force_quick_gelu_survives_save_and_load(open_clip, registered_tiny_mode
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels).pooler_output, encoder(pixels).pooler_output, rtol=0, atol=1e-5)
         # The same weights with plain GELU compute something else: the flag is architecture, not decoration.
-        plain = OpenCLIPVisionModel(**{**loaded.config, "quick_gelu": False}).eval()
+        plain = OpenCLIPVisionModel.from_config({**loaded.config, "quick_gelu": False}).eval()
         plain.load_state_dict(loaded.state_dict())
         assert (plain(pixels).pooler_output - loaded(pixels).pooler_output).abs().max() > 1e-4
 
