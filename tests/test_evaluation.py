@@ -400,3 +400,18 @@ def test_gill_evaluate_command(tmp_path, capsys):
     assert main(["evaluate", "decision", "--decisions", str(tmp_path / "none.tsv"), "--output-dir", out]) == 2
     err = capsys.readouterr().err
     assert "gill evaluate: error:" in err and "none.tsv" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_bundle
+def test_bad_arguments_are_named(world_pipe, tmp_path):
+    path = write_cc3m(str(tmp_path), SCENES[:2])
+    with pytest.raises(ValueError, match="`data_format` must be one of"):
+        evaluate_caption_retrieval(world_pipe, path, str(tmp_path), str(tmp_path / "a"), data_format="flickr")
+    with pytest.raises(ValueError, match="`num_captions` must be a positive integer, got 0"):
+        evaluate_vist(world_pipe, path, str(tmp_path), str(tmp_path / "b"), clip=None, num_captions=0)
+    with pytest.raises(ValueError, match="`limit` must be a positive integer"):
+        evaluate_decision(world_pipe, write_decisions(str(tmp_path), SCENES[:2]), str(tmp_path / "c"), limit=0)
+    with pytest.raises(FileNotFoundError, match="CLIP folder"):
+        ImageEmbedder.from_pretrained(str(tmp_path / "no_clip"))
+    with pytest.raises(ValueError, match="not a whole CLIP"):
+        CLIPTextImageScorer.from_pretrained(CLIP_VISION)
