@@ -1,0 +1,160 @@
+"""What the web page does, without gradio: turn the page's input into a chat turn, stream the answer into chat
+history entries, reset. `app.build_demo` wires these methods to the page; tests call them directly.
+
+The page's chat history uses gradio's messages format: `{"role": "user" | "assistant", "content": ...}` where content
+is a string (Markdown), or a file `{"path": ..., "alt_text": ...}`.
+"""
+
+import itertools
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import PIL.Image
+
+from ..constants import IMAGE_MODES
+from ._conversation_adapter import new_conversation
+from .rendering import describe_image, save_for_display
+from .settings import DEFAULT_SEED, PAGE_SETTINGS, call_kwargs, preset_settings
+from .streaming import stream_turn
+
+logger = logging.getLogger(__name__)
+
+
+class ChatBackend:
+    r"""
+    The callbacks of the demo page for one pipeline, shared by every browser session (each session keeps its own
+    conversation in the page's state).
+
+    Args:
+        pipe ([`GILLPipeline`]):
+            The pipeline every session talks to, one turn at a time.
+        model (`str`, *optional*):
+            The built-in model's name (`"shapes-world"`, `"tiny-random"`), whose preset gives the starting settings.
+        settings (`dict`, *optional*):
+            Option name (`cli.CALL_ARGUMENTS` keys) -> value, over the preset; `seed` sets the page's starting seed.
+        images_dir (`str`, *optional*):
+            Where the answer's images are written for the page (default: a new temporary folder).
+    """
+
+    def __init__(self, pipe, model: str | None = None, settings: dict | None = None, images_dir: str | None = None):
+        settings = dict(settings or {})
+        self.pipe = pipe
+        self.seed = settings.pop("seed", DEFAULT_SEED)
+        self.settings = {**preset_settings(model), **settings}
+        if self.settings["image_mode"] not in IMAGE_MODES:
+            raise ValueError(f"`settings['image_mode']` must be one of {IMAGE_MODES}, got {self.settings['image_mode']!r}.")
+        self.images_dir = images_dir or tempfile.mkdtemp(prefix="gill_demo_")
+        self._image_numbers = itertools.count()
+
+    def page_defaults(self) -> dict:
+        """The starting value of each setting on the page (`PAGE_SETTINGS` and `seed`)."""
+        return {**{name: self.settings[name] for name in PAGE_SETTINGS}, "seed": self.seed}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Callbacks
+    # ------------------------------------------------------------------------------------------------------------
+    def user_message(self, message: dict | str | None, history: list) -> tuple[list, None, dict | None]:
+        """The multimodal box's value (`{"text": ..., "files": [paths]}`) -> the history with the user's entries, an
+        emptied box, and the turn waiting for `answer` (None when the box was empty)."""
+        text, files = _text_and_files(message)
+        if not text and not files:
+            return history, None, None
+        history = list(history or [])
+        history += [{"role": "user", "content": {"path": path}} for path in files]
+        if text:
+            history.append({"role": "user", "content": text})
+        return history, None, {"text": text, "files": files}
+
+    def answer(
+        self,
+        pending: dict | None,
+        history: list,
+        conversation: Any,
+        image_mode: str,
+        steps: float,
+        guidance_scale: float,
+        seed: float,
+        max_new_tokens: float,
+    ) -> Iterator[tuple[list, Any, str]]:
+        """Streams GILL's answer to the waiting turn: yields (history, conversation, status line) as text, images and
+        denoising progress arrive. The first turn of a session starts its conversation."""
+        history = list(history or [])
+        if pending is None:
+            yield history, conversation, ""
+            return
+        if conversation is None:
+            fixed = {k: v for k, v in self.settings.items() if k not in PAGE_SETTINGS}
+            conversation = new_conversation(self.pipe, **call_kwargs(fixed, seed=None))
+        page = dict(
+            image_mode=image_mode, steps=_whole(steps, "steps"), guidance_scale=float(guidance_scale),
+            max_new_tokens=_whole(max_new_tokens, "max_new_tokens"),
+        )
+        content = [_load_image(path) for path in pending["files"]]
+        if pending["text"]:
+            content.append(pending["text"])
+        start, shown = time.perf_counter(), []
+        yield history, conversation, "Thinking..."
+        events = stream_turn(
+            conversation, content, self.pipe.tokenizer, output_type="pil", **call_kwargs(page, seed=_whole(seed, "seed"))
+        )
+        for event in events:
+            if event.kind == "text":
+                if shown and shown[-1]["kind"] == "text":
+                    shown[-1]["content"] += event.value
+                else:
+                    shown.append({"kind": "text", "content": event.value})
+                status = "Writing..."
+            elif event.kind == "image":
+                shown += self._image_entries(event.value)
+                status = "Writing..."
+            elif event.kind == "progress":
+                step, total = event.value
+                status = f"Making an image: denoising step {step}/{total}"
+            else:
+                status = f"Answered in {time.perf_counter() - start:.1f} s."
+            turn = [{"role": "assistant", "content": entry["content"]} for entry in shown if entry["content"]]
+            yield history + turn, conversation, status
+
+    def reset(self) -> tuple[list, None, str, None]:
+        """Forgets the session's conversation: empty history, no conversation (a new one starts on the next turn)."""
+        return [], None, "", None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _image_entries(self, image) -> list[dict]:
+        """A `GILLImage` -> history entries: the image with its description, then its alternatives (`image_mode=
+        "both"`), each labelled."""
+        entries = []
+        for label, shown in [("", image)] + [("alternative: ", alt) for alt in image.alternatives or []]:
+            description = label + describe_image(shown)
+            path = save_for_display(shown.image, self.images_dir, f"image_{next(self._image_numbers)}_{shown.source}")
+            entries.append({"kind": "image", "content": {"path": path, "alt_text": description}})
+            entries.append({"kind": "caption", "content": f"*{description}*"})
+        return entries
+
+
+def _text_and_files(message: dict | str | None) -> tuple[str, list[str]]:
+    if message is None:
+        return "", []
+    if isinstance(message, str):
+        return message.strip(), []
+    files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+    return (message.get("text") or "").strip(), [f for f in files if f]
+
+
+def _load_image(path: str) -> PIL.Image.Image:
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"cannot read the uploaded image {os.path.basename(path)!r}: {error}") from error
+
+
+def _whole(value: float, name: str) -> int:
+    # Sliders and number boxes deliver floats; the pipeline wants whole numbers for these.
+    if value is None or float(value) != int(value):
+        raise ValueError(f"`{name}` must be a whole number, got {value!r}.")
+    return int(value)
