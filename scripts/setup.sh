@@ -2,7 +2,8 @@
 # Sets up a virtual environment in .venv with gill_pipeline installed (editable) and everything it needs.
 #   bash scripts/setup.sh              # library + training extras
 #   bash scripts/setup.sh --open-clip  # ... plus open_clip_torch (open_clip vision encoders)
-#   bash scripts/setup.sh --test       # ... plus open_clip and the test extras (pytest, faiss-cpu, ...): what CI runs
+#   bash scripts/setup.sh --test       # ... plus open_clip, gradio (demo) and the test extras (pytest, selenium, ...):
+#                                      # what CI runs
 # Torch: a CPU build (torch==2.13.0) is installed when no torch is importable; install your own CUDA build first
 # (`.venv/bin/pip install torch`) to use a GPU.
 # open_clip needs torchvision, and a torchvision only imports beside the exact torch it was built for, which for the
@@ -18,7 +19,7 @@ extras="train,faiss"
 case "${1:-}" in
   "") ;;
   --open-clip) extras="train,faiss,open_clip" ;;
-  --test) extras="test,train,faiss,open_clip" ;;
+  --test) extras="test,train,faiss,open_clip,demo" ;;
   *) echo "usage: bash scripts/setup.sh [--open-clip | --test], got '$1'" >&2; exit 2 ;;
 esac
 
