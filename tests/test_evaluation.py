@@ -152,6 +152,10 @@ def test_clip_score_by_hand(world_clip_folder):
     cosine = cosine_similarity(scorer.image_embeds(images), scorer.text_embeds(texts))
     expected = max(float((100 * cosine).mean()), 0.0)
     assert clip_score(scorer.as_torchmetrics(), images, texts) == pytest.approx(expected, abs=1e-3)
+    # A whole CLIP folder also serves as LPIPS features (its vision tower's layers) and as FID features.
+    layers = VisionTransformerFeatures.from_pretrained(world_clip_folder)(images)
+    assert len(layers) == 3 and layers[0].shape[0] == 2
+    assert ImageEmbedder.from_pretrained(world_clip_folder)(images).shape == (2, 64)  # the projection width
 
 
 # ---------------------------------------------------------------------------------------------------------------
