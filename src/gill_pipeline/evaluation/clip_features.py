@@ -11,10 +11,7 @@ import os
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.utils import logging
 
-
-logger = logging.get_logger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 

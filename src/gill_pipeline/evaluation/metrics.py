@@ -9,10 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils import logging
 
-
-logger = logging.get_logger(__name__)
 
 DEFAULT_RECALL_KS = (1, 5, 10)
 

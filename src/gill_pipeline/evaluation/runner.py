@@ -6,13 +6,10 @@ from typing import Callable
 
 import PIL.Image
 import torch
-from diffusers.utils import logging
 from tqdm.auto import tqdm
 
 from .records import RecordLog
 
-
-logger = logging.get_logger(__name__)
 
 
 def load_rgb(path: str) -> PIL.Image.Image:

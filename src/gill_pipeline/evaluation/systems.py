@@ -11,12 +11,9 @@ import os
 
 import PIL.Image
 import torch
-from diffusers.utils import logging
 
 from ..pipeline.decoding import DecodingSettings
 
-
-logger = logging.get_logger(__name__)
 
 # One new token, which must be [IMG0] (its logit scaled far above every other), and one image group.
 FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=1e4, max_images=1)
