@@ -6,10 +6,13 @@ from . import _import_notices  # noqa: F401  (before anything imports diffusers:
 from .models import GILLMapper, GILLModel, OpenCLIPVisionModel
 from .pipeline import (
     DecodingSettings,
+    GILLConversation,
     GILLDecoder,
     GILLImage,
+    GILLPast,
     GILLPipeline,
     GILLPipelineOutput,
+    GILLStreamer,
     assemble_gill_pipeline,
 )
 from .retrieval import RetrievalIndex, build_retrieval_index
@@ -18,6 +21,9 @@ __all__ = [
     "GILLPipeline",
     "GILLPipelineOutput",
     "GILLImage",
+    "GILLConversation",
+    "GILLPast",
+    "GILLStreamer",
     "GILLModel",
     "GILLMapper",
     "OpenCLIPVisionModel",

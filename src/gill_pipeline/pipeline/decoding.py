@@ -155,6 +155,8 @@ class GILLDecoder:
         self.is_newline = is_newline
         self.new_cache = new_cache
         self.max_positions = max_positions
+        self._on_token = None
+        self.last_cache = None
 
     # ------------------------------------------------------------------------------------------------------
     def __call__(
@@ -162,22 +164,39 @@ class GILLDecoder:
         prompt_embeds: list[torch.Tensor],
         settings: DecodingSettings,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        *,
+        past_cache=None,
+        past_length: int = 0,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> list[DecodedSequence]:
+        """Decodes every prompt; `self.last_cache` then holds the cache (every token fed so far).
+
+        `past_cache` (one prompt only, with `use_cache`): a cache that already holds `past_length` positions the
+        prompt continues (an earlier turn of a conversation); only the prompt's own embeddings are run.
+        `on_token(row, token_id)` is called for every text token as it is chosen (streaming).
+        """
         batch_size = len(prompt_embeds)
         device, dtype = prompt_embeds[0].device, prompt_embeds[0].dtype
         width = prompt_embeds[0].shape[-1]
+        self._on_token = on_token
+        if past_cache is not None and (batch_size != 1 or not settings.use_cache):
+            raise ValueError("A past cache continues one prompt decoded with `use_cache=True`.")
 
         # Left-pad the prompts so that every row's next position is the last column.
         length = max(e.shape[0] for e in prompt_embeds)
         embeds = torch.zeros(batch_size, length, width, device=device, dtype=dtype)
-        mask = torch.zeros(batch_size, length, device=device, dtype=torch.long)
+        mask = torch.zeros(batch_size, past_length + length, device=device, dtype=torch.long)
         for b, e in enumerate(prompt_embeds):
             embeds[b, length - e.shape[0] :] = e
-            mask[b, length - e.shape[0] :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            mask[b, past_length + length - e.shape[0] :] = 1
+        mask[:, :past_length] = 1  # what the past cache holds
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_length:]
         next_position = mask.sum(-1)
 
-        cache = self.new_cache() if settings.use_cache and self.new_cache is not None else None
+        if past_cache is not None:
+            cache = past_cache
+        else:
+            cache = self.new_cache() if settings.use_cache and self.new_cache is not None else None
         history = (embeds, mask, positions)  # the whole sequence, for decoding without a cache
         logits, _, cache = self._forward(embeds, mask, positions, cache, history, settings.use_cache)
         next_logits = logits[:, -1]
@@ -239,6 +258,7 @@ class GILLDecoder:
                 next_position[b] += n
                 # Only rows whose queue is now empty choose from these logits: their last fed token is the last slot.
                 next_logits[b] = logits[b, -1]
+        self.last_cache = cache
         return rows
 
     # ------------------------------------------------------------------------------------------------------
@@ -254,6 +274,8 @@ class GILLDecoder:
         else:
             row.num_text_tokens += 1
             chunk = [token]
+            if self._on_token is not None:
+                self._on_token(b, token)
         row.token_ids.extend(chunk)
         if choices[b] >= settings.max_new_tokens and len(chunk) == 1:
             done[b] = True  # a last text token is never fed; a last [IMG] group still needs its hidden states

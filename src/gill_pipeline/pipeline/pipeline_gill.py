@@ -1,5 +1,6 @@
 """GILLPipeline: interleaved images and text in; text, generated and retrieved images out."""
 
+import hashlib
 import inspect
 import math
 import os
@@ -34,7 +35,17 @@ from ..models.open_clip_vision import OpenCLIPVisionModel
 from ..models.vision import image_pixel_values, pooled_image_features
 from .assembly import assemble_gill_pipeline
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder
+from .chat import (
+    answer_to_message,
+    end_of_turn_token_ids,
+    has_chat_template,
+    is_chat,
+    normalize_conversations,
+    render_conversation,
+)
+from .conversation import GILLPast
 from .inputs import check_interleaved_sample, normalize_interleaved_inputs, to_rgb_pil
+from .streaming import stream_tokens
 from .pipeline_output import GILLImage, GILLPipelineOutput
 
 
@@ -303,6 +314,8 @@ class GILLPipeline(DiffusionPipeline):
         use_cache,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
+        streamer=None,
+        past=None,
     ):
         """Checks every argument of the call before any model runs; errors name the argument and show its value."""
         for name, value in (
@@ -422,6 +435,28 @@ class GILLPipeline(DiffusionPipeline):
                     f"got {callback_on_step_end_tensor_inputs!r:.200}."
                 )
 
+        if streamer is not None:
+            if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+                raise TypeError(
+                    f"`streamer` must be a streamer with `put` and `end` (e.g. `GILLStreamer`, transformers' "
+                    f"`TextIteratorStreamer`), got {type(streamer).__name__} {streamer!r:.100}."
+                )
+            if len(batch) != 1:
+                raise ValueError(f"`streamer` streams one answer, but {len(batch)} inputs were given.")
+        if past is not None:
+            if not isinstance(past, GILLPast):
+                raise TypeError(f"`past` must be the `past` of an earlier call's output, got {type(past).__name__}.")
+            if len(batch) != 1 or not use_cache:
+                raise ValueError(
+                    f"`past` continues one input decoded with a cache, got {len(batch)} inputs and `use_cache`="
+                    f"{use_cache}."
+                )
+            if past.owner != self._past_owner():
+                raise ValueError(
+                    "`past` was made by another pipeline (another LM or other learned weights); its cache cannot be "
+                    "reused here. Start the conversation again without it."
+                )
+
     def _check_latents(self, latents, height, width, num_images_per_prompt):
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise ValueError(
@@ -491,42 +526,66 @@ class GILLPipeline(DiffusionPipeline):
         pixel_values = image_pixel_values(self.feature_extractor, images)
         return pooled_image_features(self.image_encoder, pixel_values.to(device))
 
-    def encode_interleaved(self, sample: list[Any], device: torch.device, sample_name: str) -> torch.Tensor:
-        """One interleaved list of text and images -> LM input embeddings `(T, D)`.
+    def tokenize_interleaved(self, sample: list[Any], sample_name: str, add_bos: bool = True) -> list[tuple]:
+        """One interleaved list -> its pieces in order: `("ids", [token ids])` for text and `("image", PIL)` for each
+        image.
 
-        Text is tokenised without special tokens, and the LM's BOS token (if it has one) is put before the first
-        text segment only (after the images when there is no text, as in GILL's captioning sequences); every image
-        becomes `num_visual_tokens` visual-prefix embeddings.
+        Text is tokenised without adding special tokens (special tokens written in the text, as chat templates write
+        them, are read as such). With `add_bos`, the LM's BOS token (if it has one) goes before the first text segment
+        only (after the images when there is no text, as in GILL's captioning sequences); chat-template inputs pass
+        `add_bos=False` because the template writes its own.
         """
-        images = [
-            to_rgb_pil(x, f"{sample_name}[{i}]") for i, x in enumerate(sample) if not isinstance(x, str)
-        ]
-        visual = None
-        if images:
-            features = self.encode_image_features(images, device)
-            visual = self.gill.encode_visual_prefix(features.to(device))
-        dtype = self.llm.get_input_embeddings().weight.dtype
-        pieces, image_index, bos_added = [], 0, False
-        for element in sample:
+        pieces, bos_added = [], not add_bos
+        bos = self.tokenizer.bos_token_id
+        for i, element in enumerate(sample):
             if isinstance(element, str):
                 ids = self.tokenizer(element, add_special_tokens=False).input_ids
-                if not bos_added and self.tokenizer.bos_token_id is not None:
-                    ids = [self.tokenizer.bos_token_id] + ids
+                if not bos_added and bos is not None:
+                    ids = [bos] + ids
                 bos_added = True
                 if ids:
-                    pieces.append(self.embed_token_ids(torch.tensor(ids, device=device)))
+                    pieces.append(("ids", list(ids)))
             else:
-                pieces.append(visual[image_index].to(device=device, dtype=dtype))
-                image_index += 1
-        if not bos_added and self.tokenizer.bos_token_id is not None:
+                pieces.append(("image", to_rgb_pil(element, f"{sample_name}[{i}]")))
+        if not bos_added and bos is not None:
             # Images only: end with BOS, as GILL's captioning sequences read [image prefix][BOS caption].
-            pieces.append(self.embed_token_ids(torch.tensor([self.tokenizer.bos_token_id], device=device)))
+            pieces.append(("ids", [bos]))
         if not pieces:
             raise ValueError(
                 f"`{sample_name}` has no tokens: its text is empty and this tokenizer has no BOS token. Give some text "
                 "or an image."
             )
-        embeds = torch.cat(pieces, dim=0).to(dtype)
+        return pieces
+
+    def piece_keys(self, pieces: list[tuple]) -> list[tuple]:
+        """One hashable key per LM position of `pieces` (a token id, or an image's content and prefix slot): two
+        inputs share a cached prefix exactly as far as their keys agree (see `GILLPast`)."""
+        keys = []
+        for kind, value in pieces:
+            if kind == "ids":
+                keys.extend(("token", int(t)) for t in value)
+            else:
+                digest = hashlib.sha1(value.tobytes()).hexdigest()
+                keys.extend(("image", value.size, digest, j) for j in range(self.gill.config.num_visual_tokens))
+        return keys
+
+    def embed_pieces(self, pieces: list[tuple], device: torch.device, sample_name: str) -> torch.Tensor:
+        """Pieces from `tokenize_interleaved` -> LM input embeddings `(T, D)`; every image becomes
+        `num_visual_tokens` visual-prefix embeddings."""
+        images = [value for kind, value in pieces if kind == "image"]
+        visual = None
+        if images:
+            features = self.encode_image_features(images, device)
+            visual = self.gill.encode_visual_prefix(features.to(device))
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        embedded, image_index = [], 0
+        for kind, value in pieces:
+            if kind == "ids":
+                embedded.append(self.embed_token_ids(torch.tensor(value, device=device)))
+            else:
+                embedded.append(visual[image_index].to(device=device, dtype=dtype))
+                image_index += 1
+        embeds = torch.cat(embedded, dim=0).to(dtype)
 
         limit = self._lm_context_length()
         if limit is not None and embeds.shape[0] >= limit:
@@ -536,6 +595,12 @@ class GILLPipeline(DiffusionPipeline):
                 f"{limit} positions. Shorten the input."
             )
         return embeds
+
+    def encode_interleaved(
+        self, sample: list[Any], device: torch.device, sample_name: str, add_bos: bool = True
+    ) -> torch.Tensor:
+        """One interleaved list of text and images -> LM input embeddings `(T, D)` (see `tokenize_interleaved`)."""
+        return self.embed_pieces(self.tokenize_interleaved(sample, sample_name, add_bos), device, sample_name)
 
     def _lm_context_length(self) -> int | None:
         config = self.llm.config
@@ -577,19 +642,36 @@ class GILLPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode(
-        self, prompt_embeds: list[torch.Tensor], settings: DecodingSettings, generator=None
-    ) -> list[DecodedSequence]:
-        """Runs GILL's decoding loop on prompts given as LM input embeddings (one `(T, D)` tensor each)."""
+        self,
+        prompt_embeds: list[torch.Tensor],
+        settings: DecodingSettings,
+        generator=None,
+        *,
+        stop_token_ids: set[int] | None = None,
+        past_cache=None,
+        past_length: int = 0,
+        on_token=None,
+        return_cache: bool = False,
+    ):
+        """Runs GILL's decoding loop on prompts given as LM input embeddings (one `(T, D)` tensor each).
+
+        `stop_token_ids` end a row besides the LM's EOS (e.g. a chat template's end of turn); `past_cache` /
+        `past_length` continue a cached prefix (one prompt); `on_token(row, id)` sees each text token as it is chosen.
+        Returns the decoded rows, and the cache after decoding with `return_cache=True`.
+        """
         decoder = GILLDecoder(
             lm_forward=self._lm_forward,
             embed_ids=self.embed_token_ids,
             img_token_ids=self.img_token_ids,
-            eos_token_ids=self._eos_token_ids(),
+            eos_token_ids=self._eos_token_ids() | set(stop_token_ids or ()),
             is_newline=self._is_newline,
             new_cache=lambda: new_cache(self.llm),
             max_positions=self._lm_context_length(),
         )
-        return decoder(prompt_embeds, settings, generator)
+        rows = decoder(
+            prompt_embeds, settings, generator, past_cache=past_cache, past_length=past_length, on_token=on_token
+        )
+        return (rows, decoder.last_cache) if return_cache else rows
 
     # ----------------------------------------------------------------------------------------------------------
     # 5. Images: decision, generation
@@ -729,6 +811,8 @@ class GILLPipeline(DiffusionPipeline):
         use_cache: bool = True,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        streamer: Any = None,
+        past: GILLPast | None = None,
         inputs: Any = None,
     ):
         r"""
@@ -736,8 +820,13 @@ class GILLPipeline(DiffusionPipeline):
 
         Args:
             prompt (`str`, image, `list` of them, or `list` of such lists):
-                One interleaved sequence of text segments and images (PIL images, numpy HWC uint8 arrays or CHW
-                tensors in [0, 1]), or a list of such sequences (a batch). Also accepted as `inputs=`.
+                One interleaved sequence of text segments and images (PIL images, numpy HWC arrays (uint8, or float in
+                [0, 1]) or CHW tensors in [0, 1]), or a list of such sequences (a batch). Or chat messages in the
+                transformers format (`[{"role": "user", "content": [{"type": "text", "text": ...}, {"type": "image",
+                "image": ...}]}, ...]`, or a batch of such conversations): they are rendered with the tokenizer's chat
+                template when it has one (each image's visual prefix where the image is; decoding stops at the
+                template's end of turn), and `output.messages` holds the answers as assistant messages. Also accepted
+                as `inputs=`.
             max_new_tokens (`int`, *optional*, defaults to 32):
                 How many tokens to produce at most per input; an `[IMG]` group counts as one.
             do_sample (`bool`, *optional*, defaults to `False`):
@@ -797,6 +886,15 @@ class GILLPipeline(DiffusionPipeline):
                 diffusers' `SDCFGCutoffCallback`) or stop the denoising early with `pipe._interrupt = True`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 Tensors passed in `callback_kwargs`: any of `latents`, `prompt_embeds`, `negative_prompt_embeds`.
+            streamer (*optional*):
+                Streams one answer: a [`GILLStreamer`] yields its text as tokens are decoded and each [`GILLImage`]
+                when it is ready (and records denoising progress); any transformers streamer (`put`/`end`, e.g.
+                `TextIteratorStreamer`) gets the text.
+            past ([`GILLPast`], *optional*):
+                The `past` of an earlier call (one input, `use_cache=True`): the LM's cache is reused for the prefix
+                this input shares with what that call read and produced (a conversation's earlier turns), so only
+                the new tokens run. A past is spent by the call that uses it; use the new `output.past` next.
+                [`GILLConversation`] does this for you.
             inputs (*optional*):
                 Another name for `prompt`.
 
@@ -811,7 +909,13 @@ class GILLPipeline(DiffusionPipeline):
         if inputs is not None and prompt is not None:
             raise ValueError("Pass the interleaved input once: as `prompt` or as `inputs`, not both.")
         input_name = "inputs" if inputs is not None else "prompt"
-        batch, is_batched = normalize_interleaved_inputs(inputs if inputs is not None else prompt, input_name)
+        source = inputs if inputs is not None else prompt
+        chat = is_chat(source)
+        if chat:
+            conversations, is_batched = normalize_conversations(source, input_name)
+            batch = [render_conversation(self.tokenizer, conversation) for conversation in conversations]
+        else:
+            batch, is_batched = normalize_interleaved_inputs(source, input_name)
         names = [f"{input_name}[{b}]" if is_batched else input_name for b in range(len(batch))]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -843,61 +947,11 @@ class GILLPipeline(DiffusionPipeline):
             use_cache=use_cache,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            streamer=streamer,
+            past=past,
         )
         batch = [check_interleaved_sample(sample, name) for sample, name in zip(batch, names)]
-
-        # 2. Define call parameters
-        device = self._execution_device
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._num_timesteps = 0
-        self._interrupt = False
-        settings = DecodingSettings(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            min_text_tokens=min_text_tokens,
-            img_logit_scale=img_logit_scale,
-            max_images=max_images,
-            stop_at_newline=stop_at_newline,
-            use_cache=use_cache,
-        )
-
-        # 3. Encode the interleaved inputs as LM input embeddings
-        prompt_embeds = [self.encode_interleaved(sample, device, name) for sample, name in zip(batch, names)]
-
-        # 4. Decode text and [IMG] groups
-        sequences = self.decode(prompt_embeds, settings, generator)
-
-        # 5. Decide, per [IMG] group, whether to retrieve or generate
-        requests = [(b, g) for b, seq in enumerate(sequences) for g in range(len(seq.img_starts))]
-        img_hidden = (
-            torch.stack([sequences[b].img_hidden_states(g, self.num_img_tokens) for b, g in requests])
-            if requests
-            else None
-        )
-        retrieve, probs = self.decide(img_hidden, image_mode) if requests else ([], [])
-        warnings = [[] for _ in batch]
-
-        # 6. Retrieve images for the groups the decision sent to retrieval (every group with image_mode="both")
-        retrieved = self.retrieve_for_groups(
-            img_hidden, requests, retrieve, probs, batch, image_mode, output_type, warnings
-        )
-
-        # 7. Generate images (groups sent to generation, "both", and groups retrieval could not serve)
-        to_generate = [
-            i
-            for i in range(len(requests))
-            if self.can_generate and (not retrieve[i] or image_mode == "both" or requests[i] not in retrieved)
-        ]
-        generated = self.generate_for_groups(
-            img_hidden,
-            requests,
-            to_generate,
-            probs,
-            generator=generator,
+        decoder_kwargs = dict(
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
@@ -913,16 +967,142 @@ class GILLPipeline(DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
+        try:
+            # 2. Define call parameters
+            device = self._execution_device
+            self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+            self._cross_attention_kwargs = cross_attention_kwargs
+            self._num_timesteps, self._interrupt = 0, False
+            if streamer is not None and hasattr(streamer, "on_denoising_step"):
+                decoder_kwargs["callback_on_step_end"] = self._with_progress(callback_on_step_end, streamer)
+            settings = DecodingSettings(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                min_text_tokens=min_text_tokens,
+                img_logit_scale=img_logit_scale,
+                max_images=max_images,
+                stop_at_newline=stop_at_newline,
+                use_cache=use_cache,
+            )
 
-        # 8. Post-process: choose the image shown per group, interleave text segments and images
-        images = self.merge_group_images(requests, retrieve, retrieved, generated, warnings)
-        outputs = [self.assemble_answer(b, seq, images) for b, seq in enumerate(sequences)]
-        output = GILLPipelineOutput.from_answers(outputs, warnings)
+            # 3. Encode the interleaved inputs as LM input embeddings (only what a `past` does not already hold)
+            prompt_embeds, keys, past_cache, past_length = self.encode_prompt(batch, names, chat, use_cache, past, device)
+
+            # 4. Decode text and [IMG] groups
+            sequences, cache = self.decode(
+                prompt_embeds,
+                settings,
+                generator,
+                stop_token_ids=end_of_turn_token_ids(self.tokenizer) if chat else None,
+                past_cache=past_cache,
+                past_length=past_length,
+                on_token=(lambda row, token: stream_tokens(streamer, [token])) if streamer is not None else None,
+                return_cache=True,
+            )
+
+            # 5. Decide, per [IMG] group, whether to retrieve or generate
+            requests = [(b, g) for b, seq in enumerate(sequences) for g in range(len(seq.img_starts))]
+            img_hidden = (
+                torch.stack([sequences[b].img_hidden_states(g, self.num_img_tokens) for b, g in requests])
+                if requests
+                else None
+            )
+            retrieve, probs = self.decide(img_hidden, image_mode) if requests else ([], [])
+            warnings = [[] for _ in batch]
+
+            # 6. Retrieve images for the groups the decision sent to retrieval (every group with image_mode="both")
+            retrieved = self.retrieve_for_groups(
+                img_hidden, requests, retrieve, probs, batch, image_mode, output_type, warnings
+            )
+
+            # 7. Generate images (groups sent to generation, "both", and groups retrieval could not serve)
+            to_generate = [
+                i
+                for i in range(len(requests))
+                if self.can_generate and (not retrieve[i] or image_mode == "both" or requests[i] not in retrieved)
+            ]
+            generated = self.generate_for_groups(
+                img_hidden, requests, to_generate, probs, generator=generator, **decoder_kwargs
+            )
+
+            # 8. Post-process: the image shown per group, the interleaved answers (and messages, past, stream)
+            images = self.merge_group_images(requests, retrieve, retrieved, generated, warnings)
+            outputs = [self.assemble_answer(b, seq, images) for b, seq in enumerate(sequences)]
+            output = GILLPipelineOutput.from_answers(outputs, warnings)
+            if chat:
+                output.messages = [answer_to_message(answer) for answer in outputs]
+            if keys is not None and cache is not None and (chat or past is not None):
+                output.past = self._next_past(cache, keys, sequences[0], past_length)
+            if streamer is not None and hasattr(streamer, "put_image"):
+                for image in output.gill_images[0]:
+                    streamer.put_image(image)
+        finally:
+            if streamer is not None:
+                streamer.end()  # also on errors, so a consumer iterating the streamer never waits forever
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return output.to_tuple()
         return output
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Conversations: chat input, reused caches, streaming
+    # ----------------------------------------------------------------------------------------------------------
+    def encode_prompt(self, batch, names, chat: bool, use_cache: bool, past, device):
+        """Step 3: LM input embeddings of each input, and for one input with a cache its position keys and the part
+        of `past` it can reuse. Returns `(prompt_embeds, keys, past_cache, past_length)`; with a reused prefix,
+        `prompt_embeds` holds only the positions after it."""
+        add_bos = not (chat and has_chat_template(self.tokenizer))  # a chat template writes its own special tokens
+        pieces = [self.tokenize_interleaved(sample, name, add_bos) for sample, name in zip(batch, names)]
+        prompt_embeds = [self.embed_pieces(p, device, name) for p, name in zip(pieces, names)]
+        keys = self.piece_keys(pieces[0]) if len(batch) == 1 and use_cache else None
+        past_cache, past_length = self._reusable_past(past, keys)
+        if past_length:
+            prompt_embeds = [prompt_embeds[0][past_length:]]
+        return prompt_embeds, keys, past_cache, past_length
+
+    def _past_owner(self) -> tuple:
+        return (id(self.llm), id(self.gill), tuple(self.img_token_ids))
+
+    def _reusable_past(self, past: GILLPast | None, keys: list[tuple] | None):
+        """`(cache, length)`: `past`'s cache cut back to the prefix it shares with `keys`, or `(None, 0)`."""
+        if past is None or keys is None:
+            return None, 0
+        if past.spent:
+            logger.warning("This `past` was already used by a call; its cache is not reused (the answer is the same).")
+            return None, 0
+        past.spent = True
+        # At least one position must run, to give the logits of the first new token.
+        length = min(past.shared_prefix(keys), len(keys) - 1)
+        cache = past.cache
+        if length <= 0 or not hasattr(cache, "crop") or any(getattr(cache, "is_linear", [])):
+            return None, 0  # recurrent states cannot be cut back: the whole input runs
+        try:
+            extra = cache.get_seq_length() - length
+            if extra > 0:
+                cache.crop(-extra)  # transformers 5: a negative count of positions to remove from the end
+        except Exception as error:  # e.g. a sliding-window layer that no longer holds the prefix
+            logger.info(f"The cache of `past` cannot be cut back to {length} positions ({error}); recomputing.")
+            return None, 0
+        if cache.get_seq_length() != length:
+            return None, 0
+        return cache, length
+
+    def _next_past(self, cache, keys, sequence: DecodedSequence, reused: int) -> GILLPast:
+        fed = sequence.token_ids[: len(sequence.hidden_states)]  # a last text token is never run through the LM
+        return GILLPast(cache=cache, keys=keys + [("token", int(t)) for t in fed], owner=self._past_owner(), reused=reused)
+
+    @staticmethod
+    def _with_progress(callback, streamer):
+        """A step-end callback that also reports denoising progress to the streamer."""
+
+        def with_progress(pipe, step, timestep, callback_kwargs):
+            streamer.on_denoising_step(step + 1, pipe.num_timesteps)
+            return callback(pipe, step, timestep, callback_kwargs) if callback is not None else callback_kwargs
+
+        return with_progress
 
     # ----------------------------------------------------------------------------------------------------------
     # Steps of the call

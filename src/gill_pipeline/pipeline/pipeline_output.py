@@ -62,12 +62,19 @@ class GILLPipelineOutput(BaseOutput):
         warnings (`list[list[str]]`):
             Per answer, what did not go as asked (e.g. a retrieval set with no image left for an `[IMG]` group,
             which was then generated instead).
+        messages (`list[dict]`, *optional*):
+            For chat input: each answer as an assistant message in the transformers chat format (text parts, and
+            image parts carrying what the `GILLImage` carries), ready to append to the conversation.
+        past ([`GILLPast`], *optional*):
+            For one chat input (or a call given `past=`): what the LM has read, to pass as `past=` to the next turn.
     """
 
     images: list[Any]
     texts: list[str]
     outputs: list[list[Union[str, GILLImage]]]
     warnings: list[list[str]]
+    messages: list[dict] | None = None
+    past: Any = None
 
     @classmethod
     def from_answers(cls, outputs: list[list[Union[str, GILLImage]]], warnings: list[list[str]] | None = None):

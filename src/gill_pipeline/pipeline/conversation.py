@@ -1,0 +1,119 @@
+"""Multi-turn dialogue: a conversation object that keeps the LM's KV cache between turns.
+
+Each turn renders the whole conversation (with the LM's chat template when it has one) and reuses the cached
+prefix that the new rendering shares with what the LM already read: earlier turns, and the text of the last answer.
+Only the new tokens run through the LM. Images GILL showed in earlier answers come back in later turns as visual
+prefix, as in the paper's dialogue examples (so the cache is reused up to the first of them in the last answer).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusers.utils import logging
+
+from .chat import check_message
+from .inputs import is_image
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class GILLPast:
+    """What the LM has read so far in a conversation: its KV cache and one key per cached position.
+
+    A call given `past=` reuses the cache for the longest prefix whose keys (token ids; image contents) agree with the
+    new input, and runs only the rest; that call changes the cache, so a past serves one call (a second one
+    recomputes). `owner` ties it to the pipeline (LM and learned weights) that made it.
+    """
+
+    cache: Any
+    keys: list[tuple] = field(default_factory=list)
+    owner: tuple = ()
+    reused: int = 0  # positions the call that made it took from the past it was given
+    spent: bool = False  # set once a call has used (and so changed) its cache
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def shared_prefix(self, keys: list[tuple]) -> int:
+        n = 0
+        for a, b in zip(self.keys, keys):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
+def user_message(content: Any, role: str = "user") -> dict:
+    """What `GILLConversation.send` accepts -> one message in the transformers chat format: a string, a list of
+    parts, or an interleaved list of strings and images."""
+    if isinstance(content, dict) and "role" in content:
+        check_message(content, "content")
+        return content
+    if isinstance(content, str) or is_image(content):
+        content = [content]
+    if not isinstance(content, (list, tuple)) or not content:
+        raise ValueError(f"`content` must be text, an image, or a non-empty list of them, got {content!r:.100}.")
+    parts = []
+    for element in content:
+        if isinstance(element, dict):
+            parts.append(element)
+        elif isinstance(element, str):
+            parts.append({"type": "text", "text": element})
+        elif is_image(element):
+            parts.append({"type": "image", "image": element})
+        else:
+            raise TypeError(
+                f"`content` elements must be text, images or message parts, got {type(element).__name__}."
+            )
+    message = {"role": role, "content": parts}
+    check_message(message, "content")
+    return message
+
+
+class GILLConversation:
+    r"""
+    A multi-turn dialogue with a [`GILLPipeline`] that keeps the LM's KV cache between turns, so turn N runs only
+    its new tokens.
+
+    Args:
+        pipe ([`GILLPipeline`]): The pipeline to talk to.
+        messages (`list[dict]`, *optional*): Earlier messages (e.g. a system message) in the transformers chat format.
+        call_defaults: Settings for every turn (`max_new_tokens`, `image_mode`, `num_inference_steps`, ...); a turn's
+            own keyword arguments override them.
+
+    Example:
+        ```py
+        >>> conv = GILLConversation(pipe, max_new_tokens=32)
+        >>> answer = conv.send(["What is in this picture?", image])
+        >>> answer = conv.send("Show me the same thing in blue.")   # reuses the cache of the first turn
+        >>> conv.messages                                          # the whole dialogue, answers' images included
+        ```
+    """
+
+    def __init__(self, pipe, messages: list[dict] | None = None, **call_defaults):
+        self.pipe = pipe
+        self.messages: list[dict] = []
+        for i, message in enumerate(messages or []):
+            check_message(message, f"messages[{i}]")
+            self.messages.append(message)
+        self.call_defaults = call_defaults
+        self.past: GILLPast | None = None
+        self.last_output = None
+
+    def send(self, content: Any, streamer=None, **call_kwargs) -> dict:
+        """Adds a user turn, answers it, and returns the assistant message (also appended to `messages`)."""
+        message = user_message(content)
+        settings = {**self.call_defaults, **call_kwargs}
+        output = self.pipe(self.messages + [message], streamer=streamer, past=self.past, **settings)
+        answer = output.messages[0]
+        self.messages += [message, answer]
+        self.past, self.last_output = output.past, output
+        return answer
+
+    def reset(self, messages: list[dict] | None = None) -> None:
+        """Forgets the dialogue (and its cache)."""
+        self.messages = list(messages or [])
+        self.past = None
+        self.last_output = None

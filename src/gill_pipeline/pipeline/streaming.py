@@ -1,0 +1,61 @@
+"""Streaming an answer: text token by token, each image when it is ready, denoising progress in between.
+
+`GILLStreamer` is a transformers `TextIteratorStreamer` (so the usual pattern works: run the call in a thread and
+iterate the streamer) whose iterator also yields the answer's [`GILLImage`]s. Any transformers streamer (`put` /
+`end`, e.g. `TextStreamer`) can be passed as `streamer=` too; it then gets the text only.
+"""
+
+from queue import Queue
+
+import torch
+from transformers import TextIteratorStreamer
+
+
+class GILLStreamer(TextIteratorStreamer):
+    r"""
+    Iterates over an answer while the pipeline makes it: `str` pieces of text as tokens are decoded (whole words, as
+    `TextIteratorStreamer` gives them), then each `GILLImage` when it is ready. `progress` holds `(step, total)` of
+    the denoising loop under way (`None` before the first step).
+
+    Args:
+        tokenizer: The pipeline's tokenizer (`pipe.tokenizer`).
+        timeout (`float`, *optional*): Seconds the iterator waits for the next item before raising `queue.Empty`.
+        decode_kwargs: Passed to `tokenizer.decode` (defaults to `skip_special_tokens=True`).
+
+    Example:
+        ```py
+        >>> from threading import Thread
+        >>> streamer = GILLStreamer(pipe.tokenizer)
+        >>> Thread(target=pipe, args=(["Draw a red circle."],), kwargs={"streamer": streamer}).start()
+        >>> for item in streamer:
+        ...     print(item if isinstance(item, str) else f"<{item.source} image>")
+        ```
+    """
+
+    def __init__(self, tokenizer, timeout: float | None = None, **decode_kwargs):
+        decode_kwargs.setdefault("skip_special_tokens", True)
+        super().__init__(tokenizer, skip_prompt=False, timeout=timeout, **decode_kwargs)
+        self.text_queue = Queue()
+        self.progress: tuple[int, int] | None = None
+
+    def put_image(self, image) -> None:
+        """Delivers one `GILLImage` (after the text decoded so far)."""
+        self._flush_text()
+        self.text_queue.put(image, timeout=self.timeout)
+
+    def on_denoising_step(self, step: int, total: int) -> None:
+        self.progress = (int(step), int(total))
+
+    def _flush_text(self) -> None:
+        if self.token_cache:
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            printable = text[self.print_len :]
+            self.token_cache, self.print_len = [], 0
+            if printable:
+                self.text_queue.put(printable, timeout=self.timeout)
+
+
+def stream_tokens(streamer, token_ids: list[int]) -> None:
+    """Sends text token ids to any transformers-style streamer (`put` takes a tensor of ids)."""
+    if streamer is not None and token_ids:
+        streamer.put(torch.tensor(token_ids, dtype=torch.long))
