@@ -19,7 +19,7 @@ from gill_pipeline.chat_cli import main as chat_main
 from gill_pipeline.demo import ChatBackend
 from gill_pipeline.demo.rendering import DISPLAY_MIN_SIZE, describe_image, save_for_display
 from gill_pipeline.demo.settings import call_kwargs, preset_settings
-from gill_pipeline.pipeline import GILLImage
+from gill_pipeline.pipeline import GILLConversation, GILLImage
 
 # The tiny random model's preset makes an image likely after a few words; 2 steps and 6 tokens keep turns short.
 TINY = dict(steps=2, max_new_tokens=6)
@@ -218,6 +218,25 @@ def test_chat_cli_on_the_bundled_model(tmp_path, monkeypatch, capsys):
     written = IMAGE_LINE.findall(out)
     assert {source for _, source, _, _ in written} == {"generated", "retrieved"}
     assert all(os.path.isfile(path) for path, *_ in written)
+
+
+@pytest.mark.skipif(not bundle_available(), reason="the bundled shapes-world model is not installed")
+def test_a_streamed_turn_reports_denoising_progress_before_the_image():
+    from gill_pipeline.bundled import load_bundled_pipeline
+    from gill_pipeline.demo.streaming import stream_turn
+
+    pipe = load_bundled_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    settings = {**preset_settings(cli.SHAPES_MODEL), "steps": 40, "image_mode": "generate"}
+    content = [cli.example_image(cli.SHAPES_MODEL), "now a triangle :"]
+    # A short poll (the default is 0.2 s) sees the progress of even a fast denoising loop.
+    events = list(stream_turn(GILLConversation(pipe), content, pipe.tokenizer, poll_seconds=0.002, **call_kwargs(settings)))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and "image" in kinds and "text" in kinds
+    progress = [e.value for e in events if e.kind == "progress"]
+    assert progress and all(total == 40 for _, total in progress), progress
+    assert [step for step, _ in progress] == sorted(step for step, _ in progress)
+    assert kinds.index("progress") < kinds.index("image")
 
 
 def test_chat_and_demo_are_gill_subcommands(capsys):

@@ -33,7 +33,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
-    "--window-size=1280,1000",
+    "--window-size=1280,1080",
 ]
 WAIT_PAGE_S, WAIT_ANSWER_S = 60, 90  # bounds, far above what an idle machine needs (a few seconds each)
 # The shapes-world model was trained on context chains like this one; it answers with a caption and an image.

@@ -10,7 +10,7 @@ import os
 import sys
 
 from . import cli
-from .demo._conversation_adapter import new_conversation
+from .pipeline import GILLConversation
 from .demo.options import add_model_options, add_turn_options, load_model, model_name, settings_from_args
 from .demo.rendering import describe_image
 from .demo.settings import call_kwargs, preset_settings
@@ -58,7 +58,7 @@ class TerminalChat:
     def __init__(self, pipe, settings: dict, seed: int, output_dir: str, stdin=None, stdout=None, stderr=None):
         self.pipe, self.settings, self.seed, self.output_dir = pipe, settings, seed, output_dir
         self.stdin, self.stdout, self.stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-        self.conversation = new_conversation(pipe)
+        self.conversation = GILLConversation(pipe)
         self.turn = 0
         self._answer_started = False
 

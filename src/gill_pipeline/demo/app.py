@@ -82,7 +82,7 @@ def build_demo(pipe, model: str | None = None, settings: dict | None = None, ima
             with gr.Column(scale=3):
                 # No "share" button: it would post the chat to the Hugging Face Hub.
                 chatbot = gr.Chatbot(
-                    label="Conversation", elem_id=ELEMENT_IDS["chatbot"], height=520, buttons=["copy", "copy_all"]
+                    label="Conversation", elem_id=ELEMENT_IDS["chatbot"], height=600, buttons=["copy", "copy_all"]
                 )
                 status = gr.Markdown("", elem_id=ELEMENT_IDS["status"])
                 box = gr.MultimodalTextbox(

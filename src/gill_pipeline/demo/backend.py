@@ -6,7 +6,6 @@ is a string (Markdown), or a file `{"path": ..., "alt_text": ...}`.
 """
 
 import itertools
-import logging
 import os
 import tempfile
 import time
@@ -16,12 +15,12 @@ from typing import Any
 import PIL.Image
 
 from ..constants import IMAGE_MODES
-from ._conversation_adapter import new_conversation
+from ..pipeline import GILLConversation, GILLImage
+from ..pipeline.chat import GILL_IMAGE_PART_KEYS
 from .rendering import describe_image, save_for_display
 from .settings import DEFAULT_SEED, PAGE_SETTINGS, call_kwargs, preset_settings
 from .streaming import stream_turn
 
-logger = logging.getLogger(__name__)
 
 
 class ChatBackend:
@@ -88,7 +87,7 @@ class ChatBackend:
             return
         if conversation is None:
             fixed = {k: v for k, v in self.settings.items() if k not in PAGE_SETTINGS}
-            conversation = new_conversation(self.pipe, **call_kwargs(fixed, seed=None))
+            conversation = GILLConversation(self.pipe, **call_kwargs(fixed, seed=None))
         page = dict(
             image_mode=image_mode, steps=_whole(steps, "steps"), guidance_scale=float(guidance_scale),
             max_new_tokens=_whole(max_new_tokens, "max_new_tokens"),
@@ -96,27 +95,34 @@ class ChatBackend:
         content = [_load_image(path) for path in pending["files"]]
         if pending["text"]:
             content.append(pending["text"])
-        start, shown = time.perf_counter(), []
+        start, shown, on_page = time.perf_counter(), [], {}
         yield history, conversation, "Thinking..."
         events = stream_turn(
             conversation, content, self.pipe.tokenizer, output_type="pil", **call_kwargs(page, seed=_whole(seed, "seed"))
         )
         for event in events:
             if event.kind == "text":
-                if shown and shown[-1]["kind"] == "text":
-                    shown[-1]["content"] += event.value
-                else:
-                    shown.append({"kind": "text", "content": event.value})
+                if not event.value:
+                    continue
+                _add_text(shown, event.value)
                 status = "Writing..."
             elif event.kind == "image":
-                shown += self._image_entries(event.value)
+                entries = self._image_entries(event.value)
+                on_page[id(event.value.image)] = entries
+                shown += entries
                 status = "Writing..."
             elif event.kind == "progress":
                 step, total = event.value
                 status = f"Making an image: denoising step {step}/{total}"
             else:
+                # Images are ready only after the text decoded around them, so they streamed in late; the finished
+                # message puts everything in the answer's own order.
+                shown = self._message_entries(event.value, on_page)
                 status = f"Answered in {time.perf_counter() - start:.1f} s."
-            turn = [{"role": "assistant", "content": entry["content"]} for entry in shown if entry["content"]]
+                warnings = getattr(getattr(conversation, "last_output", None), "warnings", None) or [[]]
+                if warnings[0]:
+                    status += " " + " ".join(warnings[0])
+            turn = [{"role": "assistant", "content": entry["content"]} for entry in shown]
             yield history + turn, conversation, status
 
     def reset(self) -> tuple[list, None, str, None]:
@@ -134,6 +140,28 @@ class ChatBackend:
             entries.append({"kind": "image", "content": {"path": path, "alt_text": description}})
             entries.append({"kind": "caption", "content": f"*{description}*"})
         return entries
+
+    def _message_entries(self, message: dict, on_page: dict) -> list[dict]:
+        """The assistant message -> history entries in its order, reusing the images already shown."""
+        entries = []
+        for part in message["content"]:
+            if part["type"] == "text":
+                if part["text"]:
+                    _add_text(entries, part["text"])
+            elif id(part["image"]) in on_page:
+                entries += on_page[id(part["image"])]
+            else:
+                fields = {key: part[key] for key in GILL_IMAGE_PART_KEYS if key in part}
+                entries += self._image_entries(GILLImage(image=part["image"], **fields))
+        return entries
+
+
+def _add_text(entries: list[dict], text: str) -> None:
+    # Text that follows text extends the same chat bubble.
+    if entries and entries[-1]["kind"] == "text":
+        entries[-1]["content"] += text
+    else:
+        entries.append({"kind": "text", "content": text})
 
 
 def _text_and_files(message: dict | str | None) -> tuple[str, list[str]]:

@@ -6,7 +6,7 @@ import PIL.Image
 
 # Images of small models (the shapes world's are 32 px) are enlarged for display, by a whole factor with nearest-
 # neighbour sampling so that no detail is invented; the file the chat CLI writes keeps the original size.
-DISPLAY_MIN_SIZE = 160
+DISPLAY_MIN_SIZE = 128
 
 
 def describe_image(image) -> str:

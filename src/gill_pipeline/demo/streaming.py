@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._conversation_adapter import new_streamer
+from ..pipeline import GILLStreamer
 
 # How often the caller wakes up while nothing arrives, to report denoising progress (seconds).
 POLL_SECONDS = 0.2
@@ -41,7 +41,7 @@ def stream_turn(conversation, content: Any, tokenizer, poll_seconds: float = POL
     An error in the worker is raised here, in the caller's thread, after what was streamed before it. Closing the
     generator early does not stop the worker; it finishes its turn in the background.
     """
-    streamer = new_streamer(tokenizer, timeout=poll_seconds)
+    streamer = GILLStreamer(tokenizer, timeout=poll_seconds)
     outcome: dict[str, Any] = {}
 
     def work():
