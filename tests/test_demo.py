@@ -209,15 +209,18 @@ def test_chat_session_reset_and_end_of_input(opt_pipe, tmp_path):
 def test_chat_cli_on_the_bundled_model(tmp_path, monkeypatch, capsys):
     example = tmp_path / "example.png"
     cli.example_image(cli.SHAPES_MODEL).save(example)
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{example} now the same shape in blue :\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{example} now the same shape in blue :\nnow a triangle :\n"))
     assert chat_main(["--steps", "2", "--output-dir", str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()
     assert "error" not in err, err
-    # The shapes world answers with a caption, then (image mode "both") the decision head's pick and the other one.
-    assert re.search(r"^gill> a (small|large) blue circle", out, re.M), out
+    # The shapes world answers with a caption, then (image mode "both") the decision head's pick and the other one;
+    # the second turn keeps the colour asked for in the first.
+    first, second = re.findall(r"^gill> (.*)$", out, re.M)
+    assert re.match(r"a (small|large) blue circle", first) and re.match(r"a (small|large) blue triangle", second), out
     written = IMAGE_LINE.findall(out)
-    assert {source for _, source, _, _ in written} == {"generated", "retrieved"}
+    assert len(written) == 4 and {source for _, source, _, _ in written} == {"generated", "retrieved"}
     assert all(os.path.isfile(path) for path, *_ in written)
+    assert "\n\n" not in out
 
 
 @pytest.mark.skipif(not bundle_available(), reason="the bundled shapes-world model is not installed")

@@ -2,11 +2,13 @@
 
 The page is served on a free loopback port in this process (the same `serve` that `gill demo` calls), on the bundled
 shapes-world model when it is installed. The test uploads an image, sends a message, waits for the answer's text and
-image, checks that the page asked nothing of any other host, resets the chat, and saves a screenshot
-(`GILL_DEMO_SCREENSHOT=path` writes a copy there: how docs/demo.png is made).
+image, sends a second turn and waits for its answer below the first, checks that the page asked nothing of any other
+host, resets the chat, and saves a screenshot (`GILL_DEMO_SCREENSHOT=path` writes a copy there: how docs/demo.png is
+made).
 
 Skipped, with the reason, when gradio, selenium, chromium or chromedriver is missing (a fresh clone); CI installs them
-(`scripts/setup.sh --test`) and sets GILL_REQUIRE_BROWSER=1, which turns that skip into a failure.
+(`.ci/run`: chromium and chromium-driver with apt; `scripts/setup.sh --test`: gradio and selenium) and sets
+GILL_REQUIRE_BROWSER=1, which turns that skip into a failure.
 """
 
 import contextlib
@@ -33,11 +35,13 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
-    "--window-size=1280,1080",
 ]
+# A screenshot run (docs/demo.png) uses a taller window, so that both turns fit in the chat.
+WINDOW_SIZE = "1280,1800" if os.environ.get("GILL_DEMO_SCREENSHOT") else "1280,1000"
 WAIT_PAGE_S, WAIT_ANSWER_S = 60, 90  # bounds, far above what an idle machine needs (a few seconds each)
-# The shapes-world model was trained on context chains like this one; it answers with a caption and an image.
+# The shapes-world model was trained on context chains like these; it answers each with a caption and an image.
 USER_TEXT = "now the same shape in blue :"
+SECOND_TEXT = "now a triangle :"
 
 
 def _missing() -> str | None:
@@ -93,7 +97,7 @@ def chromium():
     profile = tempfile.mkdtemp(prefix="gill_chromium_")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+    for flag in CHROMIUM_FLAGS + [f"--window-size={WINDOW_SIZE}", f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     # Every request the page makes, to check below that it stays on this machine.
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
@@ -145,50 +149,65 @@ def test_demo_in_a_real_browser(tmp_path):
         # The paper clip's file input (hidden, as file inputs are): selenium hands it the file as a user's pick would.
         driver.find_element(By.CSS_SELECTOR, "#gill-input input[type=file]").send_keys(str(upload))
         WebDriverWait(driver, WAIT_PAGE_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gill-input img"))
-        text_box.send_keys(USER_TEXT)
-        text_box.send_keys(Keys.ENTER)
 
-        chatbot = driver.find_element(By.ID, "gill-chatbot")
-
-        def answer_shown(d):
-            images = [
+        def answer_images(d) -> list:
+            return [
                 img for img in d.find_elements(By.CSS_SELECTOR, "#gill-chatbot img")
                 if "/image_" in (img.get_attribute("src") or "")
-                and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
             ]
-            return images if images and "Answered in" in d.find_element(By.ID, "gill-status").text else False
 
-        try:
-            shown = WebDriverWait(driver, WAIT_ANSWER_S).until(answer_shown)
-        except TimeoutException:
-            driver.save_screenshot(str(tmp_path / "timeout.png"))
-            pytest.fail(
-                f"no answer after {WAIT_ANSWER_S} s; the page shows: {driver.find_element(By.TAG_NAME, 'body').text!r} "
-                f"(screenshot: {tmp_path / 'timeout.png'})"
-            )
-        answered_at = time.perf_counter()
-        driver.execute_script("window.scrollTo(0, 0)")
-        driver.save_screenshot(str(tmp_path / "demo.png"))
-        if os.environ.get("GILL_DEMO_SCREENSHOT"):
-            driver.save_screenshot(os.environ["GILL_DEMO_SCREENSHOT"])
+        def send_and_wait(text: str, images_before: int) -> list:
+            """Sends a turn; waits (bounded) until the answer is complete with a new image loaded in the page."""
+            text_box.send_keys(text)
+            text_box.send_keys(Keys.ENTER)
 
+            def answered(d):
+                images = answer_images(d)
+                done = "Answered in" in d.find_element(By.ID, "gill-status").text
+                loaded = images and d.execute_script(
+                    "return arguments[0].complete && arguments[0].naturalWidth > 0", images[-1]
+                )
+                return images if done and loaded and len(images) > images_before else False
+
+            try:
+                return WebDriverWait(driver, WAIT_ANSWER_S).until(answered)
+            except TimeoutException:
+                driver.save_screenshot(str(tmp_path / "timeout.png"))
+                pytest.fail(
+                    f"no answer to {text!r} after {WAIT_ANSWER_S} s; the page shows: "
+                    f"{driver.find_element(By.TAG_NAME, 'body').text!r} (screenshot: {tmp_path / 'timeout.png'})"
+                )
+
+        # Turn 1: the uploaded image and a message.
+        first = send_and_wait(USER_TEXT, 0)
+        chatbot = driver.find_element(By.ID, "gill-chatbot")
         page_text = chatbot.text
-        # The user's turn: the uploaded image and the text.
         assert USER_TEXT in page_text
         user_images = [
             img for img in driver.find_elements(By.CSS_SELECTOR, "#gill-chatbot img")
             if "upload" in (img.get_attribute("src") or "")
         ]
         assert user_images, "the uploaded image is not shown in the chat"
-        # The answer: an image labelled with its source and the decision head's probabilities, and the answer's text.
-        assert "image, p(generate)=" in page_text and "p(retrieve)=" in page_text
+        # The answer: images labelled with their source and the decision head's probabilities, and text.
         # (gradio does not put a file's alt_text on the <img>; the caption below each image carries it.)
-        assert all(os.path.basename(urlparse(img.get_attribute("src")).path).endswith(".png") for img in shown)
-        after_user = page_text.split(USER_TEXT, 1)[1]
+        assert "image, p(generate)=" in page_text and "p(retrieve)=" in page_text
+        assert all(os.path.basename(urlparse(img.get_attribute("src")).path).endswith(".png") for img in first)
         answer_text = [
-            line for line in after_user.splitlines() if line.strip() and "p(generate)=" not in line
+            line for line in page_text.split(USER_TEXT, 1)[1].splitlines()
+            if line.strip() and "p(generate)=" not in line
         ]
         assert answer_text, f"no answer text in the chat: {page_text!r}"
+
+        # Turn 2, text only: the conversation goes on below the first turn.
+        send_and_wait(SECOND_TEXT, len(first))
+        answered_at = time.perf_counter()
+        page_text = chatbot.text
+        assert page_text.index(USER_TEXT) < page_text.index(SECOND_TEXT)
+        assert "image, p(generate)=" in page_text.split(SECOND_TEXT, 1)[1]
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(str(tmp_path / "demo.png"))
+        if os.environ.get("GILL_DEMO_SCREENSHOT"):
+            driver.save_screenshot(os.environ["GILL_DEMO_SCREENSHOT"])
 
         # Nothing but this machine was asked for anything (gradio analytics, fonts, CDNs).
         hosts = requested_hosts(driver)

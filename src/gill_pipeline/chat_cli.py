@@ -110,6 +110,8 @@ class TerminalChat:
         kwargs = call_kwargs(self.settings, seed=self.seed)
         image_number, at_line_start = 0, True
         for event in stream_turn(self.conversation, content, self.pipe.tokenizer, output_type="pil", **kwargs):
+            if event.kind == "text" and not event.value:
+                continue
             if event.kind in ("text", "image") and not self._answer_started:
                 self.stdout.write(ANSWER_PROMPT)
                 self._answer_started, at_line_start = True, False

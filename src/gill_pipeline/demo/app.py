@@ -80,9 +80,10 @@ def build_demo(pipe, model: str | None = None, settings: dict | None = None, ima
         pending = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
-                # No "share" button: it would post the chat to the Hugging Face Hub.
+                # No "share" button (it is for Hugging Face Spaces discussions). The height follows the window.
                 chatbot = gr.Chatbot(
-                    label="Conversation", elem_id=ELEMENT_IDS["chatbot"], height=600, buttons=["copy", "copy_all"]
+                    label="Conversation", elem_id=ELEMENT_IDS["chatbot"], height="72vh", min_height=420,
+                    buttons=["copy", "copy_all"],
                 )
                 status = gr.Markdown("", elem_id=ELEMENT_IDS["status"])
                 box = gr.MultimodalTextbox(
