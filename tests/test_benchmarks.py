@@ -40,3 +40,11 @@ def test_pipeline_benchmark_kv_cache_part_runs():
     pipe = bench.build_pipeline(build_tiny_lm("opt", len(tokenizer), tokenizer), cross_attention_dim=32)
     rows = bench.bench_kv_cache(pipe, repeats=1)
     assert [n for n, _, _ in rows] == [8, 32, 64]
+
+
+def test_conversation_benchmark_runs_and_reuses_the_cache(tmp_path):
+    bench = load("bench_conversation")
+    output = tmp_path / "conversation.md"
+    medians = bench.main(["--tiny", "--repeats", "1", "--answer-tokens", "4", "--output", str(output)])
+    assert set(medians) == {"reused", "recomputed", "no cache"}
+    assert "turn 8 reuses" in output.read_text()
