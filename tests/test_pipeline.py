@@ -278,5 +278,5 @@ def test_lm_embedding_matrix_is_not_changed():
 
 
 def test_model_cpu_offload_is_configured(opt_pipe):
-    assert opt_pipe.model_cpu_offload_seq.split("->") == ["image_encoder", "llm", "unet", "vae"]
+    assert opt_pipe.model_cpu_offload_seq.split("->") == ["image_encoder", "llm", "unet", "transformer", "vae"]
     assert "gill" in opt_pipe._exclude_from_cpu_offload

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from gill_pipeline.decoders import conditioning_mse
+
 IGNORE_INDEX = -100
 
 
@@ -68,6 +70,19 @@ def generation_l2_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.
             f"Mapper output {tuple(prediction.shape)} and SD text-encoder target {tuple(target.shape)} differ in shape."
         )
     return (prediction.float() - target.float()).pow(2).sum(-1).sqrt().mean()
+
+
+def generation_loss(gill, img_hidden: torch.Tensor, targets) -> torch.Tensor:
+    """The generation loss of the mapper for `[IMG]` states `(N, r, D)` against the decoder's own conditioning.
+
+    `targets` is either the `(N, L, W)` text-encoder sequence of Stable Diffusion 1.x/2.x (the reference's per-token
+    L2, as GILL always trained), or a dict from the family's `encode_prompt` (`encode_conditioning`: sequence,
+    pooled vector, masks), compared by `conditioning_mse` over every learned tensor with padded positions left out
+    where the family masks them.
+    """
+    if isinstance(targets, dict):
+        return conditioning_mse(gill.map_to_conditioning(img_hidden), targets, gill.conditioning_layout)["total"]
+    return generation_l2_loss(gill.map_to_prompt_embeds(img_hidden), targets)
 
 
 def recall_at_k(similarity: torch.Tensor, ks=(1, 5)) -> dict[int, float]:

@@ -22,7 +22,7 @@ from torch import nn
 from gill_pipeline.models.lm_bridge import embed_tokens, lm_forward_with_img_logits
 from gill_pipeline.models.vision import pooled_image_features
 
-from .losses import IGNORE_INDEX, contrastive_loss, generation_l2_loss, next_token_loss
+from .losses import IGNORE_INDEX, contrastive_loss, generation_loss, next_token_loss
 
 PREFIX = -1  # placeholder id of a visual-prefix position while sequences are assembled
 
@@ -170,8 +170,7 @@ class GILLTrainingModel(nn.Module):
         out = {"img_token": ce, "img_token_correct": correct, "img_token_count": count, "retrieval": ret}
         out["retrieval_logits"], out["text_embeds"], out["image_embeds"] = ret_logits.detach(), text.detach(), image.detach()
         if targets is not None:
-            prediction = self.gill.map_to_prompt_embeds(img_hidden)
-            out["generation"] = generation_l2_loss(prediction, targets)
+            out["generation"] = generation_loss(self.gill, img_hidden, targets)
         return out
 
     def forward(self, batch: dict, concat_caption: bool = False, concat_img: bool = False, separate_img_passes: bool = False):

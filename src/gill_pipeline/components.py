@@ -26,10 +26,11 @@ def pipeline_from_parts(
     img_token_ids,
     base_models,
     dtype=None,
+    transformer=None,
 ):
-    """The GILL pipeline over the given parts (the decoder modules may be None), every module in eval mode, cast to
-    `dtype` when given."""
-    for module in (llm, image_encoder, vae, unet, gill):
+    """The GILL pipeline over the given parts (the decoder modules may be None; `unet` for UNet decoders,
+    `transformer` for SD3, Flux, PixArt and Sana), every module in eval mode, cast to `dtype` when given."""
+    for module in (llm, image_encoder, vae, unet, transformer, gill):
         if module is not None:
             module.eval()
     pipe = pipeline_class(
@@ -39,6 +40,7 @@ def pipeline_from_parts(
         vae=vae,
         unet=unet,
         scheduler=scheduler,
+        **({"transformer": transformer} if transformer is not None else {}),
         image_encoder=image_encoder,
         feature_extractor=feature_extractor,
         img_token_ids=img_token_ids,

@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from . import __version__
 from .base_models import BASE_MODEL_ROLES, DEFAULT_IMAGE_ENCODER_CLASS, normalize_base_models
 from .components import default_image_processor, pipeline_from_parts
+from .decoders import check_decoder_fits, family_by_name, load_decoder
 from .constants import GILL_COMPONENT, MODEL_INDEX_FILE, TOKENIZER_COMPONENT
 from .file_names import (
     FEATURE_EXTRACTOR_FOLDER,
@@ -57,7 +58,9 @@ logger = logging.get_logger(__name__)
 LEARNED_WEIGHTS_FORMAT = "gill_pipeline.learned_weights"
 LEARNED_WEIGHTS_FORMAT_VERSION = 1
 # Components a caller may pass to `from_pretrained` instead of loading them from the recorded base models.
-PASSABLE_COMPONENTS = ("llm", "tokenizer", "gill", "vae", "unet", "scheduler", "image_encoder", "feature_extractor")
+PASSABLE_COMPONENTS = (
+    "llm", "tokenizer", "gill", "vae", "unet", "transformer", "scheduler", "image_encoder", "feature_extractor"
+)
 # Causal LM families transformers knows by name: a recorded LM must be one of them (remote code is never run).
 CAUSAL_LM_TYPES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
@@ -99,6 +102,12 @@ def write_learned_weights_folder(
         "base_models": record,
         "img_token_ids": [int(i) for i in img_token_ids],
         "img_tokens": tokenizer.convert_ids_to_tokens([int(i) for i in img_token_ids]),
+        # The decoder the mapper was trained for (the full layout is in gill/config.json).
+        "decoder": {
+            "family": gill.conditioning_layout.family,
+            "pipeline_class": gill.conditioning_layout.pipeline_class,
+            "base_checkpoint": record["stable_diffusion"]["repo_id"] if record.get("stable_diffusion") else None,
+        },
     }
     path = os.path.join(save_directory, LEARNED_WEIGHTS_MANIFEST_FILE)
     with open(path, "w", encoding="utf-8") as f:
@@ -300,11 +309,28 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     if llm is None:
         raise ValueError("`llm` cannot be None: a GILL pipeline needs its language model.")
 
-    # The image decoder.
-    if "vae" in passed or "unet" in passed:
-        vae, unet = passed.get("vae"), passed.get("unet")
-        if (vae is None) != (unet is None):
-            raise ValueError("Pass both `vae` and `unet` (or both None for a pipeline without an image decoder).")
+    # The image decoder: the family the learned weights were trained for (`gill.conditioning_layout`).
+    layout = gill.conditioning_layout
+    transformer = None
+    if "vae" in passed or "unet" in passed or "transformer" in passed:
+        vae, unet, transformer = passed.get("vae"), passed.get("unet"), passed.get("transformer")
+        if (vae is None) != (unet is None and transformer is None):
+            raise ValueError(
+                "Pass both `vae` and the denoiser (`unet` or `transformer`), or both None for a pipeline without an "
+                "image decoder."
+            )
+    elif family_by_name(layout.pipeline_class).denoiser == "transformer":
+        entry = _required_entry(manifest, "stable_diffusion", source, "`vae=` and `transformer=` (or both None)")
+        decoder = _load_base(
+            f"{layout.pipeline_class} decoder",
+            entry,
+            source,
+            lambda: load_decoder(
+                entry["repo_id"], family=layout.pipeline_class, **entry_kwargs(entry),
+                **({"torch_dtype": dtype} if dtype is not None else {}), **safe,
+            ),
+        )
+        vae, unet, transformer = decoder.vae, None, decoder.transformer
     else:
         entry = _required_entry(manifest, "stable_diffusion", source, "`vae=` and `unet=` (or both None)")
         sub = entry.get("subfolder")
@@ -331,7 +357,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
         )
     if "scheduler" in passed:
         scheduler = passed["scheduler"]
-    elif unet is None:
+    elif unet is None and transformer is None:
         scheduler = None
     elif os.path.isdir(os.path.join(folder, SCHEDULER_FOLDER)):
         scheduler = _load_scheduler(os.path.join(folder, SCHEDULER_FOLDER), {})
@@ -388,9 +414,10 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
         cross_attention_dim=unet.config.cross_attention_dim if unet is not None else None,
         vision_dim=vision_feature_dim(image_encoder) if image_encoder is not None else None,
     )
+    check_decoder_fits(layout, {"unet": unet, "transformer": transformer}, learned)
     pipe = pipeline_from_parts(
         pipeline_class, tokenizer, llm, gill, vae, unet, scheduler, image_encoder, feature_extractor,
-        manifest["img_token_ids"], manifest["base_models"],
+        manifest["img_token_ids"], manifest["base_models"], transformer=transformer,
     )
     load_llm_lora(pipe, folder, allow_pickle)
     return pipe

@@ -19,7 +19,7 @@ DEFAULT_TAGS = ("gill", "multimodal", "text-to-image", "image-to-text", "image-r
 PAPER_URL = "https://arxiv.org/abs/2305.17216"
 ROLE_TITLES = {
     "llm": "Language model (frozen)",
-    "stable_diffusion": "Stable Diffusion decoder (frozen: VAE, UNet)",
+    "stable_diffusion": "Image decoder (frozen: VAE, UNet or transformer)",
     "image_encoder": "Vision encoder (frozen)",
 }
 
@@ -84,6 +84,26 @@ def _gill_size(folder: str) -> int | None:
     return os.path.getsize(path) if os.path.isfile(path) else None
 
 
+def _decoder_line(folder: str) -> str | None:
+    """The decoder the mapper was trained for, from `gill/config.json` (a config without a layout is SD 1.x/2.x)."""
+    path = os.path.join(folder, GILL_COMPONENT, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    layout = config.get("conditioning_layout")
+    if layout is None:
+        return (
+            f"Image decoder: `StableDiffusionPipeline` (Stable Diffusion 1.x/2.x); the mapper produces `prompt_embeds` "
+            f"of {config.get('cond_length')} x {config.get('cond_dim')}."
+        )
+    tensors = ", ".join(f"`{t['name']}` {tuple(t['shape'])}" for t in layout["tensors"])
+    return (
+        f"Image decoder: `{layout['pipeline_class']}` (family `{layout['family']}`, guidance `{layout['guidance']}`); "
+        f"the mapper produces {tensors}. The learned weights load only onto a decoder of this family and layout."
+    )
+
+
 def _usage(repo_id: str, kind: str, base_models: dict) -> str:
     lines = [
         "```py",
@@ -134,7 +154,7 @@ def build_model_card(folder: str, repo_id: str | None = None, info: ModelCardInf
     title = info.model_name or (repo_id.split("/")[-1] if "/" in repo_id else "GILL")
     what = (
         "the learned weights of a GILL model (a few MB: the `[IMG]` token rows, the visual prefix, the retrieval "
-        "projections, the mapper to Stable Diffusion and the decision head), to be combined with the base models below"
+        "projections, the mapper to the image decoder and the decision head), to be combined with the base models below"
         if kind == "learned_weights"
         else "a complete GILL pipeline (the frozen base models and the learned weights)"
     )
@@ -142,7 +162,7 @@ def build_model_card(folder: str, repo_id: str | None = None, info: ModelCardInf
         f"# {title}",
         "",
         f"GILL ([Koh, Fried, Salakhutdinov, NeurIPS 2023]({PAPER_URL})) lets a frozen causal language model read "
-        "interleaved images and text and answer with text, generated images (through a frozen Stable Diffusion "
+        "interleaved images and text and answer with text, generated images (through a frozen diffusion "
         "decoder) and retrieved images. This repo holds " + what + f", in the format of `{LIBRARY_NAME}`.",
         "",
     ]
@@ -159,6 +179,9 @@ def build_model_card(folder: str, repo_id: str | None = None, info: ModelCardInf
                 f" (`{entry['subfolder']}`)" if entry.get("subfolder") else ""
             )
             body.append(f"| {ROLE_TITLES[role]} | {where} | `{entry.get('revision') or 'main'}` |")
+    decoder = _decoder_line(folder)
+    if decoder is not None:
+        body += ["", decoder]
     size = _gill_size(folder)
     if size is not None:
         body += ["", f"Learned weights: {size / 2**20:.1f} MB (safetensors)."]

@@ -345,3 +345,32 @@ def build_tiny_decoder(name: str):
             component.eval()  # as `from_pretrained` leaves them: T5's dropout would otherwise make every call differ
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_gill_pipeline_with_decoder(name: str, lm_type: str = "opt", seed: int = 0, pipeline_class=None, **kwargs):
+    """A whole tiny GILL pipeline (random LM, vision encoder and learned parts) over the tiny decoder `name`,
+    assembled with `GILLPipeline.from_base_models`; returns `(pipe, decoder)` (the decoder keeps its text encoders,
+    for training targets)."""
+    from .tiny import build_tiny_lm, build_tiny_tokenizer, build_tiny_vision_encoder
+
+    if pipeline_class is None:
+        from .pipeline import GILLPipeline
+
+        pipeline_class = GILLPipeline
+    decoder = build_tiny_decoder(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
+        image_encoder, processor = build_tiny_vision_encoder()
+    settings = dict(
+        num_img_tokens=4, retrieval_dim=16, mapper_hidden_dim=32, mapper_encoder_layers=1, mapper_decoder_layers=1,
+        mapper_heads=2, seed=seed,
+    )
+    settings.update(kwargs)
+    pipe = pipeline_class.from_base_models(
+        language_model=llm, tokenizer=tokenizer, stable_diffusion=decoder, image_encoder=image_encoder,
+        feature_extractor=processor, **settings,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, decoder

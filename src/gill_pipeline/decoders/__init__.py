@@ -16,6 +16,7 @@ from .families import (
     family_for_components,
     family_for_pipeline,
 )
+from .fit import check_decoder_fits
 from .layout import ConditioningLayout, ConditioningTensor
 from .loading import load_decoder
 from .loss import conditioning_mse
@@ -28,6 +29,7 @@ __all__ = [
     "DecoderFamily",
     "SUPPORTED_PIPELINE_CLASSES",
     "build_decoder_pipeline",
+    "check_decoder_fits",
     "conditioning_mse",
     "default_negative_conditioning",
     "encode_conditioning",

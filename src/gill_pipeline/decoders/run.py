@@ -105,6 +105,7 @@ def run_decoder(
     layout: ConditioningLayout | None = None,
     family: str | None = None,
     progress_bar_config: dict | None = None,
+    return_pipeline: bool = False,
     **decoder_kwargs: Any,
 ):
     r"""
@@ -131,10 +132,13 @@ def run_decoder(
         family (`str`, *optional*): Family or pipeline class name, when `decoder` is a dict of components.
         progress_bar_config (`dict`, *optional*): For the stock pipeline's progress bar (e.g. `{"disable": True}`);
             by default a pipeline `decoder`'s own.
+        return_pipeline (`bool`, *optional*, defaults to `False`): Also return the stock pipeline that ran (its
+            `num_timesteps` and other call state).
         decoder_kwargs: Any other stock `__call__` argument (e.g. `true_cfg_scale`, `use_resolution_binning`).
 
     Returns:
-        The stock output's `images` (a tensor for `output_type="pt"` or `"latent"`, PIL images for `"pil"`).
+        The stock output's `images` (a tensor for `output_type="pt"` or `"latent"`, PIL images for `"pil"`); with
+        `return_pipeline`, `(images, pipeline)`.
     """
     family = _resolve_family(decoder, family, layout)
     pipe = build_decoder_pipeline(decoder, family=family)
@@ -202,5 +206,6 @@ def run_decoder(
     unknown = sorted(set(kwargs) - set(call_params))
     if unknown:
         raise ValueError(f"{family.pipeline_class.__name__}.__call__ takes no {unknown}.")
-    return pipe(**kwargs).images
+    images = pipe(**kwargs).images
+    return (images, pipe) if return_pipeline else images
 

@@ -21,6 +21,15 @@ from ..constants import (
 )
 from ..base_models import record_base_models
 from ..components import default_image_processor, pipeline_from_parts
+from ..decoders import (
+    ConditioningLayout,
+    default_negative_conditioning,
+    family_for_pipeline,
+    load_decoder,
+    read_conditioning_layout,
+)
+from ..decoders.families import StableDiffusionFamily
+from ..decoders.layout import SEQUENCE
 from ..file_names import looks_like_local_path
 from ..loading import PipelineFolderError, pop_dtype, refuse_remote_code
 from ..model_dims import lm_dims, vision_feature_dim
@@ -64,11 +73,49 @@ def _load_lm(language_model, tokenizer, load_kwargs):
 
 
 def _load_sd(stable_diffusion, load_kwargs):
-    if isinstance(stable_diffusion, str):
+    """A decoder checkpoint of any supported family WITH its text encoders (needed once, to read the layout and
+    store the negatives); the family is read from its `model_index.json`, an unsupported class is refused."""
+    if not isinstance(stable_diffusion, str):
+        return stable_diffusion
+    config = StableDiffusionPipeline.load_config(
+        stable_diffusion,
+        **{k: load_kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in load_kwargs},
+    )
+    family = family_for_pipeline(config["_class_name"])
+    if isinstance(family, StableDiffusionFamily):
         return StableDiffusionPipeline.from_pretrained(
             stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **load_kwargs
         )
-    return stable_diffusion
+    return load_decoder(stable_diffusion, family=family, text_encoders=True, **load_kwargs)
+
+
+def _decoder_conditioning(sd, family, conditioning_layout, negative_conditioning):
+    """The decoder's layout and default negatives: given, or read once from its text encoders."""
+    missing_text = [name for name in family.text_components if getattr(sd, name, None) is None]
+    if conditioning_layout is None:
+        if missing_text:
+            raise ValueError(
+                f"`stable_diffusion` ({type(sd).__name__}) has no {missing_text}: GILL needs the decoder's text "
+                f"encoders once at assembly, to read the conditioning layout and store the empty-prompt negatives. "
+                f"Pass the pipeline with its text encoders, or `conditioning_layout` and `negative_conditioning` "
+                f"(from `read_conditioning_layout` and `default_negative_conditioning` on the full pipeline)."
+            )
+        conditioning_layout = read_conditioning_layout(sd)
+    elif isinstance(conditioning_layout, dict):
+        conditioning_layout = ConditioningLayout.from_dict(conditioning_layout)
+    if conditioning_layout.pipeline_class != type(sd).__name__:
+        raise ValueError(
+            f"`conditioning_layout` is for {conditioning_layout.pipeline_class}, but `stable_diffusion` is a "
+            f"{type(sd).__name__}."
+        )
+    if negative_conditioning is None:
+        if conditioning_layout.has_negatives and missing_text:
+            raise ValueError(
+                f"`negative_conditioning` is required when `stable_diffusion` ({type(sd).__name__}) has no "
+                f"{missing_text}: pass `default_negative_conditioning(full_pipeline)`."
+            )
+        negative_conditioning = default_negative_conditioning(sd) if conditioning_layout.has_negatives else {}
+    return conditioning_layout, {name: value.float().cpu() for name, value in negative_conditioning.items()}
 
 
 def _load_vision(image_encoder, feature_extractor, load_kwargs):
@@ -95,6 +142,9 @@ def assemble_gill_pipeline(
     mapper_decoder_layers: int = DEFAULT_MAPPER_DECODER_LAYERS,
     mapper_heads: int = DEFAULT_MAPPER_HEADS,
     cond_length: int | None = None,
+    mapper_num_queries: int | None = None,
+    conditioning_layout: ConditioningLayout | dict | None = None,
+    negative_conditioning: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
     base_models: dict | None = None,
@@ -105,15 +155,19 @@ def assemble_gill_pipeline(
     Assembles a NEW, untrained GILL pipeline: the starting point of training.
 
     Every size of the learned parts comes from the given models: the LM's embedding and hidden widths, the vision
-    encoder's pooled width, the UNet's cross-attention width and the SD text encoder's length. The `[IMG]` tokens are
+    encoder's pooled width, and the decoder's conditioning layout (read from its own `encode_prompt`: the sequence
+    length and width, the pooled width, masks), for any supported decoder family (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, `FluxPipeline`, `PixArtSigmaPipeline`,
+    `SanaPipeline`). The `[IMG]` tokens are
     added to a copy of the tokenizer; the LM itself is not changed (no resized embedding matrix).
 
     Args:
         language_model (`str` or [`~transformers.PreTrainedModel`]):
             Any causal LM: a Hub id or path (loaded with `AutoModelForCausalLM`), or a loaded model.
-        stable_diffusion (`str` or [`~diffusers.StableDiffusionPipeline`]):
-            A Stable Diffusion checkpoint (id or path) or a loaded pipeline; its `text_encoder` and `tokenizer` are
-            used once, to store the empty-prompt embedding, and are not part of the GILL pipeline.
+        stable_diffusion (`str` or [`~diffusers.DiffusionPipeline`]):
+            A decoder checkpoint (id or path) of a supported family, or a loaded pipeline; its text encoders are used
+            once, to read the conditioning layout and store the empty-prompt negatives, and are not part of the GILL
+            pipeline. Another pipeline class is refused, naming it.
         image_encoder (`str` or [`~transformers.CLIPVisionModel`]):
             A CLIP vision encoder (id or path) or a loaded one.
         tokenizer, feature_extractor (*optional*):
@@ -122,7 +176,13 @@ def assemble_gill_pipeline(
         num_img_tokens, num_visual_tokens, retrieval_dim, mapper_*:
             GILL's sizes (reference values by default).
         cond_length (`int`, *optional*):
-            Length of the mapper's output; defaults to the SD tokenizer's `model_max_length` (77 for SD 1.x/2.x).
+            Stable Diffusion 1.x/2.x only: length of the mapper's output; defaults to the SD tokenizer's
+            `model_max_length` (77). Other families take the length of their layout.
+        mapper_num_queries (`int`, *optional*):
+            Learned queries of the mapper; None (default) gives one per output position. See docs/decoders.md.
+        conditioning_layout ([`ConditioningLayout`] or `dict`, *optional*), negative_conditioning (`dict`, *optional*):
+            The decoder's layout and default negatives, for a `stable_diffusion` given without its text encoders;
+            read from the text encoders otherwise.
         seed (`int`, *optional*, defaults to 0):
             Seed for the initial weights of the learned parts.
         dtype (`torch.dtype` or `str`, *optional*):
@@ -158,13 +218,77 @@ def assemble_gill_pipeline(
     sd = _load_sd(stable_diffusion, sd_load_kwargs)
     image_encoder, feature_extractor = _load_vision(image_encoder, feature_extractor, load_kwargs)
 
-    for name in ("vae", "unet", "scheduler", "text_encoder", "tokenizer"):
+    family = family_for_pipeline(sd)
+    for name in (family.denoiser, "vae", "scheduler"):
         if getattr(sd, name, None) is None:
-            raise ValueError(f"`stable_diffusion` must provide a `{name}`; {type(sd).__name__} has none.")
-    if sd.unet.config.get("addition_embed_type") == "text_time":
-        raise NotImplementedError("SDXL checkpoints are not supported yet: their UNet needs pooled embeddings too.")
-
+            raise ValueError(f"`stable_diffusion` must provide a `{name}`; this {type(sd).__name__} has none.")
     lm_input_dim, lm_hidden_dim, tied = lm_dims(llm)
+    # Stable Diffusion 1.x/2.x with its text encoder keeps the config GILL always had (no recorded layout): the
+    # same learned parts and bit-identical outputs as before other families existed.
+    legacy = isinstance(family, StableDiffusionFamily) and conditioning_layout is None and sd.text_encoder is not None
+    if legacy:
+        return _assemble_sd(
+            pipeline_class, llm, tokenizer, sd, image_encoder, feature_extractor, lm_input_dim, lm_hidden_dim, tied,
+            cond_length, num_img_tokens, seed, base_models, dtype, mapper_num_queries,
+            dict(
+                num_visual_tokens=num_visual_tokens, retrieval_dim=retrieval_dim, mapper_hidden_dim=mapper_hidden_dim,
+                mapper_encoder_layers=mapper_encoder_layers, mapper_decoder_layers=mapper_decoder_layers,
+                mapper_heads=mapper_heads,
+            ),
+        )
+    if cond_length is not None:
+        raise ValueError(
+            f"`cond_length`={cond_length} applies to Stable Diffusion 1.x/2.x only; a {type(sd).__name__} takes the "
+            f"length of its conditioning layout."
+        )
+    layout, negatives = _decoder_conditioning(sd, family, conditioning_layout, negative_conditioning)
+    sequence = next(t for t in layout.tensors if t.kind == SEQUENCE)
+    tokenizer, img_token_ids = add_img_tokens(tokenizer, num_img_tokens)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gill = GILLModel(
+            lm_input_dim=lm_input_dim,
+            lm_hidden_dim=lm_hidden_dim,
+            vision_dim=vision_feature_dim(image_encoder),
+            cond_dim=sequence.width,
+            cond_length=sequence.length,
+            num_img_tokens=num_img_tokens,
+            num_visual_tokens=num_visual_tokens,
+            retrieval_dim=retrieval_dim,
+            tie_img_embeddings=tied,
+            mapper_hidden_dim=mapper_hidden_dim,
+            mapper_encoder_layers=mapper_encoder_layers,
+            mapper_decoder_layers=mapper_decoder_layers,
+            mapper_heads=mapper_heads,
+            conditioning_layout=layout.to_dict(),
+            mapper_num_queries=mapper_num_queries,
+        )
+    gill.init_img_embeddings_from(
+        llm.get_input_embeddings().weight, None if tied else llm.get_output_embeddings().weight
+    )
+    gill.set_negative_conditioning(negatives)
+    denoiser = {family.denoiser: getattr(sd, family.denoiser)}
+    pipe = pipeline_from_parts(
+        pipeline_class, tokenizer, llm, gill, sd.vae, denoiser.get("unet"), sd.scheduler, image_encoder,
+        feature_extractor, img_token_ids, base_models, dtype, transformer=denoiser.get("transformer"),
+    )
+    logger.info(
+        "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, decoder %s.",
+        type(llm).__name__, lm_hidden_dim, tied, gill.config.vision_dim, layout.describe(),
+    )
+    return pipe
+
+
+def _assemble_sd(
+    pipeline_class, llm, tokenizer, sd, image_encoder, feature_extractor, lm_input_dim, lm_hidden_dim, tied,
+    cond_length, num_img_tokens, seed, base_models, dtype, mapper_num_queries, sizes,
+):
+    """Stable Diffusion 1.x/2.x with its text encoder, as GILL always assembled it."""
+    num_visual_tokens, retrieval_dim = sizes["num_visual_tokens"], sizes["retrieval_dim"]
+    mapper_hidden_dim, mapper_encoder_layers = sizes["mapper_hidden_dim"], sizes["mapper_encoder_layers"]
+    mapper_decoder_layers, mapper_heads = sizes["mapper_decoder_layers"], sizes["mapper_heads"]
+    if sd.tokenizer is None:
+        raise ValueError(f"`stable_diffusion` must provide a `tokenizer`; this {type(sd).__name__} has none.")
     if cond_length is None:
         cond_length = int(sd.tokenizer.model_max_length)
         if cond_length > 10_000:  # tokenizers without a set length report a huge sentinel
@@ -188,6 +312,7 @@ def assemble_gill_pipeline(
             mapper_encoder_layers=mapper_encoder_layers,
             mapper_decoder_layers=mapper_decoder_layers,
             mapper_heads=mapper_heads,
+            mapper_num_queries=mapper_num_queries,
         )
     gill.init_img_embeddings_from(
         llm.get_input_embeddings().weight, None if tied else llm.get_output_embeddings().weight

@@ -4,11 +4,21 @@ import hashlib
 import inspect
 import math
 import os
+import re
 from typing import Any, Callable
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
@@ -33,6 +43,7 @@ from ..models.gill_model import GILLModel
 from ..models.lm_bridge import embed_tokens, lm_forward_with_img_logits, new_cache
 from ..models.open_clip_vision import OpenCLIPVisionModel
 from ..models.vision import image_pixel_values, pooled_image_features
+from ..decoders import build_decoder_pipeline, run_decoder
 from .assembly import assemble_gill_pipeline
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder
 from .chat import (
@@ -114,10 +125,14 @@ class GILLPipeline(DiffusionPipeline):
             Any causal LM (`AutoModelForCausalLM`). Frozen; its embedding matrix is never changed.
         gill ([`GILLModel`]):
             GILL's learned parts: `[IMG]` rows, visual prefix, retrieval projections, mapper, decision head.
-        vae ([`AutoencoderKL`], *optional*):
+        vae ([`AutoencoderKL`] or [`AutoencoderDC`], *optional*):
         unet ([`UNet2DConditionModel`], *optional*):
         scheduler ([`SchedulerMixin`], *optional*):
-            The Stable Diffusion decoder. Without them the pipeline answers with text and retrieved images only.
+        transformer (*optional*):
+            The image decoder: the modules of a stock diffusers text-to-image pipeline (`unet` for Stable Diffusion
+            1.x/2.x and SDXL, `transformer` for SD3, Flux, PixArt-Sigma and Sana), run without text encoders from
+            the mapper's conditioning (see `gill.conditioning_layout`). Without them the pipeline answers with text
+            and retrieved images only.
         image_encoder ([`~transformers.CLIPVisionModel`], *optional*):
         feature_extractor ([`~transformers.CLIPImageProcessor`], *optional*):
             The CLIP vision encoder and its image processor. Needed for image inputs and for ranking generated
@@ -126,10 +141,10 @@ class GILLPipeline(DiffusionPipeline):
             Token ids of `[IMG0]`..`[IMG{r-1}]` in `tokenizer`.
     """
 
-    model_cpu_offload_seq = "image_encoder->llm->unet->vae"
+    model_cpu_offload_seq = "image_encoder->llm->unet->transformer->vae"
     # The learned module is small and its parts are called outside `forward`, which offload hooks would miss.
     _exclude_from_cpu_offload = ["gill"]
-    _optional_components = ["image_encoder", "feature_extractor", "vae", "unet", "scheduler"]
+    _optional_components = ["image_encoder", "feature_extractor", "vae", "unet", "scheduler", "transformer"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     # Components are typed, as in diffusers: `from_pipe`, offloading and optional components read these hints.
@@ -138,13 +153,18 @@ class GILLPipeline(DiffusionPipeline):
         tokenizer: PreTrainedTokenizerBase,
         llm: PreTrainedModel,
         gill: GILLModel,
-        vae: AutoencoderKL | None = None,
+        vae: AutoencoderKL | AutoencoderDC | None = None,
         unet: UNet2DConditionModel | None = None,
         scheduler: SchedulerMixin | None = None,
         image_encoder: CLIPVisionModel | CLIPVisionModelWithProjection | OpenCLIPVisionModel | None = None,
         feature_extractor: BaseImageProcessor | None = None,
         img_token_ids: list[int] | None = None,
         base_models: dict | None = None,
+        transformer: SD3Transformer2DModel
+        | FluxTransformer2DModel
+        | PixArtTransformer2DModel
+        | SanaTransformer2DModel
+        | None = None,
     ):
         super().__init__()
         if img_token_ids is None:
@@ -169,10 +189,13 @@ class GILLPipeline(DiffusionPipeline):
             scheduler=scheduler,
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
+            transformer=transformer,
         )
         # Which base LM / SD / vision encoder (Hub ids + revisions) the learned weights fit; see `gill_pipeline.hub`.
         self.register_to_config(img_token_ids=img_token_ids, base_models=normalize_base_models(base_models))
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        # AutoencoderDC (Sana) names its widths `encoder_block_out_channels`.
+        vae_blocks = (vae.config.get("block_out_channels") or vae.config.get("encoder_block_out_channels")) if vae else None
+        self.vae_scale_factor = 2 ** (len(vae_blocks) - 1) if vae_blocks else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Set by `load_retrieval_index`; without it, `image_mode="auto"` always generates.
         self.retrieval_index = None
@@ -366,6 +389,11 @@ class GILLPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"`{name}` must be a multiple of {multiple} (the decoder's latent scale), got {value}."
                 )
+        # Options the decoder family's pipeline does not take are refused now, not after the LM has decoded.
+        self._decoder_options(
+            timesteps=timesteps, sigmas=sigmas, eta=eta, guidance_rescale=guidance_rescale,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
         _check_int(num_inference_steps, "num_inference_steps", minimum=1)
         _check_number(guidance_scale, "guidance_scale", minimum=0.0)
         _check_number(guidance_rescale, "guidance_rescale", minimum=0.0)
@@ -458,10 +486,10 @@ class GILLPipeline(DiffusionPipeline):
                 )
 
     def _check_latents(self, latents, height, width, num_images_per_prompt):
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        if not isinstance(latents, torch.Tensor) or latents.ndim not in (3, 4):
             raise ValueError(
-                f"`latents` must be a 4-d tensor of shape (num_images_per_prompt, C, H, W), got "
-                f"{type(latents).__name__} {tuple(getattr(latents, 'shape', ()))}."
+                f"`latents` must be a tensor of shape (num_images_per_prompt, C, H, W) (packed (num_images_per_prompt, "
+                f"positions, C) for Flux), got {type(latents).__name__} {tuple(getattr(latents, 'shape', ()))}."
             )
         if not latents.is_floating_point():
             raise TypeError(f"`latents` must be a floating-point tensor, got dtype {latents.dtype}.")
@@ -470,15 +498,22 @@ class GILLPipeline(DiffusionPipeline):
                 f"`latents` has {latents.shape[0]} rows but `num_images_per_prompt` is {num_images_per_prompt}: "
                 "the same latents are used for every generated [IMG] group."
             )
-        if self.unet is None or self.vae is None:
+        if not self.can_generate:
             return
         height, width = self.default_image_size(height, width)
-        expected = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        denoiser = self.unet if self.unet is not None else self.transformer
+        channels, scale = denoiser.config.in_channels, self.vae_scale_factor
+        if isinstance(denoiser, FluxTransformer2DModel):
+            # Flux denoises 2x2 patches of the latent image, packed into a sequence of `in_channels`-wide tokens.
+            expected = ((height // (scale * 2)) * (width // (scale * 2)), channels)
+            rule = f"positions = (height / {scale * 2}) * (width / {scale * 2}), channels = `in_channels`"
+        else:
+            expected = (channels, height // scale, width // scale)
+            rule = f"channels = `in_channels`, size = image size / {scale}"
         if tuple(latents.shape[1:]) != expected:
             raise ValueError(
-                f"`latents` has shape {tuple(latents.shape)}, but images of {height}x{width} with this UNet need "
-                f"(num_images_per_prompt, {expected[0]}, {expected[1]}, {expected[2]}) (channels = "
-                f"`unet.config.in_channels`, size = image size / {self.vae_scale_factor})."
+                f"`latents` has shape {tuple(latents.shape)}, but images of {height}x{width} with this "
+                f"{type(denoiser).__name__} need (num_images_per_prompt, {', '.join(map(str, expected))}) ({rule})."
             )
         if not torch.isfinite(latents).all():
             raise ValueError("`latents` contains NaN or infinite values.")
@@ -486,16 +521,28 @@ class GILLPipeline(DiffusionPipeline):
     @property
     def can_generate(self) -> bool:
         """Whether the pipeline has the decoder modules needed to generate images."""
-        return self.unet is not None and self.vae is not None and self.scheduler is not None
+        denoiser = self.unet if self.unet is not None else getattr(self, "transformer", None)
+        return denoiser is not None and self.vae is not None and self.scheduler is not None
 
     @property
     def image_size_multiple(self) -> int:
-        """Generated image sides must be multiples of this (the latent scale; the SD pipeline also asks for 8)."""
-        return math.lcm(8, self.vae_scale_factor)
+        """Generated image sides must be multiples of this: the latent scale (the SD pipeline also asks for 8); twice
+        it for Flux, which packs 2x2 latent patches."""
+        multiple = math.lcm(8, self.vae_scale_factor)
+        transformer = getattr(self, "transformer", None)
+        if isinstance(transformer, FluxTransformer2DModel):
+            multiple = math.lcm(multiple, 2 * self.vae_scale_factor)
+        elif isinstance(transformer, SanaTransformer2DModel):
+            multiple = math.lcm(multiple, 32)  # SanaPipeline.check_inputs refuses other sizes, whatever the model
+        return multiple
 
     def default_image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """`(height, width)` of generated images: the given sizes, else the UNet's sample size in pixels."""
-        sample = self.unet.config.sample_size if self.unet is not None else 64
+        """`(height, width)` of generated images: the given sizes, else the denoiser's sample size in pixels (the
+        stock pipeline's default size for denoisers without one, e.g. Flux's 1024)."""
+        denoiser = self.unet if self.unet is not None else getattr(self, "transformer", None)
+        sample = denoiser.config.get("sample_size") if denoiser is not None else 64
+        if sample is None:
+            sample = self._decoder_pipeline().default_sample_size
         if isinstance(sample, (list, tuple)):
             sample_h, sample_w = sample
         else:
@@ -556,6 +603,27 @@ class GILLPipeline(DiffusionPipeline):
                 "or an image."
             )
         return pieces
+
+    def unknown_words(self, batch: list[list[Any]]) -> list[str]:
+        """The words (as written, each once) of the text in `batch` that the tokenizer maps to its unknown token.
+
+        A word is a run of non-space characters; with a fast tokenizer the unknown token's character span names it,
+        otherwise each word is tokenised on its own.
+        """
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return []
+        found = []
+        for text in (element for sample in batch for element in sample if isinstance(element, str)):
+            words = list(re.finditer(r"\S+", text))
+            if getattr(self.tokenizer, "is_fast", False):
+                encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                spans = [span for token, span in zip(encoding.input_ids, encoding.offset_mapping) if token == unk]
+                hits = [w.group() for w in words if any(s < w.end() and e > w.start() for s, e in spans)]
+            else:
+                hits = [w.group() for w in words if unk in self.tokenizer(w.group(), add_special_tokens=False).input_ids]
+            found += [word for word in hits if word not in found]
+        return found
 
     def piece_keys(self, pieces: list[tuple]) -> list[tuple]:
         """One hashable key per LM position of `pieces` (a token id, or an image's content and prefix slot): two
@@ -676,27 +744,47 @@ class GILLPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------------------------------------
     # 5. Images: decision, generation
     # ----------------------------------------------------------------------------------------------------------
-    def _decoder_pipeline(self) -> StableDiffusionPipeline:
-        """The stock Stable Diffusion pipeline over this pipeline's own modules (built per call; it is cheap)."""
-        if self.unet.config.get("addition_embed_type") == "text_time":
-            raise NotImplementedError("SDXL UNets (added text-time conditioning) are not supported yet.")
-        sd = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
-        sd.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        return sd
+    def _decoder_pipeline(self) -> DiffusionPipeline:
+        """The decoder family's stock pipeline (`StableDiffusionPipeline`, `FluxPipeline`, ...) over this pipeline's
+        own decoder modules, text side None (built per call; it is cheap). The family is the learned weights'."""
+        denoiser = self.unet if self.unet is not None else self.transformer
+        components = {"vae": self.vae, "scheduler": self.scheduler}
+        components["unet" if self.unet is not None else "transformer"] = denoiser
+        pipe = build_decoder_pipeline(components, layout=self.gill.conditioning_layout)
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    # GILL's diffusers-style generation options -> the name each family's `__call__` gives them.
+    _DECODER_OPTION_NAMES = {
+        "timesteps": ("timesteps",),
+        "sigmas": ("sigmas",),
+        "eta": ("eta",),
+        "guidance_rescale": ("guidance_rescale",),
+        "cross_attention_kwargs": ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"),
+    }
+
+    def _decoder_options(self, **options) -> dict:
+        """The generation options that differ from their defaults, under the decoder family's `__call__` names; an
+        option the family's pipeline does not take is refused (called by `check_inputs`, before the LM runs)."""
+        if not self.can_generate:
+            return {}
+        call_params = inspect.signature(type(self._decoder_pipeline()).__call__).parameters
+        passed = {}
+        for name, value in options.items():
+            if value is None or (name in ("eta", "guidance_rescale") and value == 0):
+                continue
+            target = next((n for n in self._DECODER_OPTION_NAMES[name] if n in call_params), None)
+            if target is None:
+                raise ValueError(
+                    f"`{name}`={value!r:.100} was given, but the decoder "
+                    f"{self.gill.conditioning_layout.pipeline_class} takes no such option; leave it at its default."
+                )
+            passed[target] = value
+        return passed
 
     def generate_images(
         self,
-        prompt_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | dict[str, torch.Tensor],
         *,
         generators: list | torch.Generator | None = None,
         height: int | None = None,
@@ -714,50 +802,54 @@ class GILLPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> torch.Tensor:
-        """Prompt embeddings `(N, L, W)` -> images `(N * num_images_per_prompt, C, H, W)` in [0, 1] (or latents),
-        by the stock Stable Diffusion denoising loop over this pipeline's modules."""
-        sd = self._decoder_pipeline()
+        """The mapper's conditioning (`gill.map_to_conditioning`, or the sequence `(N, L, W)` alone for decoders
+        that take nothing else) -> images `(N * num_images_per_prompt, C, H, W)` in [0, 1] (or latents), by the
+        decoder family's stock denoising loop over this pipeline's modules, with the stored negatives."""
+        layout = self.gill.conditioning_layout
+        conditioning = prompt_embeds if isinstance(prompt_embeds, dict) else {"prompt_embeds": prompt_embeds}
+        num_prompts = next(iter(conditioning.values())).shape[0]
         self._guidance_scale, self._guidance_rescale, self._interrupt = guidance_scale, guidance_rescale, False
         self._cross_attention_kwargs = cross_attention_kwargs
-        dtype = self.unet.dtype
-        prompt_embeds = prompt_embeds.to(dtype)
-        negative = self.gill.uncond_prompt_embeds.to(device=prompt_embeds.device, dtype=dtype)
-        negative = negative.expand(prompt_embeds.shape[0], -1, -1)
+        options = self._decoder_options(
+            timesteps=timesteps, sigmas=sigmas, eta=eta, guidance_rescale=guidance_rescale,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        device = next(iter(conditioning.values())).device
+        negatives = {name: value.to(device) for name, value in self.gill.negative_conditioning().items()}
         if latents is not None:
-            latents = latents.repeat(prompt_embeds.shape[0], 1, 1, 1)
+            latents = latents.repeat(num_prompts, *([1] * (latents.ndim - 1)))
         height, width = self.default_image_size(height, width)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        def callback(sd_pipe, step, timestep, callback_kwargs):
+        def callback(decoder_pipe, step, timestep, callback_kwargs):
             # The callback sees (and may change) this pipeline's state; the loop then follows it.
-            self._num_timesteps = sd_pipe.num_timesteps
+            self._num_timesteps = decoder_pipe.num_timesteps
             outputs = callback_on_step_end(self, step, timestep, callback_kwargs)
-            sd_pipe._guidance_scale = self._guidance_scale
-            sd_pipe._interrupt = self._interrupt
+            decoder_pipe._guidance_scale = self._guidance_scale
+            decoder_pipe._interrupt = self._interrupt
             return outputs
 
-        images = sd(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative,
+        images, decoder_pipe = run_decoder(
+            self._decoder_pipeline(),
+            conditioning,
+            negatives or None,
+            layout=layout,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
             guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            eta=eta,
-            cross_attention_kwargs=cross_attention_kwargs,
-            num_images_per_prompt=num_images_per_prompt,
             generator=generators,
             latents=latents,
+            num_images_per_prompt=num_images_per_prompt,
             output_type="latent" if output_type == "latent" else "pt",
             callback_on_step_end=callback if callback_on_step_end is not None else None,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
-            return_dict=True,
-        ).images
-        self._num_timesteps = sd.num_timesteps
+            return_pipeline=True,
+            **options,
+        )
+        # PixArt's pipeline keeps no `num_timesteps`: the scheduler's timesteps are the steps it ran.
+        self._num_timesteps = getattr(decoder_pipe, "_num_timesteps", None) or len(decoder_pipe.scheduler.timesteps)
         return images
 
     @torch.no_grad()
@@ -1056,6 +1148,12 @@ class GILLPipeline(DiffusionPipeline):
         `prompt_embeds` holds only the positions after it."""
         add_bos = not (chat and has_chat_template(self.tokenizer))  # a chat template writes its own special tokens
         pieces = [self.tokenize_interleaved(sample, name, add_bos) for sample, name in zip(batch, names)]
+        unknown = self.unknown_words(batch)
+        if unknown:  # once per call: the LM reads these as its unknown token, which silently changes the answer
+            logger.warning(
+                f"The prompt contains words this model's tokenizer does not know: {', '.join(map(repr, unknown))}. "
+                f"The LM reads each as its unknown token {self.tokenizer.unk_token!r}; rephrase with words it knows."
+            )
         prompt_embeds = [self.embed_pieces(p, device, name) for p, name in zip(pieces, names)]
         keys = self.piece_keys(pieces[0]) if len(batch) == 1 and use_cache else None
         past_cache, past_length = self._reusable_past(past, keys)
@@ -1155,10 +1253,10 @@ class GILLPipeline(DiffusionPipeline):
         a group are ranked by their retrieval-space similarity to `[IMG0]` (when there is an image encoder)."""
         if not to_generate:
             return {}
-        prompt_embeds = self.gill.map_to_prompt_embeds(img_hidden[to_generate])
+        conditioning = self.gill.map_to_conditioning(img_hidden[to_generate])
         generators = self._expand_generators(generator, [requests[i][0] for i in to_generate], num_images_per_prompt)
         generated = self.generate_images(
-            prompt_embeds,
+            conditioning,
             generators=generators,
             num_images_per_prompt=num_images_per_prompt,
             output_type=output_type,
