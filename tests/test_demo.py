@@ -252,19 +252,22 @@ def test_chat_and_demo_are_gill_subcommands(capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed (the demo extra)")
-def test_gill_demo_serves_the_page_offline_on_loopback(monkeypatch):
+def test_gill_demo_serves_the_page_offline_on_loopback(monkeypatch, caplog):
     import gradio
 
     launched = {}
 
     def record_launch(self, **kwargs):  # gradio's server is exercised by test_demo_browser.py
         launched.update(kwargs, demo=self)
+        return None, f"http://{kwargs['server_name']}:{kwargs['server_port']}/", None
 
     monkeypatch.setattr(gradio.Blocks, "launch", record_launch)
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
     from gill_pipeline.demo import main as demo_main
 
-    assert demo_main(["--model", "tiny-random", "--port", "7999", "--steps", "3", "--image-mode", "generate"]) == 0
+    with caplog.at_level("WARNING"):
+        assert demo_main(["--model", "tiny-random", "--port", "7999", "--steps", "3", "--image-mode", "generate"]) == 0
+    assert "The GILL demo is served on http://127.0.0.1:7999/" in caplog.text
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
     assert launched["share"] is False and launched["ssr_mode"] is False and launched["inbrowser"] is False

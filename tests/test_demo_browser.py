@@ -158,6 +158,11 @@ def test_demo_in_a_real_browser(tmp_path):
 
         def send_and_wait(text: str, images_before: int) -> list:
             """Sends a turn; waits (bounded) until the answer is complete with a new image loaded in the page."""
+            # The box is locked while a turn is answered.
+            WebDriverWait(driver, WAIT_PAGE_S).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, "#gill-input textarea").is_enabled()
+            )
+            text_box = driver.find_element(By.CSS_SELECTOR, "#gill-input textarea")
             text_box.send_keys(text)
             text_box.send_keys(Keys.ENTER)
 

@@ -112,13 +112,17 @@ def build_demo(pipe, model: str | None = None, settings: dict | None = None, ima
                 )
         settings_inputs = [image_mode, steps, guidance, seed, max_tokens]
 
-        box.submit(
-            _user_errors(backend.user_message), [box, chatbot], [chatbot, box, pending], queue=False
-        ).then(
+        def take_turn(message, history):
+            # The box is locked until the answer is complete: a turn sent meanwhile would start from the
+            # conversation as it was before this one.
+            history, _, waiting = backend.user_message(message, history)
+            return history, gr.MultimodalTextbox(value=None, interactive=False), waiting
+
+        box.submit(_user_errors(take_turn), [box, chatbot], [chatbot, box, pending], queue=False).then(
             # One turn at a time: every session shares the one pipeline.
             _user_errors(backend.answer), [pending, chatbot, conversation, *settings_inputs],
             [chatbot, conversation, status], concurrency_limit=1, concurrency_id="gill-pipeline",
-        )
+        ).then(lambda: gr.MultimodalTextbox(interactive=True), None, [box], queue=False)
         reset.click(backend.reset, None, [chatbot, conversation, status, pending], queue=False)
     demo.gill_backend = backend
     return demo

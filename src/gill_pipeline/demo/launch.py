@@ -10,12 +10,12 @@ DEFAULT_HOST = "127.0.0.1"
 logger = logging.getLogger(__name__)
 
 
-def serve(demo, host: str = DEFAULT_HOST, port: int | None = None, block: bool = True):
+def serve(demo, host: str = DEFAULT_HOST, port: int | None = None, block: bool = True) -> str:
     """Serves a page from `build_demo` on `host:port` (port None: gradio's first free one from 7860), offline: no
-    share link, no browser opened, server-side rendering off (it would need Node.js). With `block=False` it returns
-    once the server runs; stop it with `demo.close()`."""
+    share link, no browser opened, server-side rendering off (it would need Node.js). Returns the page's address;
+    with `block=True` only once the server stops (Ctrl+C), else at once (stop it with `demo.close()`)."""
     demo.queue()
-    return demo.launch(
+    _, url, _ = demo.launch(
         server_name=host,
         server_port=port,
         share=False,
@@ -25,9 +25,13 @@ def serve(demo, host: str = DEFAULT_HOST, port: int | None = None, block: bool =
         pwa=False,
         enable_monitoring=False,
         allowed_paths=[demo.gill_backend.images_dir],
-        prevent_thread_lock=not block,
-        quiet=not block,
+        prevent_thread_lock=True,
+        quiet=True,  # gradio's banner suggests share=True; the address is logged below instead
     )
+    logger.warning("The GILL demo is served on %s%s", url, " (Ctrl+C stops it)." if block else "")
+    if block:
+        demo.block_thread()
+    return url
 
 
 def run_demo(args) -> int:
@@ -39,7 +43,6 @@ def run_demo(args) -> int:
     settings["seed"] = args.seed
     pipe = load_model(args)
     demo = build_demo(pipe, model=model_name(args), settings=settings)
-    logger.warning("Serving the GILL demo on http://%s:%s (Ctrl+C stops it).", args.host, args.port or "7860+")
     serve(demo, host=args.host, port=args.port, block=True)
     return 0
 
