@@ -6,6 +6,9 @@ image becomes a *skipped* example that the collator drops and counts (the loop l
 Data order is explicit so that a resumed run sees exactly the batches it would have seen: map-style sets are read
 through [`EpochBatchSampler`] (a seeded permutation per epoch, split across processes, started at any batch);
 webdataset shards are streamed in a fixed order and a resumed run skips the batches already consumed.
+
+Interleaved documents (text and images in order) have their own reader, `training/interleaved.py`; here only their
+per-image records for precompute.py (`iterate_records(..., "interleaved", ...)`).
 """
 
 import codecs
@@ -363,7 +366,11 @@ def guess_data_type(path: str | None, data_type: str) -> str:
         return "folder"
     if path.endswith((".tsv", ".txt", ".csv")):
         return "tsv"
-    raise ValueError(f"Cannot tell the data type of {path!r}: set the data type to one of tsv, folder, webdataset.")
+    if path.endswith(".jsonl"):
+        return "interleaved"
+    raise ValueError(
+        f"Cannot tell the data type of {path!r}: set the data type to one of tsv, folder, webdataset, interleaved."
+    )
 
 
 def build_dataset(path, data_type, image_folder, reader, synthetic_size, image_size, seed):
@@ -373,6 +380,11 @@ def build_dataset(path, data_type, image_folder, reader, synthetic_size, image_s
         return SyntheticDataset(synthetic_size, image_size, reader, seed)
     if data_type == "webdataset":
         return ShardDataset(path, reader)
+    if data_type == "interleaved":
+        raise ValueError(
+            f"{path!r} holds interleaved documents, not caption pairs: give it as `interleaved_data` "
+            "(training/interleaved.py)."
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"Data set {path!r} does not exist.")
     problems = RowProblems()
@@ -404,6 +416,10 @@ def iterate_records(
                 problems.add(path, None, item["skip_reason"])
                 continue
             yield item["key"], item["caption"], item.get("image")
+    elif data_type == "interleaved":  # one record per image of every document, keyed `<document>/<segment>`
+        from .interleaved import image_records
+
+        yield from image_records(path, image_folder, problems)
     else:
         records = read_tsv(path, image_folder, problems) if data_type == "tsv" else read_folder(path, problems)
         yield from records

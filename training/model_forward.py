@@ -14,6 +14,9 @@ tokenizer has one: Qwen2-style tokenizers add none, and then no token is dropped
 learns to read several images/[IMG] groups in one context (the reference does this half of the time). Unlike the
 reference, whose masking rule drops the whole second caption of a joined [IMG] sequence from the cross-entropy, the
 second caption and its `[IMG0]` are targets here too.
+
+A batch of interleaved documents (`training/interleaved.py`) goes through `interleaved_objectives` instead: the same
+four losses at every image of a document, each image's `[IMG]` group reading all the text and images before it.
 """
 
 import torch
@@ -173,7 +176,101 @@ class GILLTrainingModel(nn.Module):
             out["generation"] = generation_loss(self.gill, img_hidden, targets)
         return out
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Interleaved documents (training/interleaved.py)
+    # ------------------------------------------------------------------------------------------------------------
+    def _embed_rows(self, rows, labels, slots, prefix):
+        """Rows of token ids with `PREFIX` placeholders -> embeddings (placeholders filled from `prefix[image, j]`
+        as named by `slots`), labels, mask."""
+        ids, labels, mask = self._pad(rows, labels, prefix.device)
+        embeds = self.embed_tokens(ids.clamp(min=0))
+        length = ids.shape[1]
+        image_index = torch.tensor([[s[0] if s else 0 for s in slot] + [0] * (length - len(slot)) for slot in slots])
+        token_index = torch.tensor([[s[1] if s else 0 for s in slot] + [0] * (length - len(slot)) for slot in slots])
+        prefix_embeds = prefix[image_index.to(prefix.device), token_index.to(prefix.device)].to(embeds.dtype)
+        return torch.where((ids == PREFIX)[..., None], prefix_embeds, embeds), labels, mask
+
+    def interleaved_img_rows(self, documents):
+        """Each document as the pipeline reads it: BOS before the first text, text tokens, and for every image its
+        `[IMG]` tokens (target images) then its visual prefix. -> rows, labels, slots, and per target image (in
+        order) its (row, `[IMG0]` position)."""
+        img = self.img_token_ids.tolist()
+        k = self.gill.config.num_visual_tokens
+        rows, labels, slots, where = [], [], [], []
+        for b, document in enumerate(documents):
+            row, label, slot, bos_added = [], [], [], self.bos_token_id is None
+            for piece in document:
+                if piece[0] == "text":
+                    ids = list(piece[1]) if bos_added else [self.bos_token_id] + list(piece[1])
+                    bos_added = True
+                    row, label, slot = row + ids, label + ids, slot + [None] * len(ids)
+                    continue
+                _, image, is_target, _ = piece
+                if is_target:
+                    where.append((b, len(row)))
+                    row, slot = row + img, slot + [None] * len(img)
+                    label = label + img[:1] + [IGNORE_INDEX] * (len(img) - 1)
+                row, label = row + [PREFIX] * k, label + [IGNORE_INDEX] * k
+                slot = slot + [(image, j) for j in range(k)]
+            rows.append(row), labels.append(label), slots.append(slot)
+        return rows, labels, slots, where
+
+    def interleaved_caption_rows(self, documents):
+        """Each document's images in order as `[prefix_1][BOS caption_1][prefix_2][caption_2]...`; captions are the
+        targets, earlier images and captions the context."""
+        k = self.gill.config.num_visual_tokens
+        bos = [] if self.bos_token_id is None else [self.bos_token_id]
+        rows, labels, slots = [], [], []
+        for document in documents:
+            row, label, slot = [], [], []
+            for piece in document:
+                if piece[0] != "image":
+                    continue
+                caption = list(piece[3]) if row else bos + list(piece[3])
+                row = row + [PREFIX] * k + caption
+                label = label + [IGNORE_INDEX] * k + caption
+                slot = slot + [(piece[1], j) for j in range(k)] + [None] * len(caption)
+            rows.append(row), labels.append(label), slots.append(slot)
+        return rows, labels, slots
+
+    def interleaved_objectives(self, batch: dict) -> dict:
+        """GILL's four losses at every image of interleaved documents, two LM forwards for the whole batch.
+
+        The `[IMG]` row gives the text/`[IMG0]` cross-entropy (`img_token`), and for target image i the hidden states
+        of its `[IMG]` group -- which see everything before it -- give retrieval (against image i) and generation
+        (against the SD encoding of caption i); the captioning row gives `caption`.
+        """
+        documents = batch["documents"]
+        features = self.image_features(batch)
+        prefix = self.gill.encode_visual_prefix(features)
+        embeds, labels, mask = self._embed_rows(*self.interleaved_caption_rows(documents), prefix)
+        logits, _ = self.run_lm(embeds, mask)
+        cap, cap_correct, cap_count = next_token_loss(logits, labels)
+        out = {"caption": cap, "caption_correct": cap_correct, "caption_count": cap_count}
+
+        rows, labels, slots, where = self.interleaved_img_rows(documents)
+        embeds, labels, mask = self._embed_rows(rows, labels, slots, prefix)
+        logits, hidden = self.run_lm(embeds, mask)
+        ce, correct, count = next_token_loss(logits, labels)
+        r = self.img_token_ids.numel()
+        locations = torch.tensor(where, device=hidden.device)
+        positions = locations[:, 1:2] + torch.arange(r, device=hidden.device)
+        img_hidden = hidden[locations[:, :1], positions]  # (targets, r, D)
+        target_images = [p[1] for d in documents for p in d if p[0] == "image" and p[2]]
+        text = self.gill.text_retrieval_embeds(img_hidden[:, 0])
+        image = self.gill.image_retrieval_embeds(features[torch.tensor(target_images, device=features.device)])
+        ret, ret_logits = contrastive_loss(text, image, self.gill.logit_scale, self.accelerator)
+        out.update({"img_token": ce, "img_token_correct": correct, "img_token_count": count, "retrieval": ret})
+        out["retrieval_logits"], out["text_embeds"], out["image_embeds"] = ret_logits.detach(), text.detach(), image.detach()
+        out["img_hidden"] = img_hidden
+        targets = batch.get("targets")
+        if targets is not None:
+            out["generation"] = generation_loss(self.gill, img_hidden, targets)
+        return out
+
     def forward(self, batch: dict, concat_caption: bool = False, concat_img: bool = False, separate_img_passes: bool = False):
+        if "documents" in batch:  # interleaved documents: every image position in its context
+            return self.interleaved_objectives(batch)
         lengths = batch["caption_lengths"].tolist()
         captions = [row[:n] for row, n in zip(batch["caption_ids"].tolist(), lengths)]
         features = self.image_features(batch)

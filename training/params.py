@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
-DATA_TYPES = ("auto", "tsv", "folder", "webdataset", "synthetic")
+# "interleaved" (JSONL documents) is read by precompute.py; training takes documents as `interleaved_data`.
+DATA_TYPES = ("auto", "tsv", "folder", "webdataset", "synthetic", "interleaved")
 TINY_LM_TYPES = ("opt", "gpt2", "llama", "qwen2")
 
 
@@ -120,6 +121,24 @@ class DataArgs:
         default=None, metadata={"help": "Folder written by precompute.py for `train_data` (SD text-encoder targets)."}
     )
     val_targets: str | None = field(default=None, metadata={"help": "Folder written by precompute.py for `val_data`."})
+    interleaved_data: str | None = field(
+        default=None,
+        metadata={"help": "Interleaved documents (JSONL, see docs/training.md) mixed with the caption pairs at "
+                  "`interleaved_ratio`; made from VIST or MMC4 by training/convert_data.py."},
+    )
+    interleaved_image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the documents' image paths are relative to (default: the file's folder)."}
+    )
+    interleaved_targets: str | None = field(
+        default=None, metadata={"help": "Folder written by `precompute.py --data-type interleaved` for `interleaved_data`."}
+    )
+    interleaved_ratio: float = field(
+        default=0.5, metadata={"help": "Probability that a micro-batch is drawn from `interleaved_data` instead of the "
+                               "caption pairs (0: pairs only, 1: documents only); used only with `interleaved_data`."}
+    )
+    interleaved_max_length: int = field(
+        default=256, metadata={"help": "LM tokens of an interleaved document's row; longer ones are cut at a segment."}
+    )
     max_length: int = field(
         default=32, metadata={"help": "Tokens per caption sequence, BOS and the r [IMG] tokens included (reference: 32)."}
     )
@@ -139,6 +158,15 @@ class DataArgs:
                     f"`{name}_data`={getattr(self, f'{name}_data')!r} is ignored by `{name}_data_type`='synthetic': "
                     f"set `{name}_data_type` to auto, tsv, folder or webdataset."
                 )
+        for name in ("train", "val"):
+            if getattr(self, f"{name}_data_type") == "interleaved":
+                raise ValueError(
+                    f"`{name}_data_type`='interleaved' is not a caption-pair set: give interleaved documents as "
+                    f"`interleaved_data` (mixed with the pairs at `interleaved_ratio`)."
+                )
+        if not 0 <= self.interleaved_ratio <= 1:
+            raise ValueError(f"`interleaved_ratio` must be in [0, 1], got {self.interleaved_ratio}.")
+        _positive("interleaved_max_length", self.interleaved_max_length)
         _positive("max_length", self.max_length)
         _positive("num_workers", self.num_workers, allow_zero=True)
         _positive("synthetic_size", self.synthetic_size)

@@ -40,6 +40,7 @@ from training.checkpoint import (
 )
 from training.data import Collator, ExampleReader, SkipCounter, build_dataset, make_loader
 from training.evaluate import evaluate
+from training.interleaved import InterleavedCollator, InterleavedDataset
 from training.model_forward import GILLTrainingModel, empty_on_any_process, total_loss
 from training.params import TrainConfig, parse_config
 from training.setup_models import attach_image_decoder, cast_frozen, load_models
@@ -103,6 +104,15 @@ def data_batches(dataset, collator, config: TrainConfig, accelerator, epoch: int
         if not produced and batch_in_epoch == 0:
             raise ValueError("The training data produced no batch in a whole epoch (empty, or every image unreadable).")
         epoch, batch_in_epoch = epoch + 1, 0
+
+
+def interleaved_draw(seed: int, step: int, micro: int, ratio: float) -> bool:
+    """Whether micro-step `micro` of `step` reads interleaved documents (else caption pairs): drawn from (seed, step)
+    as `concat_draws` is, so every process and a resumed run draw the same."""
+    if ratio <= 0 or ratio >= 1:
+        return ratio >= 1
+    generator = torch.Generator().manual_seed(seed * 2_000_003 + step * 7_919 + micro + 17)
+    return bool(torch.rand(1, generator=generator)[0] < ratio)
 
 
 def concat_draws(seed: int, step: int, micro: int, prob: float) -> tuple[bool, bool]:
@@ -205,6 +215,7 @@ def train(config: TrainConfig, accelerator) -> dict:
     )
     train_store = load_store(config.data.train_targets, models)
     val_store = load_store(config.data.val_targets, models)
+    interleaved_store = load_store(config.data.interleaved_targets, models)
     cast_frozen(models, config.model.frozen_dtype)
     pipe = models.pipe
     params = setup_trainable(pipe, config.lora, extra_frozen=(models.text_encoder,))
@@ -221,6 +232,16 @@ def train(config: TrainConfig, accelerator) -> dict:
         ExampleReader(pipe.feature_extractor, train_store),
         config.data.synthetic_size, image_size, run.seed,
     )
+    interleaved_set = interleaved_collator = None
+    if config.data.interleaved_data is not None:
+        interleaved_set = InterleavedDataset(
+            config.data.interleaved_data, ExampleReader(pipe.feature_extractor, interleaved_store),
+            config.data.interleaved_image_folder,
+        )
+        interleaved_collator = InterleavedCollator(
+            pipe.tokenizer, len(pipe.img_token_ids), gill.config.num_visual_tokens, config.data.interleaved_max_length,
+            collator.max_caption_tokens,
+        )
     val_set = None
     if config.data.val_data or config.data.val_data_type == "synthetic":
         val_set = build_dataset(
@@ -246,8 +267,10 @@ def train(config: TrainConfig, accelerator) -> dict:
 
     # 5. Resume
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_batches": 0, "samples": 0, "nonfinite_steps": 0,
-             "nonfinite_streak": 0}
-    skips = SkipCounter(malformed_rows=getattr(train_set, "malformed_rows", 0))
+             "nonfinite_streak": 0, "interleaved_epoch": 0, "interleaved_batch_in_epoch": 0}
+    skips = SkipCounter(
+        malformed_rows=getattr(train_set, "malformed_rows", 0) + getattr(interleaved_set, "malformed_rows", 0)
+    )
     if accelerator.is_main_process:
         clean_stale_temporaries(run.output_dir)
     accelerator.wait_for_everyone()  # the main process may have put back a checkpoint that `resume` names
@@ -263,6 +286,12 @@ def train(config: TrainConfig, accelerator) -> dict:
 
     # 6. The loop
     batches = data_batches(train_set, collator, config, accelerator, state["epoch"], state["batch_in_epoch"])
+    documents = None
+    if interleaved_set is not None:  # its own order and position, saved with the pairs' own
+        documents = data_batches(
+            interleaved_set, interleaved_collator, config, accelerator, state["interleaved_epoch"],
+            state["interleaved_batch_in_epoch"],
+        )
     stop_at = optim.max_steps if run.exit_after_steps is None else min(optim.max_steps, state["step"] + run.exit_after_steps)
     history = []
     val_metrics = {}
@@ -277,7 +306,12 @@ def train(config: TrainConfig, accelerator) -> dict:
         sums = {}
         finite = True
         for micro in range(optim.grad_accum_steps):
-            batch = next_nonempty_batch(batches, state, accelerator, skips)
+            interleaved = documents is not None and interleaved_draw(run.seed, step, micro, config.data.interleaved_ratio)
+            if interleaved:
+                batch = next_nonempty_batch(documents, state, accelerator, skips, position="interleaved_")
+            else:
+                batch = next_nonempty_batch(batches, state, accelerator, skips)
+            sums["interleaved"] = sums.get("interleaved", 0.0) + float(interleaved) / optim.grad_accum_steps
             batch = prepare_batch(batch)
             state["samples"] += len(batch["keys"]) * accelerator.num_processes
             concat_caption, concat_img = concat_draws(run.seed, step, micro, config.loss.concat_prob)
@@ -356,15 +390,17 @@ def count_skips(state: dict, skips: SkipCounter) -> None:
     state["skipped"], state["skipped_images"], state["malformed_rows"] = skips.total, skips.images, skips.rows
 
 
-def next_nonempty_batch(batches, state: dict, accelerator, skips: SkipCounter) -> dict:
+def next_nonempty_batch(batches, state: dict, accelerator, skips: SkipCounter, position: str = "") -> dict:
     """The next batch with readable images on every process; micro-batches empty on any process are skipped by all
     processes together (counted in `state["skipped_batches"]`). Raises when a whole epoch has no readable image.
 
-    The examples skipped in a batch (any process's) are counted once per key in `skips`, and logged when new.
+    The examples skipped in a batch (any process's) are counted once per key in `skips`, and logged when new. The
+    data position is kept in `state[position + "epoch"]` and `state[position + "batch_in_epoch"]`.
     """
     first_empty = None
     while True:
-        state["epoch"], state["batch_in_epoch"], batch = next(batches)
+        epoch_key, batch_key = position + "epoch", position + "batch_in_epoch"
+        state[epoch_key], state[batch_key], batch = next(batches)
         skipped = batch["skipped_examples"]
         if accelerator.num_processes > 1:
             skipped = gather_object(skipped)  # every process calls this for every micro-batch: a collective
@@ -377,12 +413,12 @@ def next_nonempty_batch(batches, state: dict, accelerator, skips: SkipCounter) -
         state["skipped_batches"] += 1
         logger.warning(
             "Skipping micro-batch %d of epoch %d (step %d): a process got no readable image in it (%d skipped here).",
-            state["batch_in_epoch"], state["epoch"], state["step"], int(batch["num_skipped"]),
+            state[batch_key], state[epoch_key], state["step"], int(batch["num_skipped"]),
         )
-        position = (state["epoch"], state["batch_in_epoch"])
+        where = (state[epoch_key], state[batch_key])
         if first_empty is None:
-            first_empty = position
-        elif position >= (first_empty[0] + 1, first_empty[1]):
+            first_empty = where
+        elif where >= (first_empty[0] + 1, first_empty[1]):
             raise RuntimeError(
                 f"A whole epoch of micro-batches had no readable image ({state['skipped']} images skipped): check "
                 "`image_folder` (image paths in a TSV are relative to it) and the data files."
