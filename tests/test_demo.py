@@ -5,6 +5,7 @@ import importlib.util
 import io
 import os
 import re
+import sys
 
 import numpy as np
 import PIL.Image
@@ -111,6 +112,8 @@ def test_bad_settings_and_uploads_are_named(opt_pipe, tmp_path):
         list(backend.answer({"text": "", "files": [str(broken)]}, [], None, *page_settings()))
     with pytest.raises(ValueError, match="`settings\\['image_mode'\\]`"):
         ChatBackend(opt_pipe, settings={"image_mode": "sometimes"})
+    with pytest.raises(ValueError, match="unknown options \\['num_steps'\\]"):
+        ChatBackend(opt_pipe, settings={"num_steps": 3})
 
 
 def test_page_defaults_follow_the_preset_then_the_user():
@@ -242,13 +245,18 @@ def test_a_streamed_turn_reports_denoising_progress_before_the_image():
     assert kinds.index("progress") < kinds.index("image")
 
 
-def test_chat_and_demo_are_gill_subcommands(capsys):
+def test_chat_and_demo_are_gill_subcommands(capsys, monkeypatch):
     help_text = cli.build_parser().format_help()
     assert "chat" in help_text and "demo" in help_text
     assert cli.main(["demo", "--port", "70000"]) == 2
     assert cli.main(["chat", "--steps", "0"]) == 2
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
+    assert cli.main(["demo", "--model", "tiny-random"]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert len(errors) == 2 and "--port" in errors[0] and "--steps" in errors[1]
+    assert len(errors) == 3 and "--port" in errors[0] and "--steps" in errors[1]
+    assert errors[2] == (
+        "gill demo: error: gradio is not installed; install the demo extra: pip install 'gill-pipeline[demo]'"
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed (the demo extra)")
@@ -274,3 +282,4 @@ def test_gill_demo_serves_the_page_offline_on_loopback(monkeypatch, caplog):
     backend = launched["demo"].gill_backend
     assert launched["allowed_paths"] == [backend.images_dir]
     assert backend.page_defaults()["steps"] == 3 and backend.page_defaults()["image_mode"] == "generate"
+    assert not os.path.exists(backend.images_dir), "the display copies are removed when the server stops"

@@ -46,6 +46,7 @@ class ChatBackend:
         self.settings = {**preset_settings(model), **settings}
         if self.settings["image_mode"] not in IMAGE_MODES:
             raise ValueError(f"`settings['image_mode']` must be one of {IMAGE_MODES}, got {self.settings['image_mode']!r}.")
+        call_kwargs(self.settings, seed=None)  # unknown option names fail here, not at the first turn
         self.images_dir = images_dir or tempfile.mkdtemp(prefix="gill_demo_")
         self._image_numbers = itertools.count()
 

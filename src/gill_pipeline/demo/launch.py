@@ -1,7 +1,7 @@
 """`gill demo`: load a pipeline, build the page, serve it on this machine (see docs/demo.md)."""
 
-import importlib.util
 import logging
+import shutil
 
 from .. import cli
 from .options import add_model_options, add_turn_options, load_model, model_name, port, settings_from_args
@@ -35,15 +35,20 @@ def serve(demo, host: str = DEFAULT_HOST, port: int | None = None, block: bool =
 
 
 def run_demo(args) -> int:
-    if importlib.util.find_spec("gradio") is None:
-        raise cli.CLIError("gradio is not installed; install the demo extra: pip install 'gill-pipeline[demo]'")
+    try:  # before the model is loaded
+        import gradio  # noqa: F401
+    except ImportError:
+        raise cli.CLIError("gradio is not installed; install the demo extra: pip install 'gill-pipeline[demo]'") from None
     from .app import build_demo
 
     settings = settings_from_args(args)
     settings["seed"] = args.seed
     pipe = load_model(args)
     demo = build_demo(pipe, model=model_name(args), settings=settings)
-    serve(demo, host=args.host, port=args.port, block=True)
+    try:
+        serve(demo, host=args.host, port=args.port, block=True)
+    finally:
+        shutil.rmtree(demo.gill_backend.images_dir, ignore_errors=True)  # the answers' display copies
     return 0
 
 
