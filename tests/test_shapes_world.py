@@ -32,6 +32,25 @@ def test_world_is_deterministic_and_holds_combinations_out():
     assert set(scene.caption().split()) <= set(vocabulary())
 
 
+def test_context_documents_are_valid_chains_and_image_text_image_sequences(tmp_path):
+    from training.interleaved import read_documents
+    from training.shapes.train_world_gill import write_context_documents
+
+    path = write_context_documents(str(tmp_path), "context", 6, seed=0)
+    documents = read_documents(path)
+    assert len(documents) == 6
+    for i, (_, segments) in enumerate(documents):
+        target = segments[-1]
+        assert target.get("target", True) and os.path.isfile(tmp_path / target["image"])
+        assert target["caption"] not in {scene.caption() for scene in held_out_scenes()}
+        if i % 2 == 0:
+            assert [list(s) for s in segments] == [["text"], ["image", "caption"]]
+            assert segments[0]["text"].startswith("there is ") and segments[0]["text"].endswith(" :")
+        else:
+            assert segments[0] == {"text": "there is"} and segments[1]["target"] is False
+            assert segments[2]["text"].startswith(". now ")
+
+
 def test_context_examples_change_exactly_one_attribute():
     import random
 
@@ -46,8 +65,12 @@ def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
     from training.shapes.retrain_all import main
 
     summary = main(["--work", str(tmp_path / "work"), "--scale", "0.002", "--bundle-out", str(tmp_path / "bundle"),
-                    "--results", str(tmp_path / "results"), "--threads", "1"])
+                    "--results", str(tmp_path / "results"), "--threads", "1", "--context-ratio", "0.5"])
     assert summary["bundle_mb"] < 25
+    # GILL read context-chain documents too (steps 1 and 4 of 4 draw documents at this seed and ratio)
+    with open(tmp_path / "work" / "gill" / "run" / "metrics.jsonl") as f:
+        drawn = [json.loads(line)["train/interleaved"] for line in f if "train/interleaved" in line]
+    assert drawn and drawn[0] == 1.0
     for name in ("clip", "sd", "lm", "classifier"):
         assert os.path.isdir(tmp_path / "work" / "base" / name)
     pipe = GILLPipeline.from_pretrained(tmp_path / "bundle" / "shapes_pipeline", dtype=torch.float32)
@@ -102,3 +125,56 @@ def test_readme_default_answers_with_text_a_generated_and_a_retrieved_image(bund
     assert "circle" in page  # the example is a small red circle: the description names its shape
     assert (tmp_path / "image_0_retrieved.png").is_file() and (tmp_path / "image_0_generated_alternative.png").is_file()
     assert "Wrote:" in capsys.readouterr().out
+
+
+def test_bundled_tokenizer_normalises_case_and_punctuation(bundled):
+    tokenizer = bundled.tokenizer
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    assert ids("There is a small RED Circle on the left. Now the same shape in Blue:") == ids(
+        "there is a small red circle on the left . now the same shape in blue :"
+    )
+    assert tokenizer.unk_token_id not in ids("A blue square.")
+    # Every text the world writes (captions, context chains, the LM's corpus) gets exactly the ids it got without the
+    # normaliser (whitespace split, one id per word), so the bundled model and its figures are unchanged.
+    import random
+
+    from training.shapes.world import all_scenes, context_example, context_text, corpus
+
+    vocab = tokenizer.get_vocab()
+    rng = random.Random(0)
+    texts = [s.caption() for s in all_scenes()] + corpus(300, seed=0)
+    texts += [context_text(first, instruction) for first, instruction, _ in
+              (context_example(rng, include_held_out=True) for _ in range(300))]
+    for text in texts:
+        assert ids(text) == [vocab.get(word, tokenizer.unk_token_id) for word in text.split()], text
+        assert tokenizer.unk_token_id not in ids(text), text
+
+
+def test_unknown_words_are_named_in_one_warning_per_call(bundled, caplog, tmp_path):
+    settings = dict(max_new_tokens=1, img_logit_scale=1e4, image_mode="generate", num_inference_steps=1,
+                    output_type="pt", generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING"):
+        bundled([["Draw a blue square."], ["Paint a red SQUARE:"]], **settings)
+    warnings = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert warnings == [
+        "The prompt contains words this model's tokenizer does not know: 'Draw', 'Paint'. The LM reads each as its "
+        "unknown token '<unk>'; rephrase with words it knows."
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        bundled(["Make a blue square."], **settings)
+    assert not [r for r in caplog.records if "does not know" in r.getMessage()]
+
+    from gill_pipeline.cli import main
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["generate", "Drw a blue square", "--output-dir", str(tmp_path), "--max-new-tokens", "1",
+                     "--steps", "1"]) == 0
+    assert [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()] == [
+        "The prompt contains words this model's tokenizer does not know: 'Drw'. The LM reads each as its unknown "
+        "token '<unk>'; rephrase with words it knows."
+    ]

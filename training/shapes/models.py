@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from .world import vocabulary
@@ -33,6 +33,16 @@ class WorldSizes:
 SIZES = WorldSizes()
 
 
+def normalise_case_and_punctuation(tokenizer: Tokenizer) -> None:
+    """Lower-cases text and splits punctuation off words, so that "Draw a blue square." reads as the world writes it
+    ("draw a blue square ."). The world's own text is lower case with spaced punctuation, so it tokenises exactly as
+    without this: a trained LM keeps its meaning (this is how the bundled tokenizer got it without retraining)."""
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+
+
 def build_tokenizer(clip_style: bool, model_max_length: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the world's vocabulary.
 
@@ -41,7 +51,7 @@ def build_tokenizer(clip_style: bool, model_max_length: int) -> PreTrainedTokeni
     """
     vocab = {token: i for i, token in enumerate(SPECIALS + vocabulary())}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    normalise_case_and_punctuation(tokenizer)
     if clip_style:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]

@@ -28,6 +28,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--results", default=None, help="results path without extension (default: benchmarks/results)")
     parser.add_argument("--skip-base", action="store_true", help="reuse the base models already in --work/base")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context-ratio", type=float, default=0.0,
+                        help="GILL's share of context-chain documents (train_world_gill.py; 0: as the bundle was made)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
@@ -42,7 +44,8 @@ def main(argv=None) -> dict:
                            + (["--batch-scale", str(max(args.scale * 20, 0.05))] if small else []))
         times["base_models"] = round(time.time() - t, 1)
     t = time.time()
-    train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads])
+    train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads,
+                           "--context-ratio", str(args.context_ratio)])
     times["gill"] = round(time.time() - t, 1)
     t = time.time()
     bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",

@@ -1,6 +1,7 @@
 """Trains GILL on top of the shapes world's base models, with the package's own tools:
 
-1. writes the world's image-caption data (train / validation TSVs; held-out combinations excluded);
+1. writes the world's image-caption data (train / validation TSVs; held-out combinations excluded) and, with
+   `--context-ratio`, interleaved documents of context chains and image-text-image sequences;
 2. assembles a new GILL pipeline from the world's LM, SD folder and CLIP vision tower
    (`GILLPipeline.from_base_models`);
 3. trains GILL's learned parts with `training/train_gill.py` (base models frozen);
@@ -23,7 +24,7 @@ import time
 import torch
 
 from .models import SIZES
-from .world import draw, training_scenes
+from .world import context_example, context_text, draw, training_scenes
 
 logger = logging.getLogger("shapes.gill")
 
@@ -55,6 +56,38 @@ def write_caption_set(folder: str, name: str, scenes, seed: int) -> str:
             file_name = f"{name}_{i:05d}.png"
             draw(scene, SIZES.image_size, jitter=1, seed=rng.randrange(1 << 30)).save(os.path.join(images, file_name))
             writer.writerow([scene.caption(), file_name])
+    return path
+
+
+def write_context_documents(folder: str, name: str, count: int, seed: int) -> str:
+    """Interleaved training documents (`training/interleaved.py`) of the world's context chains, written to
+    `folder/<name>.jsonl` with their images in `folder/images/`; held-out combinations never appear.
+
+    Half are text chains, `[there is <first> . <instruction> :][image of the target]`; half are image-text-image
+    sequences, `[there is][image of the first (context only)][. <instruction> :][image of the target]`, the form of
+    the evaluation's "input image" prompts. The target image's caption (its generation target) is the answer's
+    caption, so `[IMG]` states after a context learn the answer's SD conditioning.
+    """
+    from training.interleaved import write_documents
+
+    images = os.path.join(folder, "images")
+    os.makedirs(images, exist_ok=True)
+    rng = random.Random(seed)
+    documents = []
+    for i in range(count):
+        first, instruction, target = context_example(rng)
+        files = [f"{name}_{i:05d}_first.png", f"{name}_{i:05d}_target.png"]
+        for scene, file_name in zip((first, target), files):
+            draw(scene, SIZES.image_size, jitter=1, seed=rng.randrange(1 << 30)).save(os.path.join(images, file_name))
+        answer = {"image": f"images/{files[1]}", "caption": target.caption()}
+        if i % 2 == 0:
+            segments = [{"text": context_text(first, instruction)}, answer]
+        else:
+            given = {"image": f"images/{files[0]}", "caption": first.caption(), "target": False}
+            segments = [{"text": "there is"}, given, {"text": f". {instruction} :"}, answer]
+        documents.append({"id": f"{name}-{i}", "segments": segments})
+    path = os.path.join(folder, f"{name}.jsonl")
+    write_documents(path, documents)
     return path
 
 
@@ -118,6 +151,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies steps and data sizes (tests: 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--context-ratio", type=float, default=0.0,
+        help="fraction of GILL's micro-batches drawn from context-chain documents (0: caption pairs only, as the "
+        "bundled model was trained)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -131,6 +169,11 @@ def main(argv=None) -> dict:
     data = os.path.join(args.out, "data")
     train_tsv = write_caption_set(data, "train", [rng.choice(pool) for _ in range(n(4000))], args.seed + 1)
     val_tsv = write_caption_set(data, "val", [rng.choice(pool) for _ in range(n(256))], args.seed + 2)
+    context_args = []
+    if args.context_ratio > 0:
+        documents = write_context_documents(data, "context", n(4000), args.seed + 4)
+        context_args = ["--interleaved-data", documents, "--interleaved-ratio", str(args.context_ratio),
+                        "--interleaved-max-length", "64"]
 
     # 2. A new, untrained GILL on the world's frozen base models
     assembled = assemble(args.base, args.out, args.seed)
@@ -166,6 +209,7 @@ def main(argv=None) -> dict:
             "--report-to", "tensorboard",
             "--export-pipeline", "true",
             "--progress-bar", "false",
+            *context_args,
         ]
     )
     report["train_gill"] = metrics
