@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from gill_pipeline.pipeline.inputs import to_rgb_pil
 
+from training.targets import stack_targets
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -499,7 +501,7 @@ class Collator:
         elif kept:
             batch["pixel_values"] = torch.stack([e["pixel_values"] for e in kept])
         if kept and "target" in kept[0]:
-            batch["targets"] = torch.stack([e["target"] for e in kept])
+            batch["targets"] = stack_targets([e["target"] for e in kept])  # a dict for non-SD decoders
         return batch
 
 

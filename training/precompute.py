@@ -1,12 +1,17 @@
-"""Precompute the generation targets (SD text-encoder outputs of the captions) and, optionally, the frozen vision
-encoder's image features, into safetensors shards that later runs read instead of running those encoders.
+"""Precompute the generation targets (the decoder's text conditioning of the captions) and, optionally, the frozen
+vision encoder's image features, into safetensors shards that later runs read instead of running those encoders.
 
     python training/precompute.py --data /data/cc3m/train.tsv --image-folder /data/cc3m/images \
         --stable-diffusion stable-diffusion-v1-5/stable-diffusion-v1-5 --output /data/cc3m/targets-sd15
 
+`--stable-diffusion` may name a checkpoint of any supported decoder family (SDXL, SD3, Flux, PixArt-Sigma, Sana):
+the targets are then what that family's own `encode_prompt` returns (sequence, pooled vector, mask), stored per
+tensor, with the decoder's conditioning layout in `index.json`. Disk cost per family: docs/decoders.md.
+
 A run given `--train-targets FOLDER` checks the stored fingerprint of the text encoder and tokenizer (and of the
 vision encoder, for image features) against its own models and refuses targets made with others.
-Storage: one caption costs `cond_length * cond_width` values (77 x 768 for SD 1.x: 118 KB in float16).
+Storage: one caption costs `cond_length * cond_width` values (77 x 768 for SD 1.x: 118 KB in float16), plus the
+pooled width for SDXL/SD3/Flux and one byte per position for the masks of PixArt/Sana.
 """
 
 import argparse
@@ -22,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from gill_pipeline.models.vision import image_pixel_values, pooled_image_features
+from gill_pipeline.tiny_decoders import TINY_DECODER_BUILDERS
 
 from training.data import RowProblems, iterate_records, load_rgb, resolve_image_path, unique_records
 from training.params import DATA_TYPES, TINY_LM_TYPES
@@ -31,8 +37,11 @@ from training.targets import (
     INDEX_FILE,
     SHARD_TEMPLATE,
     TARGET_KEY,
+    TENSOR_KEY_PREFIX,
     UNCOND_FILE,
+    decoder_fingerprint,
     encode_captions,
+    encode_family_targets,
     module_fingerprint,
     tokenizer_fingerprint,
 )
@@ -53,8 +62,12 @@ def precompute_targets(
     batch_size: int = 64,
     shard_size: int = 10000,
     dtype: torch.dtype = torch.float16,
+    decoder=None,
 ) -> dict:
     """Writes shards of targets for `records` ((key, caption, image path or PIL image) triples) to `output_dir`.
+
+    `decoder`: a decoder pipeline of another family than SD 1.x/2.x, with its text encoders; its own `encode_prompt`
+    makes the targets (`text_encoder`, `tokenizer` and `cond_length` are then unused, pass None).
 
     With `image_encoder`, the pooled image features are stored too, and unreadable images are skipped (counted);
     without it, images are not opened at all. `index.json` is written last, so a half-written folder is unusable.
@@ -65,7 +78,17 @@ def precompute_targets(
         os.remove(index_path)
     shards, pending, skipped = [], [], 0
     target_shape = None
-    text_encoder.eval()
+    layout = None
+    if decoder is not None:
+        from gill_pipeline.decoders import read_conditioning_layout
+
+        layout = read_conditioning_layout(decoder)
+    else:
+        text_encoder.eval()
+
+    def stored(name, value):
+        # Masks as one byte per position; embeddings in the storage dtype.
+        return value.to(torch.uint8) if name.endswith("attention_mask") else value.to(dtype)
 
     def flush(count):
         nonlocal pending, target_shape
@@ -73,10 +96,17 @@ def precompute_targets(
         if not chunk:
             return
         keys = [p[0] for p in chunk]
-        tensors = {TARGET_KEY: torch.cat([p[1] for p in chunk]).to(dtype).contiguous()}
+        if layout is not None:
+            tensors = {
+                TENSOR_KEY_PREFIX + name: stored(name, torch.cat([p[1][name] for p in chunk])).contiguous()
+                for name in layout.names
+            }
+            target_shape = list(tensors[TENSOR_KEY_PREFIX + "prompt_embeds"].shape[1:])
+        else:
+            tensors = {TARGET_KEY: torch.cat([p[1] for p in chunk]).to(dtype).contiguous()}
+            target_shape = list(tensors[TARGET_KEY].shape[1:])
         if image_encoder is not None:
             tensors[FEATURES_KEY] = torch.cat([p[2] for p in chunk]).float().contiguous()
-        target_shape = list(tensors[TARGET_KEY].shape[1:])
         name = SHARD_TEMPLATE.format(index=len(shards))
         save_file(tensors, os.path.join(output_dir, name))
         shards.append({"file": name, "keys": keys})
@@ -99,13 +129,19 @@ def precompute_targets(
             kept.append((key, caption))
         if not kept:
             return
-        targets = encode_captions(text_encoder, tokenizer, [c for _, c in kept], cond_length).float().cpu()
+        captions = [c for _, c in kept]
+        if layout is not None:
+            encoded = {k: v.cpu() for k, v in encode_family_targets(decoder, captions).items()}
+            targets = [{k: v[row : row + 1] for k, v in encoded.items()} for row in range(len(kept))]
+        else:
+            encoded = encode_captions(text_encoder, tokenizer, captions, cond_length).float().cpu()
+            targets = [encoded[row : row + 1] for row in range(len(kept))]
         features = None
         if image_encoder is not None:
             pixels = image_pixel_values(image_processor, images)
             features = pooled_image_features(image_encoder, pixels).float().cpu()
         for row, (key, _) in enumerate(kept):
-            pending.append((key, targets[row : row + 1], None if features is None else features[row : row + 1]))
+            pending.append((key, targets[row], None if features is None else features[row : row + 1]))
 
     for record in unique_records(records, "the data set"):
         batch.append(record)
@@ -118,15 +154,27 @@ def precompute_targets(
     while pending:
         flush(shard_size)
 
-    uncond = encode_captions(text_encoder, tokenizer, [""], cond_length).float().cpu()
-    save_file({TARGET_KEY: uncond.contiguous()}, os.path.join(output_dir, UNCOND_FILE))
-    fingerprint = {"text_encoder": module_fingerprint(text_encoder), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if layout is not None:
+        from gill_pipeline.decoders import default_negative_conditioning
+
+        negatives = default_negative_conditioning(decoder)
+        uncond_tensors = {TENSOR_KEY_PREFIX + k: v.float().cpu().contiguous() for k, v in negatives.items()}
+        # A family without negatives (Flux) still gets a file: safetensors cannot hold zero tensors, so a marker.
+        save_file(uncond_tensors or {"none": torch.zeros(1)}, os.path.join(output_dir, UNCOND_FILE))
+        fingerprint = {"decoder": decoder_fingerprint(decoder)}
+        uncond_shape = list(layout.tensor("prompt_embeds").shape)
+    else:
+        uncond = encode_captions(text_encoder, tokenizer, [""], cond_length).float().cpu()
+        save_file({TARGET_KEY: uncond.contiguous()}, os.path.join(output_dir, UNCOND_FILE))
+        fingerprint = {"text_encoder": module_fingerprint(text_encoder), "tokenizer": tokenizer_fingerprint(tokenizer)}
+        uncond_shape = list(uncond.shape[1:])
     if image_encoder is not None:
         fingerprint["image_encoder"] = module_fingerprint(image_encoder)
     index = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "target_shape": target_shape or list(uncond.shape[1:]),
+        "target_shape": target_shape or uncond_shape,
+        "layout": layout.to_dict() if layout is not None else None,
         "has_image_features": image_encoder is not None,
         "count": sum(len(s["keys"]) for s in shards),
         "skipped": skipped,
@@ -150,6 +198,8 @@ def build_parser():
                         "validation `seed + 1`).")
     parser.add_argument("--stable-diffusion", default=None, help="SD checkpoint id or path (its text encoder).")
     parser.add_argument("--tiny-random", default=None, choices=TINY_LM_TYPES, help="Use the tiny random models.")
+    parser.add_argument("--tiny-decoder", default="sd", choices=sorted(TINY_DECODER_BUILDERS),
+                        help="Decoder family of the tiny random models (with --tiny-random).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the tiny random models.")
     parser.add_argument("--image-features", action="store_true", help="Also store the vision encoder's features.")
     parser.add_argument("--image-encoder", default=None, help="CLIP vision encoder id or path (with --image-features).")
@@ -170,19 +220,24 @@ def main(argv=None) -> dict:
             f"Give exactly one of `--stable-diffusion` or `--tiny-random`, got {args.stable_diffusion!r} and "
             f"{args.tiny_random!r}."
         )
-    image_encoder = image_processor = None
+    image_encoder = image_processor = decoder = None
     if args.tiny_random:
         from training.setup_models import build_tiny_models
 
-        models = build_tiny_models(args.tiny_random, args.seed)
-        text_encoder, tokenizer = models.text_encoder, models.text_tokenizer
+        models = build_tiny_models(args.tiny_random, args.seed, decoder=args.tiny_decoder)
+        text_encoder, tokenizer, decoder = models.text_encoder, models.text_tokenizer, models.decoder
         if args.image_features:
             image_encoder, image_processor = models.pipe.image_encoder, models.pipe.feature_extractor
         image_size = models.pipe.image_encoder.config.image_size
     else:
-        from training.setup_models import load_sd_text_encoder
+        from gill_pipeline.decoders.families import StableDiffusionFamily
+        from training.setup_models import decoder_family_of, load_decoder_text_side, load_sd_text_encoder
 
-        text_encoder, tokenizer = load_sd_text_encoder(args.stable_diffusion)
+        if isinstance(decoder_family_of(args.stable_diffusion), StableDiffusionFamily):
+            text_encoder, tokenizer = load_sd_text_encoder(args.stable_diffusion)
+        else:
+            text_encoder = tokenizer = None
+            decoder = load_decoder_text_side(args.stable_diffusion)
         if args.image_features:
             if args.image_encoder is None:
                 raise ValueError("`--image-features` needs `--image-encoder` (the CLIP vision encoder of the pipeline).")
@@ -191,8 +246,14 @@ def main(argv=None) -> dict:
             image_encoder = CLIPVisionModel.from_pretrained(args.image_encoder)
             image_processor = CLIPImageProcessor.from_pretrained(args.image_encoder)
         image_size = image_encoder.config.image_size if image_encoder is not None else 224
-    cond_length = args.cond_length or int(tokenizer.model_max_length)
-    text_encoder.to(args.device)
+    if decoder is not None:
+        if args.cond_length is not None:
+            raise ValueError(f"`--cond-length`={args.cond_length} applies to Stable Diffusion 1.x/2.x only.")
+        cond_length = None
+        decoder.to(args.device)
+    else:
+        cond_length = args.cond_length or int(tokenizer.model_max_length)
+        text_encoder.to(args.device)
     if image_encoder is not None:
         image_encoder.to(args.device).eval()
     problems = RowProblems()  # malformed rows are skipped (each logged with its file and line) and counted
@@ -201,7 +262,7 @@ def main(argv=None) -> dict:
     )
     summary = precompute_targets(
         records, text_encoder, tokenizer, args.output, cond_length, image_encoder, image_processor,
-        args.batch_size, args.shard_size, STORE_DTYPES[args.dtype],
+        args.batch_size, args.shard_size, STORE_DTYPES[args.dtype], decoder=decoder,
     )
     if problems:
         logger.warning("Skipped %d malformed rows of %s.", len(problems), args.data)

@@ -39,16 +39,20 @@ class Models:
     # Training never runs the image decoder (UNet, VAE, scheduler): loaded from a pipeline folder, it is left out and
     # read again from this folder at export time (`attach_image_decoder`), so the export stays a complete pipeline.
     image_decoder_source: str | None = None
+    # Decoders other than SD 1.x/2.x: the decoder's stock pipeline WITH its text encoders (its denoiser and VAE may
+    # be None), whose own `encode_prompt` makes the targets (`training.targets.encode_family_targets`).
+    decoder: DiffusionPipeline | None = None
 
 
-IMAGE_DECODER_COMPONENTS = ("unet", "vae", "scheduler")
+IMAGE_DECODER_COMPONENTS = ("unet", "transformer", "vae", "scheduler")
 # The kind of class each decoder component must be: names in model_index.json (which may come from the Hub) are
 # resolved to diffusers classes by name and checked, never imported from anywhere else.
-IMAGE_DECODER_KINDS = {"unet": ModelMixin, "vae": ModelMixin, "scheduler": SchedulerMixin}
+IMAGE_DECODER_KINDS = {"unet": ModelMixin, "transformer": ModelMixin, "vae": ModelMixin, "scheduler": SchedulerMixin}
 
 
-def build_tiny_models(lm_type: str, seed: int = 0) -> Models:
-    """The tiny random pipeline of `gill_pipeline.tiny`, keeping the SD text encoder that assembly drops."""
+def build_tiny_models(lm_type: str, seed: int = 0, decoder: str = "sd") -> Models:
+    """The tiny random pipeline of `gill_pipeline.tiny`, keeping the SD text encoder that assembly drops; with
+    `decoder` (a name of `gill_pipeline.tiny_decoders.TINY_DECODER_BUILDERS`), over that tiny decoder family."""
     from gill_pipeline.tiny import (
         build_tiny_lm,
         build_tiny_stable_diffusion,
@@ -56,11 +60,16 @@ def build_tiny_models(lm_type: str, seed: int = 0) -> Models:
         build_tiny_vision_encoder,
     )
 
+    family_decoder = None
+    if decoder != "sd":
+        from gill_pipeline.tiny_decoders import build_tiny_decoder
+
+        family_decoder = build_tiny_decoder(decoder)  # seeded on its own; the global RNG is left alone
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer()
         llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
-        sd = build_tiny_stable_diffusion()
+        sd = build_tiny_stable_diffusion() if family_decoder is None else family_decoder
         image_encoder, processor = build_tiny_vision_encoder()
     with torch.no_grad():
         llm.get_input_embeddings().weight.mul_(TINY_EMBEDDING_SCALE)
@@ -84,7 +93,25 @@ def build_tiny_models(lm_type: str, seed: int = 0) -> Models:
         mapper_heads=2,
         seed=seed,
     )
+    if family_decoder is not None:
+        return Models(pipe, None, None, decoder=family_decoder)
     return Models(pipe, sd.text_encoder, sd.tokenizer)
+
+
+def decoder_family_of(path: str):
+    """The decoder family adapter of a checkpoint (from its `model_index.json`); unsupported classes are refused."""
+    from gill_pipeline.decoders import family_for_pipeline
+
+    return family_for_pipeline(DiffusionPipeline.load_config(path)["_class_name"])
+
+
+def load_decoder_text_side(path: str) -> DiffusionPipeline:
+    """A decoder checkpoint's stock pipeline with its text encoders only (denoiser and VAE left out: training never
+    runs them), for the family's own `encode_prompt`."""
+    from gill_pipeline.decoders import load_decoder
+
+    family = decoder_family_of(path)
+    return load_decoder(path, family=family, text_encoders=True, **{family.denoiser: None, "vae": None})
 
 
 def load_sd_text_encoder(stable_diffusion: str):
@@ -151,8 +178,10 @@ def load_models(model_args, seed: int = 0, need_text_encoder: bool = True, need_
         else:
             pipe = GILLPipeline.from_pretrained(folder, **dict.fromkeys(IMAGE_DECODER_COMPONENTS))
             decoder_source = folder if need_image_decoder else None
-        text_encoder = text_tokenizer = None
-        if model_args.stable_diffusion:
+        text_encoder = text_tokenizer = decoder = None
+        if model_args.stable_diffusion and pipe.gill.conditioning_layout.family != "sd":
+            decoder = load_decoder_text_side(model_args.stable_diffusion)
+        elif model_args.stable_diffusion:
             text_encoder, text_tokenizer = load_sd_text_encoder(model_args.stable_diffusion)
         elif need_text_encoder:
             raise ValueError(
@@ -160,13 +189,19 @@ def load_models(model_args, seed: int = 0, need_text_encoder: bool = True, need_
                 "`stable_diffusion` (the SD checkpoint the pipeline was assembled with) or precomputed "
                 "`train_targets`/`val_targets` (precompute.py)."
             )
-        models = Models(pipe, text_encoder, text_tokenizer, decoder_source)
+        models = Models(pipe, text_encoder, text_tokenizer, decoder_source, decoder=decoder)
     else:
         from diffusers import StableDiffusionPipeline
+        from gill_pipeline.decoders import load_decoder
+        from gill_pipeline.decoders.families import StableDiffusionFamily
 
-        sd = StableDiffusionPipeline.from_pretrained(
-            model_args.stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        family = decoder_family_of(model_args.stable_diffusion)
+        if isinstance(family, StableDiffusionFamily):
+            sd = StableDiffusionPipeline.from_pretrained(
+                model_args.stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+        else:
+            sd = load_decoder(model_args.stable_diffusion, family=family, text_encoders=True)
         assemble = {
             name: getattr(model_args, name)
             for name in ("num_img_tokens", "num_visual_tokens", "retrieval_dim")
@@ -179,7 +214,10 @@ def load_models(model_args, seed: int = 0, need_text_encoder: bool = True, need_
             seed=seed,
             **assemble,
         )
-        models = Models(pipe, sd.text_encoder, sd.tokenizer)
+        if isinstance(family, StableDiffusionFamily):
+            models = Models(pipe, sd.text_encoder, sd.tokenizer)
+        else:
+            models = Models(pipe, None, None, decoder=sd)
     return models
 
 
@@ -190,6 +228,7 @@ def cast_frozen(models: Models, frozen_dtype: str) -> None:
     weights their fingerprints are taken from.
     """
     dtype = DTYPES[frozen_dtype]
-    for module in (models.pipe.llm, models.pipe.image_encoder, models.text_encoder):
+    decoder_text = [getattr(models.decoder, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    for module in (models.pipe.llm, models.pipe.image_encoder, models.text_encoder, *decoder_text):
         if module is not None:
             module.to(dtype)

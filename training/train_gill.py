@@ -44,7 +44,7 @@ from training.interleaved import InterleavedCollator, InterleavedDataset
 from training.model_forward import GILLTrainingModel, empty_on_any_process, total_loss
 from training.params import TrainConfig, parse_config
 from training.setup_models import attach_image_decoder, cast_frozen, load_models
-from training.targets import TargetStore, encode_captions
+from training.targets import TargetStore, encode_captions, encode_family_targets
 from training.trainable import (
     enable_gradient_checkpointing,
     img_row_norms,
@@ -81,7 +81,9 @@ def load_store(folder, models):
     if folder is None:
         return None
     store = TargetStore(folder)
-    store.validate(models.pipe.gill, models.text_encoder, models.text_tokenizer, models.pipe.image_encoder)
+    store.validate(
+        models.pipe.gill, models.text_encoder, models.text_tokenizer, models.pipe.image_encoder, decoder=models.decoder
+    )
     return store
 
 
@@ -124,15 +126,25 @@ def concat_draws(seed: int, step: int, micro: int, prob: float) -> tuple[bool, b
 
 
 class BatchPreparer:
-    """Moves a collated batch to the device and adds the SD text-encoder targets when they are not stored."""
+    """Moves a collated batch to the device and adds the generation targets when they are not stored: SD's text
+    encoder outputs, or for another decoder family its own `encode_prompt` outputs (`decoder`, with its text
+    encoders)."""
 
-    def __init__(self, accelerator, text_encoder, text_tokenizer, cond_length):
+    def __init__(self, accelerator, text_encoder, text_tokenizer, cond_length, decoder=None):
         self.device, self.text_encoder, self.text_tokenizer = accelerator.device, text_encoder, text_tokenizer
         self.cond_length = cond_length
+        self.decoder = decoder
+
+    def _to_device(self, value):
+        if isinstance(value, dict):  # targets of a decoder family: {name: tensor}
+            return {k: v.to(self.device) for k, v in value.items()}
+        return value.to(self.device) if torch.is_tensor(value) else value
 
     def __call__(self, batch):
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if "targets" not in batch and self.text_encoder is not None and batch["captions"]:
+        batch = {k: self._to_device(v) for k, v in batch.items()}
+        if "targets" not in batch and self.decoder is not None and batch["captions"]:
+            batch["targets"] = encode_family_targets(self.decoder, batch["captions"], device=self.device)
+        elif "targets" not in batch and self.text_encoder is not None and batch["captions"]:
             batch["targets"] = encode_captions(
                 self.text_encoder, self.text_tokenizer, batch["captions"], self.cond_length
             ).float()
@@ -263,7 +275,11 @@ def train(config: TrainConfig, accelerator) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     if models.text_encoder is not None:
         models.text_encoder.to(accelerator.device)
-    prepare_batch = BatchPreparer(accelerator, models.text_encoder, models.text_tokenizer, gill.config.cond_length)
+    if models.decoder is not None:
+        models.decoder.to(accelerator.device)
+    prepare_batch = BatchPreparer(
+        accelerator, models.text_encoder, models.text_tokenizer, gill.config.cond_length, decoder=models.decoder
+    )
 
     # 5. Resume
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_batches": 0, "samples": 0, "nonfinite_steps": 0,

@@ -47,13 +47,14 @@ def apply_lora(pipe, lora_args) -> None:
 
 def setup_trainable(pipe, lora_args, extra_frozen=()) -> list[nn.Parameter]:
     """Freezes the frozen parts, applies LoRA if asked, and returns the parameters to optimise."""
-    for module in (pipe.llm, pipe.image_encoder, pipe.vae, pipe.unet, *extra_frozen):
+    for module in (pipe.llm, pipe.image_encoder, pipe.vae, pipe.unet, getattr(pipe, "transformer", None), *extra_frozen):
         freeze(module)
     if lora_args.lora:
         apply_lora(pipe, lora_args)  # peft freezes the base weights and leaves the adapter trainable
     pipe.gill.requires_grad_(True)
     pipe.gill.decision_head.requires_grad_(False)  # trained afterwards by train_decision.py
-    pipe.gill.uncond_prompt_embeds.requires_grad_(False)
+    for stored_negative in pipe.gill.negative_conditioning().values():  # the decoder's negatives, never trained
+        stored_negative.requires_grad_(False)
     set_train_modes(pipe.llm, pipe.gill, pipe.image_encoder)
     params = [p for p in pipe.gill.parameters() if p.requires_grad]
     params += [p for p in pipe.llm.parameters() if p.requires_grad]
