@@ -320,3 +320,17 @@ def test_two_processes_train_on_interleaved_documents(tmp_path):
         records = [json.loads(line) for line in f if "train/global_batch" in line]
     # Retrieval negatives span both processes: one document each, three target images per document.
     assert len(records) == 2 and all(r["train/global_batch"] == 6 and r["train/interleaved"] == 1.0 for r in records)
+
+
+def test_documents_without_stored_targets_get_them_from_the_text_encoder(tmp_path):
+    # Pair targets are stored, document targets are not: the SD text encoder must still be loaded for the documents.
+    pairs = tmp_path / "pair_targets"
+    precompute.main(["--tiny-random", "opt", "--data-type", "synthetic", "--synthetic-size", "8", "--output", str(pairs),
+                     "--dtype", "float32"])
+    path = make_documents(tmp_path, count=2)
+    result = train_gill.main([str(x) for x in [
+        "--config", TINY_CONFIG, "--output-dir", tmp_path / "run", "--report-to", "none", "--progress-bar", "false",
+        "--synthetic-size", 8, "--batch-size", 2, "--max-steps", 2, "--val-every", 0, "--checkpoint-every", 0,
+        "--export-pipeline", "false", "--train-targets", pairs, "--interleaved-data", path, "--interleaved-ratio", 1.0,
+    ]])
+    assert all(h["train/interleaved"] == 1.0 and np.isfinite(h["train/generation_loss"]) for h in result["history"])

@@ -221,7 +221,12 @@ def train(config: TrainConfig, accelerator) -> dict:
 
     # 2. Models: frozen LM / vision / SD; trainable GILL parts (+ LoRA). Precomputed targets are checked against the
     #    frozen models before `frozen_dtype` rounds their weights.
-    need_text_encoder = config.data.train_targets is None or (config.data.val_data and config.data.val_targets is None)
+    data = config.data
+    need_text_encoder = (
+        data.train_targets is None
+        or (data.val_data and data.val_targets is None)
+        or (data.interleaved_data and data.interleaved_targets is None)
+    )
     models = load_models(
         config.model, seed=run.seed, need_text_encoder=bool(need_text_encoder), need_image_decoder=run.export_pipeline
     )
