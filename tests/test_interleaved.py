@@ -334,3 +334,12 @@ def test_documents_without_stored_targets_get_them_from_the_text_encoder(tmp_pat
         "--export-pipeline", "false", "--train-targets", pairs, "--interleaved-data", path, "--interleaved-ratio", 1.0,
     ]])
     assert all(h["train/interleaved"] == 1.0 and np.isfinite(h["train/generation_loss"]) for h in result["history"])
+
+
+def test_a_bom_and_a_line_that_is_not_utf8_are_read_as_the_other_readers_do(tmp_path):
+    good = json.dumps(story(0)).encode()
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + b'{"segments": "\xff"}\n' + json.dumps(story(1)).encode() + b"\n")
+    problems = RowProblems()
+    assert [key for key, _ in read_documents(str(path), problems)] == ["doc-0", "doc-1"]
+    assert [(line, "UTF-8" in problem) for _, line, problem in problems] == [(2, True)]
