@@ -198,8 +198,9 @@ def test_rows_put_img_tokens_after_the_text_before_each_target_image(tiny):
     assert [s for s in slots[0] if s] == [(i, j) for i in (0, 1, 2) for j in range(k)]
     # Captioning: [prefix_0][BOS caption_0][prefix_1][caption_1]..., captions the only targets.
     rows, labels, slots = model.interleaved_caption_rows([document])
-    assert rows[0] == [P] * k + [bos] + words("a red square") + [P] * k + words("an input") + [P] * k + words("a circle")
-    assert [t for t in labels[0] if t != IGNORE_INDEX] == [bos] + words("a red square") + words("an input") + words("a circle")
+    captions = [bos] + words("a red square"), words("an input"), words("a circle")
+    assert rows[0] == [P] * k + captions[0] + [P] * k + captions[1] + [P] * k + captions[2]
+    assert [t for t in labels[0] if t != IGNORE_INDEX] == captions[0] + captions[1] + captions[2]
 
 
 def test_each_image_is_generated_from_its_context_and_its_own_caption(tiny, tmp_path):
@@ -325,8 +326,8 @@ def test_two_processes_train_on_interleaved_documents(tmp_path):
 def test_documents_without_stored_targets_get_them_from_the_text_encoder(tmp_path):
     # Pair targets are stored, document targets are not: the SD text encoder must still be loaded for the documents.
     pairs = tmp_path / "pair_targets"
-    precompute.main(["--tiny-random", "opt", "--data-type", "synthetic", "--synthetic-size", "8", "--output", str(pairs),
-                     "--dtype", "float32"])
+    precompute.main(["--tiny-random", "opt", "--data-type", "synthetic", "--synthetic-size", "8",
+                     "--output", str(pairs), "--dtype", "float32"])
     path = make_documents(tmp_path, count=2)
     result = train_gill.main([str(x) for x in [
         "--config", TINY_CONFIG, "--output-dir", tmp_path / "run", "--report-to", "none", "--progress-bar", "false",
@@ -339,7 +340,8 @@ def test_documents_without_stored_targets_get_them_from_the_text_encoder(tmp_pat
 def test_a_bom_and_a_line_that_is_not_utf8_are_read_as_the_other_readers_do(tmp_path):
     good = json.dumps(story(0)).encode()
     path = tmp_path / "docs.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + b'{"segments": "\xff"}\n' + json.dumps(story(1)).encode() + b"\n")
+    bad = b'{"segments": "\xff"}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + bad + json.dumps(story(1)).encode() + b"\n")
     problems = RowProblems()
     assert [key for key, _ in read_documents(str(path), problems)] == ["doc-0", "doc-1"]
     assert [(line, "UTF-8" in problem) for _, line, problem in problems] == [(2, True)]

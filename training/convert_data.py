@@ -78,7 +78,8 @@ def mmc4_document(document: dict, key: str, image_dir: str = "", min_similarity:
             continue
         if min_similarity is not None and float(info.get("matched_sim", 1.0)) < min_similarity:
             continue
-        matched.setdefault(index, []).append(os.path.join(image_dir, info["image_name"]) if image_dir else info["image_name"])
+        path = os.path.join(image_dir, info["image_name"]) if image_dir else info["image_name"]
+        matched.setdefault(index, []).append(path)
     if not matched:
         return None
     segments = []
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         count = write_documents(args.output, relative_to(documents, folder))
     else:
         problems = RowProblems()
-        documents = (d for path in args.input for d in mmc4_documents(path, args.image_dir, args.min_similarity, problems))
+        documents = (
+            d for path in args.input for d in mmc4_documents(path, args.image_dir, args.min_similarity, problems)
+        )
         count = write_documents(args.output, relative_to(documents, folder))
         if problems:
             logger.warning("%d malformed MMC4 lines skipped.", len(problems))

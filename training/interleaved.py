@@ -111,7 +111,7 @@ def read_documents(path: str, problems: RowProblems | None = None) -> list[tuple
 
 
 def write_documents(path: str, documents) -> int:
-    """Writes `documents` (dicts with `segments`, optionally `id`) as JSONL; each is checked first. Returns the count."""
+    """Writes `documents` (dicts with `segments`, optionally `id`) as JSONL, each checked first; returns the count."""
     count = 0
     with open(path, "w", encoding="utf-8") as f:
         for index, document in enumerate(documents):
@@ -130,7 +130,8 @@ def image_records(path: str, image_folder: str | None = None, problems: RowProbl
     for key, segments in read_documents(path, problems):
         for i, segment in enumerate(segments):
             if IMAGE_KEY in segment:
-                yield image_key(key, i), (segment.get(CAPTION_KEY) or "").strip(), os.path.join(folder, segment[IMAGE_KEY])
+                caption = (segment.get(CAPTION_KEY) or "").strip()
+                yield image_key(key, i), caption, os.path.join(folder, segment[IMAGE_KEY])
 
 
 class InterleavedDataset(Dataset):
@@ -181,7 +182,9 @@ class InterleavedCollator:
     `max_length` LM tokens is cut at the last segment that fits whole; if no target image is left it is skipped.
     """
 
-    def __init__(self, tokenizer, num_img_tokens: int, num_visual_tokens: int, max_length: int, max_caption_tokens: int):
+    def __init__(
+        self, tokenizer, num_img_tokens: int, num_visual_tokens: int, max_length: int, max_caption_tokens: int
+    ):
         self.tokenizer = tokenizer
         self.r, self.k = num_img_tokens, num_visual_tokens
         self.max_length, self.max_caption_tokens = max_length, max_caption_tokens
@@ -218,7 +221,9 @@ class InterleavedCollator:
         return pieces
 
     def __call__(self, examples: list[dict]) -> dict:
-        skipped = [(e["key"], e.get("skip_kind", SKIP_IMAGE), e.get("skip_reason", "")) for e in examples if e["skipped"]]
+        skipped = [
+            (e["key"], e.get("skip_kind", SKIP_IMAGE), e.get("skip_reason", "")) for e in examples if e["skipped"]
+        ]
         documents, keys, images, captions, targets = [], [], [], [], []
         for example in examples:
             if example["skipped"]:

@@ -25,6 +25,7 @@ from torch import nn
 from gill_pipeline.models.lm_bridge import embed_tokens, lm_forward_with_img_logits
 from gill_pipeline.models.vision import pooled_image_features
 
+from .chat_format import ChatWrapping
 from .losses import IGNORE_INDEX, contrastive_loss, generation_loss, next_token_loss
 
 PREFIX = -1  # placeholder id of a visual-prefix position while sequences are assembled
@@ -45,8 +46,11 @@ class GILLTrainingModel(nn.Module):
         pad_token_id: int,
         bos_token_id: int | None,
         accelerator=None,
+        chat: ChatWrapping | None = None,
     ):
         super().__init__()
+        # With a chat template (`training/chat_format.py`), caption pairs are user/assistant exchanges.
+        self.chat = chat
         self.llm = llm
         self.gill = gill
         self.image_encoder = image_encoder
@@ -103,6 +107,10 @@ class GILLTrainingModel(nn.Module):
             return caption[1:]
         return caption
 
+    def _without_bos(self, caption: list[int]) -> list[int]:
+        """A caption inside a chat turn: the template writes the BOS, so the collator's is dropped."""
+        return self._continuation(caption)
+
     def _pad(self, rows: list[list[int]], labels: list[list[int]], device):
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
@@ -119,6 +127,15 @@ class GILLTrainingModel(nn.Module):
         for group in self._groups(len(captions), concat):
             row, label, slot = [], [], []
             for position, i in enumerate(group):
+                if self.chat is not None:  # [before][prefix][between][caption][end of turn]: the answer is the target
+                    caption = self._without_bos(captions[i])
+                    before = self.chat.caption_before if position == 0 else self.chat.continuation(self.chat.caption_before)
+                    between, after = self.chat.caption_between, self.chat.caption_after
+                    row += before + [PREFIX] * k + between + caption + after
+                    label += [IGNORE_INDEX] * (len(before) + k + len(between)) + caption + after
+                    slot += [None] * len(before) + [(i, j) for j in range(k)]
+                    slot += [None] * (len(between) + len(caption) + len(after))
+                    continue
                 caption = captions[i] if position == 0 else self._continuation(captions[i])
                 row += [PREFIX] * k + caption
                 label += [IGNORE_INDEX] * k + caption
@@ -139,6 +156,14 @@ class GILLTrainingModel(nn.Module):
         for b, group in enumerate(self._groups(len(captions), concat)):
             row, label = [], []
             for position, i in enumerate(group):
+                if self.chat is not None:  # [request][caption IMG0..IMG{r-1}][end of turn]: the answer is the target
+                    caption = self._without_bos(captions[i])
+                    before = self.chat.img_before if position == 0 else self.chat.continuation(self.chat.img_before)
+                    where[i] = (b, len(row) + len(before) + len(caption))
+                    row += before + caption + img + self.chat.img_after
+                    label += [IGNORE_INDEX] * len(before) + caption + img[:1] + [IGNORE_INDEX] * (len(img) - 1)
+                    label += self.chat.img_after
+                    continue
                 caption = captions[i] if position == 0 else self._continuation(captions[i])
                 where[i] = (b, len(row) + len(caption))
                 row += caption + img
@@ -261,7 +286,7 @@ class GILLTrainingModel(nn.Module):
         image = self.gill.image_retrieval_embeds(features[torch.tensor(target_images, device=features.device)])
         ret, ret_logits = contrastive_loss(text, image, self.gill.logit_scale, self.accelerator)
         out.update({"img_token": ce, "img_token_correct": correct, "img_token_count": count, "retrieval": ret})
-        out["retrieval_logits"], out["text_embeds"], out["image_embeds"] = ret_logits.detach(), text.detach(), image.detach()
+        out.update(retrieval_logits=ret_logits.detach(), text_embeds=text.detach(), image_embeds=image.detach())
         out["img_hidden"] = img_hidden
         targets = batch.get("targets")
         if targets is not None:

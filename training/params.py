@@ -127,10 +127,12 @@ class DataArgs:
                   "`interleaved_ratio`; made from VIST or MMC4 by training/convert_data.py."},
     )
     interleaved_image_folder: str | None = field(
-        default=None, metadata={"help": "Folder the documents' image paths are relative to (default: the file's folder)."}
+        default=None,
+        metadata={"help": "Folder the documents' image paths are relative to (default: the file's folder)."},
     )
     interleaved_targets: str | None = field(
-        default=None, metadata={"help": "Folder written by `precompute.py --data-type interleaved` for `interleaved_data`."}
+        default=None,
+        metadata={"help": "Folder written by `precompute.py --data-type interleaved` for `interleaved_data`."},
     )
     interleaved_ratio: float = field(
         default=0.5, metadata={"help": "Probability that a micro-batch is drawn from `interleaved_data` instead of the "
@@ -141,6 +143,19 @@ class DataArgs:
     )
     max_length: int = field(
         default=32, metadata={"help": "Tokens per caption sequence, BOS and the r [IMG] tokens included (reference: 32)."}
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "Wrap caption pairs in the LM's chat template (user asks, assistant answers with the caption and "
+            "[IMG]; captioning: user gives the image), so instruction LMs learn [IMG] inside assistant turns."
+        },
+    )
+    chat_image_request: str = field(
+        default="Show me a picture.", metadata={"help": "The user's request before an [IMG] answer (`chat_template`)."}
+    )
+    chat_caption_request: str = field(
+        default="Describe this picture.", metadata={"help": "The user's request after an image (`chat_template`)."}
     )
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
     synthetic_size: int = field(default=64, metadata={"help": "Examples of the synthetic data set."})
