@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch.utils.data import IterableDataset, Subset
 
+from training.chat_format import ChatWrapping
 from training.checkpoint import (
     clean_stale_temporaries,
     load_checkpoint,
@@ -274,6 +275,11 @@ def train(config: TrainConfig, accelerator) -> dict:
         pipe.llm, gill, pipe.image_encoder, pipe.img_token_ids,
         pad_token_id=pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0,
         bos_token_id=collator.bos, accelerator=accelerator,
+        chat=(
+            ChatWrapping.from_tokenizer(pipe.tokenizer, data.chat_image_request, data.chat_caption_request)
+            if data.chat_template
+            else None
+        ),
     )
     optimizer, scheduler = build_optimizer(params, optim)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).
