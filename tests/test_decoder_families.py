@@ -315,3 +315,25 @@ def test_negative_names_match_the_call_arguments(built):
     pipe, decoder = built("pixart-sigma")
     for tensor in pipe.gill.conditioning_layout.tensors:
         assert tensor.negative_name == NEGATIVE_PREFIX + tensor.name
+
+
+def test_a_whole_pipeline_with_another_family_decoder_is_refused(built, tmp_path):
+    pipe, _ = built("flux-dev")
+    other, _ = built("sana")
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="SanaPipeline.*trained for FluxPipeline"):
+        GILLPipeline.from_pretrained(tmp_path, vae=other.vae, transformer=other.transformer)
+
+
+def test_mapper_queries_measurement_runs():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu", "mapper_queries.py")
+    spec = importlib.util.spec_from_file_location("mapper_queries", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--tiny", "--repeats", "1"])
+    # Every family measured with one query per position, and the long ones with fewer queries too.
+    assert {row[0] for row in rows} == set(module.REAL_LAYOUTS)
+    assert any(row[4] < row[1] for row in rows) and all(row[5] > 0 and row[6] > 0 for row in rows)

@@ -8,17 +8,15 @@ with random weights: nothing is downloaded. Measured side by side in one run:
 
 1. HBM bandwidth (a large device-to-device copy) and the LM's per-token decode time (OPT-6.7B shape, KV cache,
    GILL's own decoding loop) against the weight-streaming bound: bytes of LM weights / measured bandwidth.
-2. A whole GILL answer (32 text tokens + 1 generated image, 30 steps, SD 1.5 UNet at 512x512) against the stock
-   decoder pipeline alone with the same steps, size and conditioning.
+2. A whole GILL answer (32 text tokens + 1 generated image, 30 steps) against the stock decoder pipeline alone with
+   the same steps, size and conditioning, for GILL over SD 1.5 (512x512), SDXL (1024x1024) and Flux.1-dev
+   (1024x1024; `--skip-flux` leaves it out).
 3. Peak memory of decoder inference with the decoder's text encoders loaded (stock `prompt=`) and without them
    (`run_decoder` from stored conditioning), for SD 1.5, SDXL and Flux.1-dev (if it fits), and of a GILL answer with
    and without `enable_model_cpu_offload`.
 4. Training at the paper's setting: OPT-6.7B and CLIP ViT-L/14 frozen, SD 1.5 targets precomputed, an effective
-   batch of 200 by gradient accumulation, bf16: samples/s and peak memory per micro-batch size.
-
-TODO(issue 10): the GILL answer and training parts use the SD 1.x path, the only family GILLPipeline drives today;
-when GILLModel/GILLPipeline take a `ConditioningLayout`, add SDXL and Flux to parts 2 and 4. Part 3 already covers
-them through `gill_pipeline.decoders`.
+   batch of 200 by gradient accumulation, bf16: samples/s and peak memory per micro-batch size; and one micro-batch
+   size for the SDXL and Flux.1-dev targets (77 x 2048 + 1280, 512 x 4096 + 768), where the mapper's heads differ.
 """
 
 import argparse
@@ -45,10 +43,12 @@ import real_configs  # noqa: E402
 MODES = {
     "real": dict(copy_mib=4096, prompt_tokens=32, decode_short=8, decode_long=72, answer_tokens=32, steps=30,
                  sd_size=512, sdxl_size=1024, flux_size=1024, memory_steps=2, effective_batch=200,
-                 micro_batches=(10, 25, 50, 100, 200), caption_tokens=32, repeats=3, warmup=True),
+                 micro_batches=(10, 25, 50, 100, 200), family_micro_batches=(50,), caption_tokens=32, repeats=3,
+                 family_repeats=1, warmup=True),
     "tiny": dict(copy_mib=16, prompt_tokens=8, decode_short=2, decode_long=6, answer_tokens=4, steps=2,
                  sd_size=32, sdxl_size=32, flux_size=32, memory_steps=1, effective_batch=4,
-                 micro_batches=(2, 4), caption_tokens=8, repeats=1, warmup=False),
+                 micro_batches=(2, 4), family_micro_batches=(2,), caption_tokens=8, repeats=1, family_repeats=1,
+                 warmup=False),
 }
 
 
@@ -120,49 +120,46 @@ def fmt(value, digits=2, unit=""):
 # ------------------------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------------------------
-def build_gill_sd15(mode, device, dtype):
-    """GILL assembled on an OPT-6.7B-shaped LM, CLIP ViT-L/14 and the SD 1.5 UNet/VAE/CLIP-L text (tiny in --tiny)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
+# Image size key of each decoder family in MODES, and the guidance scale its answers use.
+SIZE_KEYS = {"sd15": "sd_size", "sdxl": "sdxl_size", "flux": "flux_size"}
+GUIDANCE = {"sd15": 7.5, "sdxl": 7.5, "flux": 3.5}  # Flux.1-dev: its guidance embedding, no negative pass
 
-    from gill_pipeline import GILLPipeline
-    from gill_pipeline.tiny import (
-        build_tiny_lm,
-        build_tiny_stable_diffusion,
-        build_tiny_tokenizer,
-        build_tiny_vision_encoder,
-    )
+
+def build_base_models(mode, device, dtype):
+    """The OPT-6.7B-shaped LM, CLIP ViT-L/14 and a tokenizer (tiny in --tiny), shared by every GILL built below."""
+    from transformers import CLIPImageProcessor
+
+    from gill_pipeline.tiny import build_tiny_lm, build_tiny_tokenizer, build_tiny_vision_encoder
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()  # random weights: the tokenizer only has to give ids inside the LM vocabulary
     if mode == "tiny":
         llm = build_tiny_lm("opt", len(tokenizer), tokenizer)
-        sd = build_tiny_stable_diffusion()
         encoder, processor = build_tiny_vision_encoder()
     else:
         with built_on(device, dtype):
             llm = real_configs.opt_6_7b()
             encoder = real_configs.clip_vit_l_14()
-            text_encoder = CLIPTextModel(CLIPTextConfig(**real_configs.CLIP_L_TEXT))
-            unet = real_configs.sd15_unet()
-            vae = real_configs.sd_vae()
         processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-        sd = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=build_tiny_tokenizer(model_max_length=77), unet=unet,
-            scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    return tokenizer, llm.eval(), encoder.eval(), processor
+
+
+def build_gill(family, base, mode, device, dtype):
+    """GILL assembled on the base models and the decoder `family` ("sd15", "sdxl", "flux"), at real sizes (tiny in
+    --tiny). The decoder's text encoders are used once, at assembly, then dropped with it."""
+    from gill_pipeline import GILLPipeline
+
+    tokenizer, llm, encoder, processor = base
+    decoder = build_decoder(family, mode, device, dtype)
     # Real mode: GILL's reference sizes (the library defaults); tiny mode: a tiny mapper.
     learned = {} if mode == "real" else dict(num_img_tokens=4, retrieval_dim=16, mapper_hidden_dim=32,
                                              mapper_encoder_layers=1, mapper_decoder_layers=1, mapper_heads=2)
-    # `GILLModel.init_img_embeddings_from` draws its noise on the CPU, so assembly needs the LM's embedding rows
-    # there (library issue reported with issue 10); the rows are 0.4 GB and go back with `pipe.to` below.
-    llm.get_input_embeddings().to("cpu")
     pipe = GILLPipeline.from_base_models(
-        language_model=llm.eval(), tokenizer=tokenizer, stable_diffusion=sd, image_encoder=encoder.eval(),
+        language_model=llm, tokenizer=tokenizer, stable_diffusion=decoder, image_encoder=encoder,
         feature_extractor=processor, **learned,
     )
+    del decoder
+    free(device)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -301,36 +298,42 @@ def bench_decode(pipe, cfg, device, bandwidth_gbs) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # 2. A whole GILL answer vs the decoder alone
 # ------------------------------------------------------------------------------------------------------------------
-def gill_answer(pipe, cfg, size):
+def gill_answer(pipe, cfg, size, guidance=7.5):
     # Forcing [IMG] right after `answer_tokens` text tokens gives every run the same work: 32 tokens + 1 image.
     return pipe(
         "This is my dog. Show me what he would look like in the snow.", max_new_tokens=cfg["answer_tokens"] + 1,
         min_text_tokens=cfg["answer_tokens"], img_logit_scale=1e4, max_images=1, num_inference_steps=cfg["steps"],
-        guidance_scale=7.5, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="pt",
+        guidance_scale=guidance, height=size, width=size, generator=torch.Generator().manual_seed(0), output_type="pt",
     )
 
 
-def bench_answer(pipe, cfg, device) -> dict:
+def bench_answer(pipe, family, cfg, device, repeats) -> dict:
     from gill_pipeline.decoders import run_decoder
 
-    size = cfg["sd_size"]
+    size, guidance = cfg[SIZE_KEYS[family]], GUIDANCE[family]
     out = {}
 
     def run():
-        out["answer"] = gill_answer(pipe, cfg, size)
+        out["answer"] = gill_answer(pipe, cfg, size, guidance)
 
-    gill_s = timed(run, device, cfg["repeats"], warmup=cfg["warmup"])
+    gill_s = timed(run, device, repeats, warmup=cfg["warmup"])
     images = len(out["answer"].images)
-    negative = {"prompt_embeds": pipe.gill.uncond_prompt_embeds}
-    cond = {"prompt_embeds": torch.randn_like(pipe.gill.uncond_prompt_embeds)}
-    parts = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler}
+    layout = pipe.gill.conditioning_layout
+    hidden = torch.randn(1, pipe.num_img_tokens, pipe.gill.config.lm_hidden_dim, device=device, dtype=pipe.gill.dtype)
+    with torch.no_grad():
+        cond = pipe.gill.map_to_conditioning(hidden)
+    negatives = pipe.gill.negative_conditioning() or None
+    denoiser = "unet" if pipe.unet is not None else "transformer"
+    parts = {denoiser: getattr(pipe, denoiser), "vae": pipe.vae, "scheduler": pipe.scheduler}
     decoder_s = timed(
-        lambda: run_decoder(parts, cond, negative, height=size, width=size, num_inference_steps=cfg["steps"],
-                            guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="pt",
+        lambda: run_decoder(parts, cond, negatives, layout=layout, height=size, width=size,
+                            num_inference_steps=cfg["steps"], guidance_scale=guidance,
+                            generator=torch.Generator().manual_seed(0), output_type="pt",
                             progress_bar_config={"disable": True}),
-        device, cfg["repeats"], warmup=cfg["warmup"],
+        device, repeats, warmup=cfg["warmup"],
     )
-    return {"gill_s": gill_s, "decoder_s": decoder_s, "overhead": (gill_s - decoder_s) / decoder_s, "images": images}
+    return {"family": family, "pipeline_class": layout.pipeline_class, "size": size, "guidance": guidance,
+            "gill_s": gill_s, "decoder_s": decoder_s, "overhead": (gill_s - decoder_s) / decoder_s, "images": images}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -340,7 +343,7 @@ def bench_decoder_memory(family, cfg, device, dtype) -> dict:
     from gill_pipeline.decoders import default_negative_conditioning, encode_conditioning, run_decoder
     from gill_pipeline.decoders.families import family_for_pipeline
 
-    size = cfg[{"sd15": "sd_size", "sdxl": "sdxl_size", "flux": "flux_size"}[family]]
+    size = cfg[SIZE_KEYS[family]]
     pipe = build_decoder(family, cfg["mode"], device, dtype)
     text_names = [n for n in family_for_pipeline(pipe).text_components if n.startswith("text_encoder")]
     text_gib = sum(weight_bytes(getattr(pipe, n)) for n in text_names) / 2**30
@@ -375,13 +378,27 @@ def bench_gill_offload(pipe, cfg, device) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # 4. Training at the paper's setting
 # ------------------------------------------------------------------------------------------------------------------
-def bench_training(pipe, cfg, device, dtype) -> list[dict]:
+def random_targets(gill, micro, generator, device) -> torch.Tensor | dict:
+    """Random targets of the decoder's layout (as precomputed ones are read): the SD 1.x sequence, or a dict."""
+    if gill.config.conditioning_layout is None:
+        return torch.randn(micro, gill.config.cond_length, gill.config.cond_dim, generator=generator).to(device)
+    targets = {}
+    for tensor in gill.conditioning_layout.tensors:
+        if tensor.kind == "mask":
+            targets[tensor.name] = torch.ones(micro, *tensor.shape, dtype=torch.long, device=device)
+        else:
+            targets[tensor.name] = torch.randn(micro, *tensor.shape, generator=generator).to(device)
+    return targets
+
+
+def bench_training(pipe, family, cfg, device, dtype, micro_batches) -> list[dict]:
     from training.model_forward import GILLTrainingModel, total_loss
     from training.params import LossArgs
 
-    # Targets are precomputed: training holds no UNet or VAE.
-    pipe.unet.to("cpu")
-    pipe.vae.to("cpu")
+    # Targets are precomputed: training holds no denoiser or VAE.
+    for name in ("unet", "transformer", "vae"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to("cpu")
     free(device)
     gill = pipe.gill.float()  # the learned parts train in fp32 under bf16 autocast, as training/ does
     gill.train()
@@ -393,7 +410,7 @@ def bench_training(pipe, cfg, device, dtype) -> list[dict]:
     image_size = pipe.image_encoder.config.image_size
     generator = torch.Generator().manual_seed(0)
     rows = []
-    for micro in cfg["micro_batches"]:
+    for micro in micro_batches:
         t = cfg["caption_tokens"]
         ids = torch.randint(4, min(vocab, 300), (micro, t), generator=generator)
         ids[:, 0] = 2
@@ -401,7 +418,7 @@ def bench_training(pipe, cfg, device, dtype) -> list[dict]:
             "caption_ids": ids.to(device),
             "caption_lengths": torch.randint(t // 2, t + 1, (micro,), generator=generator).to(device),
             "pixel_values": torch.randn(micro, 3, image_size, image_size, generator=generator).to(device, dtype),
-            "targets": torch.randn(micro, *gill.uncond_prompt_embeds.shape[1:], generator=generator).to(device),
+            "targets": random_targets(gill, micro, generator, device),
         }
         accumulation = cfg["effective_batch"] // micro
 
@@ -417,11 +434,11 @@ def bench_training(pipe, cfg, device, dtype) -> list[dict]:
             if cfg["warmup"]:
                 effective_step()
             seconds, peak = peak_gib(lambda: timed(effective_step, device, 1, warmup=False), device)
-            rows.append({"micro_batch": micro, "accumulation": accumulation, "peak_gib": peak,
+            rows.append({"family": family, "micro_batch": micro, "accumulation": accumulation, "peak_gib": peak,
                          "samples_per_s": cfg["effective_batch"] / seconds})
         except torch.OutOfMemoryError:
-            rows.append({"micro_batch": micro, "accumulation": accumulation, "peak_gib": None, "samples_per_s": None,
-                         "oom": True})
+            rows.append({"family": family, "micro_batch": micro, "accumulation": accumulation, "peak_gib": None,
+                         "samples_per_s": None, "oom": True})
         optimizer.zero_grad(set_to_none=True)
         del batch
         free(device)
@@ -465,20 +482,23 @@ def report(results: dict, args) -> str:
             "| --- | --- | --- |",
             f"| {decode['per_token_ms']:.2f} | {decode['bound_ms']:.2f} | {decode['ratio']:.2f}x |",
         ]
-    lines += ["", "## 2. A whole GILL answer vs the decoder alone", ""]
-    answer = r["answer"]
-    if _failed(answer):
-        lines.append(f"Failed: {_failed(answer)}")
-    else:
-        lines += [
-            f"GILL: {cfg['answer_tokens']} text tokens + {answer['images']} generated image, {cfg['steps']} steps, "
-            f"{cfg['sd_size']}x{cfg['sd_size']}, guidance 7.5, on the SD 1.5 UNet. Decoder alone: the stock "
-            "StableDiffusionPipeline (through `run_decoder`) with the same UNet, steps, size and guidance.",
-            "",
-            "| GILL answer (s) | decoder alone (s) | GILL adds (target <= 10%) |",
-            "| --- | --- | --- |",
-            f"| {answer['gill_s']:.3f} | {answer['decoder_s']:.3f} | {answer['overhead'] * 100:.1f}% |",
-        ]
+    lines += [
+        "", "## 2. A whole GILL answer vs the decoder alone", "",
+        f"GILL: {cfg['answer_tokens']} text tokens + 1 generated image, {cfg['steps']} steps. Decoder alone: the stock "
+        "pipeline of the family (through `run_decoder`) with the same denoiser, steps, size, guidance and stored "
+        "negatives. SD 1.5 and SDXL guide with classifier-free guidance, Flux.1-dev with its guidance embedding.",
+        "",
+        "| decoder | size | guidance | GILL answer (s) | decoder alone (s) | GILL adds (target <= 10%) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for answer in r["answer"]:
+        if _failed(answer):
+            lines.append(f"| {answer['family']} | failed: {_failed(answer)} | | | | |")
+            continue
+        lines.append(
+            f"| {answer['family']} ({answer['pipeline_class']}) | {answer['size']} | {answer['guidance']} | "
+            f"{answer['gill_s']:.3f} | {answer['decoder_s']:.3f} | {answer['overhead'] * 100:.1f}% |"
+        )
     lines += [
         "",
         "## 3. Peak memory of inference",
@@ -515,23 +535,26 @@ def report(results: dict, args) -> str:
         "## 4. Training at the paper's setting",
         "",
         "OPT-6.7B and CLIP ViT-L/14 frozen (bf16, on the device), learned parts in fp32 under bf16 autocast with "
-        f"AdamW, SD 1.5 targets (77x768) precomputed (no UNet or VAE on the device), captions up to "
-        f"{cfg['caption_tokens']} tokens, effective batch {cfg['effective_batch']} by gradient accumulation, half "
-        "the micro-steps with two-example concatenation. Target: the effective batch within 24 GB.",
+        f"AdamW, targets precomputed (no denoiser or VAE on the device): SD 1.5 (77x768), SDXL (77x2048 + pooled "
+        f"1280), Flux.1-dev (512x4096 + pooled 768); captions up to {cfg['caption_tokens']} tokens, effective batch "
+        f"{cfg['effective_batch']} by gradient accumulation, half the micro-steps with two-example concatenation. "
+        "Target: the effective batch within 24 GB.",
         "",
-        "| micro-batch | accumulation | samples/s | peak memory (GiB) | within 24 GB |",
-        "| --- | --- | --- | --- | --- |",
+        "| decoder | micro-batch | accumulation | samples/s | peak memory (GiB) | within 24 GB |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    if _failed(r["training"]):
-        lines.append(f"| failed: {_failed(r['training'])} | | | | |")
-    else:
-        for row in r["training"]:
+    for rows in r["training"]:
+        if _failed(rows):
+            lines.append(f"| failed: {_failed(rows)} | | | | | |")
+            continue
+        for row in rows:
             if row.get("oom"):
-                lines.append(f"| {row['micro_batch']} | {row['accumulation']} | out of memory | - | no |")
+                lines.append(f"| {row['family']} | {row['micro_batch']} | {row['accumulation']} | out of memory | - | "
+                             "no |")
                 continue
             fits = "n/a" if row["peak_gib"] is None else ("yes" if row["peak_gib"] * 2**30 <= 24e9 else "no")
-            lines.append(f"| {row['micro_batch']} | {row['accumulation']} | {row['samples_per_s']:.1f} | "
-                         f"{fmt(row['peak_gib'])} | {fits} |")
+            lines.append(f"| {row['family']} | {row['micro_batch']} | {row['accumulation']} | "
+                         f"{row['samples_per_s']:.1f} | {fmt(row['peak_gib'])} | {fits} |")
     lines += ["", "Raw results: `" + json.dumps(r) + "`", ""]
     return "\n".join(lines)
 
@@ -545,7 +568,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="Tiny configs on the CPU (seconds); for the tests.")
     parser.add_argument("--output", default=None, help="Report path. Default: benchmarks/results/gpu.md on a GPU, "
                         "a temporary file with --tiny.")
-    parser.add_argument("--skip-flux", action="store_true", help="Leave out the Flux.1-dev memory row.")
+    parser.add_argument("--skip-flux", action="store_true", help="Leave out Flux.1-dev (answer, training, memory).")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.tiny:
@@ -572,17 +595,39 @@ def main(argv=None):
                 raise
             results[name] = {"failed": f"{type(error).__name__}: {error}"[:500]}
             free(device)
-        log(f"{name}: {results[name]}")
+        log(f"{name}: {str(results[name])[:300]}")
 
     section("bandwidth_gbs", lambda: bench_bandwidth(device, cfg["copy_mib"], cfg["repeats"]))
-    pipe = build_gill_sd15(cfg["mode"], device, dtype)
+    base = build_base_models(cfg["mode"], device, dtype)
+    pipe = build_gill("sd15", base, cfg["mode"], device, dtype)
     log("GILL (SD 1.5) built")
     bandwidth = results["bandwidth_gbs"] if isinstance(results["bandwidth_gbs"], float) else float("nan")
     section("decode", lambda: bench_decode(pipe, cfg, device, bandwidth))
-    section("answer", lambda: bench_answer(pipe, cfg, device))
+    answers, training = [], []
+    section("_answer", lambda: bench_answer(pipe, "sd15", cfg, device, cfg["repeats"]))
+    answers.append(dict(results.pop("_answer"), family="sd15"))
     section("offload", lambda: bench_gill_offload(pipe, cfg, device))
-    section("training", lambda: bench_training(pipe, cfg, device, dtype))
+    section("_training", lambda: bench_training(pipe, "sd15", cfg, device, dtype, cfg["micro_batches"]))
+    training.append(results.pop("_training"))
     del pipe
+    free(device)
+    # The other decoder families: one answer and one training micro-batch size each (their decoders are larger).
+    for family in ("sdxl", "flux"):
+        if family == "flux" and args.skip_flux:
+            continue
+        section("_pipe", lambda: build_gill(family, base, cfg["mode"], device, dtype))
+        pipe = results.pop("_pipe")
+        if _failed(pipe):
+            answers.append({"family": family, "failed": _failed(pipe)})
+            continue
+        section("_answer", lambda: bench_answer(pipe, family, cfg, device, cfg["family_repeats"]))
+        answers.append(dict(results.pop("_answer"), family=family))
+        section("_training", lambda: bench_training(pipe, family, cfg, device, dtype, cfg["family_micro_batches"]))
+        training.append(results.pop("_training"))
+        del pipe
+        free(device)
+    results["answer"], results["training"] = answers, training
+    del base
     free(device)
     memory = []
     for family in ("sd15", "sdxl", "flux"):

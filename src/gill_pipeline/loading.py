@@ -23,6 +23,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from .constants import IMG_TOKEN_TEMPLATE, MODEL_INDEX_FILE
+from .decoders.fit import check_decoder_fits
 from .file_names import (
     CODE_SUFFIXES,
     MODEL_CONFIG_FILE,
@@ -430,6 +431,8 @@ def check_pipeline_parts(pipe, learned: str) -> None:
         cross_attention_dim=pipe.unet.config.cross_attention_dim if pipe.unet is not None else None,
         vision_dim=vision_feature_dim(pipe.image_encoder) if pipe.image_encoder is not None else None,
     )
+    # The decoder must be of the family and conditioning layout the learned parts were trained for.
+    check_decoder_fits(pipe.gill.conditioning_layout, {"unet": pipe.unet, "transformer": pipe.transformer}, learned)
 
 
 def prepare_pipeline_load(pipeline_class, folder: str, kwargs: dict) -> tuple[dict, bool]:
