@@ -337,3 +337,28 @@ def test_mapper_queries_measurement_runs():
     # Every family measured with one query per position, and the long ones with fewer queries too.
     assert {row[0] for row in rows} == set(module.REAL_LAYOUTS)
     assert any(row[4] < row[1] for row in rows) and all(row[5] > 0 and row[6] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_compatible_scheduler_through_gill(name, built):
+    # The same images as the decoder's stock pipeline fed the mapper's conditioning and the stored negatives, for
+    # every scheduler the family takes (the list tests/test_decoders.py checks against the stock `prompt=` path).
+    from gill_pipeline.decoders import run_decoder
+    from test_decoders import SCHEDULERS
+
+    pipe, decoder = built(name)
+    conditioning = pipe.gill.map_to_conditioning(img_hidden(pipe, n=1))
+    size = 2 * pipe.image_size_multiple
+    for scheduler_class, overrides in SCHEDULERS[name]:
+        scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
+        swapped = GILLPipeline(**{**pipe.components, "scheduler": scheduler})
+        swapped.set_progress_bar_config(disable=True)
+        got = generate(swapped, conditioning, seeds=[0])
+        stock = type(decoder)(**{**decoder.components, "scheduler": scheduler})
+        stock.set_progress_bar_config(disable=True)
+        expected = run_decoder(
+            stock, conditioning, pipe.gill.negative_conditioning() or None, height=size, width=size,
+            num_inference_steps=2, guidance_scale=3.0, generator=[torch.Generator().manual_seed(0)], output_type="pt",
+        )
+        assert torch.isfinite(got).all(), scheduler_class.__name__
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=scheduler_class.__name__)
