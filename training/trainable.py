@@ -82,7 +82,12 @@ def set_train_modes(llm, gill, image_encoder) -> None:
 
 @torch.no_grad()
 def img_row_norms(llm) -> tuple[float, float | None]:
-    """Mean norm of the LM's own input rows (and output rows for untied LMs): what the [IMG] rows are rescaled to."""
+    """Mean norm of the LM's own input rows (and output rows for untied LMs): what the [IMG] rows are rescaled to.
+
+    These are norms of the embedding MATRIX rows, before any scale the embedding module applies (Gemma's
+    `embed_scale`): the [IMG] rows live in that same space and get the module's scale when they are embedded
+    (`gill_pipeline.models.lm_bridge.embed_tokens`), as text rows do.
+    """
     inputs = llm.get_input_embeddings().weight.float().norm(dim=1).mean().item()
     outputs = llm.get_output_embeddings()
     out_norm = None if outputs is None else outputs.weight.float().norm(dim=1).mean().item()

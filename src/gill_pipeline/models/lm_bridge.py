@@ -10,9 +10,11 @@
   logits after the head (Gemma's final soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`, a cast to
   float) is done to the `[IMG]` logits too, without a list of families.
 - `new_cache`: the cache transformers' `generate()` would start from.
+- `takes_position_ids`: whether the LM can be told each row's positions (needed to left-pad a batch).
 """
 
 import contextlib
+import inspect
 
 import torch
 from diffusers.utils import logging
@@ -67,10 +69,10 @@ def _img_logits_from_lm_head(llm, gill, found: dict):
         return
 
     def append_img_logits(module, inputs, output):
-        found["width"] = output.shape[-1]
         rows = gill.img_output_rows.to(device=output.device)
-        img = inputs[0].to(device=output.device, dtype=rows.dtype) @ rows.t()
-        return torch.cat([output, img.to(output.dtype)], dim=-1)
+        img = (inputs[0].to(device=output.device, dtype=rows.dtype) @ rows.t()).to(output.dtype)
+        found["width"], found["img_logits"] = output.shape[-1], img
+        return torch.cat([output, img], dim=-1)
 
     handle = head.register_forward_hook(append_img_logits)
     try:
@@ -95,9 +97,12 @@ def lm_forward_with_img_logits(llm, gill, img_token_ids, inputs_embeds: torch.Te
     r = len(img_token_ids)
     if found and logits.shape[-1] == found["width"] + r:
         lm_logits, img_logits = logits[..., :-r], logits[..., -r:]
+    elif found:
+        # The LM cut its logits after the head (e.g. Inkling drops padded vocabulary columns): the `[IMG]` logits of
+        # the head's own input, without whatever else the LM did after the head.
+        lm_logits, img_logits = logits, found["img_logits"].to(device=logits.device, dtype=logits.dtype)
     else:
-        # The head was not called as a module, or the LM reshaped its logits: fall back to the raw `[IMG]` logits
-        # of the last hidden state (no post-processing the LM may apply).
+        # The head was not called as a module: the raw `[IMG]` logits of the last hidden state.
         logger.warning_once(
             f"{type(llm).__name__}: could not read the `[IMG]` logits through the LM head; using `hidden @ rows.T`."
         )
@@ -129,3 +134,13 @@ def new_cache(llm):
     config = model.config
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     return DynamicCache(config=config)
+
+
+def takes_position_ids(llm) -> bool:
+    """Whether the LM's forward accepts `position_ids`.
+
+    LMs that do not derive positions themselves: some from the attention mask (ALiBi in BLOOM and MPT, state-space
+    models that need none), others from the cache length (TrOCR), where a left-padded row would start at the wrong
+    position. Not knowing which, the decoder runs such LMs one row at a time.
+    """
+    return "position_ids" in inspect.signature(_base_model(llm).forward).parameters

@@ -20,6 +20,7 @@ pass. A row chooses its next token only once its queue is empty, from the logits
 are done get masked slots; their outputs are no longer read.
 """
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -114,6 +115,15 @@ def _continues_in_chunks(cache) -> bool:
     return isinstance(cache, Cache) and not any(cache.is_linear)
 
 
+def _call_for_row(on_token, row: int, _: int, token_id: int) -> None:
+    on_token(row, token_id)
+
+
+def _only_recurrent(cache) -> bool:
+    """Whether every layer of this cache is a recurrent / state-space one (no attention over past keys)."""
+    return isinstance(cache, Cache) and len(cache.is_linear) > 0 and all(cache.is_linear)
+
+
 # (inputs_embeds, attention_mask, position_ids, cache, use_cache, logits_to_keep)
 #     -> (logits over the LM vocabulary extended with the [IMG] ids, last hidden state, cache)
 LMForward = Callable[
@@ -136,6 +146,9 @@ class GILLDecoder:
             (see `models.lm_bridge.new_cache`).
         max_positions: the LM's context length; a row stops when it is full, and `[IMG0]` is forbidden when its
             group would not fit.
+        pad_prompts: whether prompts of different lengths may be left-padded into one batch; `False` for LMs that
+            cannot be told where a padded row starts (see `models.lm_bridge.takes_position_ids`): they are decoded
+            one row at a time.
     """
 
     def __init__(
@@ -147,6 +160,7 @@ class GILLDecoder:
         is_newline: Callable[[int], bool],
         new_cache: Callable[[], object] | None = None,
         max_positions: int | None = None,
+        pad_prompts: bool = True,
     ):
         self.lm_forward = lm_forward
         self.embed_ids = embed_ids
@@ -155,6 +169,7 @@ class GILLDecoder:
         self.is_newline = is_newline
         self.new_cache = new_cache
         self.max_positions = max_positions
+        self.pad_prompts = pad_prompts
         self._on_token = None
         self.last_cache = None
 
@@ -198,9 +213,23 @@ class GILLDecoder:
         else:
             cache = self.new_cache() if settings.use_cache and self.new_cache is not None else None
         history = (embeds, mask, positions)  # the whole sequence, for decoding without a cache
-        logits, _, cache = self._forward(embeds, mask, positions, cache, history, settings.use_cache)
+        padded = len({e.shape[0] for e in prompt_embeds}) > 1
+        if padded and not self.pad_prompts:
+            return self._rows_alone(prompt_embeds, settings, generator, on_token)
+        prefill_mask = mask[:, past_length:] if _only_recurrent(past_cache) else mask  # see `masks_new_tokens_only`
+        # A padded batch's prefill always asks for a cache, to learn whether the LM returns one.
+        logits, _, cache = self._forward(embeds, prefill_mask, positions, cache, history, settings.use_cache or padded)
+        if padded and cache is None:
+            # An LM that returns no `Cache` (RWKV, RecurrentGemma, ...) may also ignore the attention mask, so left
+            # padding could change its answers.
+            return self._rows_alone(prompt_embeds, settings, generator, on_token)
         next_logits = logits[:, -1]
-        max_tokens_per_pass = 1 if settings.use_cache and not _continues_in_chunks(cache) else None
+        # An LM that returns no cache (one that keeps its state elsewhere, e.g. RecurrentGemma) is re-run in full.
+        use_cache = settings.use_cache and cache is not None
+        max_tokens_per_pass = 1 if use_cache and not _continues_in_chunks(cache) else None
+        # LMs without any attention layer (Mamba and the like) read `attention_mask` as the mask of the tokens they are
+        # given, not of the whole sequence: their cached passes get the new tokens' part only.
+        masks_new_tokens_only = use_cache and _only_recurrent(cache)
 
         rows = [DecodedSequence() for _ in range(batch_size)]
         queues: list[list[int]] = [[] for _ in range(batch_size)]  # tokens chosen but not yet fed
@@ -251,7 +280,8 @@ class GILLDecoder:
                 mask,
                 torch.cat([history[2], step_positions], dim=1),
             )
-            logits, hidden, cache = self._forward(step_embeds, mask, step_positions, cache, history, settings.use_cache)
+            lm_mask = step_mask if masks_new_tokens_only else mask
+            logits, hidden, cache = self._forward(step_embeds, lm_mask, step_positions, cache, history, use_cache)
             for b in feeding:
                 rows[b].hidden_states.extend(hidden[b].unbind(0))
                 queues[b] = queues[b][n:]
@@ -281,6 +311,15 @@ class GILLDecoder:
             done[b] = True  # a last text token is never fed; a last [IMG] group still needs its hidden states
         else:
             queues[b] = chunk
+
+    def _rows_alone(self, prompt_embeds, settings, generator, on_token) -> list[DecodedSequence]:
+        """Decodes each prompt on its own (for LMs that left padding could change)."""
+        rows = []
+        for b, row_embeds in enumerate(prompt_embeds):
+            row_generator = [generator[b]] if isinstance(generator, list) else generator
+            row_on_token = None if on_token is None else functools.partial(_call_for_row, on_token, b)
+            rows += self([row_embeds], settings, row_generator, on_token=row_on_token)
+        return rows
 
     def _forward(self, embeds, mask, positions, cache, history, use_cache):
         """One LM pass over the new tokens; without a cache the whole history is run (the reference's way)."""

@@ -40,7 +40,7 @@ from ..loading import check_pipeline_parts, prepare_pipeline_load, refuse_remote
 from ..lora import load_llm_lora, saving_without_lora
 from ..push import push_pipeline_to_hub
 from ..models.gill_model import GILLModel
-from ..models.lm_bridge import embed_tokens, lm_forward_with_img_logits, new_cache
+from ..models.lm_bridge import embed_tokens, lm_forward_with_img_logits, new_cache, takes_position_ids
 from ..models.open_clip_vision import OpenCLIPVisionModel
 from ..models.vision import image_pixel_values, pooled_image_features
 from ..decoders import build_decoder_pipeline, run_decoder
@@ -694,7 +694,7 @@ class GILLPipeline(DiffusionPipeline):
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
         )
-        return logits, hidden, output.cache if use_cache else None
+        return logits, hidden, getattr(output, "cache", None) if use_cache else None
 
     def _is_newline(self, token_id: int) -> bool:
         return "\n" in self.tokenizer.decode([token_id])
@@ -734,6 +734,7 @@ class GILLPipeline(DiffusionPipeline):
             eos_token_ids=self._eos_token_ids() | set(stop_token_ids or ()),
             is_newline=self._is_newline,
             new_cache=lambda: new_cache(self.llm),
+            pad_prompts=takes_position_ids(self.llm),
             max_positions=self._lm_context_length(),
         )
         rows = decoder(
