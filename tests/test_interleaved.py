@@ -345,3 +345,18 @@ def test_a_bom_and_a_line_that_is_not_utf8_are_read_as_the_other_readers_do(tmp_
     problems = RowProblems()
     assert [key for key, _ in read_documents(str(path), problems)] == ["doc-0", "doc-1"]
     assert [(line, "UTF-8" in problem) for _, line, problem in problems] == [(2, True)]
+
+
+def test_validation_on_documents_reports_the_metrics_at_every_image(tmp_path):
+    path = make_documents(tmp_path, count=4)
+    result = train_gill.main([str(x) for x in [
+        "--config", TINY_CONFIG, "--output-dir", tmp_path / "run", "--report-to", "none", "--progress-bar", "false",
+        "--synthetic-size", 8, "--batch-size", 2, "--max-steps", 2, "--val-every", 0, "--checkpoint-every", 0,
+        "--export-pipeline", "false", "--interleaved-data", path, "--interleaved-val-data", path,
+    ]])
+    val = result["val"]
+    assert "val/caption_loss" in val  # the pairs' validation as before
+    # three target images per document, four documents: recall over all 12 images, each in its context
+    assert val["val_interleaved/examples"] == 12
+    for key in ("caption_loss", "img_token_loss", "generation_l2", "text_to_image_recall@1"):
+        assert np.isfinite(val[f"val_interleaved/{key}"]), key

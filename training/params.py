@@ -138,6 +138,16 @@ class DataArgs:
         default=0.5, metadata={"help": "Probability that a micro-batch is drawn from `interleaved_data` instead of the "
                                "caption pairs (0: pairs only, 1: documents only); used only with `interleaved_data`."}
     )
+    interleaved_val_data: str | None = field(
+        default=None,
+        metadata={"help": "Validation documents (same format); their metrics are logged as `val_interleaved/`."},
+    )
+    interleaved_val_image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the validation documents' image paths are relative to."}
+    )
+    interleaved_val_targets: str | None = field(
+        default=None, metadata={"help": "Folder written by precompute.py for `interleaved_val_data`."}
+    )
     interleaved_max_length: int = field(
         default=256, metadata={"help": "LM tokens of an interleaved document's row; longer ones are cut at a segment."}
     )

@@ -61,6 +61,7 @@ METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "pipeline"
 GILL_DIR = "gill"
 TRACKER_DIR = "tensorboard"
+INTERLEAVED_VAL_PREFIX = "val_interleaved/"
 
 
 def build_optimizer(params, optim):
@@ -227,6 +228,7 @@ def train(config: TrainConfig, accelerator) -> dict:
         data.train_targets is None
         or (data.val_data and data.val_targets is None)
         or (data.interleaved_data and data.interleaved_targets is None)
+        or (data.interleaved_val_data and data.interleaved_val_targets is None)
     )
     models = load_models(
         config.model, seed=run.seed, need_text_encoder=bool(need_text_encoder), need_image_decoder=run.export_pipeline
@@ -234,6 +236,7 @@ def train(config: TrainConfig, accelerator) -> dict:
     train_store = load_store(config.data.train_targets, models)
     val_store = load_store(config.data.val_targets, models)
     interleaved_store = load_store(config.data.interleaved_targets, models)
+    interleaved_val_store = load_store(config.data.interleaved_val_targets, models)
     cast_frozen(models, config.model.frozen_dtype)
     pipe = models.pipe
     params = setup_trainable(pipe, config.lora, extra_frozen=(models.text_encoder,))
@@ -250,16 +253,23 @@ def train(config: TrainConfig, accelerator) -> dict:
         ExampleReader(pipe.feature_extractor, train_store),
         config.data.synthetic_size, image_size, run.seed,
     )
-    interleaved_set = interleaved_collator = None
+    interleaved_set = interleaved_val_set = None
+    interleaved_collator = InterleavedCollator(
+        pipe.tokenizer, len(pipe.img_token_ids), gill.config.num_visual_tokens, config.data.interleaved_max_length,
+        collator.max_caption_tokens,
+    )
     if config.data.interleaved_data is not None:
         interleaved_set = InterleavedDataset(
             config.data.interleaved_data, ExampleReader(pipe.feature_extractor, interleaved_store),
             config.data.interleaved_image_folder,
         )
-        interleaved_collator = InterleavedCollator(
-            pipe.tokenizer, len(pipe.img_token_ids), gill.config.num_visual_tokens, config.data.interleaved_max_length,
-            collator.max_caption_tokens,
+    if config.data.interleaved_val_data is not None:
+        interleaved_val_set = InterleavedDataset(
+            config.data.interleaved_val_data, ExampleReader(pipe.feature_extractor, interleaved_val_store),
+            config.data.interleaved_val_image_folder,
         )
+        if len(interleaved_val_set) > config.data.val_max_samples:
+            interleaved_val_set = Subset(interleaved_val_set, range(config.data.val_max_samples))
     val_set = None
     if config.data.val_data or config.data.val_data_type == "synthetic":
         val_set = build_dataset(
@@ -389,8 +399,20 @@ def train(config: TrainConfig, accelerator) -> dict:
             progress.set_postfix(loss=f"{sums['total']:.3f}")
         # validate, checkpoint
         done = state["step"] == stop_at
-        if val_set is not None and ((run.val_every and state["step"] % run.val_every == 0) or state["step"] == optim.max_steps):
-            val_metrics = run_validation(model, val_set, collator, config, accelerator, prepare_batch, gill, pipe)
+        validate = (run.val_every and state["step"] % run.val_every == 0) or state["step"] == optim.max_steps
+        if validate and (val_set is not None or interleaved_val_set is not None):
+            val_metrics = {}
+            if val_set is not None:
+                val_metrics.update(
+                    run_validation(model, val_set, collator, config, accelerator, prepare_batch, gill, pipe)
+                )
+            if interleaved_val_set is not None:  # the same metrics at every image of held-out documents
+                documents_metrics = run_validation(
+                    model, interleaved_val_set, interleaved_collator, config, accelerator, prepare_batch, gill, pipe
+                )
+                val_metrics.update(
+                    {k.replace("val/", INTERLEAVED_VAL_PREFIX, 1): v for k, v in documents_metrics.items()}
+                )
             log_metrics(accelerator, run.output_dir, val_metrics, state["step"])
             logger.info("step %d validation: %s", state["step"], {k: round(v, 4) for k, v in val_metrics.items()})
         if (run.checkpoint_every and state["step"] % run.checkpoint_every == 0) or (done and state["step"] < optim.max_steps):
