@@ -209,7 +209,7 @@ def lm_must_not_run(opt_pipe, monkeypatch):
         (dict(latents=torch.zeros(1, 4, 16, 16), height=16, width=24), r"`latents` has shape .*16x24"),
         (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.long)), r"`latents` must be a floating-point.*int64"),
         (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), r"`latents` contains NaN"),
-        (dict(latents=np.zeros((1, 4, 8, 8))), r"`latents` must be a 4-d tensor.*ndarray"),
+        (dict(latents=np.zeros((1, 4, 8, 8))), r"`latents` must be a tensor of shape.*got ndarray"),
         # generators
         (dict(generator=42), r"`generator` must be a `torch.Generator`.*int 42"),
         (dict(generator=[7]), r"`generator` must be a `torch.Generator`.*int 7"),
