@@ -351,3 +351,33 @@ def test_img_tokens_are_embedded_and_scored_like_text(family):
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_img_tokens_are_embedded_and_scored_like_text_whole_zoo(family):
     check_img_tokens_like_text(family)
+
+
+@pytest.mark.parametrize("family", ["minimax", "gemma2", "mamba2"])
+def test_pipeline_around_other_lm_classes(family):
+    """A whole pipeline around an LM with its own cache class (MiniMax), scaled embeddings and soft-capping (Gemma 2)
+    or no attention at all (Mamba 2): the default cached decoding runs, equals full re-runs, and a batch equals its
+    inputs one by one."""
+    from gill_pipeline import GILLPipeline
+    from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(family)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(config).eval()
+    encoder, processor = build_tiny_vision_encoder()
+    pipe = GILLPipeline.from_base_models(
+        language_model=llm, tokenizer=tokenizer, stable_diffusion=build_tiny_stable_diffusion(), image_encoder=encoder,
+        feature_extractor=processor, num_img_tokens=3, retrieval_dim=8, mapper_hidden_dim=16, mapper_encoder_layers=1,
+        mapper_decoder_layers=1, mapper_heads=1,
+    )
+    embeds = [pipe.encode_interleaved([text], torch.device("cpu"), "inputs") for text in ("Show me", "This is my dog.")]
+    settings = dict(max_new_tokens=6, min_text_tokens=2, img_logit_scale=1e4, max_images=1)
+    cached = pipe.decode(embeds, DecodingSettings(**settings))
+    uncached = pipe.decode(embeds, DecodingSettings(use_cache=False, **settings))
+    singles = [pipe.decode([e], DecodingSettings(**settings))[0] for e in embeds]
+    for row, full, single in zip(cached, uncached, singles):
+        assert row.img_starts == [2] and row.token_ids == full.token_ids == single.token_ids
+        torch.testing.assert_close(torch.stack(row.hidden_states), torch.stack(full.hidden_states), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.stack(row.hidden_states), torch.stack(single.hidden_states), atol=1e-4, rtol=1e-4)
