@@ -362,3 +362,25 @@ def test_every_compatible_scheduler_through_gill(name, built):
         )
         assert torch.isfinite(got).all(), scheduler_class.__name__
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=scheduler_class.__name__)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux-dev"])
+def test_assembly_from_a_checkpoint_folder(name, built, tmp_path):
+    # A path is read as the family its model_index.json names, loaded with its text encoders for assembly only.
+    from gill_pipeline.tiny import build_tiny_tokenizer
+
+    pipe, decoder = built(name)
+    decoder.save_pretrained(tmp_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokenizer = build_tiny_tokenizer()
+    from_path = GILLPipeline.from_base_models(
+        language_model=pipe.llm, tokenizer=tokenizer, stable_diffusion=str(tmp_path), image_encoder=pipe.image_encoder,
+        num_img_tokens=4, retrieval_dim=16, mapper_hidden_dim=32, mapper_encoder_layers=1, mapper_decoder_layers=1,
+        mapper_heads=2,
+    )
+    assert from_path.gill.conditioning_layout == pipe.gill.conditioning_layout
+    assert not any(key.startswith("text_encoder") for key in from_path.components)
+    expected = pipe.gill.state_dict()
+    for key, value in from_path.gill.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=0, rtol=0)
