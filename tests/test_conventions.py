@@ -222,3 +222,12 @@ def test_call_docstring_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "EXAMPLE_DOC_STRING", "exec"), namespace)
     assert (tmp_path / "answer.png").is_file()
     assert namespace["out"].texts[0].strip()
+
+
+@pytest.mark.parametrize("family,expected", [("flux-schnell", False), ("flux-dev", False), ("sdxl", True)])
+def test_do_classifier_free_guidance_follows_the_decoder_family(family, expected):
+    from gill_pipeline.tiny_decoders import build_tiny_gill_pipeline_with_decoder
+
+    pipe, _ = build_tiny_gill_pipeline_with_decoder(family)
+    pipe._guidance_scale = 5.0
+    assert pipe.do_classifier_free_guidance is expected

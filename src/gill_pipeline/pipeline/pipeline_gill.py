@@ -39,6 +39,7 @@ from ..learned_weights import is_learned_weights_folder, load_learned_weights_pi
 from ..loading import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
 from ..lora import load_llm_lora, saving_without_lora
 from ..push import push_pipeline_to_hub
+from ..decoders.layout import GUIDANCE_CFG
 from ..models.gill_model import GILLModel
 from ..models.lm_bridge import embed_tokens, lm_forward_with_img_logits, new_cache, takes_position_ids
 from ..models.open_clip_vision import OpenCLIPVisionModel
@@ -291,6 +292,9 @@ class GILLPipeline(DiffusionPipeline):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
+        # Guidance-distilled (Flux-dev: an embedding) and timestep-distilled (Flux-schnell) decoders run no CFG pass.
+        if self.gill.conditioning_layout.guidance != GUIDANCE_CFG:
+            return False
         time_cond = self.unet.config.get("time_cond_proj_dim") if self.unet is not None else None
         return self._guidance_scale > 1 and time_cond is None
 
