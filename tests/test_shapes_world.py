@@ -61,6 +61,82 @@ def test_context_examples_change_exactly_one_attribute():
         assert len(changed) == 1 and not target.held_out and instruction.startswith("now")
 
 
+def test_phrasings_use_the_world_vocabulary_and_held_out_ones_stay_out_of_training(tmp_path):
+    import random
+
+    from training.interleaved import read_documents
+    from training.shapes.train_world_gill import write_context_documents
+    from training.shapes.world import HELD_OUT_PHRASINGS, TRAINING_PHRASINGS, change_instruction, corpus
+
+    vocab = set(vocabulary())
+    # The world's own wording is the first training phrasing; "world" draws nothing extra from the generator, so the
+    # examples (and the bundled model's corpus) are the ones made before phrasings existed.
+    assert change_instruction("colour", "blue") == "now the same shape in blue"
+    assert change_instruction("position", "top") == "now move it at the top"
+    a, b = random.Random(3), random.Random(3)
+    assert [context_example(a)[1] for _ in range(20)] == [
+        change_instruction(*pick) for pick in (_world_pick(b) for _ in range(20))
+    ]
+    held = {t.split("{")[0] for templates in HELD_OUT_PHRASINGS.values() for t in templates}
+    trained = {t.split("{")[0] for templates in TRAINING_PHRASINGS.values() for t in templates}
+    assert not held & trained
+    rng = random.Random(0)
+    for phrasings, templates in (("training", TRAINING_PHRASINGS), ("held_out", HELD_OUT_PHRASINGS)):
+        seen = set()
+        for _ in range(400):
+            first, instruction, target = context_example(rng, phrasings=phrasings)
+            assert set(instruction.split()) <= vocab, instruction
+            seen.add(instruction.rsplit(" ", 1)[0])
+        assert len(seen) > len(templates)  # more than one wording per attribute is drawn
+    lines = corpus(2000, seed=1, phrasings="training")
+    assert any("make it a " in line for line in lines)
+    assert not any(" now it is " in line or "now the shape is" in line for line in lines)
+
+    path = write_context_documents(str(tmp_path), "context", 30, seed=0, phrasings="training")
+    texts = " ".join(s["text"] for _, segments in read_documents(path) for s in segments if "text" in s)
+    assert "now it is" not in texts and "now the shape is" not in texts
+    with pytest.raises(ValueError, match="held-out phrasings"):
+        write_context_documents(str(tmp_path), "bad", 2, seed=0, phrasings="held_out")
+    with pytest.raises(ValueError, match="phrasings"):
+        context_example(rng, phrasings="new")
+
+
+def _world_pick(rng):
+    """What context_example draws for the world's own wording: (attribute, value) of a training target."""
+    from training.shapes.world import CHANGEABLE
+
+    while True:
+        first = rng.choice(all_scenes(False))
+        attribute = rng.choice(list(CHANGEABLE))
+        value = rng.choice([v for v in CHANGEABLE[attribute] if v != getattr(first, attribute)])
+        if not first.replace(**{attribute: value}).held_out:
+            return attribute, value
+
+
+def test_describe_documents_show_the_input_scene_again(tmp_path):
+    from training.interleaved import read_documents
+    from training.shapes.train_world_gill import write_context_documents
+
+    path = write_context_documents(str(tmp_path), "context", 6, seed=0, kinds=("describe",))
+    for _, segments in read_documents(path):
+        given, text, answer = segments
+        assert given["target"] is False and text["text"] == given["caption"] == answer["caption"]
+        assert answer.get("target", True) and given["image"] != answer["image"]
+    with pytest.raises(ValueError, match="kinds"):
+        write_context_documents(str(tmp_path), "bad", 2, seed=0, kinds=("story",))
+
+
+def test_captioning_error_directions_flag_a_collapsed_attribute():
+    from training.shapes.evaluate_world import error_directions, one_directional
+
+    scenes = [Scene("circle", "red", "left", "small")] * 3 + [Scene("circle", "red", "right", "small")]
+    collapsed = torch.tensor([scenes[0].replace(position="right").labels()] * 3 + [scenes[3].labels()])
+    directions = error_directions(collapsed, scenes)
+    assert directions == {"shape": {}, "position": {"left->right": 3}} and one_directional(directions)
+    noisy = torch.tensor([scenes[0].replace(position="right").labels()] * 3 + [scenes[0].labels()])
+    assert not one_directional(error_directions(noisy, scenes))  # right->left too
+
+
 def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
     from training.shapes.retrain_all import main
 
@@ -76,8 +152,11 @@ def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
     pipe = GILLPipeline.from_pretrained(tmp_path / "bundle" / "shapes_pipeline", dtype=torch.float32)
     pipe.load_retrieval_index(tmp_path / "bundle" / "shapes_index")  # built from the fp16 round-tripped weights
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {"generation", "retrieval", "decision", "context", "captioning"} <= set(results["in_distribution"])
-    assert {"generation", "decision", "context", "captioning"} <= set(results["held_out"])
+    new = {"context_new_phrasings", "colour_change_world", "colour_change_new_phrasings"}
+    assert {"generation", "retrieval", "decision", "context", "captioning", *new} <= set(results["in_distribution"])
+    assert {"generation", "decision", "context", "captioning", *new} <= set(results["held_out"])
+    assert results["readme_demo"]["n"] >= 2 and 0 <= results["readme_demo"]["right"] <= 1
+    assert all({"what", "value", "target", "met"} <= set(row) for row in results["targets"])
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,13 @@ Defaults to the bundled pipeline and index (what ships). Writes benchmarks/resul
 2. retrieval: caption -> image recall@1 (attribute match) over the index;
 3. decision: accuracy of the decision head on ret/gen labels;
 4. context: prompts whose answer depends on earlier text or an input image, GILL vs SD given the whole text;
-5. captioning: attribute accuracy of the text GILL writes about an input image;
-6. the same on attribute combinations held out of every training stage.
+5. captioning: attribute accuracy of the text GILL writes about an input image, and where its errors go;
+6. the same on attribute combinations held out of every training stage;
+7. context prompts worded with phrasings held out of every training stage (world.HELD_OUT_PHRASINGS);
+8. "an input image + the same shape in another colour", in the world's and in held-out phrasings;
+9. the README default demo (`gill generate`'s preset for this model) over every scene of the world: is the image it
+   shows (the decision head's pick of retrieved vs generated) the input scene?
+and a table of issue 12's targets (section 2) against these figures.
 """
 
 import argparse
@@ -28,6 +33,9 @@ from .world import (
     POSITIONS,
     SHAPES,
     SIZES as SHAPE_SIZES,
+    HELD_OUT_PHRASINGS,
+    all_scenes,
+    change_instruction,
     context_example,
     context_text,
     draw,
@@ -156,12 +164,128 @@ def context(pipe, sd, classifier, examples, seed) -> dict:
     }
 
 
+def error_directions(pred: torch.Tensor, scenes) -> dict:
+    """For shape and position: how often each `true->written` confusion happened. One-directional bias shows as
+    errors that all go one way (left->right but never right->left)."""
+    out = {}
+    for column, attribute, names in ((0, "shape", SHAPES), (2, "position", list(POSITIONS))):
+        counts = {}
+        for p, scene in zip(pred[:, column].tolist(), scenes):
+            truth = getattr(scene, attribute)
+            written = names[p] if p >= 0 else "none"
+            if written != truth:
+                counts[f"{truth}->{written}"] = counts.get(f"{truth}->{written}", 0) + 1
+        out[attribute] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def one_directional(directions: dict) -> bool:
+    """True when some confusion a->b happened at least 3 times and never b->a."""
+    for counts in directions.values():
+        for pair, n in counts.items():
+            a, b = pair.split("->")
+            if n >= 3 and counts.get(f"{b}->{a}", 0) == 0:
+                return True
+    return False
+
+
 def captioning(pipe, scenes, seed) -> dict:
     rng = random.Random(seed)
     # BOS follows the image, as in the captioning training sequences ([prefix][BOS caption]).
     inputs = [[draw(s, SIZES.image_size, 1, rng.randrange(1 << 30)), ""] for s in scenes]
     texts = gill_writes(pipe, inputs)
-    return accuracy(torch.tensor([parse_scene(t) for t in texts]), scenes) | {"example": texts[0]}
+    pred = torch.tensor([parse_scene(t) for t in texts])
+    directions = error_directions(pred, scenes)
+    return accuracy(pred, scenes) | {
+        "example": texts[0], "errors": directions, "one_directional": one_directional(directions),
+    }
+
+
+def colour_change(pipe, sd, classifier, pairs, phrasing: str, seed) -> dict:
+    """'there is [input image] . <same shape in another colour> :' -> GILL's image; the same with the input as text;
+    SD given the whole text. `pairs`: (input scene, target scene) differing in colour only; `phrasing` is "world"
+    (the world's wording) or "held_out" (the held-out wordings in turn)."""
+    rng = random.Random(seed)
+    templates = (None,) if phrasing == "world" else HELD_OUT_PHRASINGS["colour"]
+    examples = [
+        (first, change_instruction("colour", target.colour, templates[i % len(templates)]), target)
+        for i, (first, target) in enumerate(pairs)
+    ]
+    texts = [context_text(first, instruction) for first, instruction, _ in examples]
+    targets = [target for _, _, target in examples]
+    image_inputs = [
+        ["there is", draw(first, SIZES.image_size, 1, rng.randrange(1 << 30)), f". {instruction} :"]
+        for first, instruction, _ in examples
+    ]
+    return {
+        "gill_image_context": accuracy(judge(classifier, torch.stack([m.image for m in gill_images(pipe, image_inputs, seed)])), targets),
+        "gill_text_context": accuracy(judge(classifier, torch.stack([m.image for m in gill_images(pipe, [[t] for t in texts], seed)])), targets),
+        "sd_whole_text": accuracy(judge(classifier, sd_images(sd, texts, seed)), targets),
+        "example": texts[0],
+    }
+
+
+def demo_settings() -> dict:
+    """The README default demo's call arguments: `gill generate`'s preset for this model."""
+    from gill_pipeline.cli import CALL_ARGUMENTS, PRESETS, SHAPES_MODEL
+
+    return {CALL_ARGUMENTS[k]: v for k, v in PRESETS[SHAPES_MODEL]["settings"].items()}
+
+
+def readme_demo(pipe, classifier, scenes, seed) -> dict:
+    """Every scene's image in, the demo's settings: the shown image (GILL's pick) must show the input scene."""
+    settings = demo_settings()
+    rng = random.Random(seed)
+    inputs = [[draw(s, SIZES.image_size, 1, rng.randrange(1 << 30))] for s in scenes]
+    shown, sources, texts = [], [], []
+    for chunk_index, chunk in enumerate(batched(inputs, 32)):
+        generators = [torch.Generator().manual_seed(seed + chunk_index * 1000 + i) for i in range(len(chunk))]
+        result = pipe(chunk, generator=generators, output_type="pt", **settings)
+        for images, text in zip(result.gill_images, result.texts):
+            shown.append(images[0].image if images else torch.zeros(3, SIZES.image_size, SIZES.image_size))
+            sources.append(images[0].source if images else "none")
+            texts.append(text)
+    pred = judge(classifier, torch.stack(shown))
+    # No image shown is wrong, whatever the classifier reads into a blank.
+    right = [bool(ok) and source != "none" for ok, source in zip((pred == label_tensor(scenes)).all(-1).tolist(), sources)]
+    by_source = {}
+    for source, ok in zip(sources, right):
+        total, good = by_source.get(source, (0, 0))
+        by_source[source] = (total + 1, good + int(ok))
+    described = torch.tensor([parse_scene(t) for t in texts])
+    return {
+        "right": sum(right) / len(scenes),
+        "n": len(scenes),
+        "by_source": {k: {"n": n, "right": good} for k, (n, good) in sorted(by_source.items())},
+        "description_exact": float((described == label_tensor(scenes)).all(-1).float().mean()),
+        "settings": settings,
+    }
+
+
+# Issue 12, section 2: image targets after a context (exact attributes), demo, captioning.
+TARGETS = dict(context_exact=0.85, demo_right=0.95, captioning_exact=0.9)
+
+
+def targets(report: dict) -> list[dict]:
+    """Each measured target: what, figure(s), threshold, met. Both splits must meet the image and captioning ones."""
+    rows = []
+    for split in ("in_distribution", "held_out"):
+        r = report[split]
+        for name, value in (
+            ("context chain as text, world phrasing: GILL draws at once", r["context"]["gill_image_at_once"]),
+            ("context chain as text, new phrasings: GILL draws at once", r["context_new_phrasings"]["gill_image_at_once"]),
+            ("input image + change, world phrasing", r["context"]["gill_image_context"]),
+            ("input image + change, new phrasings", r["context_new_phrasings"]["gill_image_context"]),
+            ("input image + same shape in another colour, world phrasing", r["colour_change_world"]["gill_image_context"]),
+            ("input image + same shape in another colour, new phrasings", r["colour_change_new_phrasings"]["gill_image_context"]),
+        ):
+            rows.append(dict(what=f"{split}: {name}", value=value["exact"], target=TARGETS["context_exact"]))
+        rows.append(dict(what=f"{split}: captioning exact", value=r["captioning"]["exact"], target=TARGETS["captioning_exact"]))
+        rows.append(dict(what=f"{split}: captioning errors not one-directional", value=float(not r["captioning"]["one_directional"]), target=1.0))
+    rows.append(dict(what="README demo: shown image is the input scene", value=report["readme_demo"]["right"], target=TARGETS["demo_right"]))
+    for row in rows:
+        row["met"] = row["value"] >= row["target"]
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -188,10 +312,34 @@ def markdown(report: dict) -> str:
         if "retrieval" in r:
             lines.append(f"2. retrieval recall@1 (attribute match, {r['retrieval']['n']} captions): **{r['retrieval']['recall@1']:.3f}**")
         lines.append(f"3. decision accuracy ({r['decision']['n']} prompts): **{r['decision']['accuracy']:.3f}**")
+        lines += ["", "New phrasings (held out of every training stage) and colour changes of an input image:", "",
+                  *header]
+        for key, name in (
+            ("gill_image_at_once", "7. context (text), new phrasings: GILL draws at once"),
+            ("gill_writes_then_draws", "7. context (text), new phrasings: GILL writes, then draws"),
+            ("gill_written_answer_text", "7. context (text), new phrasings: GILL's written answer (text)"),
+            ("gill_image_context", "7. context (input image), new phrasings: GILL draws at once"),
+            ("sd_whole_text", "7. context (text), new phrasings: SD given the whole text"),
+        ):
+            lines.append(row(name, r["context_new_phrasings"][key]))
+        for key, phrasing in (("colour_change_world", "world phrasing"), ("colour_change_new_phrasings", "new phrasings")):
+            lines.append(row(f"8. input image + other colour, {phrasing}: GILL", r[key]["gill_image_context"]))
+            lines.append(row(f"8. same as text, {phrasing}: GILL", r[key]["gill_text_context"]))
+            lines.append(row(f"8. same as text, {phrasing}: SD given the whole text", r[key]["sd_whole_text"]))
+        lines += ["", f"Captioning errors (true->written): shape {r['captioning']['errors']['shape']}, position "
+                  f"{r['captioning']['errors']['position']}; one-directional: {r['captioning']['one_directional']}."]
         ex = r["context"]["example"]
         lines += ["", f"Context example: `{ex['prompt']}` -> GILL wrote `{ex['gill_wrote']}` (target: `{ex['target']}`).",
                   f"Captioning example: `{r['captioning']['example']}`", ""]
-    return "\n".join(lines)
+    demo = report["readme_demo"]
+    lines += ["## README default demo", "",
+              f"9. Every scene of the world as the input image, with `gill generate`'s settings for this model "
+              f"({demo['settings']}): the shown image is the input scene for **{demo['right']:.3f}** of {demo['n']} "
+              f"scenes (by the image shown: {demo['by_source']}); GILL's description is exact for "
+              f"{demo['description_exact']:.3f}.", "", "## Issue 12 targets (section 2)", "",
+              "| target | measured | needed | met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {t['what']} | {t['value']:.3f} | {t['target']:.2f} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]]
+    return "\n".join(lines + [""])
 
 
 def main(argv=None) -> dict:
@@ -239,6 +387,22 @@ def main(argv=None) -> dict:
         if example[2].held_out:
             ctx_held.append(example)
 
+    phrased_seen, phrased_held = [], []
+    while len(phrased_seen) < max(2, int(90 * args.scale)):
+        phrased_seen.append(context_example(rng, phrasings="held_out"))
+    while len(phrased_held) < max(2, int(45 * args.scale)):
+        example = context_example(rng, include_held_out=True, phrasings="held_out")
+        if example[2].held_out:
+            phrased_held.append(example)
+    # "same shape in another colour": (input scene, target scene) pairs; held-out targets for the held-out split
+    colour_seen, colour_held = [], []
+    for scene in take(training_scenes()[::2], args.scale):
+        colour = rng.choice([c for c in COLOURS if c != scene.colour and not scene.replace(colour=c).held_out])
+        colour_seen.append((scene, scene.replace(colour=colour)))
+    for scene in held_gen:
+        colour_held.append((scene.replace(colour=rng.choice([c for c in COLOURS if c != scene.colour])), scene))
+    demo_scenes = take(all_scenes(), args.scale)
+
     report = {
         "setup": (
             f"Judge: the world's attribute classifier. Sampling: DDIM {SAMPLING['num_inference_steps']} steps, guidance "
@@ -253,14 +417,22 @@ def main(argv=None) -> dict:
             "decision": decision(pipe, seen),
             "context": context(pipe, sd, classifier, ctx_seen, args.seed),
             "captioning": captioning(pipe, seen, args.seed),
+            "context_new_phrasings": context(pipe, sd, classifier, phrased_seen, args.seed + 2),
+            "colour_change_world": colour_change(pipe, sd, classifier, colour_seen, "world", args.seed + 4),
+            "colour_change_new_phrasings": colour_change(pipe, sd, classifier, colour_seen, "held_out", args.seed + 5),
         },
+        "readme_demo": readme_demo(pipe, classifier, demo_scenes, args.seed + 6),
         "held_out": {
             "generation": generation(pipe, sd, classifier, held_gen, args.seed + 1),
             "decision": decision(pipe, held),
             "context": context(pipe, sd, classifier, ctx_held, args.seed + 1),
             "captioning": captioning(pipe, held_gen, args.seed + 1),
+            "context_new_phrasings": context(pipe, sd, classifier, phrased_held, args.seed + 3),
+            "colour_change_world": colour_change(pipe, sd, classifier, colour_held, "world", args.seed + 7),
+            "colour_change_new_phrasings": colour_change(pipe, sd, classifier, colour_held, "held_out", args.seed + 8),
         },
     }
+    report["targets"] = targets(report)
     report["seconds"] = round(time.time() - start, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:

@@ -174,11 +174,11 @@ def train_unet(vae, text_encoder, tokenizer, steps: int, batch: int, seed: int, 
     return ema.eval(), scheduler, losses
 
 
-def train_lm(tokenizer, steps: int, batch: int, seed: int) -> tuple:
+def train_lm(tokenizer, steps: int, batch: int, seed: int, phrasings: str = "world") -> tuple:
     torch.manual_seed(seed)
     lm = build_lm(tokenizer)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=2e-3, weight_decay=0.01)
-    lines = corpus(20000, seed)
+    lines = corpus(20000, seed, phrasings)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [[bos] + tokenizer(line, add_special_tokens=False).input_ids + [eos] for line in lines]
     rng = random.Random(seed)
@@ -231,6 +231,10 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--stages", default="clip,vae,unet,lm,classifier,clip_vision", help="comma-separated subset to run"
     )
+    parser.add_argument(
+        "--phrasings", default="world", choices=("world", "training"),
+        help="instruction wordings of the LM's context chains (world.TRAINING_PHRASINGS; held-out ones never)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -280,7 +284,7 @@ def main(argv=None) -> dict:
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-50:]))}
 
     def do_lm():
-        lm, losses = train_lm(lm_tokenizer, steps(1200), batch(64), args.seed)
+        lm, losses = train_lm(lm_tokenizer, steps(1200), batch(64), args.seed, args.phrasings)
         lm.save_pretrained(os.path.join(args.out, "lm"))
         lm_tokenizer.save_pretrained(os.path.join(args.out, "lm"))
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}

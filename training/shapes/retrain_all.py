@@ -30,6 +30,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context-ratio", type=float, default=0.0,
                         help="GILL's share of context-chain documents (train_world_gill.py; 0: as the bundle was made)")
+    parser.add_argument("--context-kinds", default="text,image", help="train_world_gill.py --context-kinds")
+    parser.add_argument("--phrasings", default="world", choices=("world", "training"),
+                        help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
@@ -40,12 +43,13 @@ def main(argv=None) -> dict:
     small = args.scale < 1.0
     if not args.skip_base:
         t = time.time()
-        pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads]
+        pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads, "--phrasings", args.phrasings]
                            + (["--batch-scale", str(max(args.scale * 20, 0.05))] if small else []))
         times["base_models"] = round(time.time() - t, 1)
     t = time.time()
     train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads,
-                           "--context-ratio", str(args.context_ratio)])
+                           "--context-ratio", str(args.context_ratio), "--context-kinds", args.context_kinds,
+                           "--context-phrasings", args.phrasings])
     times["gill"] = round(time.time() - t, 1)
     t = time.time()
     bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",

@@ -59,32 +59,52 @@ def write_caption_set(folder: str, name: str, scenes, seed: int) -> str:
     return path
 
 
-def write_context_documents(folder: str, name: str, count: int, seed: int) -> str:
-    """Interleaved training documents (`training/interleaved.py`) of the world's context chains, written to
-    `folder/<name>.jsonl` with their images in `folder/images/`; held-out combinations never appear.
+CONTEXT_KINDS = ("text", "image", "describe")
 
-    Half are text chains, `[there is <first> . <instruction> :][image of the target]`; half are image-text-image
-    sequences, `[there is][image of the first (context only)][. <instruction> :][image of the target]`, the form of
-    the evaluation's "input image" prompts. The target image's caption (its generation target) is the answer's
-    caption, so `[IMG]` states after a context learn the answer's SD conditioning.
+
+def write_context_documents(
+    folder: str, name: str, count: int, seed: int, kinds=("text", "image"), phrasings: str = "world"
+) -> str:
+    """Interleaved training documents (`training/interleaved.py`) of the world's context chains, written to
+    `folder/<name>.jsonl` with their images in `folder/images/`; held-out combinations never appear, and neither do
+    held-out phrasings (`phrasings` is "world" or "training", see `world.context_example`).
+
+    Document i is of kind `kinds[i % len(kinds)]`:
+    - "text": `[there is <first> . <instruction> :][image of the target]`;
+    - "image": `[there is][image of the first (context only)][. <instruction> :][image of the target]`, the form of
+      the evaluation's "input image" prompts;
+    - "describe": `[image of a scene (context only)][its caption][another drawing of that scene]`, the form of the
+      README demo (GILL describes an input image, then answers with an image of it).
+    The target image's caption (its generation target) is the answer's caption, so `[IMG]` states after a context
+    learn the answer's SD conditioning.
     """
     from training.interleaved import write_documents
 
+    unknown = set(kinds) - set(CONTEXT_KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"`kinds` must be a non-empty subset of {CONTEXT_KINDS}, got {kinds!r}")
+    if phrasings == "held_out":
+        raise ValueError("`phrasings` must not be 'held_out': held-out phrasings stay out of every training stage")
     images = os.path.join(folder, "images")
     os.makedirs(images, exist_ok=True)
     rng = random.Random(seed)
     documents = []
     for i in range(count):
-        first, instruction, target = context_example(rng)
+        kind = kinds[i % len(kinds)]
+        first, instruction, target = context_example(rng, phrasings=phrasings)
+        if kind == "describe":
+            target = first
         files = [f"{name}_{i:05d}_first.png", f"{name}_{i:05d}_target.png"]
         for scene, file_name in zip((first, target), files):
             draw(scene, SIZES.image_size, jitter=1, seed=rng.randrange(1 << 30)).save(os.path.join(images, file_name))
         answer = {"image": f"images/{files[1]}", "caption": target.caption()}
-        if i % 2 == 0:
+        given = {"image": f"images/{files[0]}", "caption": first.caption(), "target": False}
+        if kind == "text":
             segments = [{"text": context_text(first, instruction)}, answer]
-        else:
-            given = {"image": f"images/{files[0]}", "caption": first.caption(), "target": False}
+        elif kind == "image":
             segments = [{"text": "there is"}, given, {"text": f". {instruction} :"}, answer]
+        else:
+            segments = [given, {"text": first.caption()}, answer]
         documents.append({"id": f"{name}-{i}", "segments": segments})
     path = os.path.join(folder, f"{name}.jsonl")
     write_documents(path, documents)
@@ -156,6 +176,14 @@ def main(argv=None) -> dict:
         help="fraction of GILL's micro-batches drawn from context-chain documents (0: caption pairs only, as the "
         "bundled model was trained)",
     )
+    parser.add_argument(
+        "--context-kinds", default="text,image",
+        help=f"comma-separated kinds of context documents, from {CONTEXT_KINDS} (see write_context_documents)",
+    )
+    parser.add_argument(
+        "--context-phrasings", default="world", choices=("world", "training"),
+        help="instruction wordings of the context documents (world.TRAINING_PHRASINGS; held-out ones never)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -171,7 +199,9 @@ def main(argv=None) -> dict:
     val_tsv = write_caption_set(data, "val", [rng.choice(pool) for _ in range(n(256))], args.seed + 2)
     context_args = []
     if args.context_ratio > 0:
-        documents = write_context_documents(data, "context", n(4000), args.seed + 4)
+        documents = write_context_documents(
+            data, "context", n(4000), args.seed + 4, tuple(args.context_kinds.split(",")), args.context_phrasings
+        )
         context_args = ["--interleaved-data", documents, "--interleaved-ratio", str(args.context_ratio),
                         "--interleaved-max-length", "64"]
 

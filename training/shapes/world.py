@@ -140,26 +140,58 @@ CHANGEABLE = {
 }
 
 
-def change_instruction(attribute: str, value: str) -> str:
-    if attribute == "colour":
-        return f"now the same shape in {value}"
-    if attribute == "shape":
-        return f"now the same colour as a {value}"
-    if attribute == "position":
-        where = "in the center" if value == "center" else (f"at the {value}" if value in ("top", "bottom") else f"on the {value}")
-        return f"now move it {where}"
-    return f"now make it {value}"
+# How each instruction is worded. The first phrasing of each attribute is the world's own (the only one the bundled
+# model was trained on); the others in TRAINING_PHRASINGS are used by every training stage (the LM's corpus, GILL's
+# documents) with `phrasings="training"`; HELD_OUT_PHRASINGS are used by none, to measure new wordings built from the
+# same vocabulary. `{value}` is the new attribute value, `{where}` the position's words ("on the left").
+TRAINING_PHRASINGS = {
+    "colour": ("now the same shape in {value}", "now make it {value}"),
+    "shape": ("now the same colour as a {value}", "now make it a {value}"),
+    "position": ("now move it {where}", "now make it {where}"),
+    "size": ("now make it {value}", "now make the shape {value}"),
+}
+HELD_OUT_PHRASINGS = {
+    "colour": ("now it is {value}", "now the shape is {value}"),
+    "shape": ("now it is a {value}", "now the shape is a {value}"),
+    "position": ("now it is {where}", "now the shape is {where}"),
+    "size": ("now it is {value}", "now the shape is {value}"),
+}
+PHRASING_SETS = ("world", "training", "held_out")
 
 
-def context_example(rng: random.Random, include_held_out: bool = False) -> tuple[Scene, str, Scene]:
-    """(first scene, instruction text, target scene): the target differs from the first in one attribute."""
+def where_words(position: str) -> str:
+    if position == "center":
+        return "in the center"
+    return f"at the {position}" if position in ("top", "bottom") else f"on the {position}"
+
+
+def change_instruction(attribute: str, value: str, template: str | None = None) -> str:
+    """The instruction that changes `attribute` to `value`, in the world's own phrasing unless `template` is given."""
+    template = template or TRAINING_PHRASINGS[attribute][0]
+    return template.format(value=value, where=where_words(value) if attribute == "position" else "")
+
+
+def context_example(
+    rng: random.Random, include_held_out: bool = False, phrasings: str = "world"
+) -> tuple[Scene, str, Scene]:
+    """(first scene, instruction text, target scene): the target differs from the first in one attribute.
+
+    `phrasings`: "world" (the world's own wording; draws nothing more from `rng`, so the examples are the ones the
+    bundled model was made and judged with), "training" (any phrasing of TRAINING_PHRASINGS) or "held_out" (any of
+    HELD_OUT_PHRASINGS).
+    """
+    if phrasings not in PHRASING_SETS:
+        raise ValueError(f"`phrasings` must be one of {PHRASING_SETS}, got {phrasings!r}")
     while True:
         first = rng.choice(all_scenes(include_held_out))
         attribute = rng.choice(list(CHANGEABLE))
         value = rng.choice([v for v in CHANGEABLE[attribute] if v != getattr(first, attribute)])
         target = first.replace(**{attribute: value})
         if include_held_out or not target.held_out:
-            return first, change_instruction(attribute, value), target
+            template = None
+            if phrasings != "world":
+                template = rng.choice((TRAINING_PHRASINGS if phrasings == "training" else HELD_OUT_PHRASINGS)[attribute])
+            return first, change_instruction(attribute, value, template), target
 
 
 def context_text(first: Scene, instruction: str) -> str:
@@ -167,8 +199,9 @@ def context_text(first: Scene, instruction: str) -> str:
     return f"there is {first.caption()} . {instruction} :"
 
 
-def corpus(n: int, seed: int) -> list[str]:
-    """Sentences for pretraining the world's LM: captions and context chains with their answers."""
+def corpus(n: int, seed: int, phrasings: str = "world") -> list[str]:
+    """Sentences for pretraining the world's LM: captions and context chains with their answers (instructions worded
+    as `phrasings` says, see `context_example`)."""
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
@@ -176,7 +209,7 @@ def corpus(n: int, seed: int) -> list[str]:
         if kind < 0.5:
             lines.append(rng.choice(training_scenes()).caption() + " .")
         else:
-            first, instruction, target = context_example(rng)
+            first, instruction, target = context_example(rng, phrasings=phrasings)
             lines.append(f"{context_text(first, instruction)} {target.caption()} .")
     return lines
 
