@@ -353,11 +353,8 @@ def test_img_tokens_are_embedded_and_scored_like_text_whole_zoo(family):
     check_img_tokens_like_text(family)
 
 
-@pytest.mark.parametrize("family", ["minimax", "gemma2", "mamba2"])
-def test_pipeline_around_other_lm_classes(family):
-    """A whole pipeline around an LM with its own cache class (MiniMax), scaled embeddings and soft-capping (Gemma 2)
-    or no attention at all (Mamba 2): the default cached decoding runs, equals full re-runs, and a batch equals its
-    inputs one by one."""
+def tiny_pipeline(family: str):
+    """A whole GILL pipeline (random weights) around a tiny LM of `family`."""
     from gill_pipeline import GILLPipeline
     from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 
@@ -367,11 +364,19 @@ def test_pipeline_around_other_lm_classes(family):
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(config).eval()
     encoder, processor = build_tiny_vision_encoder()
-    pipe = GILLPipeline.from_base_models(
+    return GILLPipeline.from_base_models(
         language_model=llm, tokenizer=tokenizer, stable_diffusion=build_tiny_stable_diffusion(), image_encoder=encoder,
         feature_extractor=processor, num_img_tokens=3, retrieval_dim=8, mapper_hidden_dim=16, mapper_encoder_layers=1,
         mapper_decoder_layers=1, mapper_heads=1,
     )
+
+
+@pytest.mark.parametrize("family", ["minimax", "gemma2", "mamba2"])
+def test_pipeline_around_other_lm_classes(family):
+    """A whole pipeline around an LM with its own cache class (MiniMax), scaled embeddings and soft-capping (Gemma 2)
+    or no attention at all (Mamba 2): the default cached decoding runs, equals full re-runs, and a batch equals its
+    inputs one by one."""
+    pipe = tiny_pipeline(family)
     embeds = [pipe.encode_interleaved([text], torch.device("cpu"), "inputs") for text in ("Show me", "This is my dog.")]
     settings = dict(max_new_tokens=6, min_text_tokens=2, img_logit_scale=1e4, max_images=1)
     cached = pipe.decode(embeds, DecodingSettings(**settings))
@@ -381,3 +386,23 @@ def test_pipeline_around_other_lm_classes(family):
         assert row.img_starts == [2] and row.token_ids == full.token_ids == single.token_ids
         torch.testing.assert_close(torch.stack(row.hidden_states), torch.stack(full.hidden_states), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.stack(row.hidden_states), torch.stack(single.hidden_states), atol=1e-4, rtol=1e-4)
+
+
+def test_training_and_inference_read_the_img_tokens_alike():
+    """Training's forward and the pipeline's decoding share one embedding and one `[IMG]` logit computation: on an
+    LM with scaled embeddings and soft-capped logits (Gemma 2) they give the same logits for the same sequence."""
+    from training.model_forward import GILLTrainingModel
+
+    pipe = tiny_pipeline("gemma2")
+    ids = pipe.tokenizer("This is my dog.", add_special_tokens=False).input_ids + pipe.img_token_ids
+    ids = torch.tensor([ids])
+    model = GILLTrainingModel(pipe.llm, pipe.gill, None, pipe.img_token_ids, pad_token_id=0, bos_token_id=None).eval()
+    with torch.no_grad():
+        embeds = model.embed_tokens(ids)
+        torch.testing.assert_close(embeds, pipe.embed_token_ids(ids))
+        train_logits, _ = model.run_lm(embeds, torch.ones_like(ids))
+        mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+        infer_logits, _, _ = pipe._lm_forward(embeds, mask, positions, None, False, ids.shape[1])
+    torch.testing.assert_close(train_logits, infer_logits)
+    cap = pipe.llm.config.final_logit_softcapping
+    assert train_logits[..., pipe.img_token_ids].abs().max() <= cap  # the [IMG] logits are soft-capped too

@@ -147,8 +147,8 @@ class GILLDecoder:
         max_positions: the LM's context length; a row stops when it is full, and `[IMG0]` is forbidden when its
             group would not fit.
         pad_prompts: whether prompts of different lengths may be left-padded into one batch; `False` for LMs that
-            cannot be told where a padded row starts (see `models.lm_bridge.takes_position_ids`): they are decoded
-            one row at a time.
+            cannot be told where a padded row starts (see `models.lm_bridge.takes_position_ids`): unless they have no
+            attention layer at all, they are decoded one row at a time.
     """
 
     def __init__(
@@ -214,14 +214,13 @@ class GILLDecoder:
             cache = self.new_cache() if settings.use_cache and self.new_cache is not None else None
         history = (embeds, mask, positions)  # the whole sequence, for decoding without a cache
         padded = len({e.shape[0] for e in prompt_embeds}) > 1
-        if padded and not self.pad_prompts:
-            return self._rows_alone(prompt_embeds, settings, generator, on_token)
         prefill_mask = mask[:, past_length:] if _only_recurrent(past_cache) else mask  # see `masks_new_tokens_only`
         # A padded batch's prefill always asks for a cache, to learn whether the LM returns one.
         logits, _, cache = self._forward(embeds, prefill_mask, positions, cache, history, settings.use_cache or padded)
-        if padded and cache is None:
-            # An LM that returns no `Cache` (RWKV, RecurrentGemma, ...) may also ignore the attention mask, so left
-            # padding could change its answers.
+        if padded and (cache is None or (not self.pad_prompts and not _only_recurrent(cache))):
+            # An LM that returns no `Cache` (RWKV, RecurrentGemma, ...) may also ignore the attention mask, and one
+            # with attention that takes no position ids may start a padded row at the wrong position: left padding
+            # could change their answers. (State-space LMs need no positions and mask their padding.)
             return self._rows_alone(prompt_embeds, settings, generator, on_token)
         next_logits = logits[:, -1]
         # An LM that returns no cache (one that keeps its state elsewhere, e.g. RecurrentGemma) is re-run in full.
