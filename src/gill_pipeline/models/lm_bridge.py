@@ -57,7 +57,7 @@ def embed_tokens(llm, gill, img_token_ids, ids: torch.Tensor) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         scale = scale.to(device=ids.device, dtype=embeds.dtype)
     rows = gill.img_input_embeddings.to(device=ids.device, dtype=embeds.dtype) * scale
-    return torch.where(is_img[..., None], rows[matches.to(torch.uint8).argmax(-1)], embeds)
+    return torch.where(is_img[..., None], rows[matches.long().argmax(-1)], embeds)
 
 
 @contextlib.contextmanager
