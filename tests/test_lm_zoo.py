@@ -106,12 +106,6 @@ SKIP = {
     "reformer": "chunked LSH attention with its own buffers; no `Cache`",
     "xmod": "needs a language adapter chosen at call time",
     "rembert": "input embedding width differs from the hidden width, which GILL does not support",
-    # Not supported yet: RoBERTa-style decoders count learned positions from `padding_idx + 1`, GILL passes position
-    # ids from 0 (batch and single calls agree, but both differ from the LM's own forward).
-    **{
-        name: "RoBERTa-style position ids (from `padding_idx + 1`) are not reproduced yet"
-        for name in ("camembert", "data2vec-text", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl")
-    },
     # Families whose config could not be made tiny here with generic sizes (their own validation or per-layer configs
     # reject them, or the tiny model does not run); none of them is a new kind of layer for the decoder.
     "axk1": "tiny config not found (MLA head sizes rejected)",
@@ -259,7 +253,7 @@ ALL_FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 # linear attention, an own cache class, scaled input embeddings, final-logit soft-capping, logit scaling.
 REPRESENTATIVE = [
     "opt", "llama", "mistral", "gpt_neo", "mpt", "bloom", "mamba2", "qwen3_next", "jamba", "minimax", "gemma2",
-    "cohere2", "granite", "xglm",
+    "cohere2", "granite", "xglm", "roberta",
 ]
 SETTINGS = DecodingSettings(max_new_tokens=8, min_text_tokens=1, max_images=2)
 

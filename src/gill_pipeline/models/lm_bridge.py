@@ -11,10 +11,13 @@
   float) is done to the `[IMG]` logits too, without a list of families.
 - `new_cache`: the cache transformers' `generate()` would start from.
 - `takes_position_ids`: whether the LM can be told each row's positions (needed to left-pad a batch).
+- `position_offset`: where the LM's own position numbering starts (RoBERTa-style decoders count from
+  `padding_idx + 1`); `lm_forward_with_img_logits` adds it to the 0-based position ids GILL passes.
 """
 
 import contextlib
 import inspect
+import weakref
 
 import torch
 from diffusers.utils import logging
@@ -81,6 +84,34 @@ def _img_logits_from_lm_head(llm, gill, found: dict):
         handle.remove()
 
 
+_POSITION_OFFSETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def position_offset(llm) -> int:
+    """The first position id the LM numbers a sequence with when left to itself: 0, or `padding_idx + 1` for
+    RoBERTa-style decoders (RoBERTa, CamemBERT, XLM-R, data2vec-text, ...), whose learned position table starts
+    there. Found once per LM: only an embedding module with a `padding_idx` and a position table is a candidate, and the
+    candidate is kept only if a short forward with it equals the LM's own numbering."""
+    if llm in _POSITION_OFFSETS:
+        return _POSITION_OFFSETS[llm]
+    offset = 0
+    causal_lm = _base_model(llm)
+    embeddings = getattr(getattr(causal_lm, "base_model", causal_lm), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if isinstance(padding_idx, int) and hasattr(embeddings, "position_embeddings") and takes_position_ids(llm):
+        weight = llm.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, 3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
+        own = llm(inputs_embeds=probe, use_cache=False).logits
+        positions = torch.arange(3, device=weight.device)[None] + padding_idx + 1
+        shifted = llm(inputs_embeds=probe, position_ids=positions, use_cache=False).logits
+        if torch.allclose(own, shifted, atol=1e-5, rtol=1e-4):
+            offset = padding_idx + 1
+    _POSITION_OFFSETS[llm] = offset
+    return offset
+
+
 def lm_forward_with_img_logits(llm, gill, img_token_ids, inputs_embeds: torch.Tensor, **lm_kwargs):
     """Runs the LM on `inputs_embeds` -> (logits over the LM vocabulary plus the `[IMG]` ids, last hidden state,
     the LM's output).
@@ -89,6 +120,10 @@ def lm_forward_with_img_logits(llm, gill, img_token_ids, inputs_embeds: torch.Te
     `gill`, whatever the LM had there. `lm_kwargs` go to the LM (`attention_mask`, `cache`, `logits_to_keep`, ...).
     """
     img_token_ids = list(img_token_ids)
+    if lm_kwargs.get("position_ids") is not None:
+        offset = position_offset(llm)
+        if offset:
+            lm_kwargs["position_ids"] = lm_kwargs["position_ids"] + offset
     found = {}
     with _img_logits_from_lm_head(llm, gill, found):
         output = llm(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **lm_kwargs)
