@@ -79,7 +79,7 @@ def test_assembly_records_the_layout_and_sizes_every_head_from_it(name, built):
     assert not any("text_encoder" in key for key in pipe.components)
 
 
-@pytest.mark.parametrize("name", ["sdxl", "flux-dev", "sana"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_assembly_without_text_encoders(name, built):
     pipe, decoder = built(name)
     components = dict(decoder.components)
@@ -157,7 +157,7 @@ def test_a_swapped_scheduler_runs_through_the_family_pipeline(name, scheduler_cl
     assert torch.isfinite(images).all() and swapped.num_timesteps == 3
 
 
-@pytest.mark.parametrize("name", ["sdxl", "flux-dev", "pixart-sigma"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_whole_call_produces_an_image(name, built):
     pipe, _ = built(name)
     size = 2 * pipe.image_size_multiple
@@ -197,7 +197,7 @@ def test_flux_latents_are_checked_packed(built):
     assert images.shape[0] == 2
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux-schnell", "sana"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_save_load_equality(name, built, tmp_path):
     pipe, _ = built(name)
     pipe.save_pretrained(tmp_path)
@@ -254,7 +254,7 @@ def test_fewer_queries_than_positions(built):
     assert pipe.gill.mapper.upsample.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["sdxl", "flux-dev", "sana"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_learned_weights_round_trip_through_the_hub(name, built, tmp_path):
     pipe, _ = built(name)
     with FakeHub():
