@@ -547,3 +547,21 @@ def test_retrieve_can_return_none_instead_of_raising(pipe, tmp_path):
     with pytest.raises(ImageLoadError):
         index.retrieve(queries)
     assert index.retrieve(queries, allow_missing=True) == [None]
+
+
+def test_streamed_retrieved_images_arrive_before_any_denoising(two_image_index, decision):
+    from gill_pipeline import GILLStreamer
+
+    decision("retrieve")
+    arrivals = []
+
+    class Recording(GILLStreamer):
+        def put_image(self, image):
+            arrivals.append((image.source, self.progress))
+            super().put_image(image)
+
+    streamer = Recording(two_image_index.tokenizer)
+    out = two_image_index("Show me", image_mode="retrieve", streamer=streamer, **dict(IMAGE_CALL, max_images=3))
+    assert [source for source, _ in arrivals] == ["retrieved", "retrieved", "generated"]
+    assert arrivals[0][1] is None and arrivals[1][1] is None, "retrieved images are delivered when ready"
+    assert arrivals[2][1] == (IMAGE_CALL["num_inference_steps"],) * 2 and len(out.images) == 3

@@ -1113,6 +1113,11 @@ class GILLPipeline(DiffusionPipeline):
             retrieved = self.retrieve_for_groups(
                 img_hidden, requests, retrieve, probs, batch, image_mode, output_type, warnings
             )
+            delivered = set()
+            if streamer is not None and hasattr(streamer, "put_image") and image_mode != "both":
+                for key, image in retrieved.items():  # final already: delivered before any image is generated
+                    streamer.put_image(image)
+                    delivered.add(id(image))
 
             # 7. Generate images (groups sent to generation, "both", and groups retrieval could not serve)
             to_generate = [
@@ -1134,7 +1139,8 @@ class GILLPipeline(DiffusionPipeline):
                 output.past = self._next_past(cache, keys, sequences[0], past_length)
             if streamer is not None and hasattr(streamer, "put_image"):
                 for image in output.gill_images[0]:
-                    streamer.put_image(image)
+                    if id(image) not in delivered:
+                        streamer.put_image(image)
         finally:
             if streamer is not None:
                 streamer.end()  # also on errors, so a consumer iterating the streamer never waits forever
