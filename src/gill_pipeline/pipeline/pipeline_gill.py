@@ -1016,38 +1016,7 @@ class GILLPipeline(DiffusionPipeline):
         names = [f"{input_name}[{b}]" if is_batched else input_name for b in range(len(batch))]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(
-            batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            min_text_tokens=min_text_tokens,
-            img_logit_scale=img_logit_scale,
-            max_images=max_images,
-            stop_at_newline=stop_at_newline,
-            image_mode=image_mode,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            eta=eta,
-            cross_attention_kwargs=cross_attention_kwargs,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            output_type=output_type,
-            return_dict=return_dict,
-            use_cache=use_cache,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            streamer=streamer,
-            past=past,
-        )
-        batch = [check_interleaved_sample(sample, name) for sample, name in zip(batch, names)]
+        # What goes to the decoder's denoising loop (checked here with the rest)
         decoder_kwargs = dict(
             height=height,
             width=width,
@@ -1064,6 +1033,25 @@ class GILLPipeline(DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
+        self.check_inputs(
+            batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            min_text_tokens=min_text_tokens,
+            img_logit_scale=img_logit_scale,
+            max_images=max_images,
+            stop_at_newline=stop_at_newline,
+            image_mode=image_mode,
+            generator=generator,
+            return_dict=return_dict,
+            use_cache=use_cache,
+            streamer=streamer,
+            past=past,
+            **decoder_kwargs,
+        )
+        batch = [check_interleaved_sample(sample, name) for sample, name in zip(batch, names)]
         try:
             # 2. Define call parameters
             device = self._execution_device
