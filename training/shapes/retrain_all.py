@@ -31,6 +31,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--context-ratio", type=float, default=0.0,
                         help="GILL's share of context-chain documents (train_world_gill.py; 0: as the bundle was made)")
     parser.add_argument("--context-kinds", default="text,image", help="train_world_gill.py --context-kinds")
+    parser.add_argument("--gill-steps", type=int, default=1500, help="train_world_gill.py --steps")
+    parser.add_argument("--caption-weight", type=float, default=1.0, help="train_world_gill.py --caption-weight")
     parser.add_argument("--phrasings", default="world", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
     args = parser.parse_args(argv)
@@ -49,7 +51,8 @@ def main(argv=None) -> dict:
     t = time.time()
     train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads,
                            "--context-ratio", str(args.context_ratio), "--context-kinds", args.context_kinds,
-                           "--context-phrasings", args.phrasings])
+                           "--context-phrasings", args.phrasings, "--steps", str(args.gill_steps),
+                           "--caption-weight", str(args.caption_weight)])
     times["gill"] = round(time.time() - t, 1)
     t = time.time()
     bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",

@@ -176,6 +176,8 @@ def main(argv=None) -> dict:
         help="fraction of GILL's micro-batches drawn from context-chain documents (0: caption pairs only, as the "
         "bundled model was trained)",
     )
+    parser.add_argument("--steps", type=int, default=1500, help="GILL's training steps (batch 64), before --scale")
+    parser.add_argument("--caption-weight", type=float, default=1.0, help="train_gill.py --caption-weight")
     parser.add_argument(
         "--context-kinds", default="text,image",
         help=f"comma-separated kinds of context documents, from {CONTEXT_KINDS} (see write_context_documents)",
@@ -212,7 +214,7 @@ def main(argv=None) -> dict:
     from training.train_gill import main as train_gill
 
     run_dir = os.path.join(args.out, "run")
-    steps = max(4, int(1500 * args.scale))
+    steps = max(4, int(args.steps * args.scale))
     metrics = train_gill(
         [
             "--pipeline", assembled,
@@ -239,6 +241,7 @@ def main(argv=None) -> dict:
             "--report-to", "tensorboard",
             "--export-pipeline", "true",
             "--progress-bar", "false",
+            "--caption-weight", str(args.caption_weight),
             *context_args,
         ]
     )
