@@ -222,19 +222,23 @@ def assemble_gill_pipeline(
     for name in (family.denoiser, "vae", "scheduler"):
         if getattr(sd, name, None) is None:
             raise ValueError(f"`stable_diffusion` must provide a `{name}`; this {type(sd).__name__} has none.")
-    lm_input_dim, lm_hidden_dim, tied = lm_dims(llm)
     # Stable Diffusion 1.x/2.x with its text encoder keeps the config GILL always had (no recorded layout): the
     # same learned parts and bit-identical outputs as before other families existed.
     legacy = isinstance(family, StableDiffusionFamily) and conditioning_layout is None and sd.text_encoder is not None
+    sizes = dict(
+        num_img_tokens=num_img_tokens,
+        num_visual_tokens=num_visual_tokens,
+        retrieval_dim=retrieval_dim,
+        mapper_hidden_dim=mapper_hidden_dim,
+        mapper_encoder_layers=mapper_encoder_layers,
+        mapper_decoder_layers=mapper_decoder_layers,
+        mapper_heads=mapper_heads,
+        mapper_num_queries=mapper_num_queries,
+    )
     if legacy:
         return _assemble_sd(
-            pipeline_class, llm, tokenizer, sd, image_encoder, feature_extractor, lm_input_dim, lm_hidden_dim, tied,
-            cond_length, num_img_tokens, seed, base_models, dtype, mapper_num_queries,
-            dict(
-                num_visual_tokens=num_visual_tokens, retrieval_dim=retrieval_dim, mapper_hidden_dim=mapper_hidden_dim,
-                mapper_encoder_layers=mapper_encoder_layers, mapper_decoder_layers=mapper_decoder_layers,
-                mapper_heads=mapper_heads,
-            ),
+            pipeline_class, llm, tokenizer, sd, image_encoder, feature_extractor,
+            cond_length=cond_length, seed=seed, base_models=base_models, dtype=dtype, sizes=sizes,
         )
     if cond_length is not None:
         raise ValueError(
@@ -244,27 +248,9 @@ def assemble_gill_pipeline(
     layout, negatives = _decoder_conditioning(sd, family, conditioning_layout, negative_conditioning)
     sequence = next(t for t in layout.tensors if t.kind == SEQUENCE)
     tokenizer, img_token_ids = add_img_tokens(tokenizer, num_img_tokens)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        gill = GILLModel(
-            lm_input_dim=lm_input_dim,
-            lm_hidden_dim=lm_hidden_dim,
-            vision_dim=vision_feature_dim(image_encoder),
-            cond_dim=sequence.width,
-            cond_length=sequence.length,
-            num_img_tokens=num_img_tokens,
-            num_visual_tokens=num_visual_tokens,
-            retrieval_dim=retrieval_dim,
-            tie_img_embeddings=tied,
-            mapper_hidden_dim=mapper_hidden_dim,
-            mapper_encoder_layers=mapper_encoder_layers,
-            mapper_decoder_layers=mapper_decoder_layers,
-            mapper_heads=mapper_heads,
-            conditioning_layout=layout.to_dict(),
-            mapper_num_queries=mapper_num_queries,
-        )
-    gill.init_img_embeddings_from(
-        llm.get_input_embeddings().weight, None if tied else llm.get_output_embeddings().weight
+    gill = _new_gill(
+        llm, image_encoder, seed, sizes,
+        cond_dim=sequence.width, cond_length=sequence.length, conditioning_layout=layout.to_dict(),
     )
     gill.set_negative_conditioning(negatives)
     denoiser = {family.denoiser: getattr(sd, family.denoiser)}
@@ -274,19 +260,38 @@ def assemble_gill_pipeline(
     )
     logger.info(
         "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, decoder %s.",
-        type(llm).__name__, lm_hidden_dim, tied, gill.config.vision_dim, layout.describe(),
+        type(llm).__name__, gill.config.lm_hidden_dim, gill.config.tie_img_embeddings, gill.config.vision_dim,
+        layout.describe(),
     )
     return pipe
 
 
+def _new_gill(llm, image_encoder, seed: int, sizes: dict, **conditioning) -> GILLModel:
+    """The learned parts, sized from the LM, the vision encoder, GILL's `sizes` and the decoder's `conditioning`
+    (`cond_dim`, `cond_length`, and `conditioning_layout` for families other than SD 1.x/2.x), initialised from
+    `seed`; the `[IMG]` rows start from the LM's own rows' statistics."""
+    lm_input_dim, lm_hidden_dim, tied = lm_dims(llm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gill = GILLModel(
+            lm_input_dim=lm_input_dim,
+            lm_hidden_dim=lm_hidden_dim,
+            vision_dim=vision_feature_dim(image_encoder),
+            tie_img_embeddings=tied,
+            **sizes,
+            **conditioning,
+        )
+    gill.init_img_embeddings_from(
+        llm.get_input_embeddings().weight, None if tied else llm.get_output_embeddings().weight
+    )
+    return gill
+
+
 def _assemble_sd(
-    pipeline_class, llm, tokenizer, sd, image_encoder, feature_extractor, lm_input_dim, lm_hidden_dim, tied,
-    cond_length, num_img_tokens, seed, base_models, dtype, mapper_num_queries, sizes,
+    pipeline_class, llm, tokenizer, sd, image_encoder, feature_extractor, *, cond_length, seed, base_models, dtype,
+    sizes,
 ):
     """Stable Diffusion 1.x/2.x with its text encoder, as GILL always assembled it."""
-    num_visual_tokens, retrieval_dim = sizes["num_visual_tokens"], sizes["retrieval_dim"]
-    mapper_hidden_dim, mapper_encoder_layers = sizes["mapper_hidden_dim"], sizes["mapper_encoder_layers"]
-    mapper_decoder_layers, mapper_heads = sizes["mapper_decoder_layers"], sizes["mapper_heads"]
     if sd.tokenizer is None:
         raise ValueError(f"`stable_diffusion` must provide a `tokenizer`; this {type(sd).__name__} has none.")
     if cond_length is None:
@@ -294,29 +299,8 @@ def _assemble_sd(
         if cond_length > 10_000:  # tokenizers without a set length report a huge sentinel
             cond_length = int(sd.text_encoder.config.max_position_embeddings)
 
-    tokenizer, img_token_ids = add_img_tokens(tokenizer, num_img_tokens)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        gill = GILLModel(
-            lm_input_dim=lm_input_dim,
-            lm_hidden_dim=lm_hidden_dim,
-            vision_dim=vision_feature_dim(image_encoder),
-            cond_dim=sd.unet.config.cross_attention_dim,
-            cond_length=cond_length,
-            num_img_tokens=num_img_tokens,
-            num_visual_tokens=num_visual_tokens,
-            retrieval_dim=retrieval_dim,
-            tie_img_embeddings=tied,
-            mapper_hidden_dim=mapper_hidden_dim,
-            mapper_encoder_layers=mapper_encoder_layers,
-            mapper_decoder_layers=mapper_decoder_layers,
-            mapper_heads=mapper_heads,
-            mapper_num_queries=mapper_num_queries,
-        )
-    gill.init_img_embeddings_from(
-        llm.get_input_embeddings().weight, None if tied else llm.get_output_embeddings().weight
-    )
+    tokenizer, img_token_ids = add_img_tokens(tokenizer, sizes["num_img_tokens"])
+    gill = _new_gill(llm, image_encoder, seed, sizes, cond_dim=sd.unet.config.cross_attention_dim, cond_length=cond_length)
     uncond = encode_empty_prompt(sd.text_encoder, sd.tokenizer, cond_length)
     if uncond.shape[1:] != gill.uncond_prompt_embeds.shape[1:]:
         raise ValueError(
@@ -331,8 +315,8 @@ def _assemble_sd(
     logger.info(
         "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, UNet conditioning %dx%d.",
         type(llm).__name__,
-        lm_hidden_dim,
-        tied,
+        gill.config.lm_hidden_dim,
+        gill.config.tie_img_embeddings,
         gill.config.vision_dim,
         cond_length,
         gill.config.cond_dim,
