@@ -39,3 +39,19 @@ def opt_pipe():
 def llama_pipe():
     """A tiny Llama-based pipeline (untied embeddings). Do not mutate it."""
     return make_pipeline("llama")
+
+
+@pytest.fixture(scope="module")
+def world_clip_folder(tmp_path_factory):
+    """A whole CLIP shaped like the shapes world's (random weights, built from its configs): its text tower is
+    as wide as the bundled UNet's cross-attention, so it serves as the decoder baseline's text encoder too."""
+    from training.shapes.models import SIZES, build_clip, build_tokenizer
+    from training.shapes.pretrain_base import processor
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(clip_style=True, model_max_length=SIZES.text_length)
+    folder = tmp_path_factory.mktemp("world_clip")
+    build_clip(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor(SIZES.image_size).save_pretrained(folder)
+    return str(folder)

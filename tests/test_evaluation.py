@@ -2,7 +2,6 @@
 hand, each reader on files in its dataset's format, and each protocol end to end on shapes-world data written in those
 formats, run with the bundled shapes-world GILL (tiny sizes, 2 denoising steps)."""
 
-import csv
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from gill_pipeline.evaluation import (
 from gill_pipeline.evaluation.datasets import majority_label, read_cc3m_captions, read_coco_captions
 from gill_pipeline.evaluation.records import RECORDS_FILE, SUMMARY_JSON, SUMMARY_MARKDOWN
 from gill_pipeline.evaluation.runner import to_tensor
+from training.shapes.protocol_data import write_cc3m, write_coco, write_decisions, write_visdial, write_vist
 from training.shapes.world import Scene, draw, training_scenes
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gill_original")
@@ -128,22 +128,6 @@ def test_frechet_distance_by_hand():
     assert frechet_distance(Mean(), real, real) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def world_clip_folder(tmp_path_factory):
-    """A whole CLIP shaped like the shapes world's (random weights, built from its configs): its text tower is
-    as wide as the bundled UNet's cross-attention, so it serves as the decoder baseline's text encoder too."""
-    from training.shapes.models import SIZES, build_clip, build_tokenizer
-    from training.shapes.pretrain_base import processor
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(clip_style=True, model_max_length=SIZES.text_length)
-    folder = tmp_path_factory.mktemp("world_clip")
-    build_clip(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    processor(SIZES.image_size).save_pretrained(folder)
-    return str(folder)
-
-
 def test_clip_score_by_hand(world_clip_folder):
     scorer = CLIPTextImageScorer.from_pretrained(world_clip_folder)
     scenes = [Scene("circle", "red", "left", "small"), Scene("square", "blue", "top", "large")]
@@ -162,79 +146,6 @@ def test_clip_score_by_hand(world_clip_folder):
 # Readers: the datasets' own formats
 # ---------------------------------------------------------------------------------------------------------------
 SCENES = [s for s in training_scenes() if s.shape != "triangle"]
-
-
-def write_vist(folder, stories: list[list[Scene]]) -> str:
-    """A VIST story-in-sequence file: one annotation per step, shuffled (the reader orders them)."""
-    os.makedirs(folder, exist_ok=True)
-    annotations, photo = [], 1000
-    for s, story in enumerate(stories):
-        for order, scene in enumerate(story):
-            draw(scene, 32, 1, photo).save(os.path.join(folder, f"{photo}.png"))
-            annotations.append([{"story_id": str(50 + s), "photo_flickr_id": str(photo), "worker_arranged_photo_order": order,
-                                 "text": scene.caption(), "album_id": "1", "storylet_id": str(photo)}])
-            photo += 1
-    random.Random(0).shuffle(annotations)
-    path = os.path.join(folder, "val.story-in-sequence.json")
-    with open(path, "w") as f:
-        json.dump({"images": [], "albums": [], "annotations": annotations}, f)
-    return path
-
-
-def write_visdial(folder, scenes: list[Scene]) -> str:
-    os.makedirs(folder, exist_ok=True)
-    questions, answers, dialogs = ["what shape", "what colour"], [], []
-    for i, scene in enumerate(scenes):
-        draw(scene, 32, 1, i).save(os.path.join(folder, f"VisualDialog_val2018_{i + 1:012d}.jpg"), quality=95)
-        answers += [scene.shape, scene.colour]
-        caption = f"a {scene.size} shape {'in the center' if scene.position == 'center' else scene.caption().split(scene.shape)[1].strip()}"
-        dialogs.append({"image_id": i + 1, "caption": caption, "dialog": [
-            {"question": 0, "answer": 2 * i, "answer_options": [], "gt_index": 0},
-            {"question": 1, "answer": 2 * i + 1, "answer_options": [], "gt_index": 0},
-        ]})
-    path = os.path.join(folder, "visdial_1.0_val.json")
-    with open(path, "w") as f:
-        json.dump({"version": "1.0", "split": "val2018", "data": {"questions": questions, "answers": answers, "dialogs": dialogs}}, f)
-    return path
-
-
-def write_cc3m(folder, scenes: list[Scene]) -> str:
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "cc3m_val.tsv")
-    with open(path, "w") as f:
-        f.write("caption\timage\n")
-        for i, scene in enumerate(scenes):
-            draw(scene, 32, 1, i).save(os.path.join(folder, f"{i}_{1000 + i}.png"))
-            f.write(f"{scene.caption()}\t{i}_{1000 + i}\n")  # CC3M names images without an extension
-    return path
-
-
-def write_coco(folder, scenes: list[Scene]) -> str:
-    os.makedirs(folder, exist_ok=True)
-    images, annotations = [], []
-    for i, scene in enumerate(scenes):
-        draw(scene, 32, 1, i).save(os.path.join(folder, f"{i:012d}.jpg"), quality=95)
-        images.append({"id": i, "file_name": f"{i:012d}.jpg"})
-        annotations += [{"image_id": i, "id": 2 * i, "caption": scene.caption()},
-                        {"image_id": i, "id": 2 * i + 1, "caption": scene.caption() + " ."}]
-    path = os.path.join(folder, "captions_val2017.json")
-    with open(path, "w") as f:
-        json.dump({"images": images, "annotations": annotations}, f)
-    return path
-
-
-def write_decisions(folder, scenes: list[Scene]) -> str:
-    """Shapes-world labels in the PartiPrompts decision format: retrieve circles and squares (the retrieval set holds
-    them), generate triangles; one `same` row has no label."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "decisions.tsv")
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["Prompt", "Category", "Challenge", "Note", "Decision"])
-        for scene in scenes:
-            writer.writerow([scene.caption(), "World", "Basic", "", "gen" if scene.shape == "triangle" else "ret"])
-        writer.writerow([scenes[0].caption(), "World", "Basic", "", "same"])
-    return path
 
 
 def test_readers_read_the_original_formats(tmp_path):
