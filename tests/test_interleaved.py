@@ -360,3 +360,17 @@ def test_validation_on_documents_reports_the_metrics_at_every_image(tmp_path):
     assert val["val_interleaved/examples"] == 12
     for key in ("caption_loss", "img_token_loss", "generation_l2", "text_to_image_recall@1"):
         assert np.isfinite(val[f"val_interleaved/{key}"]), key
+
+
+def test_document_retrieval_weight_scales_only_document_batches():
+    from training.model_forward import total_loss
+    from training.params import LossArgs
+
+    out = {"caption": torch.tensor(1.0), "img_token": torch.tensor(2.0), "retrieval": torch.tensor(3.0),
+           "generation": torch.tensor(4.0)}
+    args = LossArgs(interleaved_retrieval_weight=0.0)
+    assert float(total_loss(out, args, interleaved=False)) == 10.0  # caption pairs: every loss, weight 1
+    assert float(total_loss(out, args, interleaved=True)) == 7.0  # documents: retrieval left out
+    assert float(total_loss(out, LossArgs(interleaved_retrieval_weight=0.5), interleaved=True)) == 8.5
+    with pytest.raises(ValueError, match="interleaved_retrieval_weight"):
+        LossArgs(interleaved_retrieval_weight=-1.0)

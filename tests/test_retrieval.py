@@ -27,6 +27,7 @@ from gill_pipeline.retrieval import (
     RetrievalIndexError,
     UnsafeImagePathError,
     build_retrieval_index,
+    calibrate_min_similarity,
     embed_images,
     resolve_local_path,
 )
@@ -565,3 +566,75 @@ def test_streamed_retrieved_images_arrive_before_any_denoising(two_image_index, 
     assert [source for source, _ in arrivals] == ["retrieved", "retrieved", "generated"]
     assert arrivals[0][1] is None and arrivals[1][1] is None, "retrieved images are delivered when ready"
     assert arrivals[2][1] == (IMAGE_CALL["num_inference_steps"],) * 2 and len(out.images) == 3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The retrieval set's similarity floor (`min_similarity`)
+# ------------------------------------------------------------------------------------------------------------------
+def test_min_similarity_is_saved_loaded_and_checked(pipe, tmp_path):
+    index = index_of(pipe, 4)
+    assert index.min_similarity is None
+    index.min_similarity = 0.25
+    index.save_pretrained(tmp_path)
+    assert RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path)).min_similarity == 0.25
+    for bad in (1.5, -2, "0.3", True, float("nan")):
+        with pytest.raises(ValueError, match=r"`min_similarity` must be None or a cosine similarity in \[-1, 1\]"):
+            index.min_similarity = bad
+    assert index.min_similarity == 0.25, "a refused value leaves the floor as it was"
+    config_path = os.path.join(tmp_path, INDEX_CONFIG_FILE)
+    with open(config_path) as f:
+        config = json.load(f)
+    config["min_similarity"] = 7
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(RetrievalIndexError, match="retrieval_index.json: `min_similarity` must be"):
+        RetrievalIndex.from_pretrained(tmp_path)
+
+
+def test_an_index_saved_without_a_floor_has_none(pipe, tmp_path):
+    index_of(pipe, 3).save_pretrained(tmp_path)
+    config_path = os.path.join(tmp_path, INDEX_CONFIG_FILE)
+    with open(config_path) as f:
+        config = json.load(f)
+    config.pop("min_similarity")  # as written before the floor existed
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    assert RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path)).min_similarity is None
+
+
+def test_calibrate_min_similarity_separates_present_from_absent():
+    present = torch.tensor([0.9, 0.85, 0.8, 0.75])
+    absent = torch.tensor([0.5, 0.6, 0.7])
+    floor = calibrate_min_similarity(present, absent)
+    assert 0.7 < floor <= 0.75
+    # Overlapping scores: the floor maximises the balanced accuracy (here 0.6 keeps 3/4 and refuses 2/3).
+    overlap = calibrate_min_similarity(torch.tensor([0.9, 0.8, 0.65, 0.55]), torch.tensor([0.5, 0.6, 0.7]))
+    kept = (torch.tensor([0.9, 0.8, 0.65, 0.55]) >= overlap).float().mean()
+    refused = (torch.tensor([0.5, 0.6, 0.7]) < overlap).float().mean()
+    for t in torch.linspace(0.4, 1.0, 61):
+        k = (torch.tensor([0.9, 0.8, 0.65, 0.55]) >= t).float().mean()
+        r = (torch.tensor([0.5, 0.6, 0.7]) < t).float().mean()
+        assert (k + r) / 2 <= (kept + refused) / 2 + 1e-6
+    with pytest.raises(ValueError, match="`present` and `absent` must both be non-empty"):
+        calibrate_min_similarity(torch.tensor([]), absent)
+
+
+@pytest.mark.parametrize("mode", ["auto", "both"])
+def test_a_match_below_the_floor_is_generated_instead(with_index, decision, mode):
+    decision("retrieve")
+    index = with_index.retrieval_index
+    try:
+        index.min_similarity = 1.0  # no match is that good: every group the head sends to retrieval is generated
+        images = _images(with_index("Show me", image_mode=mode, **IMAGE_CALL))
+        assert images
+        for image in images:
+            assert image.source == "generated" and "below the retrieval set's min_similarity" in image.metadata["fallback"]
+            (retrieved,) = image.alternatives
+            assert retrieved.source == "retrieved" and retrieved.metadata["below_min_similarity"] == 1.0
+        index.min_similarity = -1.0  # every match is good enough: the head's choice stands
+        assert all(i.source == "retrieved" for i in _images(with_index("Show me", image_mode=mode, **IMAGE_CALL)))
+        # A forced mode is never overruled.
+        index.min_similarity = 1.0
+        assert all(i.source == "retrieved" for i in _images(with_index("Show me", image_mode="retrieve", **IMAGE_CALL)))
+    finally:
+        index.min_similarity = None

@@ -325,9 +325,12 @@ def empty_on_any_process(batch: dict, accelerator) -> bool:
     return bool(accelerator.reduce(empty, reduction="max"))
 
 
-def total_loss(out: dict, loss_args) -> torch.Tensor:
+def total_loss(out: dict, loss_args, interleaved: bool = False) -> torch.Tensor:
+    """The weighted sum of GILL's losses; on interleaved-document batches the retrieval weight is multiplied by
+    `interleaved_retrieval_weight`."""
+    retrieval_weight = loss_args.retrieval_weight * (loss_args.interleaved_retrieval_weight if interleaved else 1.0)
     loss = loss_args.caption_weight * out["caption"] + loss_args.img_token_weight * out["img_token"]
-    loss = loss + loss_args.retrieval_weight * out["retrieval"]
+    loss = loss + retrieval_weight * out["retrieval"]
     if "generation" in out:
         loss = loss + loss_args.generation_weight * out["generation"]
     return loss

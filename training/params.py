@@ -238,6 +238,11 @@ class LossArgs:
     )
     retrieval_weight: float = field(default=1.0, metadata={"help": "Weight of the symmetric InfoNCE loss."})
     generation_weight: float = field(default=1.0, metadata={"help": "Weight of the generation (per-token L2) loss."})
+    interleaved_retrieval_weight: float = field(
+        default=1.0,
+        metadata={"help": "Multiplies `retrieval_weight` on interleaved-document batches (0: documents train "
+                  "generation, [IMG] production and captioning, but retrieval learns from caption pairs only)."},
+    )
     concat_prob: float = field(
         default=0.5, metadata={"help": "Probability that a batch's examples are concatenated in pairs (reference: 0.5)."}
     )
@@ -248,7 +253,9 @@ class LossArgs:
 
     def __post_init__(self):
         _check_numbers(self)
-        for name in ("caption_weight", "img_token_weight", "retrieval_weight", "generation_weight"):
+        for name in (
+            "caption_weight", "img_token_weight", "retrieval_weight", "generation_weight", "interleaved_retrieval_weight"
+        ):
             _positive(name, getattr(self, name), allow_zero=True)
         if not 0 <= self.concat_prob <= 1:
             raise ValueError(f"`concat_prob` must be in [0, 1], got {self.concat_prob!r}.")

@@ -355,7 +355,7 @@ def train(config: TrainConfig, accelerator) -> dict:
             last = micro == optim.grad_accum_steps - 1
             with accelerator.no_sync(model) if not last else _nullcontext():
                 out = model(batch, concat_caption=concat_caption, concat_img=concat_img)
-                loss = total_loss(out, config.loss)
+                loss = total_loss(out, config.loss, interleaved=interleaved)
                 accelerator.backward(loss / optim.grad_accum_steps)
             finite = finite and bool(torch.isfinite(loss.detach()))
             for name in LOSS_NAMES + ("total",):

@@ -232,10 +232,17 @@ def main(argv=None) -> dict:
         "--stages", default="clip,vae,unet,lm,classifier,clip_vision", help="comma-separated subset to run"
     )
     parser.add_argument(
+        "--clip-vision-rounds", type=int, default=1,
+        help="rounds of 400 vision-tower refinement steps in the clip_vision stage (each with a fresh optimiser)",
+    )
+    parser.add_argument(
         "--phrasings", default="world", choices=("world", "training"),
         help="instruction wordings of the LM's context chains (world.TRAINING_PHRASINGS; held-out ones never)",
     )
     args = parser.parse_args(argv)
+    if args.clip_vision_rounds < 1:
+        parser.error(f"--clip-vision-rounds must be at least 1 (leave clip_vision out of --stages instead), got "
+                     f"{args.clip_vision_rounds}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -293,9 +300,12 @@ def main(argv=None) -> dict:
         from transformers import CLIPModel
 
         clip = CLIPModel.from_pretrained(os.path.join(args.out, "clip"))
-        clip, losses = refine_clip_vision(clip, clip_tokenizer, steps(400), batch(128), args.seed + 11)
+        rounds = []
+        for r in range(args.clip_vision_rounds):  # each round: a fresh optimiser and schedule, its own seed
+            clip, losses = refine_clip_vision(clip, clip_tokenizer, steps(400), batch(128), args.seed + r + 11)
+            rounds.append({"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))})
         save_clip(clip, clip_tokenizer, os.path.join(args.out, "clip"))
-        return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))}
+        return {"rounds": rounds, "first_loss": rounds[0]["first_loss"], "last_loss": rounds[-1]["last_loss"]}
 
     def do_classifier():
         classifier, accuracy = train_classifier(steps(600), batch(64), args.seed)

@@ -33,6 +33,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--context-kinds", default="text,image", help="train_world_gill.py --context-kinds")
     parser.add_argument("--gill-steps", type=int, default=1500, help="train_world_gill.py --steps")
     parser.add_argument("--caption-weight", type=float, default=1.0, help="train_world_gill.py --caption-weight")
+    parser.add_argument("--document-retrieval-weight", type=float, default=1.0,
+                        help="train_world_gill.py --document-retrieval-weight")
+    parser.add_argument("--clip-vision-rounds", type=int, default=1, help="pretrain_base.py --clip-vision-rounds")
     parser.add_argument("--phrasings", default="world", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
     args = parser.parse_args(argv)
@@ -45,18 +48,21 @@ def main(argv=None) -> dict:
     small = args.scale < 1.0
     if not args.skip_base:
         t = time.time()
-        pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads, "--phrasings", args.phrasings]
+        pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads, "--phrasings", args.phrasings,
+                            "--clip-vision-rounds", str(args.clip_vision_rounds)]
                            + (["--batch-scale", str(max(args.scale * 20, 0.05))] if small else []))
         times["base_models"] = round(time.time() - t, 1)
     t = time.time()
     train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads,
                            "--context-ratio", str(args.context_ratio), "--context-kinds", args.context_kinds,
                            "--context-phrasings", args.phrasings, "--steps", str(args.gill_steps),
-                           "--caption-weight", str(args.caption_weight)])
+                           "--caption-weight", str(args.caption_weight),
+                           "--document-retrieval-weight", str(args.document_retrieval_weight)])
     times["gill"] = round(time.time() - t, 1)
     t = time.time()
     bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",
                            os.path.join(gill, "index_images"), "--classifier", os.path.join(base, "classifier"),
+                           "--clip", os.path.join(base, "clip"),
                            "--out", args.bundle_out])
     times["bundle"] = round(time.time() - t, 1)
     t = time.time()

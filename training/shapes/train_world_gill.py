@@ -179,6 +179,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=1500, help="GILL's training steps (batch 64), before --scale")
     parser.add_argument("--caption-weight", type=float, default=1.0, help="train_gill.py --caption-weight")
     parser.add_argument(
+        "--document-retrieval-weight", type=float, default=1.0,
+        help="train_gill.py --interleaved-retrieval-weight (0: retrieval learns from caption pairs only)",
+    )
+    parser.add_argument(
         "--context-kinds", default="text,image",
         help=f"comma-separated kinds of context documents, from {CONTEXT_KINDS} (see write_context_documents)",
     )
@@ -205,7 +209,8 @@ def main(argv=None) -> dict:
             data, "context", n(4000), args.seed + 4, tuple(args.context_kinds.split(",")), args.context_phrasings
         )
         context_args = ["--interleaved-data", documents, "--interleaved-ratio", str(args.context_ratio),
-                        "--interleaved-max-length", "64"]
+                        "--interleaved-max-length", "64",
+                        "--interleaved-retrieval-weight", str(args.document_retrieval_weight)]
 
     # 2. A new, untrained GILL on the world's frozen base models
     assembled = assemble(args.base, args.out, args.seed)

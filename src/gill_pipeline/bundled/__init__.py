@@ -12,6 +12,10 @@ BUNDLED_PIPELINE = os.path.join(BUNDLED_ROOT, "shapes_pipeline")
 BUNDLED_INDEX = os.path.join(BUNDLED_ROOT, "shapes_index")
 # The world's attribute classifier (a judge for tests and evaluation; loaded by training/shapes/classifier.py).
 BUNDLED_CLASSIFIER = os.path.join(BUNDLED_ROOT, "shapes_classifier")
+# The world's whole CLIP with its tokenizer and image processor, for `gill evaluate` (GILL itself does not read it
+# whole): its text tower is the SD text encoder the UNet was trained with (the decoder-alone baseline's
+# `--baseline-text-encoder`), and both towers give CLIP similarity, CLIP score and the CLIP retrieval baseline.
+BUNDLED_CLIP = os.path.join(BUNDLED_ROOT, "shapes_clip")
 # The input image of the README's example: a small red circle on the left.
 BUNDLED_EXAMPLE_IMAGE = os.path.join(BUNDLED_ROOT, "example_input.png")
 

@@ -946,7 +946,9 @@ class GILLPipeline(DiffusionPipeline):
                 force one; `"both"` makes both for every `[IMG]` group: the answer shows the decision head's choice,
                 and its [`GILLImage`] carries the other one in `alternatives`. When the retrieval set has no image
                 left for a group, the group is generated instead (or left out when the pipeline cannot generate),
-                and `warnings` says so.
+                and `warnings` says so. With `"auto"` or `"both"`, a retrieval set with a `min_similarity` (see
+                [`~gill_pipeline.retrieval.RetrievalIndex`]) overrules a choice to retrieve whose best match scores
+                below it: the generated image is shown (`metadata["fallback"]` says why).
             height (`int`, *optional*), width (`int`, *optional*):
                 Size of generated images (multiples of 8 and of the VAE scale factor); defaults to the UNet's sample
                 size times the VAE scale factor.
@@ -1101,9 +1103,12 @@ class GILLPipeline(DiffusionPipeline):
             retrieved = self.retrieve_for_groups(
                 img_hidden, requests, retrieve, probs, batch, image_mode, output_type, warnings
             )
+            retrieve = self.apply_min_similarity(requests, retrieve, retrieved, image_mode)
             delivered = set()
             if streamer is not None and hasattr(streamer, "put_image") and image_mode != "both":
                 for key, image in retrieved.items():  # final already: delivered before any image is generated
+                    if not retrieve[requests.index(key)]:
+                        continue  # below the set's similarity floor: the generated image is shown instead
                     streamer.put_image(image)
                     delivered.add(id(image))
 
@@ -1245,6 +1250,21 @@ class GILLPipeline(DiffusionPipeline):
             result[requests[i]] = image
         return result
 
+    def apply_min_similarity(self, requests, retrieve, retrieved, image_mode) -> list[bool]:
+        """Step 6b: with `image_mode` "auto" or "both" and a retrieval set that has a `min_similarity`, a group the
+        decision head sent to retrieval whose retrieved image scores below it shows the generated image instead (the
+        retrieved one stays in `alternatives`): the set does not hold what was asked for. Returns the new choices."""
+        floor = getattr(self.retrieval_index, "min_similarity", None)
+        if floor is None or image_mode not in ("auto", "both") or not self.can_generate:
+            return retrieve
+        retrieve = list(retrieve)
+        for i, key in enumerate(requests):
+            image = retrieved.get(key)
+            if retrieve[i] and image is not None and image.scores["similarity"][0] < floor:
+                retrieve[i] = False
+                image.metadata["below_min_similarity"] = floor
+        return retrieve
+
     def generate_for_groups(
         self, img_hidden, requests, to_generate, probs, *, generator, num_images_per_prompt, output_type, **decoder_kwargs
     ) -> dict[tuple[int, int], GILLImage]:
@@ -1283,14 +1303,21 @@ class GILLPipeline(DiffusionPipeline):
 
     @staticmethod
     def merge_group_images(requests, retrieve, retrieved, generated, warnings) -> dict[tuple[int, int], GILLImage]:
-        """The image shown per group: the decision head's choice, the other one (`"both"`) in `alternatives`; a
-        group that retrieval could not serve shows its generated image, marked in `metadata["fallback"]`."""
+        """The image shown per group: the decision head's choice (unless the retrieval set's similarity floor
+        overruled it), the other one in `alternatives`; a group that retrieval could not serve, or whose retrieved
+        image scored below the floor, shows its generated image, marked in `metadata["fallback"]`."""
         images = {}
         for i, key in enumerate(requests):
             from_index, from_decoder = retrieved.get(key), generated.get(key)
             if from_index is not None and from_decoder is not None:
                 shown, other = (from_index, from_decoder) if retrieve[i] else (from_decoder, from_index)
                 shown.alternatives = [other]
+                if "below_min_similarity" in from_index.metadata:
+                    from_decoder.metadata["fallback"] = (
+                        f"the retrieved image's similarity {from_index.scores['similarity'][0]:.3f} is below the "
+                        f"retrieval set's min_similarity {from_index.metadata['below_min_similarity']:.3f}; "
+                        "generated instead"
+                    )
                 images[key] = shown
             elif from_index is not None:
                 images[key] = from_index

@@ -3,7 +3,13 @@
 from .build import build_retrieval_index, embed_images
 from .fingerprint import IndexWeightsMismatchError, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, UnsafeImagePathError, load_record_image, resolve_local_path
-from .index import RETRIEVAL_ID_INFO_KEY, RetrievalIndex, RetrievalIndexError, RetrievedImage
+from .index import (
+    RETRIEVAL_ID_INFO_KEY,
+    RetrievalIndex,
+    RetrievalIndexError,
+    RetrievedImage,
+    calibrate_min_similarity,
+)
 from .search import ExactSearcher, FaissSearcher, SearchResult
 from .sources import CaptionTSVSource, ImageFolderSource, WebDatasetSource, as_source
 
@@ -15,6 +21,7 @@ __all__ = [
     "ImageLoadError",
     "UnsafeImagePathError",
     "build_retrieval_index",
+    "calibrate_min_similarity",
     "embed_images",
     "ExactSearcher",
     "FaissSearcher",

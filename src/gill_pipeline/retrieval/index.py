@@ -46,6 +46,41 @@ class RetrievalIndexError(ValueError):
     """A retrieval index folder or its contents are malformed."""
 
 
+def check_min_similarity(value, name: str) -> float | None:
+    """`value` as a cosine-similarity floor (a real number in [-1, 1]) or None; else a ValueError naming `name`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be None or a cosine similarity in [-1, 1], got {value!r:.100}.")
+    return float(value)
+
+
+def calibrate_min_similarity(present: torch.Tensor, absent: torch.Tensor) -> float:
+    """The similarity floor that best tells answers the retrieval set holds from answers it does not.
+
+    Args:
+        present (`torch.Tensor`): Best-match similarities of queries whose answer is in the set.
+        absent (`torch.Tensor`): Best-match similarities of queries whose answer is not (for instance the same
+            queries with their answer excluded, see `RETRIEVAL_ID_INFO_KEY`).
+
+    Returns:
+        `float`: The threshold with the highest balanced accuracy (mean of the two recalls), midway between the two
+        neighbouring scores; ties go to the lower threshold (retrieval kept where it is as good).
+    """
+    present, absent = torch.as_tensor(present).float().flatten(), torch.as_tensor(absent).float().flatten()
+    if present.numel() == 0 or absent.numel() == 0:
+        raise ValueError(f"`present` and `absent` must both be non-empty, got {present.numel()} and {absent.numel()}.")
+    if not (torch.isfinite(present).all() and torch.isfinite(absent).all()):
+        raise ValueError("`present` and `absent` must be finite similarities.")
+    scores = torch.cat([present, absent]).unique()  # sorted
+    candidates = torch.cat([scores[:1] - 1e-6, (scores[1:] + scores[:-1]) / 2, scores[-1:] + 1e-6])
+    kept = (present[None, :] >= candidates[:, None]).float().mean(1)
+    refused = (absent[None, :] < candidates[:, None]).float().mean(1)
+    balanced = (kept + refused) / 2
+    best = int(torch.nonzero(balanced == balanced.max())[0])
+    return float(candidates[best].clamp(-1.0, 1.0))
+
+
 @dataclass
 class RetrievedImage:
     """One retrieved image: the loaded RGB image, its metadata record, its row and cosine similarity to the query,
@@ -100,6 +135,10 @@ class RetrievalIndex:
         probes (`dict[str, torch.Tensor]`): What [`probe_embeddings`] returned for that pipeline.
         image_root (`str`, *optional*): Folder that local `path`s are relative to.
         allow_urls (`bool`, *optional*, defaults to `False`): Whether records whose `path` is a URL may be downloaded.
+        min_similarity (`float`, *optional*): The cosine similarity below which a best match is not a match for this
+            set: a pipeline whose decision head chose retrieval (`image_mode="auto"` or `"both"`) shows the generated
+            image instead when the retrieved one scores lower. `None` (default): no such floor. Saved with the
+            index; [`calibrate_min_similarity`] finds one from queries whose answer is or is not in the set.
     """
 
     def __init__(
@@ -110,6 +149,7 @@ class RetrievalIndex:
         probes: dict[str, torch.Tensor],
         image_root: str | None = None,
         allow_urls: bool = False,
+        min_similarity: float | None = None,
     ):
         if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
             raise ValueError(f"`embeddings` must be a 2-d tensor (N, dim), got {type(embeddings).__name__} "
@@ -124,6 +164,7 @@ class RetrievalIndex:
         self.probes = {k: v.float().cpu() for k, v in probes.items()}
         self.image_root = image_root
         self.allow_urls = bool(allow_urls)
+        self.min_similarity = min_similarity
         # Where symbolic links under the image root may point: the repo's Hub cache folder for downloaded indexes.
         self._link_root: str | None = None
         self._blocks: list[torch.Tensor] = [embeddings[:0]]
@@ -136,6 +177,14 @@ class RetrievalIndex:
         self._saved_folder: str | None = None
         self._saved_shards: list[int] = []
         self.add_embeddings(embeddings, records)
+
+    @property
+    def min_similarity(self) -> float | None:
+        return self._min_similarity
+
+    @min_similarity.setter
+    def min_similarity(self, value: float | None) -> None:
+        self._min_similarity = check_min_similarity(value, "min_similarity")
 
     @classmethod
     @torch.no_grad()
@@ -444,6 +493,7 @@ class RetrievalIndex:
             "dtype": _dtype_name(self.dtype),
             "normalized": True,
             "image_root": image_root,
+            "min_similarity": self.min_similarity,
             "weights": self.fingerprint,
             "shards": [
                 {
@@ -534,8 +584,12 @@ class RetrievalIndex:
             # The recorded root must stay inside the index folder: an index from elsewhere cannot point at /.
             image_root = resolve_local_path(folder, config["image_root"]) if config["image_root"] != "." else folder
         empty = torch.empty(0, config["dim"], dtype=STORAGE_DTYPES[config["dtype"]], device=device)
+        try:
+            min_similarity = check_min_similarity(config.get("min_similarity"), "min_similarity")
+        except ValueError as error:
+            raise RetrievalIndexError(f"{os.path.join(folder, INDEX_CONFIG_FILE)}: {error}") from error
         index = cls(empty, [], config["weights"], probes, image_root=None if image_root is None else str(image_root),
-                    allow_urls=allow_urls)
+                    allow_urls=allow_urls, min_similarity=min_similarity)
         if blocks:
             index._blocks = [empty] + blocks
             _check_records(records, folder)
