@@ -213,7 +213,8 @@ def markdown(results: dict) -> str:
               "the decoder alone (the GILL pipeline's UNet, VAE and scheduler with the CLIP's text tower) given the "
               "same captions as one text. Higher is better except `lpips` and `fid`. CLIP similarity, LPIPS (on the "
               "CLIP vision tower's layers) and FID (on CLIP image features) use the world's CLIP: they compare systems "
-              "with each other and are not comparable with published numbers.", "", "## Data", ""]
+              "with each other and are not comparable with published numbers. Seconds are this run's: a resumed run "
+              "counts only what it redid.", "", "## Data", ""]
     for name, entry in results["protocols"].items():
         lines.append(f"- `{name}` ({entry['n']}): {entry['what']}.")
     lines += ["", "## Commands run", "", "```bash"]
