@@ -374,3 +374,20 @@ def test_document_retrieval_weight_scales_only_document_batches():
     assert float(total_loss(out, LossArgs(interleaved_retrieval_weight=0.5), interleaved=True)) == 8.5
     with pytest.raises(ValueError, match="interleaved_retrieval_weight"):
         LossArgs(interleaved_retrieval_weight=-1.0)
+
+
+@pytest.mark.parametrize("prefix_grad", [True, False])
+def test_context_prefix_grad_decides_what_trains_the_visual_prefix(tiny, tmp_path, prefix_grad):
+    pipe = tiny.pipe
+    model = training_model(pipe)
+    model.context_prefix_grad = prefix_grad
+    batch = collated(tiny, make_documents(tmp_path, count=2))
+    out = model(batch)
+    params = list(pipe.gill.visual_prefix.parameters())
+    grads = torch.autograd.grad(out["img_token"] + out["retrieval"] + out["generation"], params, allow_unused=True,
+                                retain_graph=True)
+    reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert reached == prefix_grad  # detached: the document [IMG] losses leave the projection alone
+    # Captioning trains it either way.
+    caption_grads = torch.autograd.grad(out["caption"], params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in caption_grads)

@@ -47,6 +47,7 @@ class GILLTrainingModel(nn.Module):
         bos_token_id: int | None,
         accelerator=None,
         chat: ChatWrapping | None = None,
+        context_prefix_grad: bool = True,
     ):
         super().__init__()
         # With a chat template (`training/chat_format.py`), caption pairs are user/assistant exchanges.
@@ -59,6 +60,9 @@ class GILLTrainingModel(nn.Module):
         # The collator starts each caption with BOS only when the tokenizer has one (`Collator.tokenize`).
         self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
         self.accelerator = accelerator  # for gathering retrieval negatives across processes
+        # False: the [IMG] rows of interleaved documents read the context images' prefixes detached, so only the
+        # captioning loss trains the visual-prefix projection (`LossArgs.interleaved_context_prefix_grad`).
+        self.context_prefix_grad = bool(context_prefix_grad)
 
     # ------------------------------------------------------------------------------------------------------------
     # Embeddings and the LM
@@ -274,7 +278,8 @@ class GILLTrainingModel(nn.Module):
         out = {"caption": cap, "caption_correct": cap_correct, "caption_count": cap_count}
 
         rows, labels, slots, where = self.interleaved_img_rows(documents)
-        embeds, labels, mask = self._embed_rows(rows, labels, slots, prefix)
+        context_prefix = prefix if self.context_prefix_grad else prefix.detach()
+        embeds, labels, mask = self._embed_rows(rows, labels, slots, context_prefix)
         logits, hidden = self.run_lm(embeds, mask)
         ce, correct, count = next_token_loss(logits, labels)
         r = self.img_token_ids.numel()

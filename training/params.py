@@ -243,6 +243,12 @@ class LossArgs:
         metadata={"help": "Multiplies `retrieval_weight` on interleaved-document batches (0: documents train "
                   "generation, [IMG] production and captioning, but retrieval learns from caption pairs only)."},
     )
+    interleaved_context_prefix_grad: bool = field(
+        default=True,
+        metadata={"help": "Whether the [IMG] losses of interleaved documents train the visual-prefix projection "
+                  "through the context images' prefixes (False: only captioning trains it, so document losses "
+                  "cannot pull it away from what captioning needs)."},
+    )
     concat_prob: float = field(
         default=0.5, metadata={"help": "Probability that a batch's examples are concatenated in pairs (reference: 0.5)."}
     )

@@ -290,6 +290,7 @@ def train(config: TrainConfig, accelerator) -> dict:
             if data.chat_template
             else None
         ),
+        context_prefix_grad=config.loss.interleaved_context_prefix_grad,
     )
     optimizer, scheduler = build_optimizer(params, optim)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).

@@ -259,6 +259,7 @@ def readme_demo(pipe, classifier, scenes, seed) -> dict:
         "by_source": {k: {"n": n, "right": good} for k, (n, good) in sorted(by_source.items())},
         "description_exact": float((described == label_tensor(scenes)).all(-1).float().mean()),
         "settings": settings,
+        "min_similarity": getattr(pipe.retrieval_index, "min_similarity", None),
     }
 
 
@@ -334,7 +335,8 @@ def markdown(report: dict) -> str:
     demo = report["readme_demo"]
     lines += ["## README default demo", "",
               f"9. Every scene of the world as the input image, with `gill generate`'s settings for this model "
-              f"({demo['settings']}): the shown image is the input scene for **{demo['right']:.3f}** of {demo['n']} "
+              f"({demo['settings']}; the retrieval set's similarity floor: {demo.get('min_similarity')}): the shown image is "
+              f"the input scene for **{demo['right']:.3f}** of {demo['n']} "
               f"scenes (by the image shown: {demo['by_source']}); GILL's description is exact for "
               f"{demo['description_exact']:.3f}.", "", "## Issue 12 targets (section 2)", "",
               "| target | measured | needed | met |", "| --- | --- | --- | --- |"]

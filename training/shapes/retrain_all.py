@@ -35,6 +35,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--caption-weight", type=float, default=1.0, help="train_world_gill.py --caption-weight")
     parser.add_argument("--document-retrieval-weight", type=float, default=1.0,
                         help="train_world_gill.py --document-retrieval-weight")
+    parser.add_argument("--context-prefix-grad", default="true", choices=("true", "false"),
+                        help="train_world_gill.py --context-prefix-grad")
+    parser.add_argument("--gill-seed", type=int, default=0, help="train_world_gill.py --seed (GILL's data and init)")
     parser.add_argument("--clip-vision-rounds", type=int, default=1, help="pretrain_base.py --clip-vision-rounds")
     parser.add_argument("--phrasings", default="world", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
@@ -55,7 +58,8 @@ def main(argv=None) -> dict:
     t = time.time()
     train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads,
                            "--context-ratio", str(args.context_ratio), "--context-kinds", args.context_kinds,
-                           "--context-phrasings", args.phrasings, "--steps", str(args.gill_steps),
+                           "--context-phrasings", args.phrasings, "--steps", str(args.gill_steps), "--seed", str(args.gill_seed),
+                           "--context-prefix-grad", args.context_prefix_grad,
                            "--caption-weight", str(args.caption_weight),
                            "--document-retrieval-weight", str(args.document_retrieval_weight)])
     times["gill"] = round(time.time() - t, 1)

@@ -179,6 +179,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=1500, help="GILL's training steps (batch 64), before --scale")
     parser.add_argument("--caption-weight", type=float, default=1.0, help="train_gill.py --caption-weight")
     parser.add_argument(
+        "--context-prefix-grad", default="true", choices=("true", "false"),
+        help="train_gill.py --interleaved-context-prefix-grad (false: only captioning trains the visual prefix)",
+    )
+    parser.add_argument(
         "--document-retrieval-weight", type=float, default=1.0,
         help="train_gill.py --interleaved-retrieval-weight (0: retrieval learns from caption pairs only)",
     )
@@ -210,7 +214,8 @@ def main(argv=None) -> dict:
         )
         context_args = ["--interleaved-data", documents, "--interleaved-ratio", str(args.context_ratio),
                         "--interleaved-max-length", "64",
-                        "--interleaved-retrieval-weight", str(args.document_retrieval_weight)]
+                        "--interleaved-retrieval-weight", str(args.document_retrieval_weight),
+                        "--interleaved-context-prefix-grad", args.context_prefix_grad]
 
     # 2. A new, untrained GILL on the world's frozen base models
     assembled = assemble(args.base, args.out, args.seed)
