@@ -104,6 +104,30 @@ def test_img_logit_scale_is_abs_times_factor(opt_pipe):
     assert chosen == [5, 5]
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_infinite_img_logit_scale_forces_img0_whatever_its_logit(opt_pipe, do_sample):
+    """`img_logit_scale=math.inf`: `[IMG0]` wherever it is allowed, even when its logit is 0 (where `|0| * 1e4` loses),
+    greedy or sampled (no NaN from an infinite logit); still not where it is forbidden."""
+    import math
+
+    from gill_pipeline.pipeline.decoding import DecodedSequence, GILLDecoder
+
+    pipe = opt_pipe
+    decoder = GILLDecoder(None, None, pipe.img_token_ids, set(), lambda t: False)
+    logits = torch.zeros(2, max(pipe.img_token_ids) + 1)
+    logits[:, 5] = 20.0  # [IMG0]'s logit stays 0
+    rows = [DecodedSequence(), DecodedSequence()]
+    generator = torch.Generator().manual_seed(0)
+    settings = DecodingSettings(img_logit_scale=1e4, do_sample=do_sample)
+    assert decoder._choose_tokens(logits, rows, settings, generator, [100, 100]) == [5, 5]
+    settings = DecodingSettings(img_logit_scale=math.inf, do_sample=do_sample)
+    assert decoder._choose_tokens(logits, rows, settings, generator, [100, 100]) == [pipe.img_token_ids[0]] * 2
+    # No room left in the second row's context: it cannot open an [IMG] group, so it keeps its best text token.
+    assert decoder._choose_tokens(logits, rows, settings, generator, [100, 1]) == [pipe.img_token_ids[0], 5]
+    settings = DecodingSettings(img_logit_scale=math.inf, max_images=0, do_sample=do_sample)
+    assert decoder._choose_tokens(logits, rows, settings, generator, [100, 100]) == [5, 5]
+
+
 def test_stop_at_newline_and_eos():
     pipe = make_pipeline("opt")
     newline_id = pipe.tokenizer("\n", add_special_tokens=False).input_ids[0]

@@ -19,6 +19,7 @@ and a table of issue 12's targets (section 2) against these figures.
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -47,7 +48,7 @@ logger = logging.getLogger("shapes.eval")
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "shapes_world")
 SAMPLING = dict(num_inference_steps=20, guidance_scale=5.0)
 # Force an [IMG] group at once: the image must come from what the LM read.
-FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=1e4, max_images=1)
+FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=math.inf, max_images=1)
 
 
 def label_tensor(scenes) -> torch.Tensor:
@@ -408,7 +409,7 @@ def main(argv=None) -> dict:
     report = {
         "setup": (
             f"Judge: the world's attribute classifier. Sampling: DDIM {SAMPLING['num_inference_steps']} steps, guidance "
-            f"{SAMPLING['guidance_scale']}. GILL images are forced right after the prompt (`img_logit_scale=1e4`, "
+            f"{SAMPLING['guidance_scale']}. GILL images are forced right after the prompt (`img_logit_scale=math.inf`, "
             "`max_new_tokens=1`) unless stated. In-distribution prompts use combinations seen in training (new image "
             "draws and seeds; the caption texts themselves were seen); held-out combinations were excluded from every "
             "training stage (base models, GILL, index, decision head)."

@@ -7,6 +7,7 @@ VAE and scheduler, with the text encoder and tokenizer the user passes (for the 
 The retrieval baseline is a whole CLIP the user passes.
 """
 
+import math
 import os
 
 import PIL.Image
@@ -16,7 +17,7 @@ from ..pipeline.decoding import DecodingSettings
 
 
 # One new token, which must be [IMG0] (its logit scaled far above every other), and one image group.
-FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=1e4, max_images=1)
+FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=math.inf, max_images=1)
 
 
 def example_generators(seeds: list[int]) -> list[torch.Generator]:

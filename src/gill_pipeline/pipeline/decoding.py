@@ -21,6 +21,7 @@ are done get masked slots; their outputs are no longer read.
 """
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -66,7 +67,7 @@ class GILLImgTokenLogitsProcessor(LogitsProcessor):
 
     `[IMG1..r-1]` are suppressed; `[IMG0]` is suppressed in a row that has fewer than `min_text_tokens` text tokens,
     already `max_images` groups, or less than `r` positions left in the LM's context; elsewhere `img_logit_scale > 1`
-    replaces its logit by `|logit| * img_logit_scale`.
+    replaces its logit by `|logit| * img_logit_scale`, and `img_logit_scale=math.inf` makes it the only choice.
 
     Args:
         img_token_ids (`list[int]`): The `r` ids of `[IMG0]..[IMG{r-1}]`.
@@ -98,9 +99,13 @@ class GILLImgTokenLogitsProcessor(LogitsProcessor):
         img0, rest = self.img_token_ids[0], self.img_token_ids[1:]
         scores[:, rest] = float("-inf")
         logit = scores[:, img0]
+        allowed = torch.tensor(self.allowed, device=scores.device)
+        if math.isinf(self.img_logit_scale):  # `[IMG0]` wherever it is allowed, whatever its logit (also sampled)
+            scores = torch.where(allowed[:, None], torch.full_like(scores, float("-inf")), scores)
+            scores[:, img0] = torch.where(allowed, torch.zeros_like(logit), torch.full_like(logit, float("-inf")))
+            return scores
         if self.img_logit_scale > 1:
             logit = logit.abs() * self.img_logit_scale
-        allowed = torch.tensor(self.allowed, device=scores.device)
         scores[:, img0] = torch.where(allowed, logit, torch.full_like(logit, float("-inf")))
         return scores
 

@@ -359,7 +359,8 @@ class GILLPipeline(DiffusionPipeline):
         if top_p > 1:
             raise ValueError(f"`top_p` must be a number in (0, 1], got {top_p!r}.")
         _check_int(min_text_tokens, "min_text_tokens", minimum=0)
-        _check_number(img_logit_scale, "img_logit_scale", positive=True)
+        if img_logit_scale != math.inf:  # inf: `[IMG0]` wherever it is allowed (a forced image)
+            _check_number(img_logit_scale, "img_logit_scale", positive=True)
         if max_images is not None:
             _check_int(max_images, "max_images", minimum=0)
         if not isinstance(image_mode, str) or image_mode not in IMAGE_MODES:
@@ -935,7 +936,8 @@ class GILLPipeline(DiffusionPipeline):
                 Text tokens to produce before `[IMG0]` may be produced (the reference's `min_word_tokens`).
             img_logit_scale (`float`, *optional*, defaults to 1.0):
                 When above 1, the `[IMG0]` logit becomes `|logit| * img_logit_scale`, making images more likely
-                (the reference's `ret_scale_factor`).
+                (the reference's `ret_scale_factor`). `math.inf` produces `[IMG0]` as soon as it is allowed (after
+                `min_text_tokens`, below `max_images`), whatever its logit.
             max_images (`int`, *optional*):
                 Most `[IMG]` groups per answer; `0` answers with text only. Unlimited by default.
             stop_at_newline (`bool`, *optional*, defaults to `False`):
