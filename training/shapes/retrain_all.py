@@ -1,8 +1,10 @@
 """Retrains the whole shapes world from scratch and rewrites the package's bundled default:
 
 1. base models (CLIP, VAE, UNet = a real SD pipeline, causal LM, attribute classifier);
-2. GILL on top (data, assembly, `training/train_gill.py`, retrieval index, `training/train_decision.py`);
-3. the bundle (fp16 pipeline + retrieval set + classifier) in src/gill_pipeline/bundled/;
+2. GILL on top (caption pairs mixed with context documents, assembly, `training/train_gill.py`, retrieval index,
+   `training/train_decision.py`);
+3. the bundle (fp16 pipeline + retrieval set with its calibrated similarity floor + classifier + the world's CLIP)
+   in src/gill_pipeline/bundled/;
 4. the figures (benchmarks/results/shapes_world.md).
 
     python -m training.shapes.retrain_all --work shapes_work          # everything (see docs/shapes_world.md)
@@ -28,18 +30,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--results", default=None, help="results path without extension (default: benchmarks/results)")
     parser.add_argument("--skip-base", action="store_true", help="reuse the base models already in --work/base")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--context-ratio", type=float, default=0.0,
-                        help="GILL's share of context-chain documents (train_world_gill.py; 0: as the bundle was made)")
-    parser.add_argument("--context-kinds", default="text,image", help="train_world_gill.py --context-kinds")
-    parser.add_argument("--gill-steps", type=int, default=1500, help="train_world_gill.py --steps")
-    parser.add_argument("--caption-weight", type=float, default=1.0, help="train_world_gill.py --caption-weight")
+    # The defaults are the recipe of the bundled model (docs/shapes_world.md, "Context training").
+    parser.add_argument("--context-ratio", type=float, default=0.5,
+                        help="GILL's share of context-chain documents (train_world_gill.py; 0: caption pairs only)")
+    parser.add_argument("--context-kinds", default="text,image,describe,text,image_first,describe",
+                        help="train_world_gill.py --context-kinds (a kind listed twice is drawn twice as often)")
+    parser.add_argument("--gill-steps", type=int, default=3000, help="train_world_gill.py --steps")
+    parser.add_argument("--caption-weight", type=float, default=2.0, help="train_world_gill.py --caption-weight")
     parser.add_argument("--document-retrieval-weight", type=float, default=1.0,
                         help="train_world_gill.py --document-retrieval-weight")
     parser.add_argument("--context-prefix-grad", default="true", choices=("true", "false"),
                         help="train_world_gill.py --context-prefix-grad")
     parser.add_argument("--gill-seed", type=int, default=0, help="train_world_gill.py --seed (GILL's data and init)")
-    parser.add_argument("--clip-vision-rounds", type=int, default=1, help="pretrain_base.py --clip-vision-rounds")
-    parser.add_argument("--phrasings", default="world", choices=("world", "training"),
+    parser.add_argument("--clip-vision-rounds", type=int, default=2, help="pretrain_base.py --clip-vision-rounds")
+    parser.add_argument("--phrasings", default="training", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

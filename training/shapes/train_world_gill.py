@@ -59,7 +59,7 @@ def write_caption_set(folder: str, name: str, scenes, seed: int) -> str:
     return path
 
 
-CONTEXT_KINDS = ("text", "image", "describe")
+CONTEXT_KINDS = ("text", "image", "describe", "image_first")
 
 
 def write_context_documents(
@@ -74,7 +74,10 @@ def write_context_documents(
     - "image": `[there is][image of the first (context only)][. <instruction> :][image of the target]`, the form of
       the evaluation's "input image" prompts;
     - "describe": `[image of a scene (context only)][its caption][another drawing of that scene]`, the form of the
-      README demo (GILL describes an input image, then answers with an image of it).
+      README demo (GILL describes an input image, then answers with an image of it);
+    - "image_first": `[image of the first (context only)][<instruction> :][image of the target]`, the form a chat or
+      the demo page sends (an uploaded image, then the request).
+    A kind may be listed more than once to weigh it (e.g. "text,image,describe,text,image_first,describe").
     The target image's caption (its generation target) is the answer's caption, so `[IMG]` states after a context
     learn the answer's SD conditioning.
     """
@@ -103,6 +106,8 @@ def write_context_documents(
             segments = [{"text": context_text(first, instruction)}, answer]
         elif kind == "image":
             segments = [{"text": "there is"}, given, {"text": f". {instruction} :"}, answer]
+        elif kind == "image_first":
+            segments = [given, {"text": f"{instruction} :"}, answer]
         else:
             segments = [given, {"text": first.caption()}, answer]
         documents.append({"id": f"{name}-{i}", "segments": segments})
