@@ -26,10 +26,13 @@ RANDOM_MODEL = "tiny-random"
 PRESETS = {
     # Trained by this project on the shapes world (src/gill_pipeline/bundled/; docs/shapes_world.md).
     SHAPES_MODEL: dict(
-        # An image of the world in; GILL describes it, then answers with an image: retrieved and generated ("both").
+        # An image of the world in; GILL describes it (the world's captions are 7 words), then answers with an image:
+        # retrieved and generated ("both"); the decision head, overruled by the retrieval set's similarity floor,
+        # picks the one shown. A mild [IMG0] boost (2) lets the [IMG] group come right after the description, and
+        # 8 new tokens stop the answer there.
         prompt=["@example-image"],
         settings=dict(
-            max_new_tokens=8, min_text_tokens=0, img_logit_scale=3.0, max_images=1, image_mode="both", steps=20,
+            max_new_tokens=8, min_text_tokens=0, img_logit_scale=2.0, max_images=1, image_mode="both", steps=20,
             guidance_scale=5.0,
         ),
     ),
