@@ -189,11 +189,21 @@ def number(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def portable(text: str, work: str | None) -> str:
+    """`text` with this checkout's paths made relative to the repository and the work folder shown as `WORK`, so the
+    committed results page does not carry one machine's paths (the JSON keeps them as run)."""
+    if work:
+        text = text.replace(os.path.abspath(work), "WORK")
+    return text.replace(REPO + os.sep, "")
+
+
 def markdown(results: dict) -> str:
+    work = results.get("work")
     lines = [
         "# The GILL paper's protocols on the shapes world, made by `gill evaluate`",
         "",
-        f"Model: `{results['model']}`; CLIP: `{results['clip']}`; scale {results['scale']}; DDIM 20 steps, guidance 5; "
+        f"Model: `{portable(results['model'], work)}`; CLIP: `{portable(results['clip'], work)}`; scale "
+        f"{results['scale']}; DDIM 20 steps, guidance 5; "
         f"{results['threads']} torch thread(s), {results['machine']}; total {results['seconds']:.0f} s.",
         "Written by `python benchmarks/bench_shapes_protocols.py` (docs/evaluation.md, \"The shapes world's figures\").",
         "",
@@ -218,7 +228,7 @@ def markdown(results: dict) -> str:
     for name, entry in results["protocols"].items():
         lines.append(f"- `{name}` ({entry['n']}): {entry['what']}.")
     lines += ["", "## Commands run", "", "```bash"]
-    lines += [entry["command"] for entry in results["protocols"].values()]
+    lines += [portable(entry["command"], work) for entry in results["protocols"].values()]
     lines += ["```", ""]
     return "\n".join(lines)
 
@@ -253,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     written = write_data(work, args.scale)
     logger.info("data written under %s (%.0f s)", os.path.join(work, "data"), time.perf_counter() - start)
     results = {
-        "model": args.model, "clip": args.clip, "scale": args.scale, "threads": args.threads,
+        "model": args.model, "clip": args.clip, "work": os.path.abspath(work), "scale": args.scale,
+        "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}", "protocols": {},
     }
     for name, argv_ in commands(written, args.model, args.clip, work).items():
