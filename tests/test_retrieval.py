@@ -638,3 +638,24 @@ def test_a_match_below_the_floor_is_generated_instead(with_index, decision, mode
         assert all(i.source == "retrieved" for i in _images(with_index("Show me", image_mode="retrieve", **IMAGE_CALL)))
     finally:
         index.min_similarity = None
+
+
+def test_a_streamed_answer_shows_only_the_generated_image_below_the_floor(with_index, decision):
+    from gill_pipeline import GILLStreamer
+
+    decision("retrieve")
+    arrivals = []
+
+    class Recording(GILLStreamer):
+        def put_image(self, image):
+            arrivals.append(image.source)
+            super().put_image(image)
+
+    index = with_index.retrieval_index
+    try:
+        index.min_similarity = 1.0
+        out = with_index("Show me", image_mode="auto", streamer=Recording(with_index.tokenizer), **IMAGE_CALL)
+    finally:
+        index.min_similarity = None
+    assert arrivals and set(arrivals) == {"generated"}  # the overruled retrieved images are not streamed
+    assert [image.source for image in out.gill_images[0]] == arrivals

@@ -19,12 +19,14 @@ and a table of issue 12's targets (section 2) against these figures.
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import time
 
 import torch
+
+# FORCE_IMAGE: an [IMG] group at once, so the image comes from what the LM read (as `gill evaluate` asks for it).
+from gill_pipeline.evaluation.systems import FORCE_IMAGE
 
 from .classifier import AttributeClassifier
 from .models import SIZES
@@ -47,8 +49,6 @@ from .world import (
 logger = logging.getLogger("shapes.eval")
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "shapes_world")
 SAMPLING = dict(num_inference_steps=20, guidance_scale=5.0)
-# Force an [IMG] group at once: the image must come from what the LM read.
-FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=math.inf, max_images=1)
 
 
 def label_tensor(scenes) -> torch.Tensor:

@@ -15,13 +15,12 @@ What makes a protocol measure something in this world:
   triangles, as `train_world_gill.write_decision_labels` labels the training data.
 """
 
-import csv
 import json
 import os
 import random
 
 from .models import SIZES
-from .train_world_gill import RETRIEVABLE_SHAPES
+from .train_world_gill import write_decision_tsv
 from .world import Scene, context_example, context_text, draw
 
 # A story step: a scene (its caption is the step's text) or a (text, scene) pair.
@@ -105,21 +104,12 @@ def write_coco(folder, scenes: list[Scene]) -> str:
     return path
 
 
-def decision_label(scene: Scene) -> str:
-    return "ret" if scene.shape in RETRIEVABLE_SHAPES else "gen"
-
-
 def write_decisions(folder, scenes: list[Scene]) -> str:
     """Shapes-world labels in the PartiPrompts decision format: retrieve circles and squares (the retrieval set holds
     them), generate triangles; one `same` row has no label."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, DECISIONS_FILE)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["Prompt", "Category", "Challenge", "Note", "Decision"])
-        for scene in scenes:
-            writer.writerow([scene.caption(), "World", "Basic", "", decision_label(scene)])
-        writer.writerow([scenes[0].caption(), "World", "Basic", "", "same"])
+    write_decision_tsv(path, scenes, extra_rows=[(scenes[0].caption(), "same")])
     return path
 
 

@@ -132,16 +132,26 @@ def write_index_images(folder: str, seed: int) -> int:
     return count
 
 
-def write_decision_labels(path: str) -> int:
-    """PartiPrompts-format TSV (Prompt, Category, Challenge, Note, Decision) over the training scenes."""
+def decision_label(scene) -> str:
+    """The world's real retrieve-or-generate label: `ret` when the retrieval set holds the shape, else `gen`."""
+    return "ret" if scene.shape in RETRIEVABLE_SHAPES else "gen"
+
+
+def write_decision_tsv(path: str, scenes, extra_rows=()) -> int:
+    """PartiPrompts-format TSV (Prompt, Category, Challenge, Note, Decision): one labelled row per scene, then
+    `extra_rows` as (prompt, decision) pairs."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(["Prompt", "Category", "Challenge", "Note", "Decision"])
-        scenes = training_scenes()
-        for scene in scenes:
-            label = "ret" if scene.shape in RETRIEVABLE_SHAPES else "gen"
-            writer.writerow([scene.caption(), "Shapes", "Basic", "shapes world", label])
-    return len(scenes)
+        rows = [(scene.caption(), decision_label(scene)) for scene in scenes] + list(extra_rows)
+        for prompt, decision in rows:
+            writer.writerow([prompt, "Shapes", "Basic", "shapes world", decision])
+    return len(rows)
+
+
+def write_decision_labels(path: str) -> int:
+    """The decision head's training labels, over the training scenes."""
+    return write_decision_tsv(path, training_scenes())
 
 
 def assemble(base: str, out: str, seed: int) -> str:

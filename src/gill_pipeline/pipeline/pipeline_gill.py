@@ -1108,8 +1108,9 @@ class GILLPipeline(DiffusionPipeline):
             retrieve = self.apply_min_similarity(requests, retrieve, retrieved, image_mode)
             delivered = set()
             if streamer is not None and hasattr(streamer, "put_image") and image_mode != "both":
+                shown_retrieved = {key for key, chosen in zip(requests, retrieve) if chosen}
                 for key, image in retrieved.items():  # final already: delivered before any image is generated
-                    if not retrieve[requests.index(key)]:
+                    if key not in shown_retrieved:
                         continue  # below the set's similarity floor: the generated image is shown instead
                     streamer.put_image(image)
                     delivered.add(id(image))
