@@ -233,3 +233,32 @@ def test_config_file_overrides_and_errors(tmp_path):
         parse_config(["--config", str(bad), "--tiny-random", "opt", "--train-data-type", "synthetic"])
     with pytest.raises(ValueError, match="exactly one model source"):
         parse_config(["--train-data-type", "synthetic"])
+
+
+def test_image_cache_returns_the_same_pixels_and_keeps_at_most_its_size(tmp_path, tiny):
+    """`cache_images`: each file is decoded once (a cached file deleted afterwards still reads), the tensors equal the
+    uncached reader's, the least recently used file leaves first, and an unreadable file is never cached."""
+    paths = []
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", i)
+        paths.append(str(tmp_path / f"{i}.png"))
+    plain = ExampleReader(tiny.pipe.feature_extractor)
+    cached = ExampleReader(tiny.pipe.feature_extractor, cache_images=2)
+    expected = [plain(f"k{i}", "c", p)["pixel_values"] for i, p in enumerate(paths)]
+    for i in (0, 1, 0):  # 1 is now the least recently used of the two kept
+        assert torch.equal(cached(f"k{i}", "c", paths[i])["pixel_values"], expected[i])
+    assert torch.equal(cached("k2", "c", paths[2])["pixel_values"], expected[2])  # drops 1
+    for p in paths:
+        os.remove(p)
+    assert torch.equal(cached("k0", "c", paths[0])["pixel_values"], expected[0])
+    assert torch.equal(cached("k2", "c", paths[2])["pixel_values"], expected[2])
+    assert cached("k1", "c", paths[1])["skipped"]  # not kept, and gone from disk: skipped as missing
+    assert plain("k0", "c", paths[0])["skipped"]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert cached("bad", "c", str(tmp_path / "bad.png"))["skipped"]
+    assert str(tmp_path / "bad.png") not in cached._cache
+
+
+def test_image_cache_size_is_checked():
+    with pytest.raises(ValueError, match=r"`cache_images` must be a non-negative number, got -1"):
+        parse_config(["--config", TINY_CONFIG, "--cache-images=-1"])

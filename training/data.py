@@ -12,6 +12,7 @@ per-image records for precompute.py (`iterate_records(..., "interleaved", ...)`)
 """
 
 import codecs
+import collections
 import glob
 import io
 import json
@@ -254,9 +255,28 @@ def skipped_example(key: str, kind: str, reason: str) -> dict:
 class ExampleReader:
     """Turns (key, caption, image or path) into a training example: pixel values (or stored features) + target."""
 
-    def __init__(self, image_processor, store=None):
+    def __init__(self, image_processor, store=None, cache_images: int = 0):
         self.image_processor = image_processor
         self.store = store
+        # Preprocessed pixels of up to `cache_images` image files, least recently used dropped first: a small data set
+        # read for many epochs (the shapes world) then decodes and preprocesses each file once. Same tensors either way.
+        self.cache_images = cache_images
+        self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+
+    def _pixel_values(self, path: str) -> torch.Tensor | None:
+        cached = self._cache.get(path)
+        if cached is not None:
+            self._cache.move_to_end(path)
+            return cached
+        image = load_rgb(path)
+        if image is None:
+            return None
+        pixel_values = self.image_processor(images=[image], return_tensors="pt").pixel_values[0]
+        if self.cache_images > 0:
+            self._cache[path] = pixel_values
+            if len(self._cache) > self.cache_images:
+                self._cache.popitem(last=False)
+        return pixel_values
 
     def __call__(self, key: str, caption: str, image_source) -> dict:
         example = {"key": key, "caption": caption}
@@ -272,18 +292,18 @@ class ExampleReader:
             example["target"] = stored["target"]
             if "image_features" in stored:
                 return {**example, "image_features": stored["image_features"], "skipped": False}
-        if isinstance(image_source, PIL.Image.Image):
-            image = rgb_or_none(image_source)
+        if isinstance(image_source, str):
+            pixel_values = self._pixel_values(resolve_image_path(image_source))
         else:
-            image = load_rgb(resolve_image_path(image_source) if isinstance(image_source, str) else image_source)
-        if image is None:
+            image = rgb_or_none(image_source) if isinstance(image_source, PIL.Image.Image) else load_rgb(image_source)
+            pixel_values = None if image is None else self.image_processor(images=[image], return_tensors="pt").pixel_values[0]
+        if pixel_values is None:
             if isinstance(image_source, str):
                 path = resolve_image_path(image_source)
                 reason = f"image {path!r} is {'unreadable' if os.path.isfile(path) else 'missing'}"
             else:
                 reason = "the image bytes are unreadable"
             return skipped_example(key, SKIP_IMAGE, reason)
-        pixel_values = self.image_processor(images=[image], return_tensors="pt").pixel_values[0]
         return {**example, "pixel_values": pixel_values, "skipped": False}
 
 

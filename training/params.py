@@ -168,6 +168,13 @@ class DataArgs:
         default="Describe this picture.", metadata={"help": "The user's request after an image (`chat_template`)."}
     )
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
+    cache_images: int = field(
+        default=0,
+        metadata={
+            "help": "Keep the preprocessed pixels of up to this many image files in memory (per data-loading process, "
+            "least recently used dropped first; 0: off). For small data sets read for many epochs; same values either way."
+        },
+    )
     synthetic_size: int = field(default=64, metadata={"help": "Examples of the synthetic data set."})
     val_max_samples: int = field(default=1000, metadata={"help": "At most this many validation examples are used."})
 
@@ -194,6 +201,7 @@ class DataArgs:
         _positive("interleaved_max_length", self.interleaved_max_length)
         _positive("max_length", self.max_length)
         _positive("num_workers", self.num_workers, allow_zero=True)
+        _positive("cache_images", self.cache_images, allow_zero=True)
         _positive("synthetic_size", self.synthetic_size)
         _positive("val_max_samples", self.val_max_samples)
 

@@ -250,7 +250,7 @@ def train(config: TrainConfig, accelerator) -> dict:
     collator = Collator(pipe.tokenizer, len(pipe.img_token_ids), config.data.max_length)
     train_set = build_dataset(
         config.data.train_data, config.data.train_data_type, config.data.image_folder,
-        ExampleReader(pipe.feature_extractor, train_store),
+        ExampleReader(pipe.feature_extractor, train_store, config.data.cache_images),
         config.data.synthetic_size, image_size, run.seed,
     )
     interleaved_set = interleaved_val_set = None
@@ -260,12 +260,12 @@ def train(config: TrainConfig, accelerator) -> dict:
     )
     if config.data.interleaved_data is not None:
         interleaved_set = InterleavedDataset(
-            config.data.interleaved_data, ExampleReader(pipe.feature_extractor, interleaved_store),
+            config.data.interleaved_data, ExampleReader(pipe.feature_extractor, interleaved_store, config.data.cache_images),
             config.data.interleaved_image_folder,
         )
     if config.data.interleaved_val_data is not None:
         interleaved_val_set = InterleavedDataset(
-            config.data.interleaved_val_data, ExampleReader(pipe.feature_extractor, interleaved_val_store),
+            config.data.interleaved_val_data, ExampleReader(pipe.feature_extractor, interleaved_val_store, config.data.cache_images),
             config.data.interleaved_val_image_folder,
         )
         if len(interleaved_val_set) > config.data.val_max_samples:
@@ -274,7 +274,7 @@ def train(config: TrainConfig, accelerator) -> dict:
     if config.data.val_data or config.data.val_data_type == "synthetic":
         val_set = build_dataset(
             config.data.val_data, config.data.val_data_type, config.data.val_image_folder,
-            ExampleReader(pipe.feature_extractor, val_store),
+            ExampleReader(pipe.feature_extractor, val_store, config.data.cache_images),
             config.data.synthetic_size, image_size, run.seed + 1,
         )
         if not isinstance(val_set, IterableDataset) and len(val_set) > config.data.val_max_samples:
