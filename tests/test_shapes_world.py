@@ -127,6 +127,22 @@ def test_describe_documents_show_the_input_scene_again(tmp_path):
         write_context_documents(str(tmp_path), "bad", 2, seed=0, kinds=("story",))
 
 
+def test_answer_documents_write_the_answer_before_its_image(tmp_path):
+    """"text_answer" / "image_first_answer": the request, then the answer's caption in words, then its image."""
+    from training.interleaved import read_documents
+    from training.shapes.train_world_gill import write_context_documents
+
+    path = write_context_documents(str(tmp_path), "context", 4, seed=0, kinds=("text_answer", "image_first_answer"))
+    for i, (_, segments) in enumerate(read_documents(path)):
+        answer = segments[-1]
+        text = segments[-2]["text"]
+        assert text.endswith(f" : {answer['caption']} .") and answer.get("target", True)
+        if i % 2 == 0:
+            assert len(segments) == 2 and text.startswith("there is ")
+        else:
+            assert len(segments) == 3 and segments[0]["target"] is False and text.startswith("now ")
+
+
 def test_captioning_error_directions_flag_a_collapsed_attribute():
     from training.shapes.evaluate_world import error_directions, one_directional
 
@@ -167,6 +183,16 @@ def bundled():
     pipe = load_bundled_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_bundle_names_no_path_of_the_machine_that_trained_it():
+    from gill_pipeline.bundled import BUNDLED_ROOT
+
+    for directory, _, files in os.walk(BUNDLED_ROOT):
+        for name in files:
+            if name.endswith((".json", ".md", ".txt")):
+                text = open(os.path.join(directory, name), encoding="utf-8").read()
+                assert "/tmp/" not in text and "/work/" not in text and "/home/" not in text, os.path.join(directory, name)
 
 
 def test_bundle_is_small_and_loads(bundled):

@@ -37,14 +37,24 @@ MAX_BUNDLE_BYTES = 25 * 1024 * 1024
 
 
 def scrub_local_paths(folder: str) -> None:
-    """Drops `_name_or_path` entries (the paths of the machine that trained it) from the bundle's JSON configs."""
+    """Drops the paths of the machine that trained it from the bundle: `_name_or_path` entries of JSON configs, a LoRA
+    adapter's `base_model_name_or_path` (informational: the pipeline applies the adapter to its own `llm/`), and the
+    boilerplate model card peft writes beside an adapter (it names the same path)."""
     for directory, _, files in os.walk(folder):
         for name in files:
+            path = os.path.join(directory, name)
+            if name == "README.md" and os.path.isfile(os.path.join(directory, "adapter_config.json")):
+                os.remove(path)
+                continue
             if not name.endswith(".json"):
                 continue
-            path = os.path.join(directory, name)
             with open(path, encoding="utf-8") as f:
                 config = json.load(f)
+            if isinstance(config, dict) and config.get("base_model_name_or_path"):
+                config["base_model_name_or_path"] = None
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2, sort_keys=True)
+                    f.write("\n")
             if isinstance(config, dict) and "_name_or_path" in config:
                 config.pop("_name_or_path")
                 with open(path, "w", encoding="utf-8") as f:

@@ -13,6 +13,7 @@ Defaults to the bundled pipeline and index (what ships). Writes benchmarks/resul
 8. "an input image + the same shape in another colour", in the world's and in held-out phrasings;
 9. the README default demo (`gill generate`'s preset for this model) over every scene of the world: is the image it
    shows (the decision head's pick of retrieved vs generated) the input scene?
+10. a chat's first turn (`[input image] <instruction> :`, the demo's settings): GILL's written answer and shown image;
 and a table of issue 12's targets (section 2) against these figures.
 """
 
@@ -23,6 +24,7 @@ import os
 import random
 import time
 
+import numpy as np
 import torch
 
 # FORCE_IMAGE: an [IMG] group at once, so the image comes from what the LM read (as `gill evaluate` asks for it).
@@ -97,6 +99,21 @@ def generation(pipe, sd, classifier, scenes, seed) -> dict:
         "gill": accuracy(judge(classifier, images), scenes) | {"no_image": missing},
         "sd": accuracy(judge(classifier, sd_images(sd, captions, seed)), scenes),
     }
+
+
+def decoder_round_trip(sd, classifier, scenes, seed) -> dict:
+    """Drawn images through the SD pipeline's VAE and back, judged: the ceiling the decoder sets on any image drawn
+    through it (GILL's and SD's alike), whatever conditions the UNet."""
+    rng = random.Random(seed)
+    images = torch.stack([
+        torch.from_numpy(np.asarray(draw(s, SIZES.image_size, 1, rng.randrange(1 << 30)), dtype=np.float32)).permute(2, 0, 1)
+        for s in scenes
+    ]) / 255
+    vae = sd.vae
+    with torch.no_grad():
+        latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mode()
+        decoded = (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+    return accuracy(judge(classifier, decoded), scenes)
 
 
 def retrieval(pipe, scenes, seed) -> dict:
@@ -264,6 +281,32 @@ def readme_demo(pipe, classifier, scenes, seed) -> dict:
     }
 
 
+def chat_turn(pipe, classifier, examples, seed) -> dict:
+    """A chat's first turn, `[input image] <instruction> :` (what `gill chat` and the demo page send), with the README
+    demo's settings: is GILL's written answer the target scene, and is the image it shows?"""
+    settings = demo_settings()
+    rng = random.Random(seed)
+    inputs = [[draw(first, SIZES.image_size, 1, rng.randrange(1 << 30)), f"{instruction} :"] for first, instruction, _ in examples]
+    targets = [target for _, _, target in examples]
+    shown, texts = [], []
+    for chunk_index, chunk in enumerate(batched(inputs, 32)):
+        generators = [torch.Generator().manual_seed(seed + chunk_index * 1000 + i) for i in range(len(chunk))]
+        result = pipe(chunk, generator=generators, output_type="pt", **settings)
+        for images, text in zip(result.gill_images, result.texts):
+            shown.append(images[0].image if images else None)
+            texts.append(text)
+    blank = torch.zeros(3, SIZES.image_size, SIZES.image_size)
+    pred = judge(classifier, torch.stack([image if image is not None else blank for image in shown]))
+    image_right = (pred == label_tensor(targets)).all(-1) & torch.tensor([image is not None for image in shown])
+    return {
+        "text": accuracy(torch.tensor([parse_scene(t) for t in texts]), targets),
+        "image_exact": float(image_right.float().mean()),
+        "no_image": sum(image is None for image in shown),
+        "n": len(examples),
+        "example": {"request": inputs[0][1], "gill_wrote": texts[0], "target": targets[0].caption()},
+    }
+
+
 # Issue 12, section 2: image targets after a context (exact attributes), demo, captioning.
 TARGETS = dict(context_exact=0.85, demo_right=0.95, captioning_exact=0.9)
 
@@ -301,6 +344,8 @@ def markdown(report: dict) -> str:
         lines += [f"## {split.replace('_', ' ')}", "", *header]
         lines.append(row("1. generation: GILL", r["generation"]["gill"]))
         lines.append(row("1. generation: SD (same captions)", r["generation"]["sd"]))
+        if "decoder_round_trip" in r:
+            lines.append(row("1. drawn images through the VAE and back (the decoder's ceiling)", r["decoder_round_trip"]))
         for key, name in (
             ("gill_image_at_once", "4. context (text): GILL draws at once"),
             ("gill_writes_then_draws", "4. context (text): GILL writes, then draws"),
@@ -339,7 +384,16 @@ def markdown(report: dict) -> str:
               f"({demo['settings']}; the retrieval set's similarity floor: {demo.get('min_similarity')}): the shown image is "
               f"the input scene for **{demo['right']:.3f}** of {demo['n']} "
               f"scenes (by the image shown: {demo['by_source']}); GILL's description is exact for "
-              f"{demo['description_exact']:.3f}.", "", "## Issue 12 targets (section 2)", "",
+              f"{demo['description_exact']:.3f}.", ""]
+    if "chat_turn" in report:
+        chat = report["chat_turn"]
+        lines += ["## A chat's first turn", "",
+                  f"10. `[input image] <instruction> :` (what `gill chat` and the demo page send; seen combinations, the "
+                  f"world's phrasing) with the same settings: GILL's written answer is exact for **{chat['text']['exact']:.3f}** "
+                  f"of {chat['n']}, the image it shows for **{chat['image_exact']:.3f}** ({chat['no_image']} without an image). "
+                  f"Example: `{chat['example']['request']}` -> `{chat['example']['gill_wrote']}` (target: "
+                  f"`{chat['example']['target']}`).", ""]
+    lines += ["## Issue 12 targets (section 2)", "",
               "| target | measured | needed | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {t['what']} | {t['value']:.3f} | {t['target']:.2f} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]]
     return "\n".join(lines + [""])
@@ -416,6 +470,7 @@ def main(argv=None) -> dict:
         ),
         "in_distribution": {
             "generation": generation(pipe, sd, classifier, seen, args.seed),
+            "decoder_round_trip": decoder_round_trip(sd, classifier, seen, args.seed),
             "retrieval": retrieval(pipe, [s for s in seen if s.shape in RETRIEVABLE_SHAPES], args.seed),
             "decision": decision(pipe, seen),
             "context": context(pipe, sd, classifier, ctx_seen, args.seed),
@@ -425,8 +480,10 @@ def main(argv=None) -> dict:
             "colour_change_new_phrasings": colour_change(pipe, sd, classifier, colour_seen, "held_out", args.seed + 5),
         },
         "readme_demo": readme_demo(pipe, classifier, demo_scenes, args.seed + 6),
+        "chat_turn": chat_turn(pipe, classifier, ctx_seen, args.seed + 9),
         "held_out": {
             "generation": generation(pipe, sd, classifier, held_gen, args.seed + 1),
+            "decoder_round_trip": decoder_round_trip(sd, classifier, held_gen, args.seed + 1),
             "decision": decision(pipe, held),
             "context": context(pipe, sd, classifier, ctx_held, args.seed + 1),
             "captioning": captioning(pipe, held_gen, args.seed + 1),

@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     # The defaults are the recipe of the bundled model (docs/shapes_world.md, "Context training").
     parser.add_argument("--context-ratio", type=float, default=0.5,
                         help="GILL's share of context-chain documents (train_world_gill.py; 0: caption pairs only)")
-    parser.add_argument("--context-kinds", default="text,image,describe,text,image_first,describe",
+    parser.add_argument("--context-kinds", default="text,image,describe,text,image_first,describe,text_answer,image_first_answer",
                         help="train_world_gill.py --context-kinds (a kind listed twice is drawn twice as often)")
     parser.add_argument("--gill-steps", type=int, default=3000, help="train_world_gill.py --steps")
     parser.add_argument("--caption-weight", type=float, default=2.0, help="train_world_gill.py --caption-weight")
@@ -42,6 +42,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--context-prefix-grad", default="true", choices=("true", "false"),
                         help="train_world_gill.py --context-prefix-grad")
     parser.add_argument("--gill-seed", type=int, default=0, help="train_world_gill.py --seed (GILL's data and init)")
+    parser.add_argument("--lora-rank", type=int, default=8,
+                        help="train_world_gill.py --lora-rank: a LoRA adapter on the LM trains with GILL (0: LM frozen)")
     parser.add_argument("--clip-vision-rounds", type=int, default=2, help="pretrain_base.py --clip-vision-rounds")
     parser.add_argument("--phrasings", default="training", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
@@ -65,7 +67,8 @@ def main(argv=None) -> dict:
                            "--context-phrasings", args.phrasings, "--steps", str(args.gill_steps), "--seed", str(args.gill_seed),
                            "--context-prefix-grad", args.context_prefix_grad,
                            "--caption-weight", str(args.caption_weight),
-                           "--document-retrieval-weight", str(args.document_retrieval_weight)])
+                           "--document-retrieval-weight", str(args.document_retrieval_weight),
+                           "--lora-rank", str(args.lora_rank)])
     times["gill"] = round(time.time() - t, 1)
     t = time.time()
     bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",

@@ -59,7 +59,7 @@ def write_caption_set(folder: str, name: str, scenes, seed: int) -> str:
     return path
 
 
-CONTEXT_KINDS = ("text", "image", "describe", "image_first")
+CONTEXT_KINDS = ("text", "image", "describe", "image_first", "text_answer", "image_first_answer")
 
 
 def write_context_documents(
@@ -77,6 +77,10 @@ def write_context_documents(
       README demo (GILL describes an input image, then answers with an image of it);
     - "image_first": `[image of the first (context only)][<instruction> :][image of the target]`, the form a chat or
       the demo page sends (an uploaded image, then the request).
+    - "text_answer", "image_first_answer": as "text" and "image_first", with the answer written out before its image
+      (`... <instruction> : <answer caption> .`): GILL writes its answer, then draws it, as a chat turn does. With a
+      LoRA adapter on the LM the prose is learnt too, and without these the adapted LM answers a request with `[IMG]`
+      only (its text after `:` drifts).
     A kind may be listed more than once to weigh it (e.g. "text,image,describe,text,image_first,describe").
     The target image's caption (its generation target) is the answer's caption, so `[IMG]` states after a context
     learn the answer's SD conditioning.
@@ -108,6 +112,10 @@ def write_context_documents(
             segments = [{"text": "there is"}, given, {"text": f". {instruction} :"}, answer]
         elif kind == "image_first":
             segments = [given, {"text": f"{instruction} :"}, answer]
+        elif kind == "text_answer":
+            segments = [{"text": f"{context_text(first, instruction)} {target.caption()} ."}, answer]
+        elif kind == "image_first_answer":
+            segments = [given, {"text": f"{instruction} : {target.caption()} ."}, answer]
         else:
             segments = [given, {"text": first.caption()}, answer]
         documents.append({"id": f"{name}-{i}", "segments": segments})
@@ -202,6 +210,14 @@ def main(argv=None) -> dict:
         help="train_gill.py --interleaved-retrieval-weight (0: retrieval learns from caption pairs only)",
     )
     parser.add_argument(
+        "--cache-images", type=int, default=16384,
+        help="train_gill.py --cache-images: the world's images are decoded once, then kept in memory (0: off)",
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=0,
+        help="train_gill.py --lora-rank: a LoRA adapter of this rank on the LM's linear layers trains too (0: LM frozen)",
+    )
+    parser.add_argument(
         "--context-kinds", default="text,image",
         help=f"comma-separated kinds of context documents, from {CONTEXT_KINDS} (see write_context_documents)",
     )
@@ -250,6 +266,7 @@ def main(argv=None) -> dict:
             "--val-image-folder", os.path.join(data, "images"),
             "--max-length", "24",
             "--num-workers", "0",
+            "--cache-images", str(args.cache_images),
             "--val-max-samples", "256",
             "--lr", "1e-3",
             "--warmup-steps", str(max(1, steps // 15)),
@@ -268,6 +285,8 @@ def main(argv=None) -> dict:
             "--progress-bar", "false",
             "--caption-weight", str(args.caption_weight),
             *context_args,
+            *(["--lora", "true", "--lora-rank", str(args.lora_rank), "--lora-alpha", str(2.0 * args.lora_rank)]
+              if args.lora_rank > 0 else []),
         ]
     )
     report["train_gill"] = metrics
