@@ -307,3 +307,12 @@ def test_unknown_words_are_named_in_one_warning_per_call(bundled, caplog, tmp_pa
         "The prompt contains words this model's tokenizer does not know: 'Drw'. The LM reads each as its unknown "
         "token '<unk>'; rephrase with words it knows."
     ]
+
+
+def test_a_negative_lora_rank_is_refused_by_name(capsys):
+    from training.shapes.train_world_gill import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--base", "unused", "--out", "unused", "--lora-rank", "-2"])
+    assert exit_info.value.code == 2
+    assert "--lora-rank must be 0 (no adapter) or a positive rank, got -2" in capsys.readouterr().err

@@ -263,16 +263,16 @@ class ExampleReader:
         self.cache_images = cache_images
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
 
+    def _preprocess(self, image: PIL.Image.Image | None) -> torch.Tensor | None:
+        return None if image is None else self.image_processor(images=[image], return_tensors="pt").pixel_values[0]
+
     def _pixel_values(self, path: str) -> torch.Tensor | None:
         cached = self._cache.get(path)
         if cached is not None:
             self._cache.move_to_end(path)
             return cached
-        image = load_rgb(path)
-        if image is None:
-            return None
-        pixel_values = self.image_processor(images=[image], return_tensors="pt").pixel_values[0]
-        if self.cache_images > 0:
+        pixel_values = self._preprocess(load_rgb(path))
+        if pixel_values is not None and self.cache_images > 0:
             self._cache[path] = pixel_values
             if len(self._cache) > self.cache_images:
                 self._cache.popitem(last=False)
@@ -296,7 +296,7 @@ class ExampleReader:
             pixel_values = self._pixel_values(resolve_image_path(image_source))
         else:
             image = rgb_or_none(image_source) if isinstance(image_source, PIL.Image.Image) else load_rgb(image_source)
-            pixel_values = None if image is None else self.image_processor(images=[image], return_tensors="pt").pixel_values[0]
+            pixel_values = self._preprocess(image)
         if pixel_values is None:
             if isinstance(image_source, str):
                 path = resolve_image_path(image_source)

@@ -50,13 +50,14 @@ def scrub_local_paths(folder: str) -> None:
                 continue
             with open(path, encoding="utf-8") as f:
                 config = json.load(f)
-            if isinstance(config, dict) and config.get("base_model_name_or_path"):
+            if not isinstance(config, dict):
+                continue
+            changed = "_name_or_path" in config
+            config.pop("_name_or_path", None)
+            if config.get("base_model_name_or_path"):
                 config["base_model_name_or_path"] = None
-                with open(path, "w", encoding="utf-8") as f:
-                    json.dump(config, f, indent=2, sort_keys=True)
-                    f.write("\n")
-            if isinstance(config, dict) and "_name_or_path" in config:
-                config.pop("_name_or_path")
+                changed = True
+            if changed:
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump(config, f, indent=2, sort_keys=True)
                     f.write("\n")

@@ -24,7 +24,6 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 
 # FORCE_IMAGE: an [IMG] group at once, so the image comes from what the LM read (as `gill evaluate` asks for it).
@@ -104,14 +103,11 @@ def generation(pipe, sd, classifier, scenes, seed) -> dict:
 def decoder_round_trip(sd, classifier, scenes, seed) -> dict:
     """Drawn images through the SD pipeline's VAE and back, judged: the ceiling the decoder sets on any image drawn
     through it (GILL's and SD's alike), whatever conditions the UNet."""
-    rng = random.Random(seed)
-    images = torch.stack([
-        torch.from_numpy(np.asarray(draw(s, SIZES.image_size, 1, rng.randrange(1 << 30)), dtype=np.float32)).permute(2, 0, 1)
-        for s in scenes
-    ]) / 255
+    from .pretrain_base import image_tensor, world_images
+
     vae = sd.vae
     with torch.no_grad():
-        latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mode()
+        latents = vae.encode(image_tensor(world_images(scenes, seed)).to(vae.dtype)).latent_dist.mode()
         decoded = (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
     return accuracy(judge(classifier, decoded), scenes)
 
@@ -250,11 +246,10 @@ def demo_settings() -> dict:
     return {CALL_ARGUMENTS[k]: v for k, v in PRESETS[SHAPES_MODEL]["settings"].items()}
 
 
-def readme_demo(pipe, classifier, scenes, seed) -> dict:
-    """Every scene's image in, the demo's settings: the shown image (GILL's pick) must show the input scene."""
+def demo_answers(pipe, inputs: list[list], seed: int) -> tuple[list, list, list]:
+    """Each input answered with the README demo's settings -> (the image shown, a blank where none came), its source
+    ("none" where none came) and the text, per input."""
     settings = demo_settings()
-    rng = random.Random(seed)
-    inputs = [[draw(s, SIZES.image_size, 1, rng.randrange(1 << 30))] for s in scenes]
     shown, sources, texts = [], [], []
     for chunk_index, chunk in enumerate(batched(inputs, 32)):
         generators = [torch.Generator().manual_seed(seed + chunk_index * 1000 + i) for i in range(len(chunk))]
@@ -263,6 +258,15 @@ def readme_demo(pipe, classifier, scenes, seed) -> dict:
             shown.append(images[0].image if images else torch.zeros(3, SIZES.image_size, SIZES.image_size))
             sources.append(images[0].source if images else "none")
             texts.append(text)
+    return shown, sources, texts
+
+
+def readme_demo(pipe, classifier, scenes, seed) -> dict:
+    """Every scene's image in, the demo's settings: the shown image (GILL's pick) must show the input scene."""
+    settings = demo_settings()
+    rng = random.Random(seed)
+    inputs = [[draw(s, SIZES.image_size, 1, rng.randrange(1 << 30))] for s in scenes]
+    shown, sources, texts = demo_answers(pipe, inputs, seed)
     pred = judge(classifier, torch.stack(shown))
     # No image shown is wrong, whatever the classifier reads into a blank.
     right = [bool(ok) and source != "none" for ok, source in zip((pred == label_tensor(scenes)).all(-1).tolist(), sources)]
@@ -284,24 +288,16 @@ def readme_demo(pipe, classifier, scenes, seed) -> dict:
 def chat_turn(pipe, classifier, examples, seed) -> dict:
     """A chat's first turn, `[input image] <instruction> :` (what `gill chat` and the demo page send), with the README
     demo's settings: is GILL's written answer the target scene, and is the image it shows?"""
-    settings = demo_settings()
     rng = random.Random(seed)
     inputs = [[draw(first, SIZES.image_size, 1, rng.randrange(1 << 30)), f"{instruction} :"] for first, instruction, _ in examples]
     targets = [target for _, _, target in examples]
-    shown, texts = [], []
-    for chunk_index, chunk in enumerate(batched(inputs, 32)):
-        generators = [torch.Generator().manual_seed(seed + chunk_index * 1000 + i) for i in range(len(chunk))]
-        result = pipe(chunk, generator=generators, output_type="pt", **settings)
-        for images, text in zip(result.gill_images, result.texts):
-            shown.append(images[0].image if images else None)
-            texts.append(text)
-    blank = torch.zeros(3, SIZES.image_size, SIZES.image_size)
-    pred = judge(classifier, torch.stack([image if image is not None else blank for image in shown]))
-    image_right = (pred == label_tensor(targets)).all(-1) & torch.tensor([image is not None for image in shown])
+    shown, sources, texts = demo_answers(pipe, inputs, seed)
+    pred = judge(classifier, torch.stack(shown))
+    image_right = (pred == label_tensor(targets)).all(-1) & torch.tensor([source != "none" for source in sources])
     return {
         "text": accuracy(torch.tensor([parse_scene(t) for t in texts]), targets),
         "image_exact": float(image_right.float().mean()),
-        "no_image": sum(image is None for image in shown),
+        "no_image": sources.count("none"),
         "n": len(examples),
         "example": {"request": inputs[0][1], "gill_wrote": texts[0], "target": targets[0].caption()},
     }

@@ -226,6 +226,8 @@ def main(argv=None) -> dict:
         help="instruction wordings of the context documents (world.TRAINING_PHRASINGS; held-out ones never)",
     )
     args = parser.parse_args(argv)
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be 0 (no adapter) or a positive rank, got {args.lora_rank}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
