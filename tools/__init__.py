@@ -1,0 +1,1 @@
+"""Maintenance scripts for this repository (run from its root as `python -m tools.<name>`); not part of the package."""
