@@ -10,10 +10,10 @@ from huggingface_hub import constants as hf_constants
 from conftest import FAST_CALL, make_pipeline
 from fake_hub import FakeHub
 from gill_pipeline import GILLPipeline
-from gill_pipeline.base_models import record_base_models
-from gill_pipeline.hub import HubLoadError, push_folder_to_hub
-from gill_pipeline.learned_weights import LEARNED_WEIGHTS_MANIFEST_FILE
-from gill_pipeline.model_card import ModelCardInfo
+from gill_pipeline.constants import LEARNED_WEIGHTS_MANIFEST_FILE
+from gill_pipeline.serialization.base_models import record_base_models
+from gill_pipeline.serialization.hub import HubLoadError, push_folder_to_hub
+from gill_pipeline.serialization.model_card import ModelCardInfo
 
 TOKEN = "hf_fake_token"
 BASE = {"llm": "tiny/opt", "stable_diffusion": "tiny/sd", "image_encoder": "tiny/clip"}

@@ -16,8 +16,8 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from .constants import IMAGE_MODES
-from .file_names import looks_like_local_path
-from .loading import DTYPE_NAMES, resolve_dtype
+from .serialization.folder import DTYPE_NAMES, resolve_dtype
+from .serialization.paths import looks_like_local_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHAPES_MODEL = "shapes-world"
@@ -421,7 +421,7 @@ def add_generate_parser(subparsers) -> None:
 # gill convert-original
 # ----------------------------------------------------------------------------------------------------------------
 def run_convert_original(args) -> int:
-    from .convert_original import (
+    from .serialization.convert_original import (
         REFERENCE_ARGS_FILE,
         REFERENCE_CHECKPOINT_FILE,
         REFERENCE_DECISION_FILE,
@@ -526,9 +526,10 @@ def _parse_metrics(items: list[str]) -> dict[str, float]:
 
 
 def run_push(args) -> int:
-    from .hub import push_folder_to_hub
-    from .learned_weights import is_learned_weights_folder
-    from .model_card import MODEL_CARD_FILE, ModelCardInfo, write_model_card
+    from .constants import MODEL_CARD_FILE
+    from .serialization.hub import push_folder_to_hub
+    from .serialization.learned_weights import is_learned_weights_folder
+    from .serialization.model_card import ModelCardInfo, write_model_card
 
     folder = args.folder
     if not os.path.isdir(folder):
@@ -554,7 +555,7 @@ def run_push(args) -> int:
         pipe = GILLPipeline.from_pretrained(folder)
         url = pipe.push_learned_weights(args.repo_id, card_info=info, **push_kwargs)
     else:
-        from .loading import validate_pipeline_folder
+        from .serialization.folder import validate_pipeline_folder
 
         if not learned:
             validate_pipeline_folder(folder)

@@ -4,7 +4,7 @@
   cannot load custom components straight from a repo id), with errors that name the folder, repo, revision and file.
 - [`push_folder_to_hub`]: uploads a folder as a repo's content.
 
-Saving a pipeline with its model card and pushing it is one level up, in `gill_pipeline.push`.
+Saving a pipeline with its model card and pushing it is one level up, in `gill_pipeline.serialization.push`.
 """
 
 import os
@@ -20,8 +20,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .file_names import LIBRARY_NAME, looks_like_local_path
-from .loading import PipelineFolderError
+from ..constants import LIBRARY_NAME
+from .folder import PipelineFolderError
+from .paths import looks_like_local_path
 
 logger = logging.get_logger(__name__)
 
