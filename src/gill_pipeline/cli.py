@@ -545,7 +545,8 @@ def run_push(args) -> int:
         commit_message=args.commit_message,
         create_pr=args.create_pr,
         revision=args.branch,
-        replace=not args.keep_existing_files,
+        delete_remote_files=args.delete_remote_files,
+        overwrite_model_card=args.overwrite_model_card,
     )
     learned = is_learned_weights_folder(folder)
     if args.learned_weights_only and not learned:
@@ -588,10 +589,17 @@ def add_push_parser(subparsers) -> None:
     p.add_argument("--branch", help="branch to push to (default: main)")
     p.add_argument("--commit-message", help="commit message (default: a generic one)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument(
-        "--keep-existing-files",
+    remote = p.add_mutually_exclusive_group()
+    remote.add_argument(
+        "--delete-remote-files",
         action="store_true",
-        help="keep repo files that are not in the folder (default: the folder replaces the repo content)",
+        help="delete the repo files that are not in the folder (each is named first; default: they are kept)",
+    )
+    remote.add_argument("--keep-existing-files", action="store_true", help="the default now; kept for old scripts")
+    p.add_argument(
+        "--overwrite-model-card",
+        action="store_true",
+        help="replace the repo's README.md with the folder's card (default: a card already on the Hub is kept)",
     )
     p.add_argument("--dataset", action="append", help="training dataset (Hub id) for the model card; repeatable")
     p.add_argument("--metric", action="append", help="NAME=VALUE for the model card's metrics; repeatable")
