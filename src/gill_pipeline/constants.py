@@ -7,6 +7,8 @@ networks never live here; they come from the components' configs.
 
 # Sent with every Hub download (`library_name=`) and written into model cards.
 LIBRARY_NAME = "gill_pipeline"
+# `gill_pipeline.__version__`, written into learned-weights manifests; the same as pyproject.toml's `version`.
+LIBRARY_VERSION = "0.1.0"
 
 # Component names: the keys of a saved pipeline's `model_index.json` and the folders that hold them. A diffusers
 # decoder checkpoint on the Hub keeps its parts in folders of the same names (`vae/`, `unet/`, `scheduler/`).

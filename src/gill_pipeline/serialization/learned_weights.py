@@ -24,11 +24,11 @@ from diffusers.utils import logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .. import __version__
 from ..constants import (
     FEATURE_EXTRACTOR_COMPONENT,
     GILL_COMPONENT,
     LEARNED_WEIGHTS_MANIFEST_FILE,
+    LIBRARY_VERSION,
     LORA_FOLDER,
     MODEL_CONFIG_FILE,
     MODEL_INDEX_FILE,
@@ -103,7 +103,7 @@ def write_learned_weights_folder(
     manifest = {
         "format": LEARNED_WEIGHTS_FORMAT,
         "format_version": LEARNED_WEIGHTS_FORMAT_VERSION,
-        "gill_pipeline_version": __version__,
+        "gill_pipeline_version": LIBRARY_VERSION,
         "base_models": record,
         "img_token_ids": [int(i) for i in img_token_ids],
         "img_tokens": tokenizer.convert_ids_to_tokens([int(i) for i in img_token_ids]),
@@ -166,7 +166,7 @@ def read_manifest(folder: str) -> dict:
     version = manifest.get("format_version", 0)
     if not isinstance(version, int) or version > LEARNED_WEIGHTS_FORMAT_VERSION:
         raise HubLoadError(
-            f"{path} has format version {version!r}; this gill_pipeline ({__version__}) reads up to "
+            f"{path} has format version {version!r}; this gill_pipeline ({LIBRARY_VERSION}) reads up to "
             f"{LEARNED_WEIGHTS_FORMAT_VERSION}. Upgrade gill_pipeline."
         )
     ids = manifest.get("img_token_ids")
