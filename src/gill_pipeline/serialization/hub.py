@@ -208,7 +208,10 @@ def push_folder_to_hub(
     extra = remote - local - protected
     if delete_remote_files:
         if extra:
-            logger.warning("Deleting %d file(s) of %s that are not in %s: %s", len(extra), where, folder, _shown(extra))
+            # Every file is named, however many: this is the last word before they go.
+            logger.warning(
+                "Deleting %d file(s) of %s that are not in %s: %s", len(extra), where, folder, ", ".join(sorted(extra))
+            )
     else:
         stale = _stale_files(remote, local)
         if stale:
