@@ -9,7 +9,7 @@ import torch
 
 from conftest import FAST_CALL, random_image
 from gill_pipeline import GILLPipeline
-from gill_pipeline.loading import PipelineFolderError
+from gill_pipeline.serialization.folder import PipelineFolderError
 from gill_pipeline.pipeline.inputs import to_rgb_pil
 
 

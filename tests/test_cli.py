@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 from fake_hub import FakeHub
 from gill_pipeline.cli import build_parser, main
@@ -69,6 +69,42 @@ def test_push_learned_weights_only_from_a_whole_pipeline_folder(tmp_path, capsys
     assert "gill_learned_weights.json" in learned and "model_index.json" not in learned
     assert "model_index.json" in whole and "README.md" in whole
     assert os.path.isfile(tmp_path / "whole" / "README.md")  # the card is written into the folder pushed
+
+
+def test_push_keeps_remote_files_unless_told_to_delete_them_and_names_them(tmp_path, capsys, caplog):
+    from conftest import make_pipeline
+
+    folder = make_pipeline("opt").save_learned_weights(tmp_path / "learned")
+    with FakeHub() as hub:
+        api = HfApi(token=TOKEN)
+        api.create_repo("org/mine")
+        api.create_commit("org/mine", [CommitOperationAdd("notes.txt", b"mine"), CommitOperationAdd("README.md", b"my card")],
+                          commit_message="user files")
+        assert main(["push", folder, "org/mine", "--token", TOKEN]) == 0, capsys.readouterr().err
+        files = hub.files("org/mine")
+        assert files["notes.txt"] == b"mine" and files["README.md"] == b"my card"
+        assert "gill_learned_weights.json" in files
+        caplog.clear()
+        assert main(["push", folder, "org/mine", "--token", TOKEN, "--delete-remote-files", "--overwrite-model-card"]) == 0
+        files = hub.files("org/mine")
+    # Logged as a warning (on stderr outside pytest) before the commit that deletes.
+    assert any("Deleting" in r.getMessage() and "notes.txt" in r.getMessage() for r in caplog.records)
+    assert "notes.txt" not in files and files["README.md"] != b"my card" and "gill_learned_weights.json" in files
+
+
+def test_push_that_would_mix_a_pipeline_and_learned_weights_is_one_line_error(tmp_path, capsys):
+    from conftest import make_pipeline
+
+    pipe = make_pipeline("opt")
+    pipe.save_pretrained(tmp_path / "whole")
+    learned = pipe.save_learned_weights(tmp_path / "learned")
+    with FakeHub() as hub:
+        assert main(["push", str(tmp_path / "whole"), "org/both", "--token", TOKEN]) == 0
+        commits = len(hub.repos["org/both"].commits)
+        assert main(["push", learned, "org/both", "--token", TOKEN]) == 2
+        assert len(hub.repos["org/both"].commits) == commits
+    err = capsys.readouterr().err
+    assert "model_index.json" in err and "--delete-remote-files" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

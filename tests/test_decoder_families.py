@@ -9,8 +9,8 @@ from fake_hub import FakeHub
 from gill_pipeline import GILLPipeline
 from gill_pipeline.decoders import default_negative_conditioning, encode_conditioning, read_conditioning_layout
 from gill_pipeline.decoders.conditioning import NEGATIVE_PREFIX
-from gill_pipeline.hub import push_folder_to_hub
-from gill_pipeline.learned_weights import LEARNED_WEIGHTS_MANIFEST_FILE
+from gill_pipeline.constants import LEARNED_WEIGHTS_MANIFEST_FILE
+from gill_pipeline.serialization.hub import push_folder_to_hub
 from gill_pipeline.tiny_decoders import build_tiny_gill_pipeline_with_decoder
 from training.losses import generation_loss
 
@@ -303,7 +303,7 @@ def test_learned_weights_refuse_another_family_naming_both(built, tmp_path):
 
 
 def test_model_card_names_the_decoder(built, tmp_path):
-    from gill_pipeline.model_card import build_model_card
+    from gill_pipeline.serialization.model_card import build_model_card
 
     pipe, _ = built("flux-dev")
     pipe.save_learned_weights(tmp_path)

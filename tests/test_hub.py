@@ -1,19 +1,20 @@
 """Hub push/pull through an in-process fake Hub: whole pipelines, learned weights only, model cards, offline cache."""
 
 import json
+import logging
 
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub import constants as hf_constants
 
 from conftest import FAST_CALL, make_pipeline
 from fake_hub import FakeHub
 from gill_pipeline import GILLPipeline
-from gill_pipeline.base_models import record_base_models
-from gill_pipeline.hub import HubLoadError, push_folder_to_hub
-from gill_pipeline.learned_weights import LEARNED_WEIGHTS_MANIFEST_FILE
-from gill_pipeline.model_card import ModelCardInfo
+from gill_pipeline.constants import LEARNED_WEIGHTS_MANIFEST_FILE
+from gill_pipeline.serialization.base_models import record_base_models
+from gill_pipeline.serialization.hub import HubLoadError, push_folder_to_hub
+from gill_pipeline.serialization.model_card import ModelCardInfo
 
 TOKEN = "hf_fake_token"
 BASE = {"llm": "tiny/opt", "stable_diffusion": "tiny/sd", "image_encoder": "tiny/clip"}
@@ -219,3 +220,107 @@ def test_a_recorded_base_model_of_the_wrong_kind_is_named(pipe, hub, pushed, tmp
     folder = pipe.save_learned_weights(tmp_path / "sd_is_lm", base_models=dict(BASE, stable_diffusion=BASE["llm"]))
     with pytest.raises(HubLoadError, match=r"base Stable Diffusion vae 'tiny/opt'"):
         GILLPipeline.from_pretrained(folder, cache_dir=cache, llm=pipe.llm, image_encoder=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pushing never loses what a repo already holds
+# --------------------------------------------------------------------------------------------------------------
+USER_CARD = b"# My GILL\n\nNotes the user wrote on the Hub.\n"
+
+
+def seed_repo(repo_id: str, files: dict[str, bytes]) -> None:
+    """A repo holding `files`, made with huggingface_hub alone (not with the code under test)."""
+    api = HfApi(token=TOKEN)
+    api.create_repo(repo_id, exist_ok=True)
+    api.create_commit(
+        repo_id, [CommitOperationAdd(path, content) for path, content in files.items()], commit_message="user files"
+    )
+
+
+def small_folder(root, files: dict[str, str]) -> str:
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    return str(root)
+
+
+def test_push_keeps_remote_files_and_the_remote_card_by_default(tmp_path):
+    folder = small_folder(tmp_path, {"gill/config.json": "{}", "README.md": "our generated card"})
+    with FakeHub() as fake:
+        seed_repo("org/keep", {"README.md": USER_CARD, "notes.txt": b"mine", "extra/other.safetensors": b"w"})
+        push_folder_to_hub(folder, "org/keep", token=TOKEN)
+        files = fake.files("org/keep")
+    assert files["notes.txt"] == b"mine" and files["extra/other.safetensors"] == b"w"
+    assert files["README.md"] == USER_CARD  # the user's card is not overwritten
+    assert files["gill/config.json"] == b"{}" and ".gitattributes" in files
+
+
+def test_push_writes_our_card_where_the_repo_has_none_and_overwrites_only_when_asked(tmp_path):
+    folder = small_folder(tmp_path, {"gill/config.json": "{}", "README.md": "our generated card"})
+    with FakeHub() as fake:
+        push_folder_to_hub(folder, "org/card", token=TOKEN)
+        assert fake.files("org/card")["README.md"] == b"our generated card"
+        seed_repo("org/card", {"README.md": USER_CARD})
+        push_folder_to_hub(folder, "org/card", token=TOKEN)
+        assert fake.files("org/card")["README.md"] == USER_CARD
+        push_folder_to_hub(folder, "org/card", token=TOKEN, overwrite_model_card=True)
+        assert fake.files("org/card")["README.md"] == b"our generated card"
+
+
+def test_delete_remote_files_is_explicit_and_names_what_it_deletes(tmp_path, caplog):
+    folder = small_folder(tmp_path, {"gill/config.json": "{}"})
+    with FakeHub() as fake:
+        seed_repo("org/delete", {"notes.txt": b"mine", "extra/other.safetensors": b"w", "README.md": USER_CARD})
+        with caplog.at_level(logging.WARNING, logger="gill_pipeline.serialization.hub"):
+            push_folder_to_hub(folder, "org/delete", token=TOKEN, delete_remote_files=True)
+        files = fake.files("org/delete")
+    assert sorted(files) == [".gitattributes", "README.md", "gill/config.json"]  # the card only goes when asked
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "notes.txt" in logged and "extra/other.safetensors" in logged and "org/delete" in logged
+
+
+def test_old_replace_argument_still_works_with_a_warning(tmp_path):
+    folder = small_folder(tmp_path, {"gill/config.json": "{}"})
+    with FakeHub() as fake:
+        seed_repo("org/replace", {"notes.txt": b"mine"})
+        with pytest.warns(FutureWarning, match="delete_remote_files"):
+            push_folder_to_hub(folder, "org/replace", token=TOKEN, replace=False)
+        assert "notes.txt" in fake.files("org/replace")
+        with pytest.warns(FutureWarning, match="delete_remote_files"):
+            push_folder_to_hub(folder, "org/replace", token=TOKEN, replace=True)
+        assert "notes.txt" not in fake.files("org/replace")
+
+
+def test_pipeline_push_keeps_the_users_card_and_files(pipe, expected, hub):
+    fake, cache = hub
+    seed_repo("org/gill-user", {"README.md": USER_CARD, "samples/cat.png": b"png"})
+    pipe.push_to_hub("org/gill-user", token=TOKEN, card_info=INFO)
+    files = fake.files("org/gill-user")
+    assert files["README.md"] == USER_CARD and files["samples/cat.png"] == b"png"
+    loaded = GILLPipeline.from_pretrained("org/gill-user", cache_dir=cache)
+    loaded.set_progress_bar_config(disable=True)
+    assert_same_outputs(run(loaded), expected)
+
+
+def test_a_push_that_would_mix_formats_is_refused_before_any_commit(pipe, hub, pushed):
+    fake, cache = hub
+    # Learned weights onto a repo that holds a whole pipeline: its model_index.json would win at load time.
+    commits = len(fake.repos["org/gill-whole"].commits)
+    with pytest.raises(ValueError, match=r"org/gill-whole.*model_index\.json.*delete_remote_files=True"):
+        pipe.push_learned_weights("org/gill-whole", token=TOKEN, base_models=BASE)
+    assert len(fake.repos["org/gill-whole"].commits) == commits
+    # Asked for, the repo becomes a learned-weights repo and loads as one.
+    seed_repo("org/gill-switch", fake.files("org/gill-whole"))
+    pipe.push_learned_weights("org/gill-switch", token=TOKEN, base_models=BASE, delete_remote_files=True)
+    files = fake.files("org/gill-switch")
+    assert LEARNED_WEIGHTS_MANIFEST_FILE in files and "model_index.json" not in files
+    assert not any(p.startswith("llm/") for p in files)
+    loaded = GILLPipeline.from_pretrained("org/gill-switch", cache_dir=cache, llm=pipe.llm)
+    assert loaded.llm is pipe.llm
+
+
+def test_a_stale_lora_adapter_on_the_repo_is_refused(pipe, hub, tmp_path):
+    fake, _ = hub
+    seed_repo("org/gill-lora", {"llm_lora/adapter_config.json": b"{}", "llm_lora/adapter_model.safetensors": b"x"})
+    with pytest.raises(ValueError, match=r"llm_lora/adapter_config\.json"):
+        pipe.push_learned_weights("org/gill-lora", token=TOKEN, base_models=BASE)

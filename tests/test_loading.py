@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_pipeline
 from gill_pipeline import GILLPipeline
-from gill_pipeline.loading import PipelineFolderError, resolve_dtype
+from gill_pipeline.serialization.folder import PipelineFolderError, resolve_dtype
 from gill_pipeline.tiny import build_tiny_tokenizer
 
 
@@ -214,3 +214,22 @@ def test_a_manifest_that_is_not_an_object_is_named(opt_pipe, tmp_path):
         f.write('"just a string"')
     with pytest.raises(PipelineFolderError, match=rf"Corrupted JSON file: {path} \(the learned-weights manifest\)"):
         GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm)
+
+
+def test_one_version_and_one_constants_module(tmp_path):
+    """The version written into learned-weights manifests is the package's and pyproject's; the names of the saved
+    formats have one home (`gill_pipeline.constants`, which imports nothing from the package)."""
+    import ast
+    import tomllib
+
+    import gill_pipeline
+    from gill_pipeline import constants
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["version"] == gill_pipeline.__version__ == constants.LIBRARY_VERSION
+    make_pipeline("opt").save_learned_weights(tmp_path / "learned")
+    with open(tmp_path / "learned" / constants.LEARNED_WEIGHTS_MANIFEST_FILE, encoding="utf-8") as f:
+        assert json.load(f)["gill_pipeline_version"] == gill_pipeline.__version__
+    with open(constants.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    assert not [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]

@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_pipeline
 from gill_pipeline import GILLPipeline
-from gill_pipeline.loading import PipelineFolderError, UnsafeFileError
+from gill_pipeline.serialization.folder import PipelineFolderError, UnsafeFileError
 from training.setup_models import attach_image_decoder
 
 

@@ -8,15 +8,15 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 from gill_pipeline import GILLPipeline
-from gill_pipeline.hub import resolve_pipeline_folder
-from gill_pipeline.learned_weights import is_learned_weights_folder
-from gill_pipeline.loading import (
+from gill_pipeline.serialization.folder import (
     PipelineFolderError,
     read_json_object,
     refuse_unsafe_files,
     resolve_component_class,
     validate_component,
 )
+from gill_pipeline.serialization.hub import resolve_pipeline_folder
+from gill_pipeline.serialization.learned_weights import is_learned_weights_folder
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from gill_pipeline.lora import is_peft_model
+from gill_pipeline.serialization.lora import is_peft_model
 
 logger = logging.getLogger(__name__)
 

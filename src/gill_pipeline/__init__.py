@@ -1,6 +1,6 @@
 """gill_pipeline: GILL (Generating Images with multimodal Language Models) as a diffusers pipeline."""
 
-__version__ = "0.1.0"
+from .constants import LIBRARY_VERSION as __version__  # constants imports nothing: safe before _import_notices
 
 from . import _import_notices  # noqa: F401  (before anything imports diffusers: see the module)
 from .models import GILLMapper, GILLModel, OpenCLIPVisionModel

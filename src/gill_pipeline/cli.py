@@ -16,8 +16,8 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from .constants import IMAGE_MODES
-from .file_names import looks_like_local_path
-from .loading import DTYPE_NAMES, resolve_dtype
+from .serialization.folder import DTYPE_NAMES, resolve_dtype
+from .serialization.paths import looks_like_local_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHAPES_MODEL = "shapes-world"
@@ -421,7 +421,7 @@ def add_generate_parser(subparsers) -> None:
 # gill convert-original
 # ----------------------------------------------------------------------------------------------------------------
 def run_convert_original(args) -> int:
-    from .convert_original import (
+    from .serialization.convert_original import (
         REFERENCE_ARGS_FILE,
         REFERENCE_CHECKPOINT_FILE,
         REFERENCE_DECISION_FILE,
@@ -526,9 +526,10 @@ def _parse_metrics(items: list[str]) -> dict[str, float]:
 
 
 def run_push(args) -> int:
-    from .hub import push_folder_to_hub
-    from .learned_weights import is_learned_weights_folder
-    from .model_card import MODEL_CARD_FILE, ModelCardInfo, write_model_card
+    from .constants import MODEL_CARD_FILE
+    from .serialization.hub import push_folder_to_hub
+    from .serialization.learned_weights import is_learned_weights_folder
+    from .serialization.model_card import ModelCardInfo, write_model_card
 
     folder = args.folder
     if not os.path.isdir(folder):
@@ -544,7 +545,8 @@ def run_push(args) -> int:
         commit_message=args.commit_message,
         create_pr=args.create_pr,
         revision=args.branch,
-        replace=not args.keep_existing_files,
+        delete_remote_files=args.delete_remote_files,
+        overwrite_model_card=args.overwrite_model_card,
     )
     learned = is_learned_weights_folder(folder)
     if args.learned_weights_only and not learned:
@@ -554,7 +556,7 @@ def run_push(args) -> int:
         pipe = GILLPipeline.from_pretrained(folder)
         url = pipe.push_learned_weights(args.repo_id, card_info=info, **push_kwargs)
     else:
-        from .loading import validate_pipeline_folder
+        from .serialization.folder import validate_pipeline_folder
 
         if not learned:
             validate_pipeline_folder(folder)
@@ -587,10 +589,17 @@ def add_push_parser(subparsers) -> None:
     p.add_argument("--branch", help="branch to push to (default: main)")
     p.add_argument("--commit-message", help="commit message (default: a generic one)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument(
-        "--keep-existing-files",
+    remote = p.add_mutually_exclusive_group()
+    remote.add_argument(
+        "--delete-remote-files",
         action="store_true",
-        help="keep repo files that are not in the folder (default: the folder replaces the repo content)",
+        help="delete the repo files that are not in the folder (each is named first; default: they are kept)",
+    )
+    remote.add_argument("--keep-existing-files", action="store_true", help="the default now; kept for old scripts")
+    p.add_argument(
+        "--overwrite-model-card",
+        action="store_true",
+        help="replace the repo's README.md with the folder's card (default: a card already on the Hub is kept)",
     )
     p.add_argument("--dataset", action="append", help="training dataset (Hub id) for the model card; repeatable")
     p.add_argument("--metric", action="append", help="NAME=VALUE for the model card's metrics; repeatable")

@@ -7,7 +7,7 @@ import os
 
 from .. import cli
 from ..constants import IMAGE_MODES
-from ..file_names import looks_like_local_path
+from ..serialization.paths import looks_like_local_path
 
 
 def add_model_options(p) -> None:

@@ -19,8 +19,6 @@ from ..constants import (
     DEFAULT_RETRIEVAL_DIM,
     IMG_TOKEN_TEMPLATE,
 )
-from ..base_models import record_base_models
-from ..components import default_image_processor, pipeline_from_parts
 from ..decoders import (
     ConditioningLayout,
     default_negative_conditioning,
@@ -30,10 +28,12 @@ from ..decoders import (
 )
 from ..decoders.families import StableDiffusionFamily
 from ..decoders.layout import SEQUENCE
-from ..file_names import looks_like_local_path
-from ..loading import PipelineFolderError, pop_dtype, refuse_remote_code
-from ..model_dims import lm_dims, vision_feature_dim
+from ..models.dims import lm_dims, vision_feature_dim
 from ..models.gill_model import GILLModel
+from ..serialization.base_models import record_base_models
+from ..serialization.components import default_image_processor, pipeline_from_parts
+from ..serialization.folder import PipelineFolderError, pop_dtype, refuse_remote_code
+from ..serialization.paths import looks_like_local_path
 
 
 logger = logging.get_logger(__name__)

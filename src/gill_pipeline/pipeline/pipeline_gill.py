@@ -33,12 +33,16 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
-from ..base_models import normalize_base_models
-from ..hub import HUB_KWARGS, resolve_pipeline_folder
-from ..learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
-from ..loading import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
-from ..lora import load_llm_lora, saving_without_lora
-from ..push import push_pipeline_to_hub
+from ..serialization.base_models import normalize_base_models
+from ..serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
+from ..serialization.hub import HUB_KWARGS, resolve_pipeline_folder
+from ..serialization.learned_weights import (
+    is_learned_weights_folder,
+    load_learned_weights_pipeline,
+    save_learned_weights,
+)
+from ..serialization.lora import load_llm_lora, saving_without_lora
+from ..serialization.push import push_pipeline_to_hub
 from ..decoders.layout import GUIDANCE_CFG
 from ..models.gill_model import GILLModel
 from ..models.lm_bridge import embed_tokens, lm_forward_with_img_logits, new_cache, takes_position_ids

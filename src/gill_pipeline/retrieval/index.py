@@ -15,7 +15,8 @@ from huggingface_hub import HfApi, snapshot_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..hub import HUB_KWARGS, LIBRARY_NAME
+from ..constants import LIBRARY_NAME
+from ..serialization.hub import HUB_KWARGS
 from .fingerprint import check_same_weights, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, is_url, load_record_image, resolve_local_path
 from .search import ExactSearcher, FaissSearcher, SearchResult

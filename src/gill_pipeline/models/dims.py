@@ -1,7 +1,7 @@
 """The widths GILL's learned parts must share with the frozen base models, read from loaded models or from their
 config files alone (no weights are read: a model is built on the `meta` device from its config).
 
-Lower modules only: imported by assembly, loading and the learned-weights code, importing none of them.
+Imported by assembly, the folder checks and the learned-weights code; it imports none of them.
 """
 
 import torch

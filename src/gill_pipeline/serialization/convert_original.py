@@ -29,15 +29,15 @@ import re
 import torch
 from diffusers.utils import logging
 
+from ..constants import IMG_TOKEN_TEMPLATE
+from ..models.dims import lm_dims, vision_feature_dim
+from ..models.gill_model import GILLModel
+from ..pipeline import GILLPipeline
+from ..pipeline.assembly import _load_lm, _load_sd, _load_vision, encode_empty_prompt
 from .base_models import record_base_models
 from .components import pipeline_from_parts
-from .constants import IMG_TOKEN_TEMPLATE
-from .loading import refuse_remote_code, resolve_dtype
+from .folder import refuse_remote_code, resolve_dtype
 from .model_card import ModelCardInfo, write_model_card
-from .model_dims import lm_dims, vision_feature_dim
-from .models.gill_model import GILLModel
-from .pipeline import GILLPipeline
-from .pipeline.assembly import _load_lm, _load_sd, _load_vision, encode_empty_prompt
 
 logger = logging.get_logger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from diffusers.utils import logging
 
-from .file_names import looks_like_local_path
+from .paths import looks_like_local_path
 
 logger = logging.get_logger(__name__)
 

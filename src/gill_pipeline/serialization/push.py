@@ -21,10 +21,17 @@ def push_pipeline_to_hub(
     commit_message: str | None = None,
     create_pr: bool = False,
     revision: str | None = None,
-    replace: bool = True,
+    delete_remote_files: bool = False,
+    overwrite_model_card: bool = False,
+    replace: bool | None = None,
     **save_kwargs,
 ) -> str:
-    """Saves `pipe` (whole, or its learned weights only) with a model card and uploads it; returns the commit URL."""
+    """Saves `pipe` (whole, or its learned weights only) with a model card and uploads it; returns the commit URL.
+
+    Files the repo already holds are kept, and so is its model card, unless `delete_remote_files=True` /
+    `overwrite_model_card=True`; a push that would mix a whole pipeline with learned weights is refused. See
+    [`push_folder_to_hub`].
+    """
     with tempfile.TemporaryDirectory() as tmp:
         if learned_weights_only:
             save_learned_weights(pipe, tmp, **save_kwargs)
@@ -40,5 +47,7 @@ def push_pipeline_to_hub(
             or ("Upload GILL learned weights" if learned_weights_only else "Upload GILL pipeline"),
             create_pr=create_pr,
             revision=revision,
+            delete_remote_files=delete_remote_files,
+            overwrite_model_card=overwrite_model_card,
             replace=replace,
         )

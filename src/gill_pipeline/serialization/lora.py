@@ -7,8 +7,8 @@ The `llm/` folder always holds the untouched base LM.
 import contextlib
 import os
 
-from .file_names import LORA_CONFIG_FILE, LORA_FOLDER, LORA_WEIGHTS_FILE, PICKLE_SUFFIXES
-from .loading import PipelineFolderError, read_json_object
+from ..constants import LORA_CONFIG_FILE, LORA_FOLDER, LORA_WEIGHTS_FILE, PICKLE_SUFFIXES
+from .folder import PipelineFolderError, read_json_object
 
 
 def is_peft_model(model) -> bool:

@@ -22,17 +22,25 @@ from diffusers.utils import logging
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from .constants import IMG_TOKEN_TEMPLATE, MODEL_INDEX_FILE
-from .decoders.fit import check_decoder_fits
-from .file_names import (
+from ..constants import (
     CODE_SUFFIXES,
+    GILL_COMPONENT,
+    IMAGE_ENCODER_COMPONENT,
+    IMG_TOKEN_TEMPLATE,
+    LIBRARY_NAME,
+    LLM_COMPONENT,
     MODEL_CONFIG_FILE,
+    MODEL_INDEX_FILE,
     PICKLE_SUFFIXES,
     PREPROCESSOR_CONFIG_FILE,
     SCHEDULER_CONFIG_FILE,
+    TOKENIZER_COMPONENT,
     TOKENIZER_FILES,
+    TRANSFORMER_COMPONENT,
+    UNET_COMPONENT,
 )
-from .model_dims import lm_dims, lm_dims_from_config, vision_feature_dim, vision_feature_dim_from_config
+from ..decoders.fit import check_decoder_fits
+from ..models.dims import lm_dims, lm_dims_from_config, vision_feature_dim, vision_feature_dim_from_config
 
 logger = logging.get_logger(__name__)
 
@@ -47,7 +55,7 @@ class UnsafeFileError(PipelineFolderError):
 
 # Libraries whose classes a saved pipeline may name in `model_index.json`; our own modules are named by module path.
 ALLOWED_LIBRARIES = ("diffusers", "transformers")
-OWN_LIBRARY = "gill_pipeline"
+OWN_LIBRARY = LIBRARY_NAME
 # diffusers' `from_pretrained` arguments that load code from a folder, a file or the Hub: never accepted.
 REMOTE_CODE_ARGUMENTS = ("custom_pipeline", "custom_revision", "trust_remote_code")
 
@@ -377,33 +385,35 @@ def check_pipeline_fit_from_configs(folder: str, index: dict, classes: dict):
     caller are checked once the pipeline is built ([`check_pipeline_parts`]). Returns the folder's tokenizer, loaded
     for the `[IMG]` id check, so it is not read twice (None when the tokenizer is passed in).
     """
-    if "gill" not in classes:
+    if GILL_COMPONENT not in classes:
         return None
-    gill_path = os.path.join(folder, "gill", MODEL_CONFIG_FILE)
+    gill_path = os.path.join(folder, GILL_COMPONENT, MODEL_CONFIG_FILE)
     gill_config = read_json_object(gill_path)
     learned = f"the learned weights {gill_path}"
     lm = unet_width = vision_width = None
     lm_name = unet_name = vision_name = ""
-    if "llm" in classes:
-        lm_class = classes["llm"]
-        lm_name = f"The LM {os.path.join(folder, 'llm', MODEL_CONFIG_FILE)} ({lm_class.__name__})"
+    if LLM_COMPONENT in classes:
+        lm_class = classes[LLM_COMPONENT]
+        lm_folder = os.path.join(folder, LLM_COMPONENT)
+        lm_name = f"The LM {os.path.join(lm_folder, MODEL_CONFIG_FILE)} ({lm_class.__name__})"
         if not issubclass(lm_class, PreTrainedModel):
             raise PipelineFolderError(f"{lm_name} is not a transformers model.")
         try:
-            config = lm_class.config_class.from_pretrained(os.path.join(folder, "llm"))
+            config = lm_class.config_class.from_pretrained(lm_folder)
             lm = lm_dims_from_config(lm_class, config)
         except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError) as error:
             # Some setups cannot be built on `meta` (e.g. quantized configs): the check then runs on the loaded LM.
             logger.info("%s: widths checked after loading (%s).", lm_name, error)
-    if "unet" in classes:
-        unet_path = os.path.join(folder, "unet", MODEL_CONFIG_FILE)
+    if UNET_COMPONENT in classes:
+        unet_path = os.path.join(folder, UNET_COMPONENT, MODEL_CONFIG_FILE)
         unet_width = read_json_object(unet_path).get("cross_attention_dim")
         unet_name = f"The UNet {unet_path}"
-    if "image_encoder" in classes:
-        encoder_path = os.path.join(folder, "image_encoder", MODEL_CONFIG_FILE)
+    if IMAGE_ENCODER_COMPONENT in classes:
+        encoder_path = os.path.join(folder, IMAGE_ENCODER_COMPONENT, MODEL_CONFIG_FILE)
         vision_name = f"The vision encoder {encoder_path}"
         try:
-            vision_width = vision_feature_dim_from_config(classes["image_encoder"].__name__, read_json_object(encoder_path))
+            encoder_class = classes[IMAGE_ENCODER_COMPONENT]
+            vision_width = vision_feature_dim_from_config(encoder_class.__name__, read_json_object(encoder_path))
         except ValueError as error:
             raise PipelineFolderError(f"{vision_name}: {error}") from error
     check_fit(
@@ -411,9 +421,9 @@ def check_pipeline_fit_from_configs(folder: str, index: dict, classes: dict):
         vision_dim=vision_width, vision_name=vision_name,
     )
     tokenizer = None
-    if "tokenizer" in classes:
-        tokenizer_path = os.path.join(folder, "tokenizer")
-        tokenizer = classes["tokenizer"].from_pretrained(tokenizer_path)
+    if TOKENIZER_COMPONENT in classes:
+        tokenizer_path = os.path.join(folder, TOKENIZER_COMPONENT)
+        tokenizer = classes[TOKENIZER_COMPONENT].from_pretrained(tokenizer_path)
         check_img_tokens(
             tokenizer, list(index.get("img_token_ids") or []), gill_config.get("num_img_tokens", 0),
             f"The tokenizer {tokenizer_path}", os.path.join(folder, MODEL_INDEX_FILE),
@@ -432,7 +442,7 @@ def check_pipeline_parts(pipe, learned: str) -> None:
         vision_dim=vision_feature_dim(pipe.image_encoder) if pipe.image_encoder is not None else None,
     )
     # The decoder must be of the family and conditioning layout the learned parts were trained for.
-    check_decoder_fits(pipe.gill.conditioning_layout, {"unet": pipe.unet, "transformer": pipe.transformer}, learned)
+    check_decoder_fits(pipe.gill.conditioning_layout, {UNET_COMPONENT: pipe.unet, TRANSFORMER_COMPONENT: pipe.transformer}, learned)
 
 
 def prepare_pipeline_load(pipeline_class, folder: str, kwargs: dict) -> tuple[dict, bool]:
@@ -459,7 +469,7 @@ def prepare_pipeline_load(pipeline_class, folder: str, kwargs: dict) -> tuple[di
     index, classes = validate_pipeline_folder(folder, allow_pickle, pipeline_class, skip=passed)
     tokenizer = check_pipeline_fit_from_configs(folder, index, classes)
     if tokenizer is not None:
-        kwargs["tokenizer"] = tokenizer
+        kwargs[TOKENIZER_COMPONENT] = tokenizer
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     return kwargs, allow_pickle

@@ -10,9 +10,17 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..constants import (
+    GILL_COMPONENT,
+    LEARNED_WEIGHTS_MANIFEST_FILE,
+    LIBRARY_NAME,
+    LLM_COMPONENT,
+    MODEL_CARD_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_INDEX_FILE,
+    SAFETENSORS_WEIGHTS_FILE,
+)
 from .base_models import BASE_MODEL_ROLES, normalize_base_models
-from .constants import GILL_COMPONENT, MODEL_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
-from .file_names import LEARNED_WEIGHTS_MANIFEST_FILE, LIBRARY_NAME, MODEL_CARD_FILE
 
 PIPELINE_TAG = "any-to-any"  # interleaved images and text in; text, generated and retrieved images out
 DEFAULT_TAGS = ("gill", "multimodal", "text-to-image", "image-to-text", "image-retrieval", "diffusers")
@@ -67,7 +75,7 @@ def _read_folder_record(folder: str) -> tuple[str, dict, dict]:
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-        llm_class = (index.get("llm") or [None, None])[1]
+        llm_class = (index.get(LLM_COMPONENT) or [None, None])[1]
         return "pipeline", normalize_base_models(index.get("base_models")), {"llm_class": llm_class}
     if os.path.isfile(manifest_path):
         with open(manifest_path, encoding="utf-8") as f:
@@ -86,7 +94,7 @@ def _gill_size(folder: str) -> int | None:
 
 def _decoder_line(folder: str) -> str | None:
     """The decoder the mapper was trained for, from `gill/config.json` (a config without a layout is SD 1.x/2.x)."""
-    path = os.path.join(folder, GILL_COMPONENT, "config.json")
+    path = os.path.join(folder, GILL_COMPONENT, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:

@@ -24,22 +24,26 @@ from diffusers.utils import logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from . import __version__
+from ..constants import (
+    FEATURE_EXTRACTOR_COMPONENT,
+    GILL_COMPONENT,
+    LEARNED_WEIGHTS_MANIFEST_FILE,
+    LIBRARY_VERSION,
+    LORA_FOLDER,
+    MODEL_CONFIG_FILE,
+    MODEL_INDEX_FILE,
+    SCHEDULER_COMPONENT,
+    TOKENIZER_COMPONENT,
+    TRANSFORMER_COMPONENT,
+    UNET_COMPONENT,
+    VAE_COMPONENT,
+)
+from ..decoders import check_decoder_fits, family_by_name, load_decoder
+from ..models.dims import lm_dims, lm_dims_from_config, vision_feature_dim
+from ..models.gill_model import GILLModel
 from .base_models import BASE_MODEL_ROLES, DEFAULT_IMAGE_ENCODER_CLASS, normalize_base_models
 from .components import default_image_processor, pipeline_from_parts
-from .decoders import check_decoder_fits, family_by_name, load_decoder
-from .constants import GILL_COMPONENT, MODEL_INDEX_FILE, TOKENIZER_COMPONENT
-from .file_names import (
-    FEATURE_EXTRACTOR_FOLDER,
-    LEARNED_WEIGHTS_MANIFEST_FILE,
-    LORA_FOLDER,
-    SCHEDULER_FOLDER,
-    SD_SCHEDULER_SUBFOLDER,
-    SD_UNET_SUBFOLDER,
-    SD_VAE_SUBFOLDER,
-)
-from .hub import HubLoadError, hub_download_kwargs
-from .loading import (
+from .folder import (
     check_fit,
     check_img_tokens,
     check_model_kind,
@@ -49,12 +53,13 @@ from .loading import (
     refuse_unsafe_files,
     validate_component,
 )
+from .hub import HubLoadError, hub_download_kwargs
 from .lora import check_lora_folder, is_peft_model, load_llm_lora
-from .model_dims import lm_dims, lm_dims_from_config, vision_feature_dim
-from .models.gill_model import GILLModel
 
 logger = logging.get_logger(__name__)
 
+# Written into every manifest and checked on reading: the name of the format, not a module path (the module moved
+# to `gill_pipeline.serialization.learned_weights`; saved folders keep loading).
 LEARNED_WEIGHTS_FORMAT = "gill_pipeline.learned_weights"
 LEARNED_WEIGHTS_FORMAT_VERSION = 1
 # Components a caller may pass to `from_pretrained` instead of loading them from the recorded base models.
@@ -90,15 +95,15 @@ def write_learned_weights_folder(
     gill.save_pretrained(os.path.join(save_directory, GILL_COMPONENT))
     tokenizer.save_pretrained(os.path.join(save_directory, TOKENIZER_COMPONENT))
     if feature_extractor is not None:
-        feature_extractor.save_pretrained(os.path.join(save_directory, FEATURE_EXTRACTOR_FOLDER))
+        feature_extractor.save_pretrained(os.path.join(save_directory, FEATURE_EXTRACTOR_COMPONENT))
     if scheduler is not None:
-        scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_FOLDER))
+        scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_COMPONENT))
     if llm is not None and is_peft_model(llm):
         llm.save_pretrained(os.path.join(save_directory, LORA_FOLDER))
     manifest = {
         "format": LEARNED_WEIGHTS_FORMAT,
         "format_version": LEARNED_WEIGHTS_FORMAT_VERSION,
-        "gill_pipeline_version": __version__,
+        "gill_pipeline_version": LIBRARY_VERSION,
         "base_models": record,
         "img_token_ids": [int(i) for i in img_token_ids],
         "img_tokens": tokenizer.convert_ids_to_tokens([int(i) for i in img_token_ids]),
@@ -161,7 +166,7 @@ def read_manifest(folder: str) -> dict:
     version = manifest.get("format_version", 0)
     if not isinstance(version, int) or version > LEARNED_WEIGHTS_FORMAT_VERSION:
         raise HubLoadError(
-            f"{path} has format version {version!r}; this gill_pipeline ({__version__}) reads up to "
+            f"{path} has format version {version!r}; this gill_pipeline ({LIBRARY_VERSION}) reads up to "
             f"{LEARNED_WEIGHTS_FORMAT_VERSION}. Upgrade gill_pipeline."
         )
     ids = manifest.get("img_token_ids")
@@ -183,7 +188,7 @@ def validate_learned_weights_folder(folder: str, allow_pickle: bool = False, pas
         validate_component(
             os.path.join(folder, TOKENIZER_COMPONENT), TOKENIZER_COMPONENT, transformers.PreTrainedTokenizerBase
         )
-    for name, kind in ((FEATURE_EXTRACTOR_FOLDER, CLIPImageProcessor), (SCHEDULER_FOLDER, SchedulerMixin)):
+    for name, kind in ((FEATURE_EXTRACTOR_COMPONENT, CLIPImageProcessor), (SCHEDULER_COMPONENT, SchedulerMixin)):
         if name not in passed and os.path.isdir(os.path.join(folder, name)):
             validate_component(os.path.join(folder, name), name, kind)
     if os.path.isdir(os.path.join(folder, LORA_FOLDER)):
@@ -238,7 +243,7 @@ def _lm_config(entry: dict, kwargs: dict):
 
 def _check_decoder_config(model_class, entry: dict, subfolder: str, kwargs: dict) -> None:
     config = model_class.load_config(entry["repo_id"], subfolder=subfolder, **kwargs)
-    check_model_kind(model_class, config, f"{entry['repo_id']}/{subfolder}/config.json", subfolder)
+    check_model_kind(model_class, config, f"{entry['repo_id']}/{subfolder}/{MODEL_CONFIG_FILE}", subfolder)
 
 
 def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kwargs):
@@ -334,7 +339,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     else:
         entry = _required_entry(manifest, "stable_diffusion", source, "`vae=` and `unet=` (or both None)")
         sub = entry.get("subfolder")
-        for model_class, name in ((AutoencoderKL, SD_VAE_SUBFOLDER), (UNet2DConditionModel, SD_UNET_SUBFOLDER)):
+        for model_class, name in ((AutoencoderKL, VAE_COMPONENT), (UNet2DConditionModel, UNET_COMPONENT)):
             _load_base(
                 f"Stable Diffusion {name}", entry, source,
                 lambda: _check_decoder_config(model_class, entry, _join(sub, name), entry_kwargs(entry)),
@@ -344,7 +349,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
             entry,
             source,
             lambda: AutoencoderKL.from_pretrained(
-                entry["repo_id"], subfolder=_join(sub, SD_VAE_SUBFOLDER), **entry_kwargs(entry), **typed, **safe
+                entry["repo_id"], subfolder=_join(sub, VAE_COMPONENT), **entry_kwargs(entry), **typed, **safe
             ),
         )
         unet = _load_base(
@@ -352,15 +357,15 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
             entry,
             source,
             lambda: UNet2DConditionModel.from_pretrained(
-                entry["repo_id"], subfolder=_join(sub, SD_UNET_SUBFOLDER), **entry_kwargs(entry), **typed, **safe
+                entry["repo_id"], subfolder=_join(sub, UNET_COMPONENT), **entry_kwargs(entry), **typed, **safe
             ),
         )
     if "scheduler" in passed:
         scheduler = passed["scheduler"]
     elif unet is None and transformer is None:
         scheduler = None
-    elif os.path.isdir(os.path.join(folder, SCHEDULER_FOLDER)):
-        scheduler = _load_scheduler(os.path.join(folder, SCHEDULER_FOLDER), {})
+    elif os.path.isdir(os.path.join(folder, SCHEDULER_COMPONENT)):
+        scheduler = _load_scheduler(os.path.join(folder, SCHEDULER_COMPONENT), {})
     else:
         entry = _required_entry(manifest, "stable_diffusion", source, "`scheduler=`")
         scheduler = _load_base(
@@ -368,7 +373,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
             entry,
             source,
             lambda: _load_scheduler(
-                entry["repo_id"], {"subfolder": _join(entry.get("subfolder"), SD_SCHEDULER_SUBFOLDER), **entry_kwargs(entry)}
+                entry["repo_id"], {"subfolder": _join(entry.get("subfolder"), SCHEDULER_COMPONENT), **entry_kwargs(entry)}
             ),
         )
 
@@ -388,7 +393,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
 
         def check_encoder_kind():
             config, _ = PretrainedConfig.get_config_dict(entry["repo_id"], **sub, **entry_kwargs(entry))
-            check_model_kind(encoder_class, config, f"{entry['repo_id']}/config.json", "image_encoder")
+            check_model_kind(encoder_class, config, f"{entry['repo_id']}/{MODEL_CONFIG_FILE}", "image_encoder")
 
         _load_base("vision encoder", entry, source, check_encoder_kind)
         image_encoder = _load_base(
@@ -401,8 +406,8 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
         feature_extractor = passed["feature_extractor"]
     elif image_encoder is None:
         feature_extractor = None
-    elif os.path.isdir(os.path.join(folder, FEATURE_EXTRACTOR_FOLDER)):
-        feature_extractor = CLIPImageProcessor.from_pretrained(os.path.join(folder, FEATURE_EXTRACTOR_FOLDER))
+    elif os.path.isdir(os.path.join(folder, FEATURE_EXTRACTOR_COMPONENT)):
+        feature_extractor = CLIPImageProcessor.from_pretrained(os.path.join(folder, FEATURE_EXTRACTOR_COMPONENT))
     else:
         feature_extractor = default_image_processor(image_encoder)
 
@@ -414,7 +419,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
         cross_attention_dim=unet.config.cross_attention_dim if unet is not None else None,
         vision_dim=vision_feature_dim(image_encoder) if image_encoder is not None else None,
     )
-    check_decoder_fits(layout, {"unet": unet, "transformer": transformer}, learned)
+    check_decoder_fits(layout, {UNET_COMPONENT: unet, TRANSFORMER_COMPONENT: transformer}, learned)
     pipe = pipeline_from_parts(
         pipeline_class, tokenizer, llm, gill, vae, unet, scheduler, image_encoder, feature_extractor,
         manifest["img_token_ids"], manifest["base_models"], transformer=transformer,
