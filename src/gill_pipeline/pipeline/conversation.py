@@ -50,6 +50,24 @@ def past_owner(llm, gill, img_token_ids) -> tuple:
     return (id(llm), id(gill), tuple(img_token_ids))
 
 
+def check_past(past, batch, use_cache: bool, owner: tuple) -> None:
+    """Refuses, naming `past`, a past that cannot continue this call (another pipeline's, or several inputs)."""
+    if past is None:
+        return
+    if not isinstance(past, GILLPast):
+        raise TypeError(f"`past` must be the `past` of an earlier call's output, got {type(past).__name__}.")
+    if len(batch) != 1 or not use_cache:
+        raise ValueError(
+            f"`past` continues one input decoded with a cache, got {len(batch)} inputs and `use_cache`="
+            f"{use_cache}."
+        )
+    if past.owner != owner:
+        raise ValueError(
+            "`past` was made by another pipeline (another LM or other learned weights); its cache cannot be "
+            "reused here. Start the conversation again without it."
+        )
+
+
 def reusable_past(past: GILLPast | None, keys: list[tuple] | None):
     """`(cache, length)`: `past`'s cache cut back to the prefix it shares with `keys`, or `(None, 0)`."""
     if past is None or keys is None:

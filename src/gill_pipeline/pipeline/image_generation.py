@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline, FluxTransformer2DModel, SanaTransformer2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
+from ..decoders.layout import GUIDANCE_CFG
 from ..decoders import build_decoder_pipeline, family_for_pipeline, run_decoder
 from .inputs import check_int, check_number, is_number
 from .pipeline_output import GILLImage
@@ -39,6 +40,38 @@ class ImageGenerationMixin:
     """Generation with the pipeline's decoder modules (`unet` or `transformer`, `vae`, `scheduler`)."""
 
     _DECODER_OPTION_NAMES = DECODER_OPTION_NAMES
+
+    # What diffusers' callbacks read and write (e.g. `SDCFGCutoffCallback` sets `pipe._guidance_scale = 0.0`);
+    # the denoising loop of the decoder pipeline is kept in step with them after every callback.
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # Guidance-distilled (Flux-dev: an embedding) and timestep-distilled (Flux-schnell) decoders run no CFG pass.
+        if self.gill.conditioning_layout.guidance != GUIDANCE_CFG:
+            return False
+        time_cond = self.unet.config.get("time_cond_proj_dim") if self.unet is not None else None
+        return self._guidance_scale > 1 and time_cond is None
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the current (or last) image generation."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a callback to stop the current denoising loop early."""
+        return self._interrupt
 
     @property
     def denoiser_name(self) -> str | None:
@@ -101,6 +134,8 @@ class ImageGenerationMixin:
         num_images_per_prompt,
         latents,
         decoder_pipe: DiffusionPipeline | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=None,
     ):
         """The image-generation part of `check_inputs`: checked even when the answer may turn out to have no image,
         so that a wrong value is reported now, not after the LM has decoded."""
@@ -151,6 +186,22 @@ class ImageGenerationMixin:
         check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
         if latents is not None:
             self._check_latents(latents, height, width, num_images_per_prompt, decoder_pipe)
+        if callback_on_step_end is not None and not (
+            callable(callback_on_step_end) or isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks))
+        ):
+            raise TypeError(
+                f"`callback_on_step_end` must be a callable `(pipe, step, timestep, callback_kwargs) -> dict`, a "
+                f"diffusers `PipelineCallback` or None, got {type(callback_on_step_end).__name__} "
+                f"{callback_on_step_end!r:.100}."
+            )
+        if callback_on_step_end_tensor_inputs is not None:
+            if not isinstance(callback_on_step_end_tensor_inputs, (list, tuple)) or not all(
+                isinstance(k, str) and k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+            ):
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs}, "
+                    f"got {callback_on_step_end_tensor_inputs!r:.200}."
+                )
 
     def _check_latents(self, latents, height, width, num_images_per_prompt, decoder_pipe=None):
         if not isinstance(latents, torch.Tensor) or latents.ndim not in (3, 4):

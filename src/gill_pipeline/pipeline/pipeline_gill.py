@@ -32,12 +32,11 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
 from ..base_models import normalize_base_models
-from ..decoders.layout import GUIDANCE_CFG
 from ..loaders import GILLLoaderMixin, RetrievalMixin
 from ..models.gill_model import GILLModel
-from ..models.lm_bridge import lm_forward_with_img_logits, new_cache, takes_position_ids
+from ..models.lm_bridge import new_cache, takes_position_ids
 from ..models.open_clip_vision import OpenCLIPVisionModel
-from .decoding import DecodedSequence, DecodingSettings, GILLDecoder
+from .decoding import DecodedSequence, DecodingSettings, GILLDecoder, LMForwardMixin
 from .chat import (
     answer_to_message,
     end_of_turn_token_ids,
@@ -46,12 +45,12 @@ from .chat import (
     normalize_conversations,
     render_conversation,
 )
-from .conversation import GILLPast, next_past, past_owner, reusable_past
+from .conversation import GILLPast, check_past, next_past, past_owner, reusable_past
 from .image_generation import ImageGenerationMixin
 from .inputs import check_int, check_interleaved_sample, check_number, normalize_interleaved_inputs
 from .processor import InterleavedInputsMixin
 from .safety import SafetyCheckerMixin
-from .streaming import stream_tokens
+from .streaming import check_streamer, stream_retrieved, stream_tokens, with_progress
 from .pipeline_output import GILLImage, GILLPipelineOutput
 
 
@@ -95,6 +94,7 @@ class GILLPipeline(
     RetrievalMixin,
     ImageGenerationMixin,
     InterleavedInputsMixin,
+    LMForwardMixin,
     SafetyCheckerMixin,
 ):
     r"""
@@ -207,38 +207,6 @@ class GILLPipeline(
     def num_img_tokens(self) -> int:
         return len(self.config.img_token_ids)
 
-    # What diffusers' callbacks read and write (e.g. `SDCFGCutoffCallback` sets `pipe._guidance_scale = 0.0`);
-    # the denoising loop of the decoder pipeline is kept in step with them after every callback.
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self) -> float:
-        return self._guidance_rescale
-
-    @property
-    def cross_attention_kwargs(self) -> dict | None:
-        return self._cross_attention_kwargs
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        # Guidance-distilled (Flux-dev: an embedding) and timestep-distilled (Flux-schnell) decoders run no CFG pass.
-        if self.gill.conditioning_layout.guidance != GUIDANCE_CFG:
-            return False
-        time_cond = self.unet.config.get("time_cond_proj_dim") if self.unet is not None else None
-        return self._guidance_scale > 1 and time_cond is None
-
-    @property
-    def num_timesteps(self) -> int:
-        """Denoising steps of the current (or last) image generation."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        """Set `pipe._interrupt = True` in a callback to stop the current denoising loop early."""
-        return self._interrupt
-
     # ----------------------------------------------------------------------------------------------------------
     # 1. Checks
     # ----------------------------------------------------------------------------------------------------------
@@ -319,7 +287,8 @@ class GILLPipeline(
             height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
             cross_attention_kwargs=cross_attention_kwargs, num_images_per_prompt=num_images_per_prompt,
-            latents=latents, decoder_pipe=decoder_pipe,
+            latents=latents, decoder_pipe=decoder_pipe, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
 
         if isinstance(generator, list):
@@ -336,44 +305,8 @@ class GILLPipeline(
                 f"`generator` must be a `torch.Generator`, a list of them (one per input) or None, got "
                 f"{type(bad[0]).__name__} {bad[0]!r:.100}; e.g. `generator=torch.Generator().manual_seed(42)`."
             )
-        if callback_on_step_end is not None and not (
-            callable(callback_on_step_end) or isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks))
-        ):
-            raise TypeError(
-                f"`callback_on_step_end` must be a callable `(pipe, step, timestep, callback_kwargs) -> dict`, a "
-                f"diffusers `PipelineCallback` or None, got {type(callback_on_step_end).__name__} "
-                f"{callback_on_step_end!r:.100}."
-            )
-        if callback_on_step_end_tensor_inputs is not None:
-            if not isinstance(callback_on_step_end_tensor_inputs, (list, tuple)) or not all(
-                isinstance(k, str) and k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-            ):
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs}, "
-                    f"got {callback_on_step_end_tensor_inputs!r:.200}."
-                )
-
-        if streamer is not None:
-            if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
-                raise TypeError(
-                    f"`streamer` must be a streamer with `put` and `end` (e.g. `GILLStreamer`, transformers' "
-                    f"`TextIteratorStreamer`), got {type(streamer).__name__} {streamer!r:.100}."
-                )
-            if len(batch) != 1:
-                raise ValueError(f"`streamer` streams one answer, but {len(batch)} inputs were given.")
-        if past is not None:
-            if not isinstance(past, GILLPast):
-                raise TypeError(f"`past` must be the `past` of an earlier call's output, got {type(past).__name__}.")
-            if len(batch) != 1 or not use_cache:
-                raise ValueError(
-                    f"`past` continues one input decoded with a cache, got {len(batch)} inputs and `use_cache`="
-                    f"{use_cache}."
-                )
-            if past.owner != self._past_owner():
-                raise ValueError(
-                    "`past` was made by another pipeline (another LM or other learned weights); its cache cannot be "
-                    "reused here. Start the conversation again without it."
-                )
+        check_streamer(streamer, batch)
+        check_past(past, batch, use_cache, self._past_owner())
 
     # ----------------------------------------------------------------------------------------------------------
     # The call
@@ -567,7 +500,7 @@ class GILLPipeline(
             self._cross_attention_kwargs = cross_attention_kwargs
             self._num_timesteps, self._interrupt = 0, False
             if streamer is not None and hasattr(streamer, "on_denoising_step"):
-                decoder_kwargs["callback_on_step_end"] = self._with_progress(callback_on_step_end, streamer)
+                decoder_kwargs["callback_on_step_end"] = with_progress(callback_on_step_end, streamer)
             settings = DecodingSettings(
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
@@ -612,7 +545,7 @@ class GILLPipeline(
             )
             self.run_safety_checker(retrieved, output_type)
             retrieve = self.apply_min_similarity(requests, retrieve, retrieved, image_mode)
-            delivered = self.stream_retrieved(streamer, requests, retrieve, retrieved, image_mode)
+            delivered = stream_retrieved(streamer, requests, retrieve, retrieved, image_mode)
 
             # 7. Generate images (groups sent to generation, "both", and groups retrieval could not serve)
             to_generate = [
@@ -712,33 +645,6 @@ class GILLPipeline(
         )
         return (rows, decoder.last_cache) if return_cache else rows
 
-    def _lm_forward(self, embeds, mask, positions, cache, use_cache, logits_to_keep):
-        """One LM pass -> (logits with the `[IMG]` columns, last hidden state, cache); see `GILLDecoder`."""
-        logits, hidden, output = lm_forward_with_img_logits(
-            self.llm,
-            self.gill,
-            self.img_token_ids,
-            embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-        )
-        return logits, hidden, getattr(output, "cache", None) if use_cache else None
-
-    def _is_newline(self, token_id: int) -> bool:
-        return "\n" in self.tokenizer.decode([token_id])
-
-    def _eos_token_ids(self) -> set[int]:
-        ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.llm.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif isinstance(source, (list, tuple)):
-                ids.update(int(i) for i in source)
-        return ids
-
     def decide(self, img_hidden: torch.Tensor, image_mode: str) -> tuple[list[bool], list[tuple[float, float]]]:
         """Per `[IMG]` group: whether the retrieved image is the one shown, and the decision head's (generate,
         retrieve) probabilities. With `image_mode="both"` both images are made and this picks the one shown first."""
@@ -751,21 +657,6 @@ class GILLPipeline(
         else:
             retrieve = [bool(p.argmax() == DECISION_RETRIEVE) for p in probs]
         return retrieve, prob_pairs
-
-    @staticmethod
-    def stream_retrieved(streamer, requests, retrieve, retrieved, image_mode) -> set[int]:
-        """Step 6c: retrieved images are final already, so a `GILLStreamer` gets those shown before any image is
-        generated. Returns the ids of the images delivered."""
-        delivered = set()
-        if streamer is None or not hasattr(streamer, "put_image") or image_mode == "both":
-            return delivered
-        shown_retrieved = {key for key, chosen in zip(requests, retrieve) if chosen}
-        for key, image in retrieved.items():
-            if key not in shown_retrieved:
-                continue  # below the set's similarity floor: the generated image is shown instead
-            streamer.put_image(image)
-            delivered.add(id(image))
-        return delivered
 
     @staticmethod
     def merge_group_images(requests, retrieve, retrieved, generated, warnings) -> dict[tuple[int, int], GILLImage]:
@@ -796,16 +687,6 @@ class GILLPipeline(
                 if message not in warnings[key[0]]:
                     warnings[key[0]].append(message)
         return images
-
-    @staticmethod
-    def _with_progress(callback, streamer):
-        """A step-end callback that also reports denoising progress to the streamer."""
-
-        def with_progress(pipe, step, timestep, callback_kwargs):
-            streamer.on_denoising_step(step + 1, pipe.num_timesteps)
-            return callback(pipe, step, timestep, callback_kwargs) if callback is not None else callback_kwargs
-
-        return with_progress
 
     def assemble_answer(self, b: int, seq: DecodedSequence, images: dict) -> list:
         answer, start = [], 0
