@@ -86,7 +86,9 @@ class StableDiffusionFamily(DecoderFamily):
         return isinstance(unet, UNet2DConditionModel) and unet.config.get("addition_embed_type") != "text_time"
 
     def init_kwargs(self, source_pipe):
-        # GILL images are not passed through the safety checker component (never loaded without a text encoder).
+        # The stock pipeline is built without SD's safety checker (it would never see GILL's images, which are
+        # post-processed by GILLPipeline); GILLPipeline warns that none runs and takes its own optional check
+        # (`set_safety_checker`, see docs/security.md) on generated and retrieved images.
         return {"requires_safety_checker": False}
 
 

@@ -6,7 +6,8 @@ from diffusers import DiffusionPipeline
 
 from .families import DecoderFamily, family_by_name, family_for_pipeline
 
-# Modules GILL never runs: SD's safety checker works on images GILL returns through its own postprocessing.
+# Modules GILL never runs. SD's safety checker is not applied to GILL's images here: GILLPipeline post-processes them
+# itself and runs only the optional check set with `GILLPipeline.set_safety_checker` (see docs/security.md).
 _NEVER_LOADED = ("safety_checker", "feature_extractor", "image_encoder")
 
 

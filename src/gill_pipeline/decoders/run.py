@@ -141,7 +141,12 @@ def run_decoder(
         `return_pipeline`, `(images, pipeline)`.
     """
     family = _resolve_family(decoder, family, layout)
-    pipe = build_decoder_pipeline(decoder, family=family)
+    # A bare stock pipeline of the family (text side None, e.g. the one `GILLPipeline.__call__` builds once per call)
+    # runs as it is; anything else is rebuilt over its modules.
+    bare = type(decoder) is family.pipeline_class and all(
+        getattr(decoder, name, None) is None for name in family.text_components
+    )
+    pipe = decoder if bare else build_decoder_pipeline(decoder, family=family)
     if progress_bar_config is not None:
         pipe.set_progress_bar_config(**progress_bar_config)
     call_params = inspect.signature(type(pipe).__call__).parameters

@@ -9,6 +9,10 @@
   The `[IMG]` logits are appended as extra columns of the LM head's own output, so whatever the LM does to its
   logits after the head (Gemma's final soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`, a cast to
   float) is done to the `[IMG]` logits too, without a list of families.
+- The last hidden state (what GILL reads at `[IMG]` positions) is taken from the LM's base model (`get_decoder()`)
+  by a forward hook, so the LM is not asked for every layer's hidden states at every step. The first forward of each
+  LM also asks for them once and keeps the hook only if its tensor EQUALS `hidden_states[-1]`; LMs where it does
+  not (or that have no separate base model) keep asking for all layers, so the numbers never change.
 - `new_cache`: the cache transformers' `generate()` would start from.
 - `takes_position_ids`: whether the LM can be told each row's positions (needed to left-pad a batch).
 - `position_offset`: where the LM's own position numbering starts (RoBERTa-style decoders count from
@@ -86,6 +90,41 @@ def _img_logits_from_lm_head(llm, gill, found: dict):
 
 _POSITION_OFFSETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+# Where each LM's last hidden state is read: from its base model's output (checked equal once), or from all layers.
+_BASE_MODEL, _ALL_LAYERS = "base_model", "all_layers"
+_HIDDEN_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _last_hidden_module(llm):
+    """The LM's base model (the module whose output's `last_hidden_state` the LM head reads), or None."""
+    model = _base_model(llm)
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None
+
+
+@contextlib.contextmanager
+def _last_hidden_from(module, found: dict):
+    """Keeps `module`'s output `last_hidden_state` (or first tensor) in `found["hidden"]` while the LM runs."""
+    if module is None:
+        yield
+        return
+
+    def keep_last_hidden(module, inputs, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            hidden = output[0]
+        found["hidden"] = hidden
+
+    handle = module.register_forward_hook(keep_last_hidden)
+    try:
+        yield
+    finally:
+        handle.remove()
+
 
 @torch.no_grad()
 def position_offset(llm) -> int:
@@ -125,9 +164,26 @@ def lm_forward_with_img_logits(llm, gill, img_token_ids, inputs_embeds: torch.Te
         if offset:
             lm_kwargs["position_ids"] = lm_kwargs["position_ids"] + offset
     found = {}
-    with _img_logits_from_lm_head(llm, gill, found):
-        output = llm(inputs_embeds=inputs_embeds, output_hidden_states=True, return_dict=True, **lm_kwargs)
-    hidden = output.hidden_states[-1]
+    source = _HIDDEN_SOURCES.get(llm)  # None: not checked yet
+    base = _last_hidden_module(llm) if source != _ALL_LAYERS else None
+    ask_all = source != _BASE_MODEL or base is None
+    with _img_logits_from_lm_head(llm, gill, found), _last_hidden_from(base, found):
+        output = llm(inputs_embeds=inputs_embeds, output_hidden_states=ask_all, return_dict=True, **lm_kwargs)
+    if source is None:
+        captured = found.get("hidden")
+        reference = output.hidden_states[-1]
+        same = captured is not None and captured.shape == reference.shape and torch.equal(captured, reference)
+        _HIDDEN_SOURCES[llm] = _BASE_MODEL if same else _ALL_LAYERS
+        if not same:
+            logger.info(f"{type(llm).__name__}: the last hidden state is read from all layers' hidden states.")
+    if ask_all:
+        hidden = output.hidden_states[-1]
+    else:
+        hidden = found.get("hidden")
+        if hidden is None:
+            raise RuntimeError(
+                f"{type(llm).__name__}: its base model was not run in this forward, so GILL has no last hidden state."
+            )
     logits = output.logits
     r = len(img_token_ids)
     if found and logits.shape[-1] == found["width"] + r:

@@ -1,4 +1,5 @@
-"""Assembling a new, untrained GILL pipeline from any causal LM, Stable Diffusion checkpoint and CLIP vision encoder."""
+"""Assembling a new, untrained GILL pipeline from any causal LM, image decoder (a stock diffusers text-to-image
+pipeline of a supported family) and CLIP vision encoder."""
 
 import copy
 import os
@@ -84,6 +85,8 @@ def _load_sd(stable_diffusion, load_kwargs):
     family = family_for_pipeline(config["_class_name"])
     if isinstance(family, StableDiffusionFamily):
         return StableDiffusionPipeline.from_pretrained(
+            # GILL never runs the checkpoint's own checker (its images do not pass through the stock pipeline's
+            # post-processing); the pipeline's optional check is `GILLPipeline.set_safety_checker`.
             stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **load_kwargs
         )
     return load_decoder(stable_diffusion, family=family, text_encoders=True, **load_kwargs)
@@ -95,7 +98,7 @@ def _decoder_conditioning(sd, family, conditioning_layout, negative_conditioning
     if conditioning_layout is None:
         if missing_text:
             raise ValueError(
-                f"`stable_diffusion` ({type(sd).__name__}) has no {missing_text}: GILL needs the decoder's text "
+                f"`decoder` ({type(sd).__name__}) has no {missing_text}: GILL needs the decoder's text "
                 f"encoders once at assembly, to read the conditioning layout and store the empty-prompt negatives. "
                 f"Pass the pipeline with its text encoders, or `conditioning_layout` and `negative_conditioning` "
                 f"(from `read_conditioning_layout` and `default_negative_conditioning` on the full pipeline)."
@@ -105,13 +108,13 @@ def _decoder_conditioning(sd, family, conditioning_layout, negative_conditioning
         conditioning_layout = ConditioningLayout.from_dict(conditioning_layout)
     if conditioning_layout.pipeline_class != type(sd).__name__:
         raise ValueError(
-            f"`conditioning_layout` is for {conditioning_layout.pipeline_class}, but `stable_diffusion` is a "
+            f"`conditioning_layout` is for {conditioning_layout.pipeline_class}, but `decoder` is a "
             f"{type(sd).__name__}."
         )
     if negative_conditioning is None:
         if conditioning_layout.has_negatives and missing_text:
             raise ValueError(
-                f"`negative_conditioning` is required when `stable_diffusion` ({type(sd).__name__}) has no "
+                f"`negative_conditioning` is required when `decoder` ({type(sd).__name__}) has no "
                 f"{missing_text}: pass `default_negative_conditioning(full_pipeline)`."
             )
         negative_conditioning = default_negative_conditioning(sd) if conditioning_layout.has_negatives else {}
@@ -127,11 +130,29 @@ def _load_vision(image_encoder, feature_extractor, load_kwargs):
     return image_encoder, feature_extractor
 
 
+# Marks an argument not given (None is a value some callers pass on purpose).
+_NOT_GIVEN = object()
+
+
+def _decoder_argument(decoder, stable_diffusion):
+    """`decoder`, or its old name `stable_diffusion` (from the SD-only era; kept as an alias)."""
+    if decoder is not _NOT_GIVEN and stable_diffusion is not _NOT_GIVEN:
+        raise ValueError(
+            "Pass the image decoder once: as `decoder` (or its old name `stable_diffusion`), not both; got "
+            f"`decoder`={type(decoder).__name__} and `stable_diffusion`={type(stable_diffusion).__name__}."
+        )
+    if decoder is _NOT_GIVEN:
+        decoder = stable_diffusion
+    if decoder is _NOT_GIVEN:
+        raise TypeError("`from_base_models` needs the image decoder: pass `decoder=` (a checkpoint id, path or pipeline).")
+    return decoder
+
+
 def assemble_gill_pipeline(
     pipeline_class,
     language_model,
-    stable_diffusion,
-    image_encoder,
+    decoder=_NOT_GIVEN,
+    image_encoder=_NOT_GIVEN,
     tokenizer=None,
     feature_extractor=None,
     num_img_tokens: int = DEFAULT_NUM_IMG_TOKENS,
@@ -149,6 +170,7 @@ def assemble_gill_pipeline(
     dtype: torch.dtype | str | None = None,
     base_models: dict | None = None,
     allow_pickle: bool = False,
+    stable_diffusion=_NOT_GIVEN,
     **load_kwargs,
 ):
     r"""
@@ -164,8 +186,8 @@ def assemble_gill_pipeline(
     Args:
         language_model (`str` or [`~transformers.PreTrainedModel`]):
             Any causal LM: a Hub id or path (loaded with `AutoModelForCausalLM`), or a loaded model.
-        stable_diffusion (`str` or [`~diffusers.DiffusionPipeline`]):
-            A decoder checkpoint (id or path) of a supported family, or a loaded pipeline; its text encoders are used
+        decoder (`str` or [`~diffusers.DiffusionPipeline`]):
+            The image decoder (`stable_diffusion=` is its old name, still accepted): a decoder checkpoint (id or path) of a supported family, or a loaded pipeline; its text encoders are used
             once, to read the conditioning layout and store the empty-prompt negatives, and are not part of the GILL
             pipeline. Another pipeline class is refused, naming it.
         image_encoder (`str` or [`~transformers.CLIPVisionModel`]):
@@ -181,7 +203,7 @@ def assemble_gill_pipeline(
         mapper_num_queries (`int`, *optional*):
             Learned queries of the mapper; None (default) gives one per output position. See docs/decoders.md.
         conditioning_layout ([`ConditioningLayout`] or `dict`, *optional*), negative_conditioning (`dict`, *optional*):
-            The decoder's layout and default negatives, for a `stable_diffusion` given without its text encoders;
+            The decoder's layout and default negatives, for a `decoder` given without its text encoders;
             read from the text encoders otherwise.
         seed (`int`, *optional*, defaults to 0):
             Seed for the initial weights of the learned parts.
@@ -190,7 +212,7 @@ def assemble_gill_pipeline(
             passed to loaders when models are given by name.
         base_models (`dict`, *optional*):
             The record of the base models' Hub ids and revisions (`{"llm": ..., "stable_diffusion": ...,
-            "image_encoder": ...}`, see `gill_pipeline.hub`), saved with the learned weights. By default it is made
+            "image_encoder": ...}`, see `gill_pipeline.serialization.hub`), saved with the learned weights. By default it is made
             from the names given (or the `name_or_path` of loaded models when it is a Hub id).
         allow_pickle (`bool`, *optional*, defaults to `False`):
             Models given by name are read from safetensors only; `True` also accepts pickled weight files, read with
@@ -200,13 +222,16 @@ def assemble_gill_pipeline(
             (`trust_remote_code`, `custom_pipeline`) is refused.
     """
     refuse_remote_code(load_kwargs, "from_base_models")
+    stable_diffusion = _decoder_argument(decoder, stable_diffusion)
+    if image_encoder is _NOT_GIVEN:
+        raise TypeError("`from_base_models` needs `image_encoder` (a CLIP vision encoder id, path or model, or None).")
     dtype = pop_dtype({"dtype": dtype, "torch_dtype": load_kwargs.pop("torch_dtype", None)})
     if not isinstance(allow_pickle, bool):
         raise TypeError(f"`allow_pickle` must be a bool, got {allow_pickle!r}.")
     if not allow_pickle:
         load_kwargs["use_safetensors"] = True
     for value, argument in (
-        (language_model, "language_model"), (stable_diffusion, "stable_diffusion"), (image_encoder, "image_encoder")
+        (language_model, "language_model"), (stable_diffusion, "decoder"), (image_encoder, "image_encoder")
     ):
         _check_local_source(value, argument)
     if base_models is None:
@@ -221,7 +246,7 @@ def assemble_gill_pipeline(
     family = family_for_pipeline(sd)
     for name in (family.denoiser, "vae", "scheduler"):
         if getattr(sd, name, None) is None:
-            raise ValueError(f"`stable_diffusion` must provide a `{name}`; this {type(sd).__name__} has none.")
+            raise ValueError(f"`decoder` must provide a `{name}`; this {type(sd).__name__} has none.")
     # Stable Diffusion 1.x/2.x with its text encoder keeps the config GILL always had (no recorded layout): the
     # same learned parts and bit-identical outputs as before other families existed.
     legacy = isinstance(family, StableDiffusionFamily) and conditioning_layout is None and sd.text_encoder is not None
@@ -293,7 +318,7 @@ def _assemble_sd(
 ):
     """Stable Diffusion 1.x/2.x with its text encoder, as GILL always assembled it."""
     if sd.tokenizer is None:
-        raise ValueError(f"`stable_diffusion` must provide a `tokenizer`; this {type(sd).__name__} has none.")
+        raise ValueError(f"`decoder` must provide a `tokenizer`; this {type(sd).__name__} has none.")
     if cond_length is None:
         cond_length = int(sd.tokenizer.model_max_length)
         if cond_length > 10_000:  # tokenizers without a set length report a huge sentinel

@@ -45,6 +45,61 @@ class GILLPast:
         return n
 
 
+def past_owner(llm, gill, img_token_ids) -> tuple:
+    """What ties a `GILLPast` to the pipeline that made it: its LM, learned weights and `[IMG]` ids."""
+    return (id(llm), id(gill), tuple(img_token_ids))
+
+
+def check_past(past, batch, use_cache: bool, owner: tuple) -> None:
+    """Refuses, naming `past`, a past that cannot continue this call (another pipeline's, or several inputs)."""
+    if past is None:
+        return
+    if not isinstance(past, GILLPast):
+        raise TypeError(f"`past` must be the `past` of an earlier call's output, got {type(past).__name__}.")
+    if len(batch) != 1 or not use_cache:
+        raise ValueError(
+            f"`past` continues one input decoded with a cache, got {len(batch)} inputs and `use_cache`="
+            f"{use_cache}."
+        )
+    if past.owner != owner:
+        raise ValueError(
+            "`past` was made by another pipeline (another LM or other learned weights); its cache cannot be "
+            "reused here. Start the conversation again without it."
+        )
+
+
+def reusable_past(past: GILLPast | None, keys: list[tuple] | None):
+    """`(cache, length)`: `past`'s cache cut back to the prefix it shares with `keys`, or `(None, 0)`."""
+    if past is None or keys is None:
+        return None, 0
+    if past.spent:
+        logger.warning("This `past` was already used by a call; its cache is not reused (the answer is the same).")
+        return None, 0
+    past.spent = True
+    # At least one position must run, to give the logits of the first new token.
+    length = min(past.shared_prefix(keys), len(keys) - 1)
+    cache = past.cache
+    if length <= 0 or not hasattr(cache, "crop") or any(getattr(cache, "is_linear", [])):
+        return None, 0  # recurrent states cannot be cut back: the whole input runs
+    try:
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)  # transformers 5: a negative count of positions to remove from the end
+    except Exception as error:  # e.g. a sliding-window layer that no longer holds the prefix
+        logger.info(f"The cache of `past` cannot be cut back to {length} positions ({error}); recomputing.")
+        return None, 0
+    if cache.get_seq_length() != length:
+        return None, 0
+    return cache, length
+
+
+def next_past(cache, keys: list[tuple], sequence, reused: int, owner: tuple) -> GILLPast:
+    """The `past` a call hands on: its cache, and the keys of what the LM read (input, then the answer's tokens that
+    were run through it; a last text token never is)."""
+    fed = sequence.token_ids[: len(sequence.hidden_states)]
+    return GILLPast(cache=cache, keys=keys + [("token", int(t)) for t in fed], owner=owner, reused=reused)
+
+
 def user_message(content: Any, role: str = "user") -> dict:
     """What `GILLConversation.send` accepts -> one message in the transformers chat format: a string, a list of
     parts, or an interleaved list of strings and images."""

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 import torch
 from transformers import Cache, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from ..models.lm_bridge import lm_forward_with_img_logits
+
 
 @dataclass
 class DecodingSettings:
@@ -374,3 +376,34 @@ class GILLDecoder:
             ]
         sample_device = generator.device if generator is not None else probs.device
         return torch.multinomial(probs.to(sample_device), 1, generator=generator)[:, 0].tolist()
+
+
+class LMForwardMixin:
+    """What `GILLDecoder` needs from a pipeline's LM: one forward with the `[IMG]` logits, its newline and EOS ids."""
+
+    def _lm_forward(self, embeds, mask, positions, cache, use_cache, logits_to_keep):
+        """One LM pass -> (logits with the `[IMG]` columns, last hidden state, cache); see `GILLDecoder`."""
+        logits, hidden, output = lm_forward_with_img_logits(
+            self.llm,
+            self.gill,
+            self.img_token_ids,
+            embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
+        return logits, hidden, getattr(output, "cache", None) if use_cache else None
+
+    def _is_newline(self, token_id: int) -> bool:
+        return "\n" in self.tokenizer.decode([token_id])
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.llm.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return ids

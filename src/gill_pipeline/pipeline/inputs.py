@@ -1,5 +1,6 @@
 """Checking and normalising interleaved inputs: text segments and images."""
 
+import math
 from typing import Any
 
 import numpy as np
@@ -173,3 +174,23 @@ def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
     else:
         raise TypeError(f"`{name}` is a tensor of dtype {tensor.dtype}; expected uint8 or a floating-point dtype.")
     return _array_to_pil(array, name)
+
+
+def is_number(value) -> bool:
+    """A finite int or float (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(value, name: str, minimum: int):
+    """Refuses, naming `name`, anything but an int >= `minimum`."""
+    # A bool is not an int here, and neither is a float such as 2.0: both are usually a mistake.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r:.100} ({type(value).__name__}).")
+
+
+def check_number(value, name: str, positive: bool = False, minimum: float | None = None):
+    """Refuses, naming `name`, anything but a finite number (> 0 with `positive`, >= `minimum`)."""
+    if not is_number(value) or (positive and value <= 0) or (minimum is not None and value < minimum):
+        kind = "a positive finite number" if positive else f"a finite number >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r:.100} ({type(value).__name__}).")

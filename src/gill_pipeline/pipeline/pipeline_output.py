@@ -1,4 +1,4 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
 from diffusers.utils import BaseOutput
@@ -30,6 +30,9 @@ class GILLImage:
         alternatives (`list[GILLImage]`):
             With `image_mode="both"`, the other candidate for this `[IMG]` group: the retrieved image when the
             decision head chose to generate, the generated one when it chose to retrieve. Empty otherwise.
+        nsfw_content_detected (`bool`, *optional*):
+            With a safety checker set (`pipe.set_safety_checker`), whether it flagged this image (then `image` is
+            what the checker returned in its place); None when no checker ran.
     """
 
     image: Any
@@ -40,6 +43,7 @@ class GILLImage:
     prompt_embeds_index: int = 0
     metadata: dict = field(default_factory=dict)
     alternatives: list["GILLImage"] = field(default_factory=list)
+    nsfw_content_detected: bool | None = None
 
 
 @dataclass
@@ -50,6 +54,11 @@ class GILLPipelineOutput(BaseOutput):
     As in diffusers, `images` holds images: here every image shown in the answers, in order (answer 0's images, then
     answer 1's, ...), in the call's `output_type`. An answer may hold no image or several, so `outputs` keeps each
     answer whole and `gill_images` its [`GILLImage`] objects.
+
+    With `return_dict=False` the pipeline returns the fields as a tuple in this fixed order: `(images, texts,
+    outputs, warnings, messages, past, nsfw_content_detected)`, without the trailing fields that are None. The first
+    four are always there (the tuple of earlier versions); `messages` is at position 4 and `past` at 5 whenever
+    anything after them is set (None in their place when they are not).
 
     Args:
         images (`list`):
@@ -67,6 +76,9 @@ class GILLPipelineOutput(BaseOutput):
             image parts carrying what the `GILLImage` carries), ready to append to the conversation.
         past ([`GILLPast`], *optional*):
             For one chat input (or a call given `past=`): what the LM has read, to pass as `past=` to the next turn.
+        nsfw_content_detected (`list[bool]`, *optional*):
+            With a safety checker set, whether it flagged each image of `images` (as diffusers'
+            `StableDiffusionPipelineOutput`); None when no checker ran.
     """
 
     images: list[Any]
@@ -75,15 +87,34 @@ class GILLPipelineOutput(BaseOutput):
     warnings: list[list[str]]
     messages: list[dict] | None = None
     past: Any = None
+    nsfw_content_detected: list[bool] | None = None
 
     @classmethod
-    def from_answers(cls, outputs: list[list[Union[str, GILLImage]]], warnings: list[list[str]] | None = None):
+    def from_answers(
+        cls,
+        outputs: list[list[Union[str, GILLImage]]],
+        warnings: list[list[str]] | None = None,
+        messages: list[dict] | None = None,
+        past: Any = None,
+    ):
+        shown = [x for answer in outputs for x in answer if isinstance(x, GILLImage)]
+        flags = [x.nsfw_content_detected for x in shown]
         return cls(
-            images=[x.image for answer in outputs for x in answer if isinstance(x, GILLImage)],
+            images=[x.image for x in shown],
             texts=["".join(x for x in answer if isinstance(x, str)) for answer in outputs],
             outputs=outputs,
             warnings=warnings if warnings is not None else [[] for _ in outputs],
+            messages=messages,
+            past=past,
+            nsfw_content_detected=flags if any(flag is not None for flag in flags) else None,
         )
+
+    def to_tuple(self) -> tuple:
+        """The fields in their fixed order, without the trailing ones that are None (see the class docstring)."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        while len(values) > 4 and values[-1] is None:
+            values.pop()
+        return tuple(values)
 
     @property
     def gill_images(self) -> list[list[GILLImage]]:

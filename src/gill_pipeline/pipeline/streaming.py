@@ -59,3 +59,41 @@ def stream_tokens(streamer, token_ids: list[int]) -> None:
     """Sends text token ids to any transformers-style streamer (`put` takes a tensor of ids)."""
     if streamer is not None and token_ids:
         streamer.put(torch.tensor(token_ids, dtype=torch.long))
+
+
+def check_streamer(streamer, batch) -> None:
+    """Refuses, naming `streamer`, anything but a streamer of one answer."""
+    if streamer is None:
+        return
+    if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(
+            f"`streamer` must be a streamer with `put` and `end` (e.g. `GILLStreamer`, transformers' "
+            f"`TextIteratorStreamer`), got {type(streamer).__name__} {streamer!r:.100}."
+        )
+    if len(batch) != 1:
+        raise ValueError(f"`streamer` streams one answer, but {len(batch)} inputs were given.")
+
+
+def stream_retrieved(streamer, requests, retrieve, retrieved, image_mode) -> set[int]:
+    """Step 6c: retrieved images are final already, so a `GILLStreamer` gets those shown before any image is
+    generated. Returns the ids of the images delivered."""
+    delivered = set()
+    if streamer is None or not hasattr(streamer, "put_image") or image_mode == "both":
+        return delivered
+    shown_retrieved = {key for key, chosen in zip(requests, retrieve) if chosen}
+    for key, image in retrieved.items():
+        if key not in shown_retrieved:
+            continue  # below the set's similarity floor: the generated image is shown instead
+        streamer.put_image(image)
+        delivered.add(id(image))
+    return delivered
+
+
+def with_progress(callback, streamer):
+    """A step-end callback that also reports denoising progress to the streamer."""
+
+    def with_progress(pipe, step, timestep, callback_kwargs):
+        streamer.on_denoising_step(step + 1, pipe.num_timesteps)
+        return callback(pipe, step, timestep, callback_kwargs) if callback is not None else callback_kwargs
+
+    return with_progress

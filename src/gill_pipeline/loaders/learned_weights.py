@@ -1,0 +1,85 @@
+"""The loader mixin of `GILLPipeline`, in the way of diffusers' `loaders/`: loading and saving a GILL pipeline (a
+whole folder or only its learned weights), its LoRA adapter on the LM, Hub pushes, and assembly from base models.
+
+The mixin comes FIRST among `GILLPipeline`'s bases: its `from_pretrained`/`save_pretrained` must win over
+`DiffusionPipeline`'s, which they extend through `super()`.
+"""
+
+import os
+
+from ..serialization.hub import HUB_KWARGS, resolve_pipeline_folder
+from ..serialization.learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
+from ..serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
+from ..serialization.lora import load_llm_lora, saving_without_lora
+from ..serialization.push import push_pipeline_to_hub
+from ..pipeline.assembly import assemble_gill_pipeline
+from ..pipeline.safety import pop_safety_checker
+
+
+class GILLLoaderMixin:
+    """`from_pretrained`, `save_pretrained`, `save_learned_weights`, `push_to_hub`, `push_learned_weights` and
+    `from_base_models` for `GILLPipeline`."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        r"""
+        Loads a GILL pipeline from a local folder or a Hub repo id (accepts diffusers' `from_pretrained` arguments,
+        e.g. `dtype` (a dtype or a name such as `"bfloat16"`), `revision`, `token`, `cache_dir`, `local_files_only`,
+        and components to use as they are), or a learned-weights folder or repo (see `gill_pipeline.serialization.learned_weights`).
+
+        Before any weight is read, every file is checked (a missing, corrupted or wrong-kind file is named), the
+        learned parts are checked to fit the LM, decoder, vision encoder and tokenizer, and pickled weights are
+        refused unless `allow_pickle=True` (then read with `torch.load(weights_only=True)`). Remote code is never
+        loaded; see docs/security.md. A LoRA adapter saved with the pipeline (`llm_lora/`) is applied to the LM.
+        `safety_checker=` (and `safety_feature_extractor=`) set the check run on every image shown; see
+        [`GILLPipeline.set_safety_checker`].
+        """
+        name = os.fspath(pretrained_model_name_or_path)
+        refuse_remote_code(kwargs)
+        safety = pop_safety_checker(kwargs)
+        folder = resolve_pipeline_folder(name, **kwargs)
+        if is_learned_weights_folder(folder):
+            pipe = load_learned_weights_pipeline(cls, folder, name, **kwargs)
+        else:
+            for hub_argument in HUB_KWARGS:
+                if hub_argument != "local_files_only":
+                    kwargs.pop(hub_argument, None)
+            kwargs, allow_pickle = prepare_pipeline_load(cls, folder, kwargs)
+            pipe = super().from_pretrained(folder, **kwargs)
+            check_pipeline_parts(pipe, f"the learned weights {os.path.join(folder, 'gill')}")
+            load_llm_lora(pipe, folder, allow_pickle)
+        if safety is not None:
+            pipe.set_safety_checker(*safety)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Saves every component (the LM without its LoRA adapter, which goes to `llm_lora/`)."""
+        with saving_without_lora(self, str(save_directory)):
+            super().save_pretrained(save_directory, **kwargs)
+
+    def save_learned_weights(self, save_directory: str | os.PathLike, base_models: dict | None = None) -> str:
+        """Saves only the learned parts (a few MB) and the record of the base models they fit; see
+        [`gill_pipeline.serialization.learned_weights`]. `GILLPipeline.from_pretrained(save_directory)` loads them back."""
+        return save_learned_weights(self, save_directory, base_models=base_models)
+
+    def push_to_hub(self, repo_id: str, learned_weights_only: bool = False, card_info=None, **kwargs) -> str:
+        """Uploads the whole pipeline (or, with `learned_weights_only=True`, only the learned weights) to a Hub repo
+        with a model card; see [`gill_pipeline.serialization.push.push_pipeline_to_hub`]. Returns the commit URL."""
+        return push_pipeline_to_hub(
+            self, repo_id, learned_weights_only=learned_weights_only, card_info=card_info, **kwargs
+        )
+
+    def push_learned_weights(self, repo_id: str, card_info=None, **kwargs) -> str:
+        """Uploads only the learned weights and the record of their base models; see `push_to_hub`."""
+        return self.push_to_hub(repo_id, learned_weights_only=True, card_info=card_info, **kwargs)
+
+    @classmethod
+    def from_base_models(cls, *args, **kwargs):
+        """Assembles a new, untrained GILL pipeline; see [`gill_pipeline.assemble_gill_pipeline`]. Accepts
+        `safety_checker=` as `from_pretrained` does."""
+        safety = pop_safety_checker(kwargs)
+        pipe = assemble_gill_pipeline(cls, *args, **kwargs)
+        if safety is not None:
+            pipe.set_safety_checker(*safety)
+        return pipe
+
