@@ -5,7 +5,8 @@
     python -m tools.import_graph --dot g.dot  # the module graph in Graphviz' format
 
 Every import counts, including those inside functions (an import moved into a function still makes a circle; it only
-hides it from Python's import-time check). `from .x import y` depends on `x.y` when that is a module, else on `x`.
+hides it from Python's import-time check). `from .x import y` depends on `x.y` when that is a module, else on `x`;
+importing `a.b.c` from outside the package `a.b` also depends on `a.b` and `a` (Python runs their `__init__` first).
 Standard-library and third-party imports are left out. A circle is a strongly connected component of more than one
 module (or a module that imports itself).
 """
@@ -85,8 +86,15 @@ def read_imports(modules: dict[str, Module]) -> None:
                     targets.append(sub if sub in modules else base)
             for target in targets:
                 known = _known(target, modules)
-                if known is not None and known != module.name:
-                    module.imports.add(known)
+                if known is None or known == module.name:
+                    continue
+                module.imports.add(known)
+                # Importing `a.b.c` runs the `__init__` of `a` and `a.b` first, unless the importer is inside them.
+                own = module.name if module.is_package else module.name.rpartition(".")[0]
+                parent = known.rpartition(".")[0]
+                while parent and not (own == parent or own.startswith(parent + ".")):
+                    module.imports.add(parent)
+                    parent = parent.rpartition(".")[0]
 
 
 def circles(modules: dict[str, Module]) -> list[list[str]]:
