@@ -11,7 +11,7 @@ import torch
 import gill_pipeline.decoders.run as decoder_run
 import gill_pipeline.pipeline.image_generation as image_generation
 from gill_pipeline import GILLPipeline
-from gill_pipeline.loaders import GILLLoaderMixin, RetrievalMixin
+from gill_pipeline.pipeline.loaders import GILLLoaderMixin, RetrievalMixin
 from gill_pipeline.pipeline.processor import GILLInterleavedProcessor
 from gill_pipeline.retrieval import build_retrieval_index
 from gill_pipeline.tiny_decoders import build_tiny_gill_pipeline_with_decoder

@@ -32,7 +32,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
 from ..serialization.base_models import normalize_base_models
-from ..loaders import GILLLoaderMixin, RetrievalMixin
+from .loaders import GILLLoaderMixin, RetrievalMixin
 from ..models.gill_model import GILLModel
 from ..models.lm_bridge import new_cache, takes_position_ids
 from ..models.open_clip_vision import OpenCLIPVisionModel
@@ -107,7 +107,7 @@ class GILLPipeline(
     [`GILLPipeline.from_base_models`].
 
     Its parts live where diffusers keeps them: loading, saving, LoRA and Hub pushes in [`GILLLoaderMixin`]
-    (`gill_pipeline.loaders`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`,
+    (`gill_pipeline.pipeline.loaders`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`,
     the interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`
     and the optional safety check in `pipeline/safety.py`.
 

@@ -6,8 +6,8 @@ import os
 import PIL.Image
 from diffusers.utils import logging
 
-from ..pipeline.pipeline_output import GILLImage
-from ..retrieval import RETRIEVAL_ID_INFO_KEY, RetrievalIndex
+from ..pipeline_output import GILLImage
+from ...retrieval import RETRIEVAL_ID_INFO_KEY, RetrievalIndex
 
 
 logger = logging.get_logger(__name__)

@@ -7,13 +7,13 @@ The mixin comes FIRST among `GILLPipeline`'s bases: its `from_pretrained`/`save_
 
 import os
 
-from ..serialization.hub import HUB_KWARGS, resolve_pipeline_folder
-from ..serialization.learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
-from ..serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
-from ..serialization.lora import load_llm_lora, saving_without_lora
-from ..serialization.push import push_pipeline_to_hub
-from ..pipeline.assembly import assemble_gill_pipeline
-from ..pipeline.safety import pop_safety_checker
+from ...serialization.hub import HUB_KWARGS, resolve_pipeline_folder
+from ...serialization.learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
+from ...serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
+from ...serialization.lora import load_llm_lora, saving_without_lora
+from ...serialization.push import push_pipeline_to_hub
+from ..assembly import assemble_gill_pipeline
+from ..safety import pop_safety_checker
 
 
 class GILLLoaderMixin:
