@@ -33,7 +33,7 @@ from gill_pipeline.retrieval import (
 )
 from gill_pipeline.retrieval import build as build_module
 from gill_pipeline.retrieval import image_loading
-from gill_pipeline.retrieval.index import INDEX_CONFIG_FILE, PROBE_FILE
+from gill_pipeline.retrieval.serialization import INDEX_CONFIG_FILE, PROBE_FILE
 
 SHARED_TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gill_original", "cc3m_val.tsv")
 NUM_IMAGES = 12
