@@ -104,9 +104,6 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         self._searcher = None
         self._searcher_rows = 0
         self._searcher_factory = ExactSearcher
-        # (folder, rows per shard) of the last save or load, for incremental saves.
-        self._saved_folder: str | None = None
-        self._saved_shards: list[int] = []
         self.add_embeddings(embeddings, records)
 
     @property
@@ -189,6 +186,8 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         """Moves (and/or casts) the embeddings, e.g. `index.to("cuda")` for fast exact search on a GPU."""
         if dtype is not None:
             dtype_name(dtype)
+            if dtype != self.dtype:
+                self._saved = None  # every stored row changed: the next save writes them all
         self._blocks = [self.embeddings.to(device=device, dtype=dtype)]
         if self._searcher_factory is ExactSearcher:
             self._searcher = None

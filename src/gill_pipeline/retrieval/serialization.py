@@ -7,8 +7,10 @@ and `retrieval_index.json` in a folder; loading from a folder or the Hub; pushin
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils import logging
@@ -36,6 +38,8 @@ STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # Stored rows must have unit norm up to fp16 rounding.
 NORM_TOLERANCE = 1e-2
 RECORD_REQUIRED_KEYS = ("id", "path")
+# Files a save may remove when its new config no longer reads them (shard `i`, written again `-rN`).
+SHARD_FILE_PATTERN = re.compile(r"embeddings-\d{5}(-r\d+)?\.safetensors|metadata-\d{5}(-r\d+)?\.jsonl")
 
 
 class RetrievalIndexError(ValueError):
@@ -63,13 +67,67 @@ def check_records(records: list[dict], where: str) -> None:
 
 
 def _atomic_write(path: str, write) -> None:
+    """Writes `path` under a temporary name and renames it: a reader sees the old file or the new one, never half."""
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _shard_file_names(i: int, rewrite: int) -> tuple[str, str]:
+    """The files of shard `i`; a rewrite of an index in place writes under other names (`-r1`, ...) than the ones
+    the folder's config reads, so that the old index stays readable until the new config replaces it."""
+    embeddings_file, metadata_file = EMBEDDINGS_SHARD_TEMPLATE.format(i), METADATA_SHARD_TEMPLATE.format(i)
+    if rewrite:
+        embeddings_file = embeddings_file.replace(".safetensors", f"-r{rewrite}.safetensors")
+        metadata_file = metadata_file.replace(".jsonl", f"-r{rewrite}.jsonl")
+    return embeddings_file, metadata_file
+
+
+def _free_shard_file_names(i: int, in_use: set[str]) -> tuple[str, str]:
+    rewrite = 0
+    while in_use & set(_shard_file_names(i, rewrite)):
+        rewrite += 1
+    return _shard_file_names(i, rewrite)
+
+
+def _shard_files(config: dict | None) -> set[str]:
+    """The shard files a config reads."""
+    return {shard[key] for shard in (config or {}).get("shards", []) for key in ("embeddings", "metadata")}
+
+
+def _config_identity(folder: str) -> tuple[int, int, int]:
+    """Changes whenever the config file is replaced (every save renames a new file in)."""
+    stat = os.stat(os.path.join(folder, INDEX_CONFIG_FILE))
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+@dataclass(frozen=True)
+class SavedCopy:
+    """What the folder an index was last saved to or loaded from holds: an incremental save appends to it only
+    while it is still exactly that (the same config file, dtype and width) and the index still has its rows."""
+
+    folder: str
+    config_identity: tuple[int, int, int]
+    shards: list[dict]
+    dtype: str
+    dim: int
+
+    @classmethod
+    def of(cls, folder: str, config: dict) -> "SavedCopy":
+        return cls(os.path.realpath(folder), _config_identity(folder), [dict(s) for s in config["shards"]],
+                   config["dtype"], config["dim"])
 
 
 class RetrievalIndexSerializationMixin:
     """`save_pretrained`, `from_pretrained` and `push_to_hub` of a [`RetrievalIndex`]."""
+
+    # Set by `save_pretrained` and `from_pretrained`; reset by a change of the stored rows (`RetrievalIndex.to`).
+    _saved: SavedCopy | None = None
 
     def _image_root_for(self, folder: str) -> str | None:
         """The image root relative to `folder` when it lies inside it (then it travels with the folder), else None."""
@@ -80,32 +138,55 @@ class RetrievalIndexSerializationMixin:
             return None
         return os.path.relpath(root, folder).replace(os.sep, "/")
 
+    def _can_append_to(self, folder: str, config: dict | None) -> bool:
+        saved = self._saved
+        return (
+            saved is not None
+            and config is not None
+            and saved.folder == os.path.realpath(folder)
+            and saved.config_identity == _config_identity(folder)
+            and config["shards"] == saved.shards
+            and config["dtype"] == saved.dtype == dtype_name(self.dtype)
+            and config["dim"] == saved.dim == self.dim
+            and sum(shard["num_rows"] for shard in saved.shards) <= len(self)
+        )
+
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS) -> None:
         """Writes `retrieval_index.json`, `probe.safetensors`, and shards of at most `max_shard_rows` rows
         (`embeddings-XXXXX.safetensors` + `metadata-XXXXX.jsonl`).
 
         Saving again into the folder the index was last saved to or loaded from writes only the new rows, as new
-        shards: that is how a build checkpoints and how images are added to a large index cheaply. The config is
-        written last, so an interrupted save leaves the previous index intact.
+        shards: that is how a build checkpoints and how images are added to a large index cheaply. When that folder
+        no longer matches the index (its dtype changed with [`~RetrievalIndex.to`], or another index was saved there
+        since), every shard is written again. Every file is written under a temporary name and renamed, new shards
+        never over a file the folder's config reads, and the config last: an interrupted save leaves the previous
+        index readable. Shards the new config no longer reads are removed after it is in place.
+
+        Rows and records already saved are not compared with the folder: after editing one in place, save into a
+        new folder.
         """
         if not isinstance(max_shard_rows, int) or max_shard_rows <= 0:
             raise ValueError(f"`max_shard_rows` must be a positive integer, got {max_shard_rows!r}.")
         folder = str(save_directory)
         os.makedirs(folder, exist_ok=True)
-        incremental = (
-            self._saved_folder is not None
-            and os.path.realpath(folder) == self._saved_folder
-            and os.path.isfile(os.path.join(folder, INDEX_CONFIG_FILE))
-        )
-        shards = list(self._saved_shards) if incremental else []
-        start = sum(shards)
+        try:
+            previous = self._read_config(folder) if os.path.isfile(os.path.join(folder, INDEX_CONFIG_FILE)) else None
+        except RetrievalIndexError:
+            previous = None  # unreadable already: nothing to keep readable
+        append = self._can_append_to(folder, previous)
+        if not append and previous is not None and getattr(self._saved, "folder", None) == os.path.realpath(folder):
+            logger.info(f"Writing every shard of the index in {folder} again: its dtype changed or another index was "
+                        "saved there since it was loaded.")
+        in_use = _shard_files(previous)
+        shards = [dict(s) for s in self._saved.shards] if append else []
+        start = sum(shard["num_rows"] for shard in shards)
         embeddings = self.embeddings.cpu() if len(self) > start else None
         while start < len(self):
             stop = min(start + max_shard_rows, len(self))
-            i = len(shards)
+            embeddings_file, metadata_file = _free_shard_file_names(len(shards), in_use)
             tensor = embeddings[start:stop].contiguous()
             _atomic_write(
-                os.path.join(folder, EMBEDDINGS_SHARD_TEMPLATE.format(i)),
+                os.path.join(folder, embeddings_file),
                 lambda p, t=tensor: save_file({EMBEDDINGS_KEY: t}, p, metadata={"format": "pt"}),
             )
 
@@ -114,8 +195,8 @@ class RetrievalIndexSerializationMixin:
                     for record in records:
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-            _atomic_write(os.path.join(folder, METADATA_SHARD_TEMPLATE.format(i)), write_metadata)
-            shards.append(stop - start)
+            _atomic_write(os.path.join(folder, metadata_file), write_metadata)
+            shards.append({"embeddings": embeddings_file, "metadata": metadata_file, "num_rows": stop - start})
             start = stop
         _atomic_write(os.path.join(folder, PROBE_FILE), lambda p: save_file(self.probes, p, metadata={"format": "pt"}))
         image_root = self._image_root_for(folder)
@@ -134,14 +215,7 @@ class RetrievalIndexSerializationMixin:
             "image_root": image_root,
             "min_similarity": self.min_similarity,
             "weights": self.fingerprint,
-            "shards": [
-                {
-                    "embeddings": EMBEDDINGS_SHARD_TEMPLATE.format(i),
-                    "metadata": METADATA_SHARD_TEMPLATE.format(i),
-                    "num_rows": n,
-                }
-                for i, n in enumerate(shards)
-            ],
+            "shards": shards,
         }
 
         def write_config(path):
@@ -150,7 +224,11 @@ class RetrievalIndexSerializationMixin:
                 f.write("\n")
 
         _atomic_write(os.path.join(folder, INDEX_CONFIG_FILE), write_config)
-        self._saved_folder, self._saved_shards = os.path.realpath(folder), shards
+        # Only files named like shards: a config edited by hand must not make a save delete an image.
+        for name in sorted(in_use - _shard_files(config)):
+            if SHARD_FILE_PATTERN.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        self._saved = SavedCopy.of(folder, config)
 
     @classmethod
     def from_pretrained(
@@ -239,8 +317,7 @@ class RetrievalIndexSerializationMixin:
                 row_of_id[record["id"]] = row
             index.records, index._row_of_id = records, row_of_id
         index._link_root = link_root
-        index._saved_folder = os.path.realpath(folder)
-        index._saved_shards = [s["num_rows"] for s in config["shards"]]
+        index._saved = SavedCopy.of(folder, config)
         num_urls = sum(is_url(r["path"]) for r in records)
         if num_urls and not allow_urls:
             logger.warning(
@@ -316,7 +393,7 @@ class RetrievalIndexSerializationMixin:
         with tempfile.TemporaryDirectory() as folder:
             copy = type(self).__new__(type(self))
             copy.__dict__.update(self.__dict__)
-            copy._saved_folder, copy._saved_shards = None, []
+            copy._saved = None
             if include_images:
                 for path in sorted({r["path"] for r in self.records if not is_url(r["path"])}):
                     source = resolve_local_path(self.image_root, path, link_root=self._link_root)
