@@ -145,9 +145,9 @@ class RetrievalIndexSerializationMixin:
             and config is not None
             and saved.folder == os.path.realpath(folder)
             and saved.config_identity == _config_identity(folder)
-            and config["shards"] == saved.shards
-            and config["dtype"] == saved.dtype == dtype_name(self.dtype)
-            and config["dim"] == saved.dim == self.dim
+            and config.get("shards") == saved.shards
+            and config.get("dtype") == saved.dtype == dtype_name(self.dtype)
+            and config.get("dim") == saved.dim == self.dim
             and sum(shard["num_rows"] for shard in saved.shards) <= len(self)
         )
 
