@@ -22,7 +22,7 @@ import time
 import torch
 
 from gill_pipeline import GILLConversation, GILLPipeline
-from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 from transformers import OPTConfig, OPTForCausalLM
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "conversation.md")

@@ -20,7 +20,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from gill_pipeline import DecodingSettings, GILLDecoder, GILLPipeline
 from gill_pipeline.models.lm_bridge import new_cache
-from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 from timing import median_seconds  # benchmarks/timing.py (scripts run from this folder)
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pipeline.md")

@@ -6,7 +6,7 @@
 Search: random L2-normalised 256-wide rows (GILL's retrieval width), 10k / 100k / 1M rows, top-10, one query and a
 batch of 32, median of repeated runs, all methods measured side by side in one process with the same thread count.
 Random rows have no cluster structure, so they are the worst case for approximate indexes: their recall is reported.
-Build: `build_retrieval_index` over a folder of PNG images with the tiny random pipeline of `gill_pipeline.tiny`.
+Build: `build_retrieval_index` over a folder of PNG images with the tiny random pipeline of `gill_pipeline.testing`.
 Writes benchmarks/results/retrieval.md and retrieval.json.
 """
 
@@ -99,7 +99,7 @@ def bench_build(num_images: int) -> dict:
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     from PIL import Image
 
-    from gill_pipeline.tiny import build_tiny_gill_pipeline
+    from gill_pipeline.testing import build_tiny_gill_pipeline
 
     pipe = build_tiny_gill_pipeline("opt")
     pipe.set_progress_bar_config(disable=True)
@@ -116,7 +116,7 @@ def bench_build(num_images: int) -> dict:
         "images": len(index),
         "seconds": seconds,
         "images_per_s": len(index) / seconds,
-        "encoder": f"tiny random CLIPVisionModel from gill_pipeline.tiny (width {encoder.hidden_size}, "
+        "encoder": f"tiny random CLIPVisionModel from gill_pipeline.testing (width {encoder.hidden_size}, "
         f"{encoder.num_hidden_layers} layers, patch {encoder.patch_size}, {size}x{size} input), "
         f"retrieval_dim {pipe.gill.config.retrieval_dim}, fp16 storage, batch 64, 4 loader threads",
     }

@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
-from gill_pipeline.tiny import build_tiny_gill_pipeline
+from gill_pipeline.testing import build_tiny_gill_pipeline
 
 torch.set_num_threads(1)
 

@@ -34,7 +34,7 @@ def test_training_benchmark_builds_and_steps():
 
 def test_pipeline_benchmark_kv_cache_part_runs():
     bench = load("bench_pipeline")
-    from gill_pipeline.tiny import build_tiny_lm, build_tiny_tokenizer
+    from gill_pipeline.testing import build_tiny_lm, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     pipe = bench.build_pipeline(build_tiny_lm("opt", len(tokenizer), tokenizer), cross_attention_dim=32)

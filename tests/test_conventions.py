@@ -226,7 +226,7 @@ def test_call_docstring_example_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family,expected", [("flux-schnell", False), ("flux-dev", False), ("sdxl", True)])
 def test_do_classifier_free_guidance_follows_the_decoder_family(family, expected):
-    from gill_pipeline.tiny_decoders import build_tiny_gill_pipeline_with_decoder
+    from gill_pipeline.testing import build_tiny_gill_pipeline_with_decoder
 
     pipe, _ = build_tiny_gill_pipeline_with_decoder(family)
     pipe._guidance_scale = 5.0

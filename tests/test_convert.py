@@ -21,7 +21,7 @@ from gill_pipeline.serialization.convert_original import (
 )
 from gill_pipeline.models.gill_model import GILLModel
 from gill_pipeline.pipeline import DecodingSettings, GILLPipeline
-from gill_pipeline.tiny import build_tiny_lm, build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+from gill_pipeline.testing import build_tiny_lm, build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 
 # ../shared beside the checkout (as on developer machines and in CI).
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gill_original")

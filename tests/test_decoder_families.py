@@ -1,5 +1,5 @@
 """GILL over every decoder family (issue 10): assembly, generation, schedulers, guidance, batches, save/load, training
-and learned-weights sharing, on tiny random decoders built from configs (`gill_pipeline.tiny_decoders`)."""
+and learned-weights sharing, on tiny random decoders built from configs (`gill_pipeline.testing`)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from gill_pipeline.decoders import default_negative_conditioning, encode_conditi
 from gill_pipeline.decoders.conditioning import NEGATIVE_PREFIX
 from gill_pipeline.constants import LEARNED_WEIGHTS_MANIFEST_FILE
 from gill_pipeline.serialization.hub import push_folder_to_hub
-from gill_pipeline.tiny_decoders import build_tiny_gill_pipeline_with_decoder
+from gill_pipeline.testing import build_tiny_gill_pipeline_with_decoder
 from training.losses import generation_loss
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux-dev", "flux-schnell", "pixart-sigma", "sana"]
@@ -367,7 +367,7 @@ def test_every_compatible_scheduler_through_gill(name, built):
 @pytest.mark.parametrize("name", ["sdxl", "flux-dev"])
 def test_assembly_from_a_checkpoint_folder(name, built, tmp_path):
     # A path is read as the family its model_index.json names, loaded with its text encoders for assembly only.
-    from gill_pipeline.tiny import build_tiny_tokenizer
+    from gill_pipeline.testing import build_tiny_tokenizer
 
     pipe, decoder = built(name)
     decoder.save_pretrained(tmp_path)

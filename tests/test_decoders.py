@@ -34,7 +34,7 @@ from gill_pipeline.decoders import (
     read_conditioning_layout,
     run_decoder,
 )
-from gill_pipeline.tiny_decoders import TINY_DECODER_BUILDERS, build_tiny_decoder
+from gill_pipeline.testing import TINY_DECODER_BUILDERS, build_tiny_decoder
 
 FAMILIES = sorted(TINY_DECODER_BUILDERS)
 CAPTIONS = ["a red cat", "a small dog in the lake"]
@@ -145,7 +145,7 @@ def test_layout_is_read_from_the_decoder(name):
 
 def test_layout_follows_the_models_not_a_table():
     """A different tiny SD (wider text encoder, longer tokenizer) gives a different layout."""
-    from gill_pipeline.tiny import build_tiny_stable_diffusion
+    from gill_pipeline.testing import build_tiny_stable_diffusion
 
     torch.manual_seed(0)
     layout = read_conditioning_layout(build_tiny_stable_diffusion(cross_attention_dim=24, text_length=20))

@@ -350,7 +350,7 @@ def test_img_tokens_are_embedded_and_scored_like_text_whole_zoo(family):
 def tiny_pipeline(family: str):
     """A whole GILL pipeline (random weights) around a tiny LM of `family`."""
     from gill_pipeline import GILLPipeline
-    from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+    from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 
     tokenizer = build_tiny_tokenizer()
     config = tiny_config(family)

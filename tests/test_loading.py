@@ -11,7 +11,7 @@ import torch
 from conftest import make_pipeline
 from gill_pipeline import GILLPipeline
 from gill_pipeline.serialization.folder import PipelineFolderError, resolve_dtype
-from gill_pipeline.tiny import build_tiny_tokenizer
+from gill_pipeline.testing import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 from conftest import FAST_CALL, random_image
 from gill_pipeline import GILLPipeline, OpenCLIPVisionModel
 from gill_pipeline.models.open_clip_vision import OpenCLIPImageProcessor
-from gill_pipeline.tiny import build_tiny_lm, build_tiny_stable_diffusion, build_tiny_tokenizer
+from gill_pipeline.testing import build_tiny_lm, build_tiny_stable_diffusion, build_tiny_tokenizer
 
 
 # A ViT small enough to build in milliseconds: width 32, 2 layers, 32 px images in 8 px patches.

@@ -253,14 +253,14 @@ def test_to_dtype_moves_every_component():
 
 
 def test_lm_embedding_matrix_is_not_changed():
-    from gill_pipeline.tiny import build_tiny_lm, build_tiny_tokenizer
+    from gill_pipeline.testing import build_tiny_lm, build_tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
     llm = build_tiny_lm("llama", len(tokenizer), tokenizer)
     before_in = llm.get_input_embeddings().weight.clone()
     before_out = llm.get_output_embeddings().weight.clone()
-    from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_vision_encoder
+    from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_vision_encoder
 
     encoder, processor = build_tiny_vision_encoder()
     pipe = GILLPipeline.from_base_models(

@@ -14,7 +14,7 @@ from gill_pipeline import GILLPipeline
 from gill_pipeline.pipeline.loaders import GILLLoaderMixin, RetrievalMixin
 from gill_pipeline.pipeline.processor import GILLInterleavedProcessor
 from gill_pipeline.retrieval import build_retrieval_index
-from gill_pipeline.tiny_decoders import build_tiny_gill_pipeline_with_decoder
+from gill_pipeline.testing import build_tiny_gill_pipeline_with_decoder
 
 from conftest import FAST_CALL, make_pipeline, random_image
 
@@ -100,7 +100,7 @@ def test_missing_decoder_error_names_the_transformer_for_a_dit():
 
 
 def test_decoder_is_the_general_name_of_stable_diffusion(pipe):
-    from gill_pipeline.tiny import build_tiny_stable_diffusion
+    from gill_pipeline.testing import build_tiny_stable_diffusion
 
     common = dict(language_model=pipe.llm, tokenizer=pipe.tokenizer, image_encoder=pipe.image_encoder,
                   feature_extractor=pipe.feature_extractor)

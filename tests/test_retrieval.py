@@ -2,6 +2,7 @@
 decision and `image_mode` in the pipeline. Everything offline, on images made here."""
 
 import copy
+import importlib.util
 import io
 import json
 import logging as std_logging
@@ -33,7 +34,7 @@ from gill_pipeline.retrieval import (
 )
 from gill_pipeline.retrieval import build as build_module
 from gill_pipeline.retrieval import image_loading
-from gill_pipeline.retrieval.index import INDEX_CONFIG_FILE, PROBE_FILE
+from gill_pipeline.retrieval.serialization import INDEX_CONFIG_FILE, PROBE_FILE
 
 SHARED_TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gill_original", "cc3m_val.tsv")
 NUM_IMAGES = 12
@@ -104,11 +105,11 @@ def random_unit_rows(n, dim, seed):
     return torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def index_of(pipe, n, dim=None, dtype=torch.float32, seed=0, image_root=None):
-    """An index of `n` random unit rows (no images) in `pipe`'s retrieval space."""
+def index_of(pipe, n, dim=None, dtype=torch.float32, seed=0, image_root=None, prefix="r"):
+    """An index of `n` random unit rows (no images) in `pipe`'s retrieval space, with ids `{prefix}0`, ..."""
     index = RetrievalIndex.empty(pipe, dtype=dtype, image_root=image_root)
     rows = random_unit_rows(n, dim or pipe.gill.config.retrieval_dim, seed)
-    index.add_embeddings(rows, [{"id": f"r{i}", "path": f"r{i}.png"} for i in range(n)])
+    index.add_embeddings(rows, [{"id": f"{prefix}{i}", "path": f"{prefix}{i}.png"} for i in range(n)])
     return index
 
 
@@ -250,6 +251,98 @@ def test_build_resumes_after_an_interruption(pipe, tmp_path, monkeypatch):
     assert len(embedded) == 6 + 4 and len(index) == 10
     assert index.ids == reference.ids
     torch.testing.assert_close(index.embeddings, reference.embeddings, atol=1e-3, rtol=0)
+
+
+def _folder_files(folder):
+    """The files of an index folder, and the ones its config names (shards, config, probes)."""
+    config = json.loads(open(os.path.join(folder, INDEX_CONFIG_FILE)).read())
+    named = {INDEX_CONFIG_FILE, PROBE_FILE} | {s[key] for s in config["shards"] for key in ("embeddings", "metadata")}
+    return set(os.listdir(folder)), named
+
+
+def test_a_dtype_change_saved_in_place_rewrites_every_shard(pipe, tmp_path):
+    index_of(pipe, 5, dtype=torch.float16).save_pretrained(tmp_path, max_shard_rows=2)
+    loaded = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    loaded.to(dtype=torch.float32)
+    loaded.add_embeddings(random_unit_rows(1, loaded.dim, 9), [{"id": "new", "path": "new.png"}])
+    loaded.save_pretrained(tmp_path, max_shard_rows=2)
+    again = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    assert again.dtype == torch.float32 and again.ids == loaded.ids
+    assert torch.equal(again.embeddings, loaded.embeddings)
+    # No shard of the old dtype is left behind.
+    files, named = _folder_files(tmp_path)
+    assert files == named
+    # And back to fp16, in place, from the object that wrote the fp32 shards.
+    again.to(dtype=torch.float16).save_pretrained(tmp_path)
+    assert RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path)).dtype == torch.float16
+    # A round trip through fp16 rounds the rows: saved again, the folder holds the rounded rows, as in memory.
+    index_of(pipe, 3, dtype=torch.float32).save_pretrained(tmp_path)
+    rounded = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    rounded.to(dtype=torch.float16).to(dtype=torch.float32).save_pretrained(tmp_path)
+    assert torch.equal(RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path)).embeddings, rounded.embeddings)
+
+
+def test_saving_in_place_after_another_index_was_saved_there_rewrites(pipe, tmp_path):
+    index_of(pipe, 4).save_pretrained(tmp_path, max_shard_rows=2)
+    mine = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    # Another index takes the folder: other rows of the same width, then another width.
+    narrow = RetrievalIndex(random_unit_rows(3, 8, 6), [{"id": f"o{i}", "path": f"o{i}.png"} for i in range(3)],
+                            {"retrieval_dim": 8}, {})
+    for other in (index_of(pipe, 4, seed=5, prefix="o"), narrow):
+        other.save_pretrained(tmp_path, max_shard_rows=3)
+        mine.save_pretrained(tmp_path, max_shard_rows=2)
+        again = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+        assert again.ids == mine.ids and torch.equal(again.embeddings, mine.embeddings)
+        files, named = _folder_files(tmp_path)
+        assert files == named
+
+
+def test_settings_changed_in_place_survive_an_incremental_save(pipe, tmp_path):
+    index_of(pipe, 4).save_pretrained(tmp_path, max_shard_rows=2)
+    first_shard = os.path.join(tmp_path, "embeddings-00000.safetensors")
+    mtime = os.path.getmtime(first_shard)
+    loaded = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    loaded.min_similarity = 0.3
+    if importlib.util.find_spec("faiss") is not None:
+        loaded.use_faiss("Flat")  # a search setting: not part of the saved index
+    loaded.add_embeddings(random_unit_rows(1, loaded.dim, 9), [{"id": "new", "path": "new.png"}])
+    loaded.save_pretrained(tmp_path, max_shard_rows=2)
+    assert os.path.getmtime(first_shard) == mtime, "same dtype and rows: only the new rows are written"
+    again = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    assert again.min_similarity == 0.3 and again.ids == loaded.ids and again.search_backend == "exact"
+    assert torch.equal(again.embeddings, loaded.embeddings)
+
+
+@pytest.mark.parametrize("change", ["dtype", "other index"])
+def test_an_interrupted_save_leaves_the_previous_index_readable(pipe, tmp_path, monkeypatch, change):
+    previous = index_of(pipe, 4, dtype=torch.float16)
+    previous.save_pretrained(tmp_path, max_shard_rows=2)
+    if change == "dtype":
+        index = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path)).to(dtype=torch.float32)
+    else:
+        index = index_of(pipe, 4, dtype=torch.float16, seed=7, prefix="o")
+    real_replace, calls = os.replace, {"n": 0}
+
+    def replace_then_fail(source, target):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        index.save_pretrained(tmp_path, max_shard_rows=2)
+    monkeypatch.setattr(os, "replace", real_replace)
+    loaded = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    assert loaded.dtype == torch.float16 and loaded.ids == previous.ids
+    assert torch.equal(loaded.embeddings, previous.embeddings)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    # Saving again completes the change.
+    index.save_pretrained(tmp_path, max_shard_rows=2)
+    loaded = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path))
+    assert loaded.ids == index.ids and torch.equal(loaded.embeddings, index.embeddings)
+    files, named = _folder_files(tmp_path)
+    assert files == named
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gill_pipeline import DecodingSettings, GILLPipeline
-from gill_pipeline.tiny import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 
 
 @pytest.mark.slow

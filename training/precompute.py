@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from gill_pipeline.models.vision import image_pixel_values, pooled_image_features
-from gill_pipeline.tiny_decoders import TINY_DECODER_BUILDERS
+from gill_pipeline.testing import TINY_DECODER_BUILDERS
 
 from training.data import RowProblems, iterate_records, load_rgb, resolve_image_path, unique_records
 from training.params import DATA_TYPES, TINY_LM_TYPES

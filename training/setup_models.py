@@ -51,9 +51,9 @@ IMAGE_DECODER_KINDS = {"unet": ModelMixin, "transformer": ModelMixin, "vae": Mod
 
 
 def build_tiny_models(lm_type: str, seed: int = 0, decoder: str = "sd") -> Models:
-    """The tiny random pipeline of `gill_pipeline.tiny`, keeping the SD text encoder that assembly drops; with
-    `decoder` (a name of `gill_pipeline.tiny_decoders.TINY_DECODER_BUILDERS`), over that tiny decoder family."""
-    from gill_pipeline.tiny import (
+    """The tiny random pipeline of `gill_pipeline.testing`, keeping the SD text encoder that assembly drops; with
+    `decoder` (a name of `gill_pipeline.testing.TINY_DECODER_BUILDERS`), over that tiny decoder family."""
+    from gill_pipeline.testing import (
         build_tiny_lm,
         build_tiny_stable_diffusion,
         build_tiny_tokenizer,
@@ -62,7 +62,7 @@ def build_tiny_models(lm_type: str, seed: int = 0, decoder: str = "sd") -> Model
 
     family_decoder = None
     if decoder != "sd":
-        from gill_pipeline.tiny_decoders import build_tiny_decoder
+        from gill_pipeline.testing import build_tiny_decoder
 
         family_decoder = build_tiny_decoder(decoder)  # seeded on its own; the global RNG is left alone
     with torch.random.fork_rng(devices=[]):

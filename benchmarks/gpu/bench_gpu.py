@@ -129,7 +129,7 @@ def build_base_models(mode, device, dtype):
     """The OPT-6.7B-shaped LM, CLIP ViT-L/14 and a tokenizer (tiny in --tiny), shared by every GILL built below."""
     from transformers import CLIPImageProcessor
 
-    from gill_pipeline.tiny import build_tiny_lm, build_tiny_tokenizer, build_tiny_vision_encoder
+    from gill_pipeline.testing import build_tiny_lm, build_tiny_tokenizer, build_tiny_vision_encoder
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()  # random weights: the tokenizer only has to give ids inside the LM vocabulary
@@ -193,8 +193,8 @@ def build_decoder(family, mode, device, dtype):
         T5EncoderModel,
     )
 
-    from gill_pipeline.tiny import build_tiny_tokenizer
-    from gill_pipeline.tiny_decoders import build_tiny_decoder, build_tiny_gemma_tokenizer, build_tiny_t5_tokenizer
+    from gill_pipeline.testing import build_tiny_tokenizer
+    from gill_pipeline.testing import build_tiny_decoder, build_tiny_gemma_tokenizer, build_tiny_t5_tokenizer
 
     if mode == "tiny":
         tiny_name = {"sd15": "sd", "flux": "flux-dev", "pixart": "pixart-sigma"}.get(family, family)

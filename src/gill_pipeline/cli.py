@@ -213,7 +213,7 @@ def load_pipeline(model: str, device: str, dtype: str | None):
         except FileNotFoundError as error:
             raise CLIError(str(error)) from error
     elif model == RANDOM_MODEL:
-        from .tiny import build_tiny_gill_pipeline
+        from .testing import build_tiny_gill_pipeline
 
         logger.warning(
             "Using the embedded default: a TINY GILL PIPELINE WITH RANDOM WEIGHTS, built locally from configs. Its "

@@ -1,16 +1,19 @@
-"""Retrieval for GILL: an index of image embeddings in the retrieval space, its search, and building it."""
+"""Retrieval for GILL: an index of image embeddings in the retrieval space, its search, and building it.
+
+- `index.py`: [`RetrievalIndex`], rows + records, search (`search.py`: exact or FAISS), loading the best images
+  (`image_loading.py`), the weights check (`fingerprint.py`).
+- `serialization.py`: the folder format, `save_pretrained` / `from_pretrained` / `push_to_hub` of a set.
+- `calibration.py`: the similarity floor (`min_similarity`) and `calibrate_min_similarity`.
+- `build.py` + `sources.py`: embedding a folder, a caption TSV or webdataset shards into an index.
+"""
 
 from .build import build_retrieval_index, embed_images
 from .fingerprint import IndexWeightsMismatchError, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, UnsafeImagePathError, load_record_image, resolve_local_path
-from .index import (
-    RETRIEVAL_ID_INFO_KEY,
-    RetrievalIndex,
-    RetrievalIndexError,
-    RetrievedImage,
-    calibrate_min_similarity,
-)
+from .calibration import calibrate_min_similarity
+from .index import RETRIEVAL_ID_INFO_KEY, RetrievalIndex, RetrievedImage
 from .search import ExactSearcher, FaissSearcher, SearchResult
+from .serialization import RetrievalIndexError
 from .sources import CaptionTSVSource, ImageFolderSource, WebDatasetSource, as_source
 
 __all__ = [

@@ -9,7 +9,8 @@ from diffusers.utils import logging
 from tqdm.auto import tqdm
 
 from .image_loading import ImageLoadError, is_url, load_record_image
-from .index import DEFAULT_MAX_SHARD_ROWS, INDEX_CONFIG_FILE, RetrievalIndex
+from .index import RetrievalIndex
+from .serialization import DEFAULT_MAX_SHARD_ROWS, INDEX_CONFIG_FILE
 from .sources import as_source
 
 

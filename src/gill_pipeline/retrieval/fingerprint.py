@@ -99,21 +99,20 @@ def check_same_weights(index_fingerprint: dict, index_probes: dict[str, torch.Te
         )
     mine = weights_fingerprint(pipe)
     probes = probe_embeddings(pipe)
-    cosine = _min_cosine(index_probes[PROJECTION_PROBE], probes[PROJECTION_PROBE])
-    if cosine < PROBE_MIN_COSINE:
-        raise IndexWeightsMismatchError(
-            f"The retrieval index {where} was built with other learned weights: its `gill.ret_image_proj` has "
-            f"SHA-256 {index_fingerprint.get('ret_image_proj_sha256')}, this pipeline's has "
-            f"{mine['ret_image_proj_sha256']} (probe cosine similarity {cosine:.3f} < {PROBE_MIN_COSINE}). Its "
-            "embeddings do not live in this pipeline's retrieval space; rebuild the index with this pipeline: "
-            "`build_retrieval_index(pipe, source, output_dir)`."
-        )
-    if ENCODER_PROBE in index_probes and ENCODER_PROBE in probes:
-        cosine = _min_cosine(index_probes[ENCODER_PROBE], probes[ENCODER_PROBE])
+    differences = {
+        PROJECTION_PROBE: f"other learned weights: its `gill.ret_image_proj` has SHA-256 "
+        f"{index_fingerprint.get('ret_image_proj_sha256')}, this pipeline's has {mine['ret_image_proj_sha256']}",
+        ENCODER_PROBE: f"another vision encoder ({index_fingerprint.get('image_encoder')}) than this pipeline's "
+        f"({mine['image_encoder']}): the same images get other embeddings",
+    }
+    for probe, difference in differences.items():
+        # The projection probe is always recorded; the encoder probe only where the builder had an image encoder.
+        if probe == ENCODER_PROBE and (probe not in index_probes or probe not in probes):
+            continue
+        cosine = _min_cosine(index_probes.get(probe, torch.empty(0)), probes[probe])
         if cosine < PROBE_MIN_COSINE:
             raise IndexWeightsMismatchError(
-                f"The retrieval index {where} was built with another vision encoder "
-                f"({index_fingerprint.get('image_encoder')}) than this pipeline's ({mine['image_encoder']}): the same "
-                f"images get other embeddings (probe cosine "
-                f"similarity {cosine:.3f} < {PROBE_MIN_COSINE}). Rebuild the index with this pipeline."
+                f"The retrieval index {where} was built with {difference} (probe cosine similarity {cosine:.3f} < "
+                f"{PROBE_MIN_COSINE}); its embeddings do not live in this pipeline's retrieval space. Rebuild the "
+                "index with this pipeline: `build_retrieval_index(pipe, source, output_dir)`."
             )

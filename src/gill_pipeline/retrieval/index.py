@@ -1,85 +1,39 @@
 """A retrieval index: normalised image embeddings in GILL's retrieval space, their metadata, and the weights they
-were built with. Saved as safetensors shards plus JSON Lines metadata; loaded from a folder or the Hub."""
+were built with; exact or FAISS search over them, and loading the images of the best matches.
 
-import json
-import os
-import shutil
-import tempfile
+Saving and loading live in `serialization.py` (a mixin of [`RetrievalIndex`]), the similarity floor's checks and
+calibration in `calibration.py`."""
+
 from dataclasses import dataclass, field
 
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.utils import logging
-from huggingface_hub import HfApi, snapshot_download
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ..constants import LIBRARY_NAME
-from ..serialization.hub import HUB_KWARGS
+from .calibration import check_min_similarity
 from .fingerprint import check_same_weights, probe_embeddings, weights_fingerprint
-from .image_loading import ImageLoadError, is_url, load_record_image, resolve_local_path
+from .image_loading import ImageLoadError, load_record_image
 from .search import ExactSearcher, FaissSearcher, SearchResult
+from .serialization import RetrievalIndexSerializationMixin, check_records, dtype_name
+
+# Names that moved out of this module, importable from here as before.
+from .calibration import calibrate_min_similarity  # noqa: E402, F401, I001
+from .serialization import (  # noqa: E402, F401, I001
+    DEFAULT_MAX_SHARD_ROWS,
+    INDEX_CONFIG_FILE,
+    PROBE_FILE,
+    RetrievalIndexError,
+)
 
 
 logger = logging.get_logger(__name__)
 
-INDEX_CONFIG_FILE = "retrieval_index.json"
-PROBE_FILE = "probe.safetensors"
-EMBEDDINGS_SHARD_TEMPLATE = "embeddings-{:05d}.safetensors"
-METADATA_SHARD_TEMPLATE = "metadata-{:05d}.jsonl"
-EMBEDDINGS_KEY = "embeddings"
-FORMAT_NAME = "gill-retrieval-index"
-FORMAT_VERSION = 1
-DEFAULT_MAX_SHARD_ROWS = 100_000
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-# Stored rows must have unit norm up to fp16 rounding.
-NORM_TOLERANCE = 1e-2
 # Candidates fetched per [IMG] group before deepening the search; failed loads before giving up on a group.
 DEFAULT_NUM_CANDIDATES = 8
 DEFAULT_MAX_LOAD_ATTEMPTS = 16
 # Key in `PIL.Image.info` that marks an image as retrieved from an index, so that giving it back as input excludes it.
 RETRIEVAL_ID_INFO_KEY = "gill_retrieval_id"
-RECORD_REQUIRED_KEYS = ("id", "path")
-
-
-class RetrievalIndexError(ValueError):
-    """A retrieval index folder or its contents are malformed."""
-
-
-def check_min_similarity(value, name: str) -> float | None:
-    """`value` as a cosine-similarity floor (a real number in [-1, 1]) or None; else a ValueError naming `name`."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be None or a cosine similarity in [-1, 1], got {value!r:.100}.")
-    return float(value)
-
-
-def calibrate_min_similarity(present: torch.Tensor, absent: torch.Tensor) -> float:
-    """The similarity floor that best tells answers the retrieval set holds from answers it does not.
-
-    Args:
-        present (`torch.Tensor`): Best-match similarities of queries whose answer is in the set.
-        absent (`torch.Tensor`): Best-match similarities of queries whose answer is not (for instance the same
-            queries with their answer excluded, see `RETRIEVAL_ID_INFO_KEY`).
-
-    Returns:
-        `float`: The threshold with the highest balanced accuracy (mean of the two recalls), midway between the two
-        neighbouring scores; ties go to the lower threshold (retrieval kept where it is as good).
-    """
-    present, absent = torch.as_tensor(present).float().flatten(), torch.as_tensor(absent).float().flatten()
-    if present.numel() == 0 or absent.numel() == 0:
-        raise ValueError(f"`present` and `absent` must both be non-empty, got {present.numel()} and {absent.numel()}.")
-    if not (torch.isfinite(present).all() and torch.isfinite(absent).all()):
-        raise ValueError("`present` and `absent` must be finite similarities.")
-    scores = torch.cat([present, absent]).unique()  # sorted
-    candidates = torch.cat([scores[:1] - 1e-6, (scores[1:] + scores[:-1]) / 2, scores[-1:] + 1e-6])
-    kept = (present[None, :] >= candidates[:, None]).float().mean(1)
-    refused = (absent[None, :] < candidates[:, None]).float().mean(1)
-    balanced = (kept + refused) / 2
-    best = int(torch.nonzero(balanced == balanced.max())[0])
-    return float(candidates[best].clamp(-1.0, 1.0))
 
 
 @dataclass
@@ -95,31 +49,7 @@ class RetrievedImage:
     skipped_ids: list[str] = field(default_factory=list)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in STORAGE_DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"`dtype` must be one of {list(STORAGE_DTYPES.values())}, got {dtype!r}.")
-
-
-def _check_records(records: list[dict], where: str) -> None:
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise RetrievalIndexError(f"Record {i} of {where} must be a JSON object, got {record!r:.200}.")
-        for key in RECORD_REQUIRED_KEYS:
-            if not isinstance(record.get(key), str) or not record[key]:
-                raise RetrievalIndexError(
-                    f"Record {i} of {where} needs a non-empty string `{key}`, got {record!r:.200}."
-                )
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-class RetrievalIndex:
+class RetrievalIndex(RetrievalIndexSerializationMixin):
     r"""
     Images in GILL's retrieval space: an `(N, retrieval_dim)` matrix of L2-normalised image embeddings (fp16 or fp32)
     with one metadata record per row (`id`, `path` (relative to the image root) or URL, `caption`), and the
@@ -155,7 +85,7 @@ class RetrievalIndex:
         if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
             raise ValueError(f"`embeddings` must be a 2-d tensor (N, dim), got {type(embeddings).__name__} "
                              f"{tuple(getattr(embeddings, 'shape', ()))}.")
-        _dtype_name(embeddings.dtype)
+        dtype_name(embeddings.dtype)
         if embeddings.shape[1] != fingerprint.get("retrieval_dim"):
             raise ValueError(
                 f"`embeddings` are {embeddings.shape[1]} wide but `fingerprint` says retrieval_dim="
@@ -174,9 +104,6 @@ class RetrievalIndex:
         self._searcher = None
         self._searcher_rows = 0
         self._searcher_factory = ExactSearcher
-        # (folder, rows per shard) of the last save or load, for incremental saves.
-        self._saved_folder: str | None = None
-        self._saved_shards: list[int] = []
         self.add_embeddings(embeddings, records)
 
     @property
@@ -241,7 +168,7 @@ class RetrievalIndex:
             raise ValueError(f"`embeddings` must have shape (n, {self.dim}), got {tuple(embeddings.shape)}.")
         if embeddings.shape[0] != len(records):
             raise ValueError(f"Got {embeddings.shape[0]} embeddings but {len(records)} `records`.")
-        _check_records(records, "`records`")
+        check_records(records, "`records`")
         new_ids = {}
         for record in records:
             image_id = record["id"]
@@ -258,7 +185,9 @@ class RetrievalIndex:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "RetrievalIndex":
         """Moves (and/or casts) the embeddings, e.g. `index.to("cuda")` for fast exact search on a GPU."""
         if dtype is not None:
-            _dtype_name(dtype)
+            dtype_name(dtype)
+            if dtype != self.dtype:
+                self._saved = None  # every stored row changed: the next save writes them all
         self._blocks = [self.embeddings.to(device=device, dtype=dtype)]
         if self._searcher_factory is ExactSearcher:
             self._searcher = None
@@ -429,267 +358,3 @@ class RetrievalIndex:
                 logger.warning(message)
                 results.append(None)
         return results
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Saving and loading
-    # ----------------------------------------------------------------------------------------------------------
-    def _image_root_for(self, folder: str) -> str | None:
-        """The image root relative to `folder` when it lies inside it (then it travels with the folder), else None."""
-        if self.image_root is None:
-            return None
-        root, folder = os.path.realpath(self.image_root), os.path.realpath(folder)
-        if os.path.commonpath([root, folder]) != folder:
-            return None
-        return os.path.relpath(root, folder).replace(os.sep, "/")
-
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS) -> None:
-        """Writes `retrieval_index.json`, `probe.safetensors`, and shards of at most `max_shard_rows` rows
-        (`embeddings-XXXXX.safetensors` + `metadata-XXXXX.jsonl`).
-
-        Saving again into the folder the index was last saved to or loaded from writes only the new rows, as new
-        shards: that is how a build checkpoints and how images are added to a large index cheaply. The config is
-        written last, so an interrupted save leaves the previous index intact.
-        """
-        if not isinstance(max_shard_rows, int) or max_shard_rows <= 0:
-            raise ValueError(f"`max_shard_rows` must be a positive integer, got {max_shard_rows!r}.")
-        folder = str(save_directory)
-        os.makedirs(folder, exist_ok=True)
-        incremental = (
-            self._saved_folder is not None
-            and os.path.realpath(folder) == self._saved_folder
-            and os.path.isfile(os.path.join(folder, INDEX_CONFIG_FILE))
-        )
-        shards = list(self._saved_shards) if incremental else []
-        start = sum(shards)
-        embeddings = self.embeddings.cpu() if len(self) > start else None
-        while start < len(self):
-            stop = min(start + max_shard_rows, len(self))
-            i = len(shards)
-            tensor = embeddings[start:stop].contiguous()
-            _atomic_write(
-                os.path.join(folder, EMBEDDINGS_SHARD_TEMPLATE.format(i)),
-                lambda p, t=tensor: save_file({EMBEDDINGS_KEY: t}, p, metadata={"format": "pt"}),
-            )
-
-            def write_metadata(path, records=self.records[start:stop]):
-                with open(path, "w", encoding="utf-8") as f:
-                    for record in records:
-                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-            _atomic_write(os.path.join(folder, METADATA_SHARD_TEMPLATE.format(i)), write_metadata)
-            shards.append(stop - start)
-            start = stop
-        _atomic_write(os.path.join(folder, PROBE_FILE), lambda p: save_file(self.probes, p, metadata={"format": "pt"}))
-        image_root = self._image_root_for(folder)
-        has_local = any(not is_url(r["path"]) for r in self.records)
-        if image_root is None and has_local:
-            logger.warning(
-                f"The index's images ({self.image_root}) are not inside {folder}: pass `image_root=` when loading it."
-            )
-        config = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "num_images": len(self),
-            "dim": self.dim,
-            "dtype": _dtype_name(self.dtype),
-            "normalized": True,
-            "image_root": image_root,
-            "min_similarity": self.min_similarity,
-            "weights": self.fingerprint,
-            "shards": [
-                {
-                    "embeddings": EMBEDDINGS_SHARD_TEMPLATE.format(i),
-                    "metadata": METADATA_SHARD_TEMPLATE.format(i),
-                    "num_rows": n,
-                }
-                for i, n in enumerate(shards)
-            ],
-        }
-
-        def write_config(path):
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2)
-                f.write("\n")
-
-        _atomic_write(os.path.join(folder, INDEX_CONFIG_FILE), write_config)
-        self._saved_folder, self._saved_shards = os.path.realpath(folder), shards
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike,
-        image_root: str | os.PathLike | None = None,
-        allow_urls: bool = False,
-        device: str | torch.device | None = None,
-        repo_type: str | None = None,
-        **hub_kwargs,
-    ) -> "RetrievalIndex":
-        r"""
-        Loads an index from a local folder, or from a Hub repository (downloaded with `snapshot_download`).
-
-        Args:
-            path_or_repo_id (`str` or `os.PathLike`): A folder written by [`~RetrievalIndex.save_pretrained`] or a Hub
-                repo id.
-            image_root (`str`, *optional*): Folder that the records' local paths are relative to. Defaults to the
-                folder the index recorded when it was saved (its own folder or one inside it).
-            allow_urls (`bool`, *optional*, defaults to `False`): Allow downloading records whose path is a URL.
-            device (`str` or `torch.device`, *optional*): Where to put the embeddings (CPU by default).
-            repo_type (`str`, *optional*): `"model"` (default) or `"dataset"`, for Hub repos.
-            hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
-        """
-        name = str(path_or_repo_id)
-        unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
-        if unknown:
-            raise TypeError(f"Unexpected keyword arguments {unknown}; Hub arguments are {list(HUB_KWARGS)}.")
-        link_root = None
-        if os.path.isdir(name):
-            folder = name
-        else:
-            kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-            try:
-                folder = snapshot_download(name, repo_type=repo_type, library_name=LIBRARY_NAME, **kwargs)
-            except Exception as error:
-                raise OSError(
-                    f"`path_or_repo_id`={name!r} is neither a local folder nor a reachable Hub repository: {error}"
-                ) from error
-            # <cache>/<repo folder>/snapshots/<commit>: the snapshot's files link to <cache>/<repo folder>/blobs.
-            link_root = os.path.dirname(os.path.dirname(os.path.realpath(folder)))
-        config = cls._read_config(folder)
-        probe_path = os.path.join(folder, PROBE_FILE)
-        probes = cls._load_safetensors(probe_path)
-        blocks, records = [], []
-        for shard in config["shards"]:
-            emb_path = os.path.join(folder, shard["embeddings"])
-            tensors = cls._load_safetensors(emb_path)
-            embeddings = tensors.get(EMBEDDINGS_KEY)
-            if embeddings is None or embeddings.ndim != 2 or embeddings.shape[1] != config["dim"]:
-                raise RetrievalIndexError(f"{emb_path} must hold `{EMBEDDINGS_KEY}` of shape (n, {config['dim']}).")
-            if embeddings.dtype != STORAGE_DTYPES[config["dtype"]] or embeddings.shape[0] != shard["num_rows"]:
-                raise RetrievalIndexError(
-                    f"{emb_path} holds {embeddings.shape[0]} rows of {embeddings.dtype}; {INDEX_CONFIG_FILE} says "
-                    f"{shard['num_rows']} rows of {config['dtype']}."
-                )
-            norms = embeddings.float().norm(dim=-1)
-            if embeddings.shape[0] and (norms - 1).abs().max() > NORM_TOLERANCE:
-                raise RetrievalIndexError(f"{emb_path} holds rows that are not normalised (norms {norms.min():.3f}.."
-                                          f"{norms.max():.3f}).")
-            shard_records = cls._read_jsonl(os.path.join(folder, shard["metadata"]))
-            if len(shard_records) != shard["num_rows"]:
-                raise RetrievalIndexError(
-                    f"{shard['metadata']} has {len(shard_records)} records but {shard['embeddings']} has "
-                    f"{shard['num_rows']} rows."
-                )
-            blocks.append(embeddings.to(device) if device is not None else embeddings)
-            records.extend(shard_records)
-        if image_root is None and config.get("image_root") is not None:
-            # The recorded root must stay inside the index folder: an index from elsewhere cannot point at /.
-            image_root = resolve_local_path(folder, config["image_root"]) if config["image_root"] != "." else folder
-        empty = torch.empty(0, config["dim"], dtype=STORAGE_DTYPES[config["dtype"]], device=device)
-        try:
-            min_similarity = check_min_similarity(config.get("min_similarity"), "min_similarity")
-        except ValueError as error:
-            raise RetrievalIndexError(f"{os.path.join(folder, INDEX_CONFIG_FILE)}: {error}") from error
-        index = cls(empty, [], config["weights"], probes, image_root=None if image_root is None else str(image_root),
-                    allow_urls=allow_urls, min_similarity=min_similarity)
-        if blocks:
-            index._blocks = [empty] + blocks
-            _check_records(records, folder)
-            row_of_id = {}
-            for row, record in enumerate(records):
-                if record["id"] in row_of_id:
-                    raise RetrievalIndexError(f"The id {record['id']!r} appears twice in {folder}.")
-                row_of_id[record["id"]] = row
-            index.records, index._row_of_id = records, row_of_id
-        index._link_root = link_root
-        index._saved_folder = os.path.realpath(folder)
-        index._saved_shards = [s["num_rows"] for s in config["shards"]]
-        num_urls = sum(is_url(r["path"]) for r in records)
-        if num_urls and not allow_urls:
-            logger.warning(
-                f"{num_urls} of the {len(records)} images of the index are URLs, which will not be downloaded: load it "
-                "with `allow_urls=True` to allow downloads."
-            )
-        if image_root is None and num_urls < len(records):
-            logger.warning(f"The index {name} has local image paths but no image root: pass `image_root=`.")
-        return index
-
-    @staticmethod
-    def _read_config(folder: str) -> dict:
-        path = os.path.join(folder, INDEX_CONFIG_FILE)
-        if not os.path.isfile(path):
-            raise RetrievalIndexError(f"{folder} is not a retrieval index: it has no {INDEX_CONFIG_FILE}.")
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RetrievalIndexError(f"Corrupted JSON file: {path} ({error})") from error
-        if config.get("format") != FORMAT_NAME or config.get("format_version") != FORMAT_VERSION:
-            raise RetrievalIndexError(
-                f"{path} is not a {FORMAT_NAME} version {FORMAT_VERSION} file (format={config.get('format')!r}, "
-                f"format_version={config.get('format_version')!r})."
-            )
-        if config.get("dtype") not in STORAGE_DTYPES:
-            raise RetrievalIndexError(
-                f"{path}: `dtype` must be one of {list(STORAGE_DTYPES)}, got {config.get('dtype')!r}."
-            )
-        for shard in config.get("shards", []):
-            for key in ("embeddings", "metadata"):
-                name = shard.get(key)
-                # Shard names are plain file names: an index must not read files outside its folder.
-                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-                    raise RetrievalIndexError(f"{path}: shard file names must be plain file names, got {name!r}.")
-        return config
-
-    @staticmethod
-    def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-        if not os.path.isfile(path):
-            raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise RetrievalIndexError(f"Corrupted safetensors file: {path} ({error})") from error
-
-    @staticmethod
-    def _read_jsonl(path: str) -> list[dict]:
-        if not os.path.isfile(path):
-            raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise RetrievalIndexError(f"{path}, line {n}: not JSON ({error}).") from error
-        return records
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        include_images: bool = False,
-        repo_type: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str = "Upload GILL retrieval index",
-        max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS,
-    ) -> str:
-        """Uploads the index to a Hub repo (created if needed); with `include_images=True` its local images go too,
-        under the same relative paths, so the repo is self-contained. Returns the commit URL."""
-        api = HfApi(token=token, library_name=LIBRARY_NAME)
-        with tempfile.TemporaryDirectory() as folder:
-            copy = RetrievalIndex.__new__(RetrievalIndex)
-            copy.__dict__.update(self.__dict__)
-            copy._saved_folder, copy._saved_shards = None, []
-            if include_images:
-                for path in sorted({r["path"] for r in self.records if not is_url(r["path"])}):
-                    source = resolve_local_path(self.image_root, path, link_root=self._link_root)
-                    target = os.path.join(folder, path)
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.copyfile(source, target)
-                copy.image_root = folder
-            copy.save_pretrained(folder, max_shard_rows=max_shard_rows)
-            api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-            commit = api.upload_folder(
-                repo_id=repo_id, folder_path=folder, repo_type=repo_type, commit_message=commit_message
-            )
-        return str(getattr(commit, "commit_url", commit))

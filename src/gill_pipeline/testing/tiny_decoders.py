@@ -5,7 +5,7 @@ tokenizers are built in memory (a byte-level BPE for the CLIP encoders, a T5 uni
 vocabulary), so nothing is downloaded. The images these pipelines make are meaningless; they exercise the real
 pipelines' code paths at sizes that run in well under a second on a CPU.
 
-    from gill_pipeline.tiny_decoders import build_tiny_decoder
+    from gill_pipeline.testing import build_tiny_decoder
     pipe = build_tiny_decoder("flux-dev")
 """
 
@@ -24,14 +24,12 @@ from diffusers import (
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
@@ -40,7 +38,13 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .tiny import build_tiny_stable_diffusion, build_tiny_tokenizer
+from .tiny import (
+    TINY_UNET_SETTINGS,
+    assemble_tiny_gill_pipeline,
+    build_tiny_clip_text_encoder,
+    build_tiny_clip_tokenizer,
+    build_tiny_stable_diffusion,
+)
 
 # CLIP text positions of the tiny CLIP tokenizers (77 in the real checkpoints; small keeps the tests fast).
 TINY_CLIP_LENGTH = 16
@@ -64,22 +68,10 @@ def build_tiny_gemma_tokenizer() -> GemmaTokenizer:
 
 
 def _clip_text_encoder(tokenizer, hidden_size: int, projection_dim: int | None = None):
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=projection_dim or hidden_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(0)
-    if projection_dim is None:
-        return CLIPTextModel(config)
-    return CLIPTextModelWithProjection(config)
+    return build_tiny_clip_text_encoder(
+        tokenizer, hidden_size, projection_dim or hidden_size, with_projection=projection_dim is not None
+    )
 
 
 def _t5_encoder(tokenizer, d_model: int) -> T5EncoderModel:
@@ -115,7 +107,7 @@ def _vae_kl(latent_channels: int = 4, blocks: int = 2, **kwargs) -> AutoencoderK
     )
 
 
-def build_tiny_sd() -> "StableDiffusionPipeline":  # noqa: F821
+def build_tiny_sd() -> StableDiffusionPipeline:
     """SD 1.x/2.x: the package's tiny Stable Diffusion (one CLIP text encoder, a UNet)."""
     torch.manual_seed(0)
     return build_tiny_stable_diffusion(cross_attention_dim=32, scheduler="ddim", text_length=TINY_CLIP_LENGTH)
@@ -123,19 +115,15 @@ def build_tiny_sd() -> "StableDiffusionPipeline":  # noqa: F821
 
 def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     """SDXL: two CLIP text encoders (widths 16 and 32, the second with a projection), a text-time UNet."""
-    tokenizer = build_tiny_tokenizer(vocab_size=300, model_max_length=TINY_CLIP_LENGTH)
-    tokenizer_2 = build_tiny_tokenizer(vocab_size=300, model_max_length=TINY_CLIP_LENGTH)
+    tokenizer = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
+    tokenizer_2 = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
     text_encoder = _clip_text_encoder(tokenizer, hidden_size=16)
     text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=24)
     addition_time_embed_dim = 8
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
+        **TINY_UNET_SETTINGS,
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -163,8 +151,8 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
 
 def build_tiny_sd3() -> StableDiffusion3Pipeline:
     """SD3: two projected CLIP encoders (widths 16 and 16) and a T5 (width 32), an MMDiT transformer."""
-    tokenizer = build_tiny_tokenizer(vocab_size=300, model_max_length=TINY_CLIP_LENGTH)
-    tokenizer_2 = build_tiny_tokenizer(vocab_size=300, model_max_length=TINY_CLIP_LENGTH)
+    tokenizer = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
+    tokenizer_2 = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
     tokenizer_3 = build_tiny_t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, hidden_size=16, projection_dim=16)
     text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=16, projection_dim=16)
@@ -197,7 +185,7 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
 
 def build_tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
     """Flux: a CLIP encoder (pooled, width 16) and a T5 (width 32). `guidance_embeds`: dev-style, else schnell."""
-    tokenizer = build_tiny_tokenizer(vocab_size=300, model_max_length=TINY_CLIP_LENGTH)
+    tokenizer = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
     tokenizer_2 = build_tiny_t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, hidden_size=16)
     text_encoder_2 = _t5_encoder(tokenizer_2, d_model=32)
@@ -351,26 +339,8 @@ def build_tiny_gill_pipeline_with_decoder(name: str, lm_type: str = "opt", seed:
     """A whole tiny GILL pipeline (random LM, vision encoder and learned parts) over the tiny decoder `name`,
     assembled with `GILLPipeline.from_base_models`; returns `(pipe, decoder)` (the decoder keeps its text encoders,
     for training targets)."""
-    from .tiny import build_tiny_lm, build_tiny_tokenizer, build_tiny_vision_encoder
-
-    if pipeline_class is None:
-        from .pipeline import GILLPipeline
-
-        pipeline_class = GILLPipeline
-    decoder = build_tiny_decoder(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = build_tiny_tokenizer()
-        llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
-        image_encoder, processor = build_tiny_vision_encoder()
-    settings = dict(
-        num_img_tokens=4, retrieval_dim=16, mapper_hidden_dim=32, mapper_encoder_layers=1, mapper_decoder_layers=1,
-        mapper_heads=2, seed=seed,
-    )
-    settings.update(kwargs)
-    pipe = pipeline_class.from_base_models(
-        language_model=llm, tokenizer=tokenizer, stable_diffusion=decoder, image_encoder=image_encoder,
-        feature_extractor=processor, **settings,
+    pipe, decoder = assemble_tiny_gill_pipeline(
+        lambda: build_tiny_decoder(name), lm_type=lm_type, seed=seed, pipeline_class=pipeline_class, **kwargs
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe, decoder

@@ -18,6 +18,7 @@ from transformers import (
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPVisionConfig,
     CLIPVisionModel,
     GPT2Config,
@@ -31,6 +32,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ..pipeline import GILLPipeline
+
 TINY_CORPUS = [
     "This is my dog. He likes to play in the park.",
     "Show me what he would look like in the snow.",
@@ -40,6 +43,17 @@ TINY_CORPUS = [
     "A photo of a mountain lake at sunset with pine trees.\nA drawing of a house.",
 ]
 LM_TYPES = ("opt", "gpt2", "llama", "qwen2")
+# Llama-style LMs: (config class, model class, tied input/output embeddings).
+_LLAMA_LIKE = {"llama": (LlamaConfig, LlamaForCausalLM, False), "qwen2": (Qwen2Config, Qwen2ForCausalLM, True)}
+# Vocabulary of the tiny CLIP tokenizers of the decoders' text encoders.
+TINY_CLIP_VOCAB_SIZE = 300
+# Sizes of the learned GILL parts of every tiny pipeline (the reference sizes are for a 4096-wide LM).
+TINY_GILL_SIZES = dict(
+    num_img_tokens=4, retrieval_dim=16, mapper_hidden_dim=32, mapper_encoder_layers=1, mapper_decoder_layers=1,
+    mapper_heads=2,
+)
+# The UNet settings the tiny SD and SDXL UNets share.
+TINY_UNET_SETTINGS = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, in_channels=4, out_channels=4)
 SCHEDULERS = {
     "ddim": lambda: DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
@@ -112,8 +126,9 @@ def build_tiny_lm(lm_type: str, vocab_size: int, tokenizer=None, hidden_size: in
             vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=2, n_positions=128, **special
         )
         return GPT2LMHeadModel(config)
-    if lm_type == "llama":
-        config = LlamaConfig(
+    if lm_type in _LLAMA_LIKE:
+        config_class, model_class, tied = _LLAMA_LIKE[lm_type]
+        config = config_class(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
             intermediate_size=hidden_size * 2,
@@ -121,24 +136,36 @@ def build_tiny_lm(lm_type: str, vocab_size: int, tokenizer=None, hidden_size: in
             num_attention_heads=2,
             num_key_value_heads=1,
             max_position_embeddings=128,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
             **special,
         )
-        return LlamaForCausalLM(config)
-    if lm_type == "qwen2":
-        config = Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            **special,
-        )
-        return Qwen2ForCausalLM(config)
+        return model_class(config)
     raise ValueError(f"`lm_type` must be one of {LM_TYPES}, got {lm_type!r}.")
+
+
+def build_tiny_clip_tokenizer(model_max_length: int = 16) -> PreTrainedTokenizerFast:
+    """The tokenizer of a tiny decoder's CLIP text encoder: [`build_tiny_tokenizer`] with a smaller vocabulary."""
+    return build_tiny_tokenizer(vocab_size=TINY_CLIP_VOCAB_SIZE, model_max_length=model_max_length)
+
+
+def build_tiny_clip_text_encoder(
+    tokenizer, hidden_size: int, projection_dim: int | None = None, with_projection: bool = False
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A tiny random CLIP text encoder over `tokenizer` (2 layers, 2 heads); `with_projection`: with the text
+    projection (of width `projection_dim`) that SDXL and SD3 pool. Draws from the global RNG: seed it first."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        **({} if projection_dim is None else {"projection_dim": projection_dim}),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
 def build_tiny_stable_diffusion(
@@ -148,12 +175,8 @@ def build_tiny_stable_diffusion(
     if scheduler not in SCHEDULERS:
         raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)}, got {scheduler!r}.")
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
+        **TINY_UNET_SETTINGS,
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
@@ -169,23 +192,10 @@ def build_tiny_stable_diffusion(
         norm_num_groups=4,
         sample_size=16,
     )
-    sd_tokenizer = build_tiny_tokenizer(vocab_size=300, model_max_length=text_length)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(sd_tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=cross_attention_dim * 2,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=text_length,
-            bos_token_id=sd_tokenizer.bos_token_id,
-            eos_token_id=sd_tokenizer.eos_token_id,
-            pad_token_id=sd_tokenizer.pad_token_id,
-        )
-    )
+    sd_tokenizer = build_tiny_clip_tokenizer(model_max_length=text_length)
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=build_tiny_clip_text_encoder(sd_tokenizer, hidden_size=cross_attention_dim),
         tokenizer=sd_tokenizer,
         unet=unet,
         scheduler=SCHEDULERS[scheduler](),
@@ -212,6 +222,29 @@ def build_tiny_vision_encoder(image_size: int = 32) -> tuple[CLIPVisionModel, CL
     return encoder, processor
 
 
+def assemble_tiny_gill_pipeline(
+    build_decoder, lm_type: str = "opt", seed: int = 0, pipeline_class=None, chat_template: bool = False, **kwargs
+):
+    """A tiny random LM and vision encoder (seeded with `seed`, the global RNG left alone) and the decoder
+    `build_decoder()` builds between them, assembled with [`GILLPipeline.from_base_models`] at `TINY_GILL_SIZES`
+    (`kwargs` override them). Returns `(pipe, decoder)`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer(chat_template=chat_template)
+        llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
+        decoder = build_decoder()
+        image_encoder, processor = build_tiny_vision_encoder()
+    pipe = (pipeline_class or GILLPipeline).from_base_models(
+        language_model=llm,
+        tokenizer=tokenizer,
+        stable_diffusion=decoder,
+        image_encoder=image_encoder,
+        feature_extractor=processor,
+        **{**TINY_GILL_SIZES, "seed": seed, **kwargs},
+    )
+    return pipe, decoder
+
+
 def build_tiny_gill_pipeline(
     lm_type: str = "opt",
     cross_attention_dim: int = 32,
@@ -223,31 +256,12 @@ def build_tiny_gill_pipeline(
 ):
     """A whole GILL pipeline with random weights, assembled with [`GILLPipeline.from_base_models`]. With
     `chat_template`, its tokenizer has a ChatML chat template (an instruction LM's tokenizer)."""
-    if pipeline_class is None:
-        from .pipeline import GILLPipeline
-
-        pipeline_class = GILLPipeline
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = build_tiny_tokenizer(chat_template=chat_template)
-        llm = build_tiny_lm(lm_type, len(tokenizer), tokenizer)
-        sd = build_tiny_stable_diffusion(cross_attention_dim, scheduler)
-        image_encoder, processor = build_tiny_vision_encoder()
-    settings = dict(
-        num_img_tokens=4,
-        retrieval_dim=16,
-        mapper_hidden_dim=32,
-        mapper_encoder_layers=1,
-        mapper_decoder_layers=1,
-        mapper_heads=2,
+    pipe, _ = assemble_tiny_gill_pipeline(
+        lambda: build_tiny_stable_diffusion(cross_attention_dim, scheduler),
+        lm_type=lm_type,
         seed=seed,
+        pipeline_class=pipeline_class,
+        chat_template=chat_template,
+        **assemble_kwargs,
     )
-    settings.update(assemble_kwargs)
-    return pipeline_class.from_base_models(
-        language_model=llm,
-        tokenizer=tokenizer,
-        stable_diffusion=sd,
-        image_encoder=image_encoder,
-        feature_extractor=processor,
-        **settings,
-    )
+    return pipe

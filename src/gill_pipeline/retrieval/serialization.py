@@ -1,0 +1,410 @@
+"""Saving and loading a retrieval set: safetensors shards of embeddings, JSON Lines metadata, the probe embeddings
+and `retrieval_index.json` in a folder; loading from a folder or the Hub; pushing to the Hub.
+
+[`RetrievalIndexSerializationMixin`] gives [`RetrievalIndex`] its `save_pretrained`, `from_pretrained` and
+`push_to_hub`, as diffusers' `ModelMixin` does for models.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import logging
+from huggingface_hub import HfApi, snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..constants import LIBRARY_NAME
+from ..serialization.hub import HUB_KWARGS
+from ..serialization.folder import PipelineFolderError, read_json_object
+from .calibration import check_min_similarity
+from .image_loading import is_url, resolve_local_path
+
+
+logger = logging.get_logger(__name__)
+
+INDEX_CONFIG_FILE = "retrieval_index.json"
+PROBE_FILE = "probe.safetensors"
+EMBEDDINGS_SHARD_TEMPLATE = "embeddings-{:05d}.safetensors"
+METADATA_SHARD_TEMPLATE = "metadata-{:05d}.jsonl"
+EMBEDDINGS_KEY = "embeddings"
+FORMAT_NAME = "gill-retrieval-index"
+FORMAT_VERSION = 1
+DEFAULT_MAX_SHARD_ROWS = 100_000
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# Stored rows must have unit norm up to fp16 rounding.
+NORM_TOLERANCE = 1e-2
+RECORD_REQUIRED_KEYS = ("id", "path")
+# Files a save may remove when its new config no longer reads them (shard `i`, written again `-rN`).
+SHARD_FILE_PATTERN = re.compile(r"embeddings-\d{5}(-r\d+)?\.safetensors|metadata-\d{5}(-r\d+)?\.jsonl")
+
+
+class RetrievalIndexError(ValueError):
+    """A retrieval index folder or its contents are malformed."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a storage dtype has in `retrieval_index.json`; a ValueError for a dtype an index cannot store."""
+    for name, value in STORAGE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"`dtype` must be one of {list(STORAGE_DTYPES.values())}, got {dtype!r}.")
+
+
+def check_records(records: list[dict], where: str) -> None:
+    """Raises [`RetrievalIndexError`] unless every record is a JSON object with a non-empty string `id` and `path`."""
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise RetrievalIndexError(f"Record {i} of {where} must be a JSON object, got {record!r:.200}.")
+        for key in RECORD_REQUIRED_KEYS:
+            if not isinstance(record.get(key), str) or not record[key]:
+                raise RetrievalIndexError(
+                    f"Record {i} of {where} needs a non-empty string `{key}`, got {record!r:.200}."
+                )
+
+
+def _atomic_write(path: str, write) -> None:
+    """Writes `path` under a temporary name and renames it: a reader sees the old file or the new one, never half."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _shard_file_names(i: int, rewrite: int) -> tuple[str, str]:
+    """The files of shard `i`; a rewrite of an index in place writes under other names (`-r1`, ...) than the ones
+    the folder's config reads, so that the old index stays readable until the new config replaces it."""
+    embeddings_file, metadata_file = EMBEDDINGS_SHARD_TEMPLATE.format(i), METADATA_SHARD_TEMPLATE.format(i)
+    if rewrite:
+        embeddings_file = embeddings_file.replace(".safetensors", f"-r{rewrite}.safetensors")
+        metadata_file = metadata_file.replace(".jsonl", f"-r{rewrite}.jsonl")
+    return embeddings_file, metadata_file
+
+
+def _free_shard_file_names(i: int, in_use: set[str]) -> tuple[str, str]:
+    rewrite = 0
+    while in_use & set(_shard_file_names(i, rewrite)):
+        rewrite += 1
+    return _shard_file_names(i, rewrite)
+
+
+def _shard_files(config: dict | None) -> set[str]:
+    """The shard files a config reads."""
+    return {shard[key] for shard in (config or {}).get("shards", []) for key in ("embeddings", "metadata")}
+
+
+def _config_identity(folder: str) -> tuple[int, int, int]:
+    """Changes whenever the config file is replaced (every save renames a new file in)."""
+    stat = os.stat(os.path.join(folder, INDEX_CONFIG_FILE))
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+@dataclass(frozen=True)
+class SavedCopy:
+    """What the folder an index was last saved to or loaded from holds: an incremental save appends to it only
+    while it is still exactly that (the same config file, dtype and width) and the index still has its rows."""
+
+    folder: str
+    config_identity: tuple[int, int, int]
+    shards: list[dict]
+    dtype: str
+    dim: int
+
+    @classmethod
+    def of(cls, folder: str, config: dict) -> "SavedCopy":
+        return cls(os.path.realpath(folder), _config_identity(folder), [dict(s) for s in config["shards"]],
+                   config["dtype"], config["dim"])
+
+
+class RetrievalIndexSerializationMixin:
+    """`save_pretrained`, `from_pretrained` and `push_to_hub` of a [`RetrievalIndex`]."""
+
+    # Set by `save_pretrained` and `from_pretrained`; reset by a change of the stored rows (`RetrievalIndex.to`).
+    _saved: SavedCopy | None = None
+
+    def _image_root_for(self, folder: str) -> str | None:
+        """The image root relative to `folder` when it lies inside it (then it travels with the folder), else None."""
+        if self.image_root is None:
+            return None
+        root, folder = os.path.realpath(self.image_root), os.path.realpath(folder)
+        if os.path.commonpath([root, folder]) != folder:
+            return None
+        return os.path.relpath(root, folder).replace(os.sep, "/")
+
+    def _can_append_to(self, folder: str, config: dict | None) -> bool:
+        saved = self._saved
+        return (
+            saved is not None
+            and config is not None
+            and saved.folder == os.path.realpath(folder)
+            and saved.config_identity == _config_identity(folder)
+            and config.get("shards") == saved.shards
+            and config.get("dtype") == saved.dtype == dtype_name(self.dtype)
+            and config.get("dim") == saved.dim == self.dim
+            and sum(shard["num_rows"] for shard in saved.shards) <= len(self)
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS) -> None:
+        """Writes `retrieval_index.json`, `probe.safetensors`, and shards of at most `max_shard_rows` rows
+        (`embeddings-XXXXX.safetensors` + `metadata-XXXXX.jsonl`).
+
+        Saving again into the folder the index was last saved to or loaded from writes only the new rows, as new
+        shards: that is how a build checkpoints and how images are added to a large index cheaply. When that folder
+        no longer matches the index (its dtype changed with [`~RetrievalIndex.to`], or another index was saved there
+        since), every shard is written again. Every file is written under a temporary name and renamed, new shards
+        never over a file the folder's config reads, and the config last: an interrupted save leaves the previous
+        index readable. Shards the new config no longer reads are removed after it is in place.
+
+        Rows and records already saved are not compared with the folder: after editing one in place, save into a
+        new folder.
+        """
+        if not isinstance(max_shard_rows, int) or max_shard_rows <= 0:
+            raise ValueError(f"`max_shard_rows` must be a positive integer, got {max_shard_rows!r}.")
+        folder = str(save_directory)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            previous = self._read_config(folder) if os.path.isfile(os.path.join(folder, INDEX_CONFIG_FILE)) else None
+        except RetrievalIndexError:
+            previous = None  # unreadable already: nothing to keep readable
+        append = self._can_append_to(folder, previous)
+        if not append and previous is not None and getattr(self._saved, "folder", None) == os.path.realpath(folder):
+            logger.info(f"Writing every shard of the index in {folder} again: its dtype changed or another index was "
+                        "saved there since it was loaded.")
+        in_use = _shard_files(previous)
+        shards = [dict(s) for s in self._saved.shards] if append else []
+        start = sum(shard["num_rows"] for shard in shards)
+        embeddings = self.embeddings.cpu() if len(self) > start else None
+        while start < len(self):
+            stop = min(start + max_shard_rows, len(self))
+            embeddings_file, metadata_file = _free_shard_file_names(len(shards), in_use)
+            tensor = embeddings[start:stop].contiguous()
+            _atomic_write(
+                os.path.join(folder, embeddings_file),
+                lambda p, t=tensor: save_file({EMBEDDINGS_KEY: t}, p, metadata={"format": "pt"}),
+            )
+
+            def write_metadata(path, records=self.records[start:stop]):
+                with open(path, "w", encoding="utf-8") as f:
+                    for record in records:
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+            _atomic_write(os.path.join(folder, metadata_file), write_metadata)
+            shards.append({"embeddings": embeddings_file, "metadata": metadata_file, "num_rows": stop - start})
+            start = stop
+        _atomic_write(os.path.join(folder, PROBE_FILE), lambda p: save_file(self.probes, p, metadata={"format": "pt"}))
+        image_root = self._image_root_for(folder)
+        has_local = any(not is_url(r["path"]) for r in self.records)
+        if image_root is None and has_local:
+            logger.warning(
+                f"The index's images ({self.image_root}) are not inside {folder}: pass `image_root=` when loading it."
+            )
+        config = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "num_images": len(self),
+            "dim": self.dim,
+            "dtype": dtype_name(self.dtype),
+            "normalized": True,
+            "image_root": image_root,
+            "min_similarity": self.min_similarity,
+            "weights": self.fingerprint,
+            "shards": shards,
+        }
+
+        def write_config(path):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+                f.write("\n")
+
+        _atomic_write(os.path.join(folder, INDEX_CONFIG_FILE), write_config)
+        # Only files named like shards: a config edited by hand must not make a save delete an image.
+        for name in sorted(in_use - _shard_files(config)):
+            if SHARD_FILE_PATTERN.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        self._saved = SavedCopy.of(folder, config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        image_root: str | os.PathLike | None = None,
+        allow_urls: bool = False,
+        device: str | torch.device | None = None,
+        repo_type: str | None = None,
+        **hub_kwargs,
+    ) -> "RetrievalIndex":
+        r"""
+        Loads an index from a local folder, or from a Hub repository (downloaded with `snapshot_download`).
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`): A folder written by [`~RetrievalIndex.save_pretrained`] or a Hub
+                repo id.
+            image_root (`str`, *optional*): Folder that the records' local paths are relative to. Defaults to the
+                folder the index recorded when it was saved (its own folder or one inside it).
+            allow_urls (`bool`, *optional*, defaults to `False`): Allow downloading records whose path is a URL.
+            device (`str` or `torch.device`, *optional*): Where to put the embeddings (CPU by default).
+            repo_type (`str`, *optional*): `"model"` (default) or `"dataset"`, for Hub repos.
+            hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
+        """
+        name = str(path_or_repo_id)
+        unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+        if unknown:
+            raise TypeError(f"Unexpected keyword arguments {unknown}; Hub arguments are {list(HUB_KWARGS)}.")
+        link_root = None
+        if os.path.isdir(name):
+            folder = name
+        else:
+            kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+            try:
+                folder = snapshot_download(name, repo_type=repo_type, library_name=LIBRARY_NAME, **kwargs)
+            except Exception as error:
+                raise OSError(
+                    f"`path_or_repo_id`={name!r} is neither a local folder nor a reachable Hub repository: {error}"
+                ) from error
+            # <cache>/<repo folder>/snapshots/<commit>: the snapshot's files link to <cache>/<repo folder>/blobs.
+            link_root = os.path.dirname(os.path.dirname(os.path.realpath(folder)))
+        config = cls._read_config(folder)
+        probe_path = os.path.join(folder, PROBE_FILE)
+        probes = cls._load_safetensors(probe_path)
+        blocks, records = [], []
+        for shard in config["shards"]:
+            emb_path = os.path.join(folder, shard["embeddings"])
+            tensors = cls._load_safetensors(emb_path)
+            embeddings = tensors.get(EMBEDDINGS_KEY)
+            if embeddings is None or embeddings.ndim != 2 or embeddings.shape[1] != config["dim"]:
+                raise RetrievalIndexError(f"{emb_path} must hold `{EMBEDDINGS_KEY}` of shape (n, {config['dim']}).")
+            if embeddings.dtype != STORAGE_DTYPES[config["dtype"]] or embeddings.shape[0] != shard["num_rows"]:
+                raise RetrievalIndexError(
+                    f"{emb_path} holds {embeddings.shape[0]} rows of {embeddings.dtype}; {INDEX_CONFIG_FILE} says "
+                    f"{shard['num_rows']} rows of {config['dtype']}."
+                )
+            norms = embeddings.float().norm(dim=-1)
+            if embeddings.shape[0] and (norms - 1).abs().max() > NORM_TOLERANCE:
+                raise RetrievalIndexError(f"{emb_path} holds rows that are not normalised (norms {norms.min():.3f}.."
+                                          f"{norms.max():.3f}).")
+            shard_records = cls._read_jsonl(os.path.join(folder, shard["metadata"]))
+            if len(shard_records) != shard["num_rows"]:
+                raise RetrievalIndexError(
+                    f"{shard['metadata']} has {len(shard_records)} records but {shard['embeddings']} has "
+                    f"{shard['num_rows']} rows."
+                )
+            blocks.append(embeddings.to(device) if device is not None else embeddings)
+            records.extend(shard_records)
+        if image_root is None and config.get("image_root") is not None:
+            # The recorded root must stay inside the index folder: an index from elsewhere cannot point at /.
+            image_root = resolve_local_path(folder, config["image_root"]) if config["image_root"] != "." else folder
+        empty = torch.empty(0, config["dim"], dtype=STORAGE_DTYPES[config["dtype"]], device=device)
+        try:
+            min_similarity = check_min_similarity(config.get("min_similarity"), "min_similarity")
+        except ValueError as error:
+            raise RetrievalIndexError(f"{os.path.join(folder, INDEX_CONFIG_FILE)}: {error}") from error
+        index = cls(empty, [], config["weights"], probes, image_root=None if image_root is None else str(image_root),
+                    allow_urls=allow_urls, min_similarity=min_similarity)
+        if blocks:
+            index._blocks = [empty] + blocks
+            check_records(records, folder)
+            row_of_id = {}
+            for row, record in enumerate(records):
+                if record["id"] in row_of_id:
+                    raise RetrievalIndexError(f"The id {record['id']!r} appears twice in {folder}.")
+                row_of_id[record["id"]] = row
+            index.records, index._row_of_id = records, row_of_id
+        index._link_root = link_root
+        index._saved = SavedCopy.of(folder, config)
+        num_urls = sum(is_url(r["path"]) for r in records)
+        if num_urls and not allow_urls:
+            logger.warning(
+                f"{num_urls} of the {len(records)} images of the index are URLs, which will not be downloaded: load it "
+                "with `allow_urls=True` to allow downloads."
+            )
+        if image_root is None and num_urls < len(records):
+            logger.warning(f"The index {name} has local image paths but no image root: pass `image_root=`.")
+        return index
+
+    @staticmethod
+    def _read_config(folder: str) -> dict:
+        path = os.path.join(folder, INDEX_CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise RetrievalIndexError(f"{folder} is not a retrieval index: it has no {INDEX_CONFIG_FILE}.")
+        try:
+            config = read_json_object(path)
+        except PipelineFolderError as error:
+            raise RetrievalIndexError(str(error)) from error
+        if config.get("format") != FORMAT_NAME or config.get("format_version") != FORMAT_VERSION:
+            raise RetrievalIndexError(
+                f"{path} is not a {FORMAT_NAME} version {FORMAT_VERSION} file (format={config.get('format')!r}, "
+                f"format_version={config.get('format_version')!r})."
+            )
+        if config.get("dtype") not in STORAGE_DTYPES:
+            raise RetrievalIndexError(
+                f"{path}: `dtype` must be one of {list(STORAGE_DTYPES)}, got {config.get('dtype')!r}."
+            )
+        for shard in config.get("shards", []):
+            for key in ("embeddings", "metadata"):
+                name = shard.get(key)
+                # Shard names are plain file names: an index must not read files outside its folder.
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise RetrievalIndexError(f"{path}: shard file names must be plain file names, got {name!r}.")
+        return config
+
+    @staticmethod
+    def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+        if not os.path.isfile(path):
+            raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise RetrievalIndexError(f"Corrupted safetensors file: {path} ({error})") from error
+
+    @staticmethod
+    def _read_jsonl(path: str) -> list[dict]:
+        if not os.path.isfile(path):
+            raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise RetrievalIndexError(f"{path}, line {n}: not JSON ({error}).") from error
+        return records
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        include_images: bool = False,
+        repo_type: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload GILL retrieval index",
+        max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS,
+    ) -> str:
+        """Uploads the index to a Hub repo (created if needed); with `include_images=True` its local images go too,
+        under the same relative paths, so the repo is self-contained. Returns the commit URL."""
+        api = HfApi(token=token, library_name=LIBRARY_NAME)
+        with tempfile.TemporaryDirectory() as folder:
+            copy = type(self).__new__(type(self))
+            copy.__dict__.update(self.__dict__)
+            copy._saved = None
+            if include_images:
+                for path in sorted({r["path"] for r in self.records if not is_url(r["path"])}):
+                    source = resolve_local_path(self.image_root, path, link_root=self._link_root)
+                    target = os.path.join(folder, path)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copyfile(source, target)
+                copy.image_root = folder
+            copy.save_pretrained(folder, max_shard_rows=max_shard_rows)
+            api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, repo_type=repo_type, commit_message=commit_message
+            )
+        return str(getattr(commit, "commit_url", commit))
