@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from fake_hub import FakeHub
-from gill_pipeline.cli import build_parser, main
+from gill_pipeline.commands import build_parser, main
 from gill_pipeline.pipeline import GILLPipeline
 from test_convert import release  # noqa: F401 (the synthetic reference release fixture)
 
@@ -178,7 +178,7 @@ def test_unreadable_image_and_bad_output_dir_are_one_line(tmp_path, capsys):
 def test_generate_help_shows_the_defaults_a_run_uses(capsys, monkeypatch):
     import inspect
 
-    from gill_pipeline.cli import PRESETS, SHAPES_MODEL
+    from gill_pipeline.bundled.presets import PRESETS, SHAPES_MODEL
 
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside "shapes-world"
     assert main(["generate", "--help"]) == 0
@@ -207,7 +207,7 @@ def test_generate_output_has_no_library_notices(tmp_path):
     import subprocess
     import sys
 
-    argv = [sys.executable, "-m", "gill_pipeline.cli", "generate", "--model", "tiny-random", "--max-new-tokens", "2",
+    argv = [sys.executable, "-m", "gill_pipeline", "generate", "--model", "tiny-random", "--max-new-tokens", "2",
             "--steps", "1", "--output-dir", str(tmp_path)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
