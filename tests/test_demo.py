@@ -210,6 +210,24 @@ def test_chat_session_reset_and_end_of_input(opt_pipe, tmp_path):
     assert stderr.getvalue() == ""
 
 
+def test_a_user_error_in_a_turn_is_one_line_and_any_other_ends_the_chat(opt_pipe, tmp_path, monkeypatch):
+    failures = iter([ValueError("`max_images` must be a non-negative integer, got -1."), RuntimeError("CUDA out of memory")])
+
+    def answer(self, content):
+        raise next(failures)
+
+    monkeypatch.setattr(TerminalChat, "_answer", answer)
+    settings = {**preset_settings("tiny-random"), **TINY}
+    stdin, stdout, stderr = io.StringIO("First.\nSecond.\nNever read.\n"), io.StringIO(), io.StringIO()
+    chat = TerminalChat(opt_pipe, settings, 0, str(tmp_path), stdin=stdin, stdout=stdout, stderr=stderr)
+    # The user error is one line and the chat goes on; out of memory is no user error: it leaves the chat (and
+    # `gill chat` prints its traceback, exit code 1).
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        chat.run()
+    assert stderr.getvalue() == "gill chat: error: `max_images` must be a non-negative integer, got -1.\n"
+    assert stdin.readline() == "Never read.\n"
+
+
 @pytest.mark.skipif(not bundle_available(), reason="the bundled shapes-world model is not installed")
 def test_chat_cli_on_the_bundled_model(tmp_path, monkeypatch, capsys):
     example = tmp_path / "example.png"
