@@ -7,7 +7,7 @@
 1. Writes the world's evaluation data in each dataset's own format (`training/shapes/protocol_data.py`, fixed seeds):
    PartiPrompts decisions, CC3M captions, VisDial dialogues, VIST stories made of the world's context chains (seen
    combinations, and targets held out of training), CC3M captions for text-to-image.
-2. Runs every protocol through the command line entry, `gill_pipeline.cli.main(["evaluate", ...])`, with the world's
+2. Runs every protocol through the command line entry, `gill_pipeline.commands.main(["evaluate", ...])`, with the world's
    sampling (DDIM 20 steps, guidance 5) and the world's whole CLIP (`--clip`) as the CLIP baseline, the CLIP
    similarity / LPIPS / FID features, the CLIP score model and the decoder baseline's text encoder (its text tower is
    the text encoder the world's UNet was trained with).
@@ -38,7 +38,7 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 
 from gill_pipeline.bundled import BUNDLED_CLIP, BUNDLED_PIPELINE  # noqa: E402
-from gill_pipeline.cli import main as gill_main  # noqa: E402
+from gill_pipeline.commands import main as gill_main  # noqa: E402
 from training.shapes import protocol_data as data  # noqa: E402
 from training.shapes.train_world_gill import RETRIEVABLE_SHAPES  # noqa: E402
 from training.shapes.world import HELD_OUT, all_scenes, training_scenes  # noqa: E402

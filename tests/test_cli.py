@@ -8,7 +8,10 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 from fake_hub import FakeHub
-from gill_pipeline.cli import build_parser, main
+from gill_pipeline.commands import build_parser, main, options
+from gill_pipeline.commands import generate as generate_command
+from gill_pipeline.commands.options import CLIError
+from gill_pipeline.serialization.folder import PipelineFolderError
 from gill_pipeline.pipeline import GILLPipeline
 from test_convert import release  # noqa: F401 (the synthetic reference release fixture)
 
@@ -214,7 +217,7 @@ def test_unreadable_image_and_bad_output_dir_are_one_line(tmp_path, capsys):
 def test_generate_help_shows_the_defaults_a_run_uses(capsys, monkeypatch):
     import inspect
 
-    from gill_pipeline.cli import PRESETS, SHAPES_MODEL
+    from gill_pipeline.bundled.presets import PRESETS, SHAPES_MODEL
 
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside "shapes-world"
     assert main(["generate", "--help"]) == 0
@@ -243,10 +246,96 @@ def test_generate_output_has_no_library_notices(tmp_path):
     import subprocess
     import sys
 
-    argv = [sys.executable, "-m", "gill_pipeline.cli", "generate", "--model", "tiny-random", "--max-new-tokens", "2",
+    argv = [sys.executable, "-m", "gill_pipeline", "generate", "--model", "tiny-random", "--max-new-tokens", "2",
             "--steps", "1", "--output-dir", str(tmp_path)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "torchvision" not in result.stderr and "[transformers]" not in result.stderr
     assert "Loading pipeline components" not in result.stderr and "Loading weights" not in result.stderr
     assert "Answer:" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User errors are one line with exit code 2; anything else is a bug or a failure of the machine: its traceback and
+# exit code 1 (issue 20; docs/cli.md, "Errors and exit codes")
+# ----------------------------------------------------------------------------------------------------------------
+USER_ERROR_CASES = [
+    CLIError("--output-dir: x exists and is not a folder"),
+    ValueError("`max_images` must be a non-negative integer, got -1."),
+    FileNotFoundError("No such file: 'stories.json'"),
+    PipelineFolderError("Missing file: gill/config.json"),
+    ImportError("FID uses torchmetrics: `pip install gill-pipeline[eval]`"),
+]
+INTERNAL_ERROR_CASES = [
+    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    AssertionError("rows out of step"),
+    KeyError("image_mode"),
+    TypeError("'NoneType' object is not subscriptable"),
+]
+
+
+def failing_generate(monkeypatch, error):
+    def run_generate(args):
+        raise error
+
+    monkeypatch.setattr(generate_command, "run_generate", run_generate)
+
+
+@pytest.mark.parametrize("error", USER_ERROR_CASES, ids=lambda e: type(e).__name__)
+def test_a_user_error_is_one_line_with_exit_code_2(error, monkeypatch, capsys):
+    failing_generate(monkeypatch, error)
+    assert main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gill generate: error: {error}\n"
+
+
+@pytest.mark.parametrize("error", INTERNAL_ERROR_CASES, ids=lambda e: type(e).__name__)
+def test_any_other_error_shows_its_traceback_with_exit_code_1(error, monkeypatch, capsys):
+    failing_generate(monkeypatch, error)
+    assert main(["generate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in run_generate" in err
+    assert err.splitlines()[-1] == (
+        f"gill generate: internal error: {type(error).__name__}: {str(error)} (not a usage error; the traceback above "
+        "shows where)"
+    )
+
+
+def test_verbose_shows_the_traceback_of_a_user_error_too(monkeypatch, capsys):
+    failing_generate(monkeypatch, ValueError("`steps` must be a positive integer, got 0."))
+    assert main(["generate", "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in run_generate" in err
+    assert err.splitlines()[-1] == "gill generate: error: `steps` must be a positive integer, got 0."
+
+
+def test_every_subcommand_takes_verbose():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        if name == "evaluate":  # its protocols take it
+            protocols = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+            assert all("--verbose" in p._option_string_actions for p in protocols.choices.values())
+        else:
+            assert "--verbose" in sub._option_string_actions, name
+
+
+def test_evaluate_requires_a_model_before_loading_anything(monkeypatch, tmp_path, capsys):
+    loaded = []
+    monkeypatch.setattr(options, "load_pipeline", lambda *args: loaded.append(args))
+    argv = ["evaluate", "decision", "--decisions", str(tmp_path / "d.tsv"), "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "gill evaluate decision: error: the following arguments are required: --model\n"
+    assert loaded == [] and not os.path.exists(tmp_path / "out")
+
+
+def test_python_m_gill_pipeline_is_the_gill_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "gill_pipeline", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("usage: gill ")
+    assert result.stdout == build_parser().format_help().replace(build_parser().prog, "gill")

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from conftest import random_image
-from gill_pipeline import cli
+from gill_pipeline.bundled.presets import SHAPES_MODEL, example_image
 from gill_pipeline.bundled import bundle_available
-from gill_pipeline.chat_cli import TerminalChat, parse_line
-from gill_pipeline.chat_cli import main as chat_main
+from gill_pipeline.commands import build_parser, main
+from gill_pipeline.commands.chat import TerminalChat, parse_line
+from gill_pipeline.commands.chat import main as chat_main
+from gill_pipeline.commands.options import CLIError
 from gill_pipeline.demo import ChatBackend
 from gill_pipeline.demo.rendering import DISPLAY_MIN_SIZE, describe_image, save_for_display
-from gill_pipeline.demo.settings import call_kwargs, preset_settings
+from gill_pipeline.demo.settings import call_defaults, call_kwargs, preset_settings
 from gill_pipeline.pipeline import GILLConversation, GILLImage
 
 # The tiny random model's preset makes an image likely after a few words; 2 steps and 6 tokens keep turns short.
@@ -123,7 +125,7 @@ def test_page_defaults_follow_the_preset_then_the_user():
     bundled = ChatBackend(NoPipe(), model="shapes-world").page_defaults()
     assert bundled == dict(image_mode="both", steps=20, guidance_scale=5.0, max_new_tokens=8, seed=0)
     other = ChatBackend(NoPipe(), model="someone/gill", settings={"steps": 3, "seed": 7}).page_defaults()
-    defaults = cli.call_defaults()
+    defaults = call_defaults()
     assert other == dict(
         image_mode=defaults["image_mode"], steps=3, guidance_scale=defaults["guidance_scale"],
         max_new_tokens=defaults["max_new_tokens"], seed=7,
@@ -163,7 +165,7 @@ def test_parse_line_reads_image_paths_in_place(upload, tmp_path):
     content = parse_line(f"  This is  him: {other} in the snow. ")
     assert content[0] == "This is him:" and content[2] == "in the snow."
     assert isinstance(content[1], PIL.Image.Image)
-    with pytest.raises(cli.CLIError, match="image file not found: nowhere.png"):
+    with pytest.raises(CLIError, match="image file not found: nowhere.png"):
         parse_line("look at nowhere.png")
 
 
@@ -208,10 +210,28 @@ def test_chat_session_reset_and_end_of_input(opt_pipe, tmp_path):
     assert stderr.getvalue() == ""
 
 
+def test_a_user_error_in_a_turn_is_one_line_and_any_other_ends_the_chat(opt_pipe, tmp_path, monkeypatch):
+    failures = iter([ValueError("`max_images` must be a non-negative integer, got -1."), RuntimeError("CUDA out of memory")])
+
+    def answer(self, content):
+        raise next(failures)
+
+    monkeypatch.setattr(TerminalChat, "_answer", answer)
+    settings = {**preset_settings("tiny-random"), **TINY}
+    stdin, stdout, stderr = io.StringIO("First.\nSecond.\nNever read.\n"), io.StringIO(), io.StringIO()
+    chat = TerminalChat(opt_pipe, settings, 0, str(tmp_path), stdin=stdin, stdout=stdout, stderr=stderr)
+    # The user error is one line and the chat goes on; out of memory is no user error: it leaves the chat (and
+    # `gill chat` prints its traceback, exit code 1).
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        chat.run()
+    assert stderr.getvalue() == "gill chat: error: `max_images` must be a non-negative integer, got -1.\n"
+    assert stdin.readline() == "Never read.\n"
+
+
 @pytest.mark.skipif(not bundle_available(), reason="the bundled shapes-world model is not installed")
 def test_chat_cli_on_the_bundled_model(tmp_path, monkeypatch, capsys):
     example = tmp_path / "example.png"
-    cli.example_image(cli.SHAPES_MODEL).save(example)
+    example_image(SHAPES_MODEL).save(example)
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{example} now the same shape in blue :\nnow a triangle :\n"))
     assert chat_main(["--steps", "20", "--output-dir", str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()
@@ -245,8 +265,8 @@ def test_a_streamed_turn_reports_denoising_progress_before_the_image():
 
     pipe = load_bundled_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    settings = {**preset_settings(cli.SHAPES_MODEL), "steps": 40, "image_mode": "generate"}
-    content = [cli.example_image(cli.SHAPES_MODEL), "now a triangle :"]
+    settings = {**preset_settings(SHAPES_MODEL), "steps": 40, "image_mode": "generate"}
+    content = [example_image(SHAPES_MODEL), "now a triangle :"]
     # A short poll (the default is 0.2 s) sees the progress of even a fast denoising loop.
     events = list(stream_turn(GILLConversation(pipe), content, pipe.tokenizer, poll_seconds=0.002, **call_kwargs(settings)))
     kinds = [e.kind for e in events]
@@ -258,12 +278,12 @@ def test_a_streamed_turn_reports_denoising_progress_before_the_image():
 
 
 def test_chat_and_demo_are_gill_subcommands(capsys, monkeypatch):
-    help_text = cli.build_parser().format_help()
+    help_text = build_parser().format_help()
     assert "chat" in help_text and "demo" in help_text
-    assert cli.main(["demo", "--port", "70000"]) == 2
-    assert cli.main(["chat", "--steps", "0"]) == 2
+    assert main(["demo", "--port", "70000"]) == 2
+    assert main(["chat", "--steps", "0"]) == 2
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
-    assert cli.main(["demo", "--model", "tiny-random"]) == 2
+    assert main(["demo", "--model", "tiny-random"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 3 and "--port" in errors[0] and "--steps" in errors[1]
     assert errors[2] == (
@@ -283,7 +303,7 @@ def test_gill_demo_serves_the_page_offline_on_loopback(monkeypatch, caplog):
 
     monkeypatch.setattr(gradio.Blocks, "launch", record_launch)
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
-    from gill_pipeline.demo import main as demo_main
+    from gill_pipeline.commands.demo import main as demo_main
 
     with caplog.at_level("WARNING"):
         assert demo_main(["--model", "tiny-random", "--port", "7999", "--steps", "3", "--image-mode", "generate"]) == 0

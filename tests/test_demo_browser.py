@@ -68,9 +68,8 @@ def free_loopback_port() -> int:
 @contextlib.contextmanager
 def served_demo():
     """The demo page on a free loopback port; the server is closed on the way out, whatever happened."""
-    from gill_pipeline.cli import default_model, load_pipeline
-    from gill_pipeline.demo import build_demo
-    from gill_pipeline.demo.launch import serve
+    from gill_pipeline.commands.options import default_model, load_pipeline
+    from gill_pipeline.demo import build_demo, serve
 
     model = default_model()
     pipe = load_pipeline(model, "cpu", None)
@@ -134,7 +133,8 @@ def test_demo_in_a_real_browser(tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from gill_pipeline.cli import default_model, example_image
+    from gill_pipeline.bundled.presets import example_image
+    from gill_pipeline.commands.options import default_model
 
     # The model's own example picture (for the shapes world: a small red circle), under a name found again below.
     upload = tmp_path / "upload.png"

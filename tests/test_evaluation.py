@@ -304,15 +304,17 @@ def test_text_to_image_fid_and_clip_score(world_pipe, world_clip_folder, tmp_pat
 
 @needs_bundle
 def test_gill_evaluate_command(tmp_path, capsys):
-    from gill_pipeline.cli import main
+    from gill_pipeline.commands import main
 
     scenes = random.Random(5).sample(training_scenes(), 4)
     path = write_decisions(str(tmp_path), scenes)
     out = str(tmp_path / "out")
-    assert main(["evaluate", "decision", "--decisions", path, "--output-dir", out, "--no-progress"]) == 0
+    assert main(["evaluate", "decision", "--model", "shapes-world", "--decisions", path, "--output-dir", out,
+                 "--no-progress"]) == 0
     assert "| gill |" in capsys.readouterr().out
     assert json.load(open(os.path.join(out, SUMMARY_JSON)))["results"]["gill"]["n"] == 4
-    assert main(["evaluate", "decision", "--decisions", str(tmp_path / "none.tsv"), "--output-dir", out]) == 2
+    assert main(["evaluate", "decision", "--model", "shapes-world", "--decisions", str(tmp_path / "none.tsv"),
+                 "--output-dir", out]) == 2
     err = capsys.readouterr().err
     assert "gill evaluate: error:" in err and "none.tsv" in err and len(err.strip().splitlines()) == 1
 

@@ -224,7 +224,7 @@ def test_bundled_gill_draws_what_the_prompt_says(bundled, scene):
 
 def test_readme_default_answers_with_text_a_generated_and_a_retrieved_image(bundled, tmp_path, capsys):
     """The README's first command: the bundled GILL describes the example image and answers with both images."""
-    from gill_pipeline.cli import main
+    from gill_pipeline.commands import main
 
     assert main(["generate", "--output-dir", str(tmp_path)]) == 0
     page = (tmp_path / "answer.md").read_text()
@@ -297,7 +297,7 @@ def test_unknown_words_are_named_in_one_warning_per_call(bundled, caplog, tmp_pa
         bundled(["Make a blue square."], **settings)
     assert not [r for r in caplog.records if "does not know" in r.getMessage()]
 
-    from gill_pipeline.cli import main
+    from gill_pipeline.commands import main
 
     caplog.clear()
     with caplog.at_level("WARNING"):

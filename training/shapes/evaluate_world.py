@@ -241,7 +241,8 @@ def colour_change(pipe, sd, classifier, pairs, phrasing: str, seed) -> dict:
 
 def demo_settings() -> dict:
     """The README default demo's call arguments: `gill generate`'s preset for this model."""
-    from gill_pipeline.cli import CALL_ARGUMENTS, PRESETS, SHAPES_MODEL
+    from gill_pipeline.bundled.presets import PRESETS, SHAPES_MODEL
+    from gill_pipeline.demo.settings import CALL_ARGUMENTS
 
     return {CALL_ARGUMENTS[k]: v for k, v in PRESETS[SHAPES_MODEL]["settings"].items()}
 

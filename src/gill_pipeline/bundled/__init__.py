@@ -3,6 +3,7 @@
 Every part is small and real: a CLIP, VAE, UNet and causal LM pretrained from scratch on synthetic images of shapes
 (`training/shapes/`), and GILL's learned parts trained on top with `training/train_gill.py`. It needs no download.
 `load_bundled_pipeline()` returns it with its retrieval index loaded, or raises if the bundle is not present.
+Its name for the `gill` commands and its call settings are in `presets.py`.
 """
 
 import os

@@ -1,10 +1,10 @@
-"""`gill demo`: a web page to chat with a GILL pipeline (gradio, installed with the `demo` extra).
+"""A web page to chat with a GILL pipeline (gradio, installed with the `demo` extra); `gill demo` serves it.
 
-Nothing here imports gradio until a page is built, so `gill --help` and the chat CLI work without it.
+Nothing here imports gradio until a page is built, so the package imports without it.
 """
 
 from .app import build_demo
 from .backend import ChatBackend
-from .launch import main
+from .server import DEFAULT_HOST, serve
 
-__all__ = ["build_demo", "ChatBackend", "main"]
+__all__ = ["build_demo", "ChatBackend", "serve", "DEFAULT_HOST"]

@@ -58,7 +58,7 @@ def build_demo(pipe, model: str | None = None, settings: dict | None = None, ima
         model (`str`, *optional*):
             The built-in model's name (`"shapes-world"`, `"tiny-random"`), whose preset gives the starting settings.
         settings (`dict`, *optional*):
-            Starting settings over the preset (`cli.CALL_ARGUMENTS` option names, and `seed`).
+            Starting settings over the preset (`settings.CALL_ARGUMENTS` option names, and `seed`).
         images_dir (`str`, *optional*):
             Where the answer's images are written for the page (default: a new temporary folder).
 

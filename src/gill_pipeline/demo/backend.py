@@ -34,7 +34,7 @@ class ChatBackend:
         model (`str`, *optional*):
             The built-in model's name (`"shapes-world"`, `"tiny-random"`), whose preset gives the starting settings.
         settings (`dict`, *optional*):
-            Option name (`cli.CALL_ARGUMENTS` keys) -> value, over the preset; `seed` sets the page's starting seed.
+            Option name (`settings.CALL_ARGUMENTS` keys) -> value, over the preset; `seed` sets the page's starting seed.
         images_dir (`str`, *optional*):
             Where the answer's images are written for the page (default: a new temporary folder).
     """

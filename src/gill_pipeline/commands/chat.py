@@ -3,18 +3,33 @@
 Each line you type is one turn. A line that is the path of an image file, or a word of it that is one, is read as
 that image, in place; the rest is text. Answers stream as they are decoded; each image in an answer is written to
 `--output-dir` and its path printed with its source and the decision head's probabilities. `/reset` forgets the
-conversation, `/quit` (or end of input) leaves. An error in a turn prints one line and the chat goes on.
+conversation, `/quit` (or end of input) leaves. A user error in a turn (a missing image file, a value the pipeline
+refuses) prints one line and the chat goes on; any other error ends it with its traceback (docs/cli.md).
 """
 
 import os
 import sys
 
-from . import cli
-from .pipeline import GILLConversation
-from .demo.options import add_model_options, add_turn_options, load_model, model_name, settings_from_args
-from .demo.rendering import describe_image
-from .demo.settings import call_kwargs, preset_settings
-from .demo.streaming import stream_turn
+from ..bundled.presets import RANDOM_MODEL
+from ..demo.rendering import describe_image
+from ..demo.settings import call_kwargs, preset_settings
+from ..demo.streaming import stream_turn
+from ..pipeline import GILLConversation
+from .options import (
+    USER_ERRORS,
+    add_model_options,
+    add_retrieval_options,
+    add_subcommand,
+    add_turn_options,
+    check_output_dir,
+    is_image_path,
+    load_model,
+    model_name,
+    parse_interleaved_items,
+    report_error,
+    run,
+    settings_from_args,
+)
 
 COMMANDS = {"/reset": "forget the conversation", "/quit": "leave, as end of input does", "/help": "show this help"}
 USER_PROMPT, ANSWER_PROMPT = "you> ", "gill> "
@@ -23,11 +38,11 @@ USER_PROMPT, ANSWER_PROMPT = "you> ", "gill> "
 def parse_line(line: str) -> list:
     """A typed line -> the turn's content: image paths (the whole line, or single words) become images, in place."""
     line = line.strip()
-    if _is_image_path(line) and os.path.isfile(os.path.expanduser(line)):
+    if is_image_path(line) and os.path.isfile(os.path.expanduser(line)):
         return [_read_image(line)]
     content, words = [], []
     for word in line.split():
-        if _is_image_path(word):
+        if is_image_path(word):
             if words:
                 content.append(" ".join(words))
                 words = []
@@ -41,22 +56,22 @@ def parse_line(line: str) -> list:
 
 def _is_command(line: str) -> bool:
     # One word starting with "/" that is no file and names no image: absolute image paths are content.
-    return line.startswith("/") and len(line.split()) == 1 and not _is_image_path(line) and not os.path.exists(line)
-
-
-def _is_image_path(text: str) -> bool:
-    return text.lower().endswith(cli.IMAGE_EXTENSIONS)
+    return line.startswith("/") and len(line.split()) == 1 and not is_image_path(line) and not os.path.exists(line)
 
 
 def _read_image(path: str):
-    return cli.parse_interleaved_items([os.path.expanduser(path)])[0]
+    return parse_interleaved_items([os.path.expanduser(path)])[0]
 
 
 class TerminalChat:
-    """One chat session: reads turns from `stdin`, writes answers to `stdout` and errors (one line each) to `stderr`."""
+    """One chat session: reads turns from `stdin`, writes answers to `stdout` and user errors (one line each; with
+    `verbose`, after their traceback) to `stderr`."""
 
-    def __init__(self, pipe, settings: dict, seed: int, output_dir: str, stdin=None, stdout=None, stderr=None):
-        self.pipe, self.settings, self.seed, self.output_dir = pipe, settings, seed, output_dir
+    def __init__(
+        self, pipe, settings: dict, seed: int, output_dir: str, stdin=None, stdout=None, stderr=None,
+        verbose: bool = False,
+    ):
+        self.pipe, self.settings, self.seed, self.output_dir, self.verbose = pipe, settings, seed, output_dir, verbose
         self.stdin, self.stdout, self.stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
         self.conversation = GILLConversation(pipe)
         self.turn = 0
@@ -84,11 +99,11 @@ class TerminalChat:
             self._answer_started = False
             try:
                 self._answer(parse_line(line))
-            except (cli.CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+            except USER_ERRORS as error:
                 if self._answer_started:  # the error goes below the half-written answer
                     self.stdout.write("\n")
                     self.stdout.flush()
-                print(f"gill chat: error: {cli._one_line(error)}", file=self.stderr, flush=True)
+                report_error(error, "gill chat", verbose=self.verbose, file=self.stderr)
 
     def _command(self, line: str) -> None:
         if line == "/reset":
@@ -144,35 +159,30 @@ class TerminalChat:
 
 
 def run_chat(args) -> int:
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise cli.CLIError(f"--output-dir: {args.output_dir} exists and is not a folder")
+    check_output_dir(args.output_dir)
     settings = {**preset_settings(model_name(args)), **settings_from_args(args)}
     pipe = load_model(args)
-    return TerminalChat(pipe, settings, args.seed, args.output_dir).run()
+    return TerminalChat(pipe, settings, args.seed, args.output_dir, verbose=args.verbose).run()
 
 
-def add_chat_parser(subparsers) -> None:
-    p = subparsers.add_parser(
+def add_parser(subparsers) -> None:
+    p = add_subcommand(
+        subparsers,
         "chat",
-        help="Chat with a GILL pipeline in the terminal; image paths are read as images, answer images are written.",
-        description=(
-            "A multi-turn chat in the terminal. Each line is one turn; the path of an image file (the whole line, or "
-            "a word of it) is read as that image. Answers stream; their images are written to --output-dir (as "
-            "turnN_imageI_SOURCE.png, replacing files of an earlier chat there) and their paths printed. "
-            f"{', '.join(COMMANDS)}; end of input also quits. Without --model, uses the bundled shapes-world model "
-            f"when installed, else {cli.RANDOM_MODEL!r}."
-        ),
+        "Chat with a GILL pipeline in the terminal; image paths are read as images, answer images are written.",
+        "A multi-turn chat in the terminal. Each line is one turn; the path of an image file (the whole line, or a "
+        "word of it) is read as that image. Answers stream; their images are written to --output-dir (as "
+        "turnN_imageI_SOURCE.png, replacing files of an earlier chat there) and their paths printed. "
+        f"{', '.join(COMMANDS)}; end of input also quits. Without --model, uses the bundled shapes-world model when "
+        f"installed, else {RANDOM_MODEL!r}.",
+        run=run_chat,
     )
     add_model_options(p)
+    add_retrieval_options(p)
     add_turn_options(p)
     p.add_argument("--output-dir", default="gill_chat", help="where the answers' images go (default: %(default)s)")
-    p.set_defaults(func=run_chat)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`gill chat ARGS` (errors before the chat starts: one line, exit code 2, as every `gill` command)."""
-    return cli.main(["chat", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """`gill chat ARGS` alone (the same exit codes as every `gill` command)."""
+    return run([add_parser], ["chat", *(sys.argv[1:] if argv is None else argv)])
