@@ -3,6 +3,9 @@
 from .constants import LIBRARY_VERSION as __version__  # constants imports nothing: safe before _import_notices
 
 from . import _import_notices  # noqa: F401  (before anything imports diffusers: see the module)
+from . import _deprecated
+
+_deprecated.install()  # old module paths (gill_pipeline.loading, .cli, .tiny, ...) keep working, with a FutureWarning
 from .models import GILLMapper, GILLModel, OpenCLIPVisionModel
 from .pipeline import (
     DecodingSettings,

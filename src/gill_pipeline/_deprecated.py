@@ -1,4 +1,4 @@
-"""Old import paths of modules that moved in the 0.2 layout, kept working with a `FutureWarning`.
+"""Old import paths of modules that moved when the package was laid out by concern (docs/architecture.md), kept working with a `FutureWarning`.
 
 `import gill_pipeline.loading` (say) finds nothing on disk any more: the finder below answers it with a module whose
 names are read from the modules that now hold them, and warns once with the new path. Public names exported from
@@ -14,8 +14,57 @@ import sys
 import types
 import warnings
 
+_P = "gill_pipeline."
+_COMMANDS = ("commands", "commands.options", "commands.generate", "commands.convert", "commands.push")
+
 # old module -> the modules that now hold its names, searched in order.
-MOVED_MODULES: dict[str, tuple[str, ...]] = {}
+MOVED_MODULES: dict[str, tuple[str, ...]] = {
+    _P + old: tuple(_P + home for home in homes)
+    for old, homes in {
+        "loading": ("serialization.folder",),
+        "learned_weights": ("serialization.learned_weights",),
+        "hub": ("serialization.hub",),
+        "push": ("serialization.push",),
+        "lora": ("serialization.lora",),
+        "components": ("serialization.components",),
+        "base_models": ("serialization.base_models",),
+        "model_card": ("serialization.model_card",),
+        "convert_original": ("serialization.convert_original",),
+        "file_names": ("constants", "serialization.paths"),
+        "model_dims": ("models.dims",),
+        "tiny": ("testing.tiny",),
+        "tiny_decoders": ("testing.tiny_decoders",),
+        "cli": _COMMANDS + ("bundled.presets", "demo.settings"),
+        "chat_cli": ("commands.chat",),
+        "demo.launch": ("commands.demo", "demo.server"),
+        "demo.options": ("commands.options",),
+        "evaluation.command": ("commands.evaluate",),
+    }.items()
+}
+
+# Names that were renamed when they moved: old module -> {old name: (new module, new name)}.
+RENAMED: dict[str, dict[str, tuple[str, str]]] = {
+    _P + "cli": {
+        "add_generate_parser": (_P + "commands.generate", "add_parser"),
+        "add_convert_original_parser": (_P + "commands.convert", "add_parser"),
+        "add_push_parser": (_P + "commands.push", "add_parser"),
+        "add_evaluate_parser": (_P + "commands.evaluate", "add_parser"),
+        "add_chat_parser": (_P + "commands.chat", "add_parser"),
+        "add_demo_parser": (_P + "commands.demo", "add_parser"),
+        "_default_help": (_P + "commands.options", "default_help"),
+        "_one_line": (_P + "commands.options", "one_line"),
+    },
+    _P + "chat_cli": {"add_chat_parser": (_P + "commands.chat", "add_parser")},
+    _P + "demo.launch": {"add_demo_parser": (_P + "commands.demo", "add_parser")},
+    _P + "evaluation.command": {"add_evaluate_parser": (_P + "commands.evaluate", "add_parser")},
+    _P + "file_names": {
+        "FEATURE_EXTRACTOR_FOLDER": (_P + "constants", "FEATURE_EXTRACTOR_COMPONENT"),
+        "SCHEDULER_FOLDER": (_P + "constants", "SCHEDULER_COMPONENT"),
+        "SD_SCHEDULER_SUBFOLDER": (_P + "constants", "SCHEDULER_COMPONENT"),
+        "SD_VAE_SUBFOLDER": (_P + "constants", "VAE_COMPONENT"),
+        "SD_UNET_SUBFOLDER": (_P + "constants", "UNET_COMPONENT"),
+    },
+}
 
 
 class _MovedModule(types.ModuleType):
@@ -26,6 +75,9 @@ class _MovedModule(types.ModuleType):
         self.__dict__["_homes"] = homes
 
     def __getattr__(self, attr: str):
+        renamed = RENAMED.get(self.__name__, {}).get(attr)
+        if renamed is not None:
+            return getattr(importlib.import_module(renamed[0]), renamed[1])
         for home in self.__dict__["_homes"]:
             module = importlib.import_module(home)
             if hasattr(module, attr):
@@ -54,7 +106,7 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             FutureWarning,
             stacklevel=3,
         )
-        if len(homes) == 1:
+        if len(homes) == 1 and spec.name not in RENAMED:
             return importlib.import_module(homes[0])
         return _MovedModule(spec.name, homes)
 

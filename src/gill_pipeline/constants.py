@@ -66,3 +66,13 @@ DECISION_RETRIEVE = 1
 # "both": every [IMG] group gets a generated AND a retrieved image; the decision head picks which is shown first.
 IMAGE_MODES = ("auto", "generate", "retrieve", "both")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def __getattr__(name: str):
+    # `CONFIG_FILE` was a second name of MODEL_CONFIG_FILE; kept readable for a release.
+    if name == "CONFIG_FILE":
+        import warnings
+
+        warnings.warn("`constants.CONFIG_FILE` is `constants.MODEL_CONFIG_FILE`.", FutureWarning, stacklevel=2)
+        return MODEL_CONFIG_FILE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
