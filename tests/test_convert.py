@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import random_image
-from gill_pipeline.serialization.convert_original import (
+from gill_pipeline.conversion.convert_original import (
     CheckpointError,
     build_gill_model_from_reference,
     convert_original_checkpoint,
@@ -307,7 +307,7 @@ def test_real_decision_head_file_loads():
 
 @needs_shared_file(REAL_ARGS)
 def test_real_model_args_are_supported():
-    from gill_pipeline.serialization.convert_original import read_model_args
+    from gill_pipeline.conversion.convert_original import read_model_args
 
     args = read_model_args(REAL_ARGS)
     assert args["gen_token_idx"] == list(range(50266, 50274))

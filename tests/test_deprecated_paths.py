@@ -18,7 +18,7 @@ CASES = [
     ("gill_pipeline.components", "pipeline_from_parts", "gill_pipeline.serialization.components"),
     ("gill_pipeline.base_models", "normalize_base_models", "gill_pipeline.serialization.base_models"),
     ("gill_pipeline.model_card", "write_model_card", "gill_pipeline.serialization.model_card"),
-    ("gill_pipeline.convert_original", "map_reference_keys", "gill_pipeline.serialization.convert_original"),
+    ("gill_pipeline.convert_original", "map_reference_keys", "gill_pipeline.conversion.convert_original"),
     ("gill_pipeline.file_names", "LORA_FOLDER", "gill_pipeline.constants"),
     ("gill_pipeline.file_names", "looks_like_local_path", "gill_pipeline.serialization.paths"),
     ("gill_pipeline.model_dims", "lm_dims", "gill_pipeline.models.dims"),

@@ -29,7 +29,7 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
         "components": ("serialization.components",),
         "base_models": ("serialization.base_models",),
         "model_card": ("serialization.model_card",),
-        "convert_original": ("serialization.convert_original",),
+        "convert_original": ("conversion.convert_original",),
         "file_names": ("constants", "serialization.paths"),
         "model_dims": ("models.dims",),
         "tiny": ("testing.tiny",),

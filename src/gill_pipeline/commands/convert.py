@@ -3,7 +3,7 @@
 import logging
 import os
 
-from ..serialization.convert_original import (
+from ..conversion.convert_original import (
     REFERENCE_ARGS_FILE,
     REFERENCE_CHECKPOINT_FILE,
     REFERENCE_DECISION_FILE,

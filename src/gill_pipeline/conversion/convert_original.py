@@ -34,10 +34,10 @@ from ..models.dims import lm_dims, vision_feature_dim
 from ..models.gill_model import GILLModel
 from ..pipeline import GILLPipeline
 from ..pipeline.assembly import _load_lm, _load_sd, _load_vision, encode_empty_prompt
-from .base_models import record_base_models
-from .components import pipeline_from_parts
-from .folder import refuse_remote_code, resolve_dtype
-from .model_card import ModelCardInfo, write_model_card
+from ..serialization.base_models import record_base_models
+from ..serialization.components import pipeline_from_parts
+from ..serialization.folder import refuse_remote_code, resolve_dtype
+from ..serialization.model_card import ModelCardInfo, write_model_card
 
 logger = logging.get_logger(__name__)
 
