@@ -1,8 +1,8 @@
 """The shapes world's figures for the GILL paper's protocols, made by the `gill evaluate` commands themselves.
 
-    python benchmarks/bench_shapes_protocols.py      # bundled model -> benchmarks/results/shapes_protocols.{json,md}
-    python benchmarks/bench_shapes_protocols.py --model PIPELINE --clip CLIP --work /tmp/w --out /tmp/r/shapes_protocols
-    python benchmarks/bench_shapes_protocols.py --scale 0.05 --work /tmp/w --out /tmp/w/results   # tiny (tests)
+    python -m benchmarks.bench_shapes_protocols      # bundled model -> benchmarks/results/shapes_protocols.{json,md}
+    python -m benchmarks.bench_shapes_protocols --model PIPELINE --clip CLIP --work /tmp/w --out /tmp/r/shapes_protocols
+    python -m benchmarks.bench_shapes_protocols --scale 0.05 --work /tmp/w --out /tmp/w/results   # tiny (tests)
 
 1. Writes the world's evaluation data in each dataset's own format (`training/shapes/protocol_data.py`, fixed seeds):
    PartiPrompts decisions, CC3M captions, VisDial dialogues, VIST stories made of the world's context chains (seen
@@ -26,22 +26,19 @@ import os
 import platform
 import random
 import shlex
-import sys
 import tempfile
 import time
 
+import torch
+
+from gill_pipeline.bundled import BUNDLED_CLIP, BUNDLED_PIPELINE
+from gill_pipeline.cli import main as gill_main
+from training.shapes import protocol_data as data
+from training.shapes.train_world_gill import RETRIEVABLE_SHAPES
+from training.shapes.world import HELD_OUT, all_scenes, training_scenes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # the world's data writers live in training/, beside the package
-
-import torch  # noqa: E402
-
-from gill_pipeline.bundled import BUNDLED_CLIP, BUNDLED_PIPELINE  # noqa: E402
-from gill_pipeline.cli import main as gill_main  # noqa: E402
-from training.shapes import protocol_data as data  # noqa: E402
-from training.shapes.train_world_gill import RETRIEVABLE_SHAPES  # noqa: E402
-from training.shapes.world import HELD_OUT, all_scenes, training_scenes  # noqa: E402
 
 logger = logging.getLogger("bench.shapes_protocols")
 
@@ -205,7 +202,7 @@ def markdown(results: dict) -> str:
         f"Model: `{portable(results['model'], work)}`; CLIP: `{portable(results['clip'], work)}`; scale "
         f"{results['scale']}; DDIM 20 steps, guidance 5; "
         f"{results['threads']} torch thread(s), {results['machine']}; total {results['seconds']:.0f} s.",
-        "Written by `python benchmarks/bench_shapes_protocols.py` (docs/evaluation.md, \"The shapes world's figures\").",
+        "Written by `python -m benchmarks.bench_shapes_protocols` (docs/evaluation.md, \"The shapes world's figures\").",
         "",
         "| protocol | examples | metric | GILL | baseline | seconds |",
         "| --- | --- | --- | --- | --- | --- |",
