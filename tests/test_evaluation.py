@@ -128,6 +128,29 @@ def test_frechet_distance_by_hand():
     assert frechet_distance(Mean(), real, real) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_counts_every_batch_of_any_iterable():
+    # The fake set in two batches of one image: as a list, a generator (read once; its first batch once dropped
+    # when the image size was peeked at), one tensor, and a tuple. Every form gives the hand-computed FID.
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.float().mean(dim=(1, 2, 3))[:, None]
+
+    def batch(values):
+        return torch.stack([torch.full((3, 4, 4), v) for v in values])
+
+    real = [batch([0.1, 0.3])]
+    fake = [batch([0.5]), batch([0.9])]
+    expected = 0.5**2 + (math.sqrt(0.02) - math.sqrt(0.08)) ** 2
+    for form in (fake, (b for b in fake), torch.cat(fake), tuple(fake)):
+        assert frechet_distance(Mean(), real, form) == pytest.approx(expected, rel=1e-4)
+    assert frechet_distance(Mean(), (b for b in real), iter(fake)) == pytest.approx(expected, rel=1e-4)
+    assert frechet_distance(Mean(), real[0], torch.cat(fake)) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="`fake_images` holds no images"):
+        frechet_distance(Mean(), real, iter([]))
+    with pytest.raises(ValueError, match=r"`real_images` must yield batches of images .*\(3, 4, 4\)"):
+        frechet_distance(Mean(), [batch([0.1])[0]], fake)
+
+
 def test_clip_score_by_hand(world_clip_folder):
     scorer = CLIPTextImageScorer.from_pretrained(world_clip_folder)
     scenes = [Scene("circle", "red", "left", "small"), Scene("square", "blue", "top", "large")]
