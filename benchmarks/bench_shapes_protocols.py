@@ -57,9 +57,9 @@ TABLE = {
     "decision": ("majority", ("accuracy", "f1_macro")),
     "retrieval": ("clip", ("t2i_recall@1", "t2i_recall@5", "i2t_recall@1", "i2t_recall@5")),
     "visdial": ("clip", ("recall@1", "recall@5", "recall@10")),
-    "vist": ("sd", ("clip_similarity", "lpips")),
-    "vist_held_out": ("sd", ("clip_similarity", "lpips")),
-    "vist_text_only": ("sd", ("clip_similarity", "lpips")),
+    "vist": ("sd", ("clip_similarity", "lpips_clip_features")),
+    "vist_held_out": ("sd", ("clip_similarity", "lpips_clip_features")),
+    "vist_text_only": ("sd", ("clip_similarity", "lpips_clip_features")),
     "text_to_image": ("sd", ("fid", "clip_score")),
 }
 
@@ -218,9 +218,10 @@ def markdown(results: dict) -> str:
             )
     lines += ["", "Baselines: `majority` always answers the majority label; `clip` is the world's whole CLIP; `sd` is "
               "the decoder alone (the GILL pipeline's UNet, VAE and scheduler with the CLIP's text tower) given the "
-              "same captions as one text. Higher is better except `lpips` and `fid`. CLIP similarity, LPIPS (on the "
-              "CLIP vision tower's layers) and FID (on CLIP image features) use the world's CLIP: they compare systems "
-              "with each other and are not comparable with published numbers. Seconds are this run's: a resumed run "
+              "same captions as one text. Higher is better except `lpips_clip_features` and `fid`. CLIP similarity, "
+              "`lpips_clip_features` (the LPIPS formula on the CLIP vision tower's layers, not the published LPIPS) "
+              "and FID (on CLIP image features) use the world's CLIP: they compare systems with each other and are "
+              "not comparable with published numbers. Seconds are this run's: a resumed run "
               "counts only what it redid.", "", "## Data", ""]
     for name, entry in results["protocols"].items():
         lines.append(f"- `{name}` ({entry['n']}): {entry['what']}.")
