@@ -9,7 +9,7 @@ side in one run, from the same conversation state:
 Reported: time to the first answer token (what a user waits for) and the whole turn. Figures are ratios; both
 answers are checked to be the same. Writes benchmarks/results/conversation.md.
 
-    python benchmarks/bench_conversation.py [--repeats 3] [--threads 2] [--answer-tokens 16]
+    python -m benchmarks.bench_conversation [--repeats 3] [--threads 2] [--answer-tokens 16]
 """
 
 import argparse
@@ -143,7 +143,7 @@ def main(argv=None):
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, CPU, fp32; median of {args.repeats} alternating runs after a warm-up. "
-        "Command: `python benchmarks/bench_conversation.py`.",
+        "Command: `python -m benchmarks.bench_conversation`.",
         "",
         f"Random-weight LM of OPT-125m shape behind a ChatML template; turns 1-7 give {context} cached positions, of "
         f"which turn 8 reuses {reused}; each answer is {args.answer_tokens} tokens, greedy, batch 1. The three ways "

@@ -4,7 +4,7 @@ A small image set read for several epochs (as the shapes world's GILL training r
 times) is decoded and preprocessed once per file with the cache, every time without it. Both readers return the same
 tensors (checked here). The two variants alternate, so the machine's noise hits both alike:
 
-    python benchmarks/bench_image_cache.py          # writes benchmarks/results/image_cache.md
+    python -m benchmarks.bench_image_cache          # writes benchmarks/results/image_cache.md
 """
 
 import argparse
@@ -12,14 +12,12 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def main(argv=None) -> dict:
@@ -69,7 +67,7 @@ def main(argv=None) -> dict:
     lines = [
         "# Training data loading: `--cache-images` on vs off",
         "",
-        f"Command: `python benchmarks/bench_image_cache.py --images {args.images} --epochs {args.epochs} --repeats "
+        f"Command: `python -m benchmarks.bench_image_cache --images {args.images} --epochs {args.epochs} --repeats "
         f"{args.repeats}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, one torch thread; shapes-world PNGs (32x32) read by "
         "training/data.py's ExampleReader with the world's CLIP preprocessing.",

@@ -7,7 +7,7 @@
 
 Both measured side by side in one run; figures are ratios. Writes benchmarks/results/pipeline.md.
 
-    python benchmarks/bench_pipeline.py [--repeats 3] [--threads 2]
+    python -m benchmarks.bench_pipeline [--repeats 3] [--threads 2]
 """
 
 import argparse
@@ -21,7 +21,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from gill_pipeline import DecodingSettings, GILLDecoder, GILLPipeline
 from gill_pipeline.models.lm_bridge import new_cache
 from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
-from timing import median_seconds  # benchmarks/timing.py (scripts run from this folder)
+from benchmarks.timing import median_seconds
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pipeline.md")
 
@@ -133,7 +133,7 @@ def main():
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, CPU, fp32; median of {args.repeats} runs after a warm-up. "
-        "Command: `python benchmarks/bench_pipeline.py`.",
+        "Command: `python -m benchmarks.bench_pipeline`.",
         "",
         "## 1. Decoding: KV cache vs re-running the whole sequence per token (reference)",
         "",

@@ -1,7 +1,7 @@
 """Retrieval benchmark: search latency (exact vs FAISS) and index build throughput.
 
-    python benchmarks/bench_retrieval.py                 # full run (about 4 minutes on 2 CPU cores)
-    python benchmarks/bench_retrieval.py --sizes 10000   # quick run
+    python -m benchmarks.bench_retrieval                 # full run (about 4 minutes on 2 CPU cores)
+    python -m benchmarks.bench_retrieval --sizes 10000   # quick run
 
 Search: random L2-normalised 256-wide rows (GILL's retrieval width), 10k / 100k / 1M rows, top-10, one query and a
 batch of 32, median of repeated runs, all methods measured side by side in one process with the same thread count.
@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -24,7 +23,7 @@ import torch
 
 from gill_pipeline.retrieval import ExactSearcher, FaissSearcher, build_retrieval_index
 from gill_pipeline.retrieval.search import import_faiss
-from timing import median_seconds  # benchmarks/timing.py (scripts run from this folder)
+from benchmarks.timing import median_seconds
 
 DIM = 256
 K = 10
@@ -96,7 +95,6 @@ def bench_search(sizes: list[int], hnsw_max_rows: int) -> list[dict]:
 
 
 def bench_build(num_images: int) -> dict:
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     from PIL import Image
 
     from gill_pipeline.testing import build_tiny_gill_pipeline
@@ -128,7 +126,7 @@ def write_report(search: list[dict], build: dict, threads: int, path_md: str, se
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU; torch "
         f"{torch.__version__}, faiss {import_faiss().__version__}; {threads} thread(s) for torch and FAISS alike.",
-        f"Written by `python benchmarks/bench_retrieval.py` in {seconds:.0f} s. One run on a machine shared with "
+        f"Written by `python -m benchmarks.bench_retrieval` in {seconds:.0f} s. One run on a machine shared with "
         "other work: single figures vary up to about 2x between runs; compare rows of the same run.",
         "",
         f"## Search: top-{K} over random normalised {DIM}-wide rows",

@@ -1,8 +1,8 @@
 """The shapes world's figures for the GILL paper's protocols, made by the `gill evaluate` commands themselves.
 
-    python benchmarks/bench_shapes_protocols.py      # bundled model -> benchmarks/results/shapes_protocols.{json,md}
-    python benchmarks/bench_shapes_protocols.py --model PIPELINE --clip CLIP --work /tmp/w --out /tmp/r/shapes_protocols
-    python benchmarks/bench_shapes_protocols.py --scale 0.05 --work /tmp/w --out /tmp/w/results   # tiny (tests)
+    python -m benchmarks.bench_shapes_protocols      # bundled model -> benchmarks/results/shapes_protocols.{json,md}
+    python -m benchmarks.bench_shapes_protocols --model PIPELINE --clip CLIP --work /tmp/w --out /tmp/r/shapes_protocols
+    python -m benchmarks.bench_shapes_protocols --scale 0.05 --work /tmp/w --out /tmp/w/results   # tiny (tests)
 
 1. Writes the world's evaluation data in each dataset's own format (`training/shapes/protocol_data.py`, fixed seeds):
    PartiPrompts decisions, CC3M captions, VisDial dialogues, VIST stories made of the world's context chains (seen
@@ -26,22 +26,19 @@ import os
 import platform
 import random
 import shlex
-import sys
 import tempfile
 import time
 
+import torch
+
+from gill_pipeline.bundled import BUNDLED_CLIP, BUNDLED_PIPELINE
+from gill_pipeline.commands import main as gill_main
+from training.shapes import protocol_data as data
+from training.shapes.train_world_gill import RETRIEVABLE_SHAPES
+from training.shapes.world import HELD_OUT, all_scenes, training_scenes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # the world's data writers live in training/, beside the package
-
-import torch  # noqa: E402
-
-from gill_pipeline.bundled import BUNDLED_CLIP, BUNDLED_PIPELINE  # noqa: E402
-from gill_pipeline.commands import main as gill_main  # noqa: E402
-from training.shapes import protocol_data as data  # noqa: E402
-from training.shapes.train_world_gill import RETRIEVABLE_SHAPES  # noqa: E402
-from training.shapes.world import HELD_OUT, all_scenes, training_scenes  # noqa: E402
 
 logger = logging.getLogger("bench.shapes_protocols")
 
@@ -60,9 +57,9 @@ TABLE = {
     "decision": ("majority", ("accuracy", "f1_macro")),
     "retrieval": ("clip", ("t2i_recall@1", "t2i_recall@5", "i2t_recall@1", "i2t_recall@5")),
     "visdial": ("clip", ("recall@1", "recall@5", "recall@10")),
-    "vist": ("sd", ("clip_similarity", "lpips")),
-    "vist_held_out": ("sd", ("clip_similarity", "lpips")),
-    "vist_text_only": ("sd", ("clip_similarity", "lpips")),
+    "vist": ("sd", ("clip_similarity", "lpips_clip_features")),
+    "vist_held_out": ("sd", ("clip_similarity", "lpips_clip_features")),
+    "vist_text_only": ("sd", ("clip_similarity", "lpips_clip_features")),
     "text_to_image": ("sd", ("fid", "clip_score")),
 }
 
@@ -205,7 +202,7 @@ def markdown(results: dict) -> str:
         f"Model: `{portable(results['model'], work)}`; CLIP: `{portable(results['clip'], work)}`; scale "
         f"{results['scale']}; DDIM 20 steps, guidance 5; "
         f"{results['threads']} torch thread(s), {results['machine']}; total {results['seconds']:.0f} s.",
-        "Written by `python benchmarks/bench_shapes_protocols.py` (docs/evaluation.md, \"The shapes world's figures\").",
+        "Written by `python -m benchmarks.bench_shapes_protocols` (docs/evaluation.md, \"The shapes world's figures\").",
         "",
         "| protocol | examples | metric | GILL | baseline | seconds |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -221,9 +218,10 @@ def markdown(results: dict) -> str:
             )
     lines += ["", "Baselines: `majority` always answers the majority label; `clip` is the world's whole CLIP; `sd` is "
               "the decoder alone (the GILL pipeline's UNet, VAE and scheduler with the CLIP's text tower) given the "
-              "same captions as one text. Higher is better except `lpips` and `fid`. CLIP similarity, LPIPS (on the "
-              "CLIP vision tower's layers) and FID (on CLIP image features) use the world's CLIP: they compare systems "
-              "with each other and are not comparable with published numbers. Seconds are this run's: a resumed run "
+              "same captions as one text. Higher is better except `lpips_clip_features` and `fid`. CLIP similarity, "
+              "`lpips_clip_features` (the LPIPS formula on the CLIP vision tower's layers, not the published LPIPS) "
+              "and FID (on CLIP image features) use the world's CLIP: they compare systems with each other and are "
+              "not comparable with published numbers. Seconds are this run's: a resumed run "
               "counts only what it redid.", "", "## Data", ""]
     for name, entry in results["protocols"].items():
         lines.append(f"- `{name}` ({entry['n']}): {entry['what']}.")

@@ -4,7 +4,7 @@ Both variants run the SAME training forward (training/model_forward.py) on the s
 `separate_img_passes=True` runs the [IMG]-sequence LM pass twice (the reference's "retrieval" and "generation"
 modes), as kohjingyu/gill does. Each variant runs in its own fresh process, one after the other, in one invocation:
 
-    python benchmarks/bench_training.py            # writes benchmarks/results/training.md
+    python -m benchmarks.bench_training            # writes benchmarks/results/training.md
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the timed steps; on CPU the growth of the process's peak
 resident set (ru_maxrss) from just before the first step to the end (frozen weights excluded, activations included).
@@ -22,7 +22,6 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 # A small OPT-shaped setting that runs on a laptop CPU in seconds per step.
 SMALL = dict(hidden=256, ffn=1024, layers=4, heads=4, vocab=8000, vision=256, cond=256, cond_length=77, batch=16,
@@ -114,8 +113,8 @@ def child(variant, setting_name, steps, warmup):
 def run_child(variant, setting, steps, warmup):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--setting", setting, "--steps", str(steps), "--warmup", str(warmup)],
-        capture_output=True, text=True, env=env, check=True,
+        [sys.executable, "-m", "benchmarks.bench_training", "--child", variant, "--setting", setting, "--steps", str(steps), "--warmup", str(warmup)],
+        capture_output=True, text=True, env=env, check=True, cwd=REPO,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -145,7 +144,7 @@ def main(argv=None):
     lines = [
         "# Training step: one LM pass for the [IMG] objectives vs the reference's two",
         "",
-        f"Command: `python benchmarks/bench_training.py --setting {args.setting} --steps {args.steps} --warmup {args.warmup} "
+        f"Command: `python -m benchmarks.bench_training --setting {args.setting} --steps {args.steps} --warmup {args.warmup} "
         f"--repeats {args.repeats}`  ",
         f"Device: {hardware}. Random weights, {'bf16' if args.setting == 'paper' else 'fp32'}.  ",
         f"Setting: OPT-shaped LM (width {setting['hidden']}, {setting['layers']} layers, vocab {setting['vocab']}), "

@@ -8,7 +8,7 @@ import sys
 import psutil  # a dependency of accelerate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_SCRIPT = os.path.join(REPO, "training", "train_gill.py")
+TRAIN_MODULE = "training.train_gill"  # run as `python -m` from the repository root, as the docs say
 
 
 def kill_process_tree(pid: int) -> None:
@@ -32,7 +32,7 @@ def kill_process_tree(pid: int) -> None:
 
 
 def run_two_processes(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 training/train_gill.py ARGS`; on timeout every process of the
+    """`accelerate launch --multi_gpu --num_processes 2 -m training.train_gill ARGS`; on timeout every process of the
     job is killed and `subprocess.TimeoutExpired` raised.
 
     `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its multi-CPU path needs
@@ -41,7 +41,7 @@ def run_two_processes(args: list[str], timeout: float) -> subprocess.CompletedPr
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN_SCRIPT, *map(str, args),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", TRAIN_MODULE, *map(str, args),
     ]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

@@ -1,21 +1,13 @@
 """The benchmark scripts stay in step with the library: one tiny measurement of each (no timing is asserted)."""
 
-import importlib.util
-import os
-import sys
+import importlib
 
 import torch
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-if BENCH not in sys.path:
-    sys.path.insert(0, BENCH)  # the scripts import their shared helper (benchmarks/timing.py) as a sibling
-
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`benchmarks.<name>`, imported as `python -m benchmarks.<name>` runs it (the repository root on the path)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_training_benchmark_builds_and_steps():

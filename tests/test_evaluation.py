@@ -128,6 +128,29 @@ def test_frechet_distance_by_hand():
     assert frechet_distance(Mean(), real, real) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_counts_every_batch_of_any_iterable():
+    # The fake set in two batches of one image: as a list, a generator (read once; its first batch once dropped
+    # when the image size was peeked at), one tensor, and a tuple. Every form gives the hand-computed FID.
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.float().mean(dim=(1, 2, 3))[:, None]
+
+    def batch(values):
+        return torch.stack([torch.full((3, 4, 4), v) for v in values])
+
+    real = [batch([0.1, 0.3])]
+    fake = [batch([0.5]), batch([0.9])]
+    expected = 0.5**2 + (math.sqrt(0.02) - math.sqrt(0.08)) ** 2
+    for form in (fake, (b for b in fake), torch.cat(fake), tuple(fake)):
+        assert frechet_distance(Mean(), real, form) == pytest.approx(expected, rel=1e-4)
+    assert frechet_distance(Mean(), (b for b in real), iter(fake)) == pytest.approx(expected, rel=1e-4)
+    assert frechet_distance(Mean(), real[0], torch.cat(fake)) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="`fake_images` holds no images"):
+        frechet_distance(Mean(), real, iter([]))
+    with pytest.raises(ValueError, match=r"`real_images` must yield batches of images .*\(3, 4, 4\)"):
+        frechet_distance(Mean(), [batch([0.1])[0]], fake)
+
+
 def test_clip_score_by_hand(world_clip_folder):
     scorer = CLIPTextImageScorer.from_pretrained(world_clip_folder)
     scenes = [Scene("circle", "red", "left", "small"), Scene("square", "blue", "top", "large")]
@@ -274,11 +297,12 @@ def test_vist_protocol_with_decoder_baseline_and_resume(world_pipe, world_clip_f
     clip = ImageEmbedder.from_pretrained(CLIP_VISION, CLIP_PROCESSOR)
     lpips = LPIPS(VisionTransformerFeatures.from_pretrained(CLIP_VISION, CLIP_PROCESSOR))
     out = str(tmp_path / "out")
-    kwargs = dict(clip=clip, lpips=lpips, baseline_text_encoder=world_clip_folder, num_captions=3, batch_size=2, **FAST)
+    kwargs = dict(clip=clip, lpips_clip_features=lpips, baseline_text_encoder=world_clip_folder, num_captions=3,
+                  batch_size=2, **FAST)
     summary = evaluate_vist(world_pipe, path, str(tmp_path), out, limit=2, **kwargs)
     assert set(summary["results"]) == {"gill", "sd"} and summary["results"]["gill"]["n"] == 2
     for r in summary["results"].values():
-        assert -1 <= r["clip_similarity"] <= 1 and r["lpips"] >= 0
+        assert -1 <= r["clip_similarity"] <= 1 and r["lpips_clip_features"] >= 0 and "lpips" not in r
     records = read_records(out)
     assert len(records) == 4 and all(os.path.isfile(os.path.join(out, r["image"])) for r in records)
     # A larger limit resumes: only the third story is run, for both systems.
@@ -287,6 +311,65 @@ def test_vist_protocol_with_decoder_baseline_and_resume(world_pipe, world_clip_f
     # The same story gives the same image whatever batch it ran in (one seed per example).
     single = evaluate_vist(world_pipe, path, str(tmp_path), str(tmp_path / "single"), limit=3, **{**kwargs, "batch_size": 1})
     assert single["results"]["gill"]["clip_similarity"] == pytest.approx(summary["results"]["gill"]["clip_similarity"], abs=1e-5)
+
+
+def mean_absolute_difference(images_a, images_b):
+    """Stands in for the published LPIPS (its VGG weights are not here): any `(a, b) -> (N,)` distance."""
+    return (images_a - images_b).abs().mean(dim=(1, 2, 3))
+
+
+@needs_bundle
+def test_vist_keeps_the_published_and_the_clip_feature_lpips_apart(world_pipe, tmp_path):
+    path = write_vist(str(tmp_path), [SCENES[:2]])
+    clip_lpips = LPIPS(VisionTransformerFeatures.from_pretrained(CLIP_VISION, CLIP_PROCESSOR))
+    clip = ImageEmbedder.from_pretrained(CLIP_VISION, CLIP_PROCESSOR)
+    kwargs = dict(clip=clip, num_captions=2, **FAST)
+    out = tmp_path / "both"
+    summary = evaluate_vist(world_pipe, path, str(tmp_path), str(out), lpips=mean_absolute_difference,
+                            lpips_clip_features=clip_lpips, **kwargs)
+    (record,) = read_records(out)
+    gill = summary["results"]["gill"]
+    assert gill["lpips"] == pytest.approx(record["lpips"]) and gill["lpips_clip_features"] == pytest.approx(
+        record["lpips_clip_features"])
+    assert record["lpips"] != pytest.approx(record["lpips_clip_features"], rel=1e-3)  # two metrics, two numbers
+    header = (out / SUMMARY_MARKDOWN).read_text().splitlines()[2]
+    assert "| lpips |" in header and "| lpips_clip_features |" in header
+    assert any(n.startswith("lpips_clip_features:") and "not comparable" in n for n in summary["notes"])
+    # The old way (the CLIP-feature LPIPS passed as `lpips`) still runs, and records it under its own key.
+    with pytest.warns(FutureWarning, match="lpips_clip_features"):
+        old_way = evaluate_vist(world_pipe, path, str(tmp_path), str(tmp_path / "old_way"), lpips=clip_lpips, **kwargs)
+    assert set(old_way["results"]["gill"]) == {"clip_similarity", "lpips_clip_features", "n"}
+    assert old_way["results"]["gill"]["lpips_clip_features"] == pytest.approx(gill["lpips_clip_features"], abs=1e-5)
+
+
+@needs_bundle
+def test_vist_resumes_a_run_written_before_the_two_lpips_keys(world_pipe, tmp_path):
+    rng = random.Random(6)
+    path = write_vist(str(tmp_path), [rng.sample(SCENES, 2) for _ in range(2)])
+    clip_lpips = LPIPS(VisionTransformerFeatures.from_pretrained(CLIP_VISION, CLIP_PROCESSOR))
+    kwargs = dict(clip=ImageEmbedder.from_pretrained(CLIP_VISION, CLIP_PROCESSOR), num_captions=2, **FAST)
+    out = tmp_path / "out"
+    evaluate_vist(world_pipe, path, str(tmp_path), str(out), limit=1, lpips_clip_features=clip_lpips, **kwargs)
+    # Written as before: `lpips: true` in the settings and the CLIP-feature distance under `lpips` in the records.
+    settings = json.loads((out / "settings.json").read_text())
+    del settings["lpips_clip_features"]
+    settings["lpips"] = True
+    (out / "settings.json").write_text(json.dumps(settings))
+    (old,) = read_records(out)
+    old["lpips"] = old.pop("lpips_clip_features")
+    old_lines = json.dumps(old) + "\n"
+    (out / RECORDS_FILE).write_text(old_lines)
+
+    summary = evaluate_vist(world_pipe, path, str(tmp_path), str(out), limit=2, lpips_clip_features=clip_lpips, **kwargs)
+    gill = summary["results"]["gill"]
+    new = read_records(out)[1]
+    assert gill["n"] == 2 and "lpips" not in gill
+    assert gill["lpips_clip_features"] == pytest.approx((old["lpips"] + new["lpips_clip_features"]) / 2)
+    assert (out / RECORDS_FILE).read_text().startswith(old_lines)  # the old record is read, never rewritten
+    # The old folder's one LPIPS cannot have been both: a run asking for both is refused.
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_vist(world_pipe, path, str(tmp_path), str(out), limit=2, lpips=mean_absolute_difference,
+                      lpips_clip_features=clip_lpips, **kwargs)
 
 
 @needs_bundle

@@ -2,26 +2,23 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+from training import convert_data, precompute, train_gill
+from training.data import ExampleReader, iterate_records
+from training.records import RowProblems
+from training.interleaved import InterleavedCollator, InterleavedDataset, read_documents, write_documents
+from training.losses import IGNORE_INDEX, generation_l2_loss
+from training.model_forward import GILLTrainingModel
+from training.params import DataArgs
+from training.setup_models import build_tiny_models
+from training.targets import encode_captions
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from training import convert_data, precompute, train_gill  # noqa: E402
-from training.data import ExampleReader, RowProblems, iterate_records  # noqa: E402
-from training.interleaved import InterleavedCollator, InterleavedDataset, read_documents, write_documents  # noqa: E402
-from training.losses import IGNORE_INDEX, generation_l2_loss  # noqa: E402
-from training.model_forward import GILLTrainingModel  # noqa: E402
-from training.params import DataArgs  # noqa: E402
-from training.setup_models import build_tiny_models  # noqa: E402
-from training.targets import encode_captions  # noqa: E402
-
 TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
 COLOURS = ("red", "green", "blue", "yellow")
 

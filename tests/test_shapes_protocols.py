@@ -78,7 +78,7 @@ def test_benchmark_runs_every_protocol_through_the_cli(world_clip_folder, tmp_pa
                 if "recall" in key or key in ("accuracy", "f1_macro"):
                     assert 0.0 <= value <= 1.0, (name, system, key)
             if "clip_similarity" in r:
-                assert -1.0 <= r["clip_similarity"] <= 1.0 and r["lpips"] >= 0.0
+                assert -1.0 <= r["clip_similarity"] <= 1.0 and r["lpips_clip_features"] >= 0.0 and "lpips" not in r
             if "fid" in r:
                 assert r["fid"] >= 0.0 and 0.0 <= r["clip_score"] <= 100.0
             assert r.get("n", entry["n"]) == entry["n"], (name, system)

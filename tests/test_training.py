@@ -4,27 +4,23 @@ import copy
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from gill_pipeline import GILLImage, GILLPipeline
+from multiprocess_run import run_two_processes
+from training import precompute, train_decision, train_gill
+from training.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, TMP_PREFIX
+from training.data import Collator, EpochBatchSampler, ExampleReader, SyntheticDataset
+from training.losses import IGNORE_INDEX, contrastive_loss
+from training.model_forward import GILLTrainingModel, total_loss
+from training.params import LoraArgs, LossArgs
+from training.setup_models import build_tiny_models
+from training.trainable import decoder_layers, enable_gradient_checkpointing, setup_trainable
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from gill_pipeline import GILLImage, GILLPipeline  # noqa: E402
-from multiprocess_run import run_two_processes  # noqa: E402
-from training import precompute, train_decision, train_gill  # noqa: E402
-from training.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, TMP_PREFIX  # noqa: E402
-from training.data import Collator, EpochBatchSampler, ExampleReader, SyntheticDataset  # noqa: E402
-from training.losses import IGNORE_INDEX, contrastive_loss  # noqa: E402
-from training.model_forward import GILLTrainingModel, total_loss  # noqa: E402
-from training.params import LoraArgs, LossArgs  # noqa: E402
-from training.setup_models import build_tiny_models  # noqa: E402
-from training.trainable import decoder_layers, enable_gradient_checkpointing, setup_trainable  # noqa: E402
-
 TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
 LOSSES = ("caption", "img_token", "retrieval", "generation")
 

@@ -2,19 +2,14 @@
 
 import os
 import shutil
-import sys
 import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from training import checkpoint  # noqa: E402
-from training.checkpoint import (  # noqa: E402
+from training import checkpoint
+from training.checkpoint import (
     CHECKPOINTS_DIR,
     LATEST_FILE,
     TRAINABLE_FILE,
@@ -22,6 +17,8 @@ from training.checkpoint import (  # noqa: E402
     resolve_resume,
     save_checkpoint,
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class OneProcess:

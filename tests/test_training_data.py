@@ -4,7 +4,6 @@ import copy
 import io
 import json
 import os
-import sys
 import tarfile
 
 import numpy as np
@@ -12,17 +11,14 @@ import PIL.Image
 import pytest
 import torch
 
+from training import precompute, train_gill
+from training.data import Collator, ExampleReader, build_dataset
+from training.precompute import precompute_targets
+from training.params import parse_config
+from training.setup_models import build_tiny_models
+from training.targets import TargetMismatchError, TargetStore, encode_captions
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from training import precompute, train_gill  # noqa: E402
-from training.data import Collator, ExampleReader, build_dataset  # noqa: E402
-from training.precompute import precompute_targets  # noqa: E402
-from training.params import parse_config  # noqa: E402
-from training.setup_models import build_tiny_models  # noqa: E402
-from training.targets import TargetMismatchError, TargetStore, encode_captions  # noqa: E402
-
 TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
 
 

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -15,15 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from multiprocess_run import run_two_processes
 
-from multiprocess_run import run_two_processes  # noqa: E402
-
-from training import precompute, train_gill  # noqa: E402
-from training.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, TRAINABLE_FILE  # noqa: E402
-from training.data import (  # noqa: E402
+from training import precompute, train_gill
+from training.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, TRAINABLE_FILE
+from training.data import (
     SKIP_ROW,
     Collator,
     EpochBatchSampler,
@@ -31,10 +26,11 @@ from training.data import (  # noqa: E402
     build_dataset,
     iterate_records,
 )
-from training.params import parse_config  # noqa: E402
-from training.setup_models import build_tiny_models  # noqa: E402
-from training.train_decision import read_decisions  # noqa: E402
+from training.params import parse_config
+from training.setup_models import build_tiny_models
+from training.train_decision import read_decisions
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
 BAD_UTF8 = b"caf\xe9 au lait"  # Latin-1, not UTF-8
 

@@ -1,11 +1,11 @@
 """Interleaved training documents (`training/interleaved.py`) from VIST stories and MMC4 documents.
 
     # VIST: a story-in-sequence file (train.story-in-sequence.json) -> one document per story
-    python training/convert_data.py vist --input sis/train.story-in-sequence.json --output vist_train.jsonl \
+    python -m training.convert_data vist --input sis/train.story-in-sequence.json --output vist_train.jsonl \
         --image-template "images/train/{id}.jpg"
 
     # MMC4: document shards (docs_shard_*.jsonl) -> one document per line
-    python training/convert_data.py mmc4 --input docs_shard_0_v2.jsonl --output mmc4_0.jsonl --image-dir images/
+    python -m training.convert_data mmc4 --input docs_shard_0_v2.jsonl --output mmc4_0.jsonl --image-dir images/
 
 VIST: a story's five sentences and photos in the workers' order become `text, image, text, image, ...`, each image
 captioned by its own sentence (the text just before its `[IMG]` tokens, as in GILL's VIST evaluation: k sentences and
@@ -20,10 +20,7 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `training` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from training.data import RowProblems, decoded_lines
+from training.records import RowProblems, decoded_lines
 from training.interleaved import CAPTION_KEY, ID_KEY, IMAGE_KEY, SEGMENTS_KEY, TEXT_KEY, write_documents
 
 logger = logging.getLogger("convert_data")

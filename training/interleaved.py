@@ -24,7 +24,7 @@ Two LM rows are built per document (`GILLTrainingModel.interleaved_objectives`):
   context); the prose is left out so that no caption is ever in the context of its own image.
 
 A line that is not a valid document is skipped and counted as a malformed row; a document whose image is missing or
-unreadable is skipped and counted as a skipped image, as in the image-caption readers (`training/data.py`).
+unreadable is skipped and counted as a skipped image, as in the image-caption readers (`training/data.py`; both share `training/records.py`).
 """
 
 import json
@@ -34,7 +34,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from .data import SKIP_IMAGE, SKIP_ROW, RowProblems, decoded_lines, skipped_example, unique_records
+from .records import SKIP_IMAGE, SKIP_ROW, RowProblems, decoded_lines, skipped_example, unique_records
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Precompute the generation targets (the decoder's text conditioning of the captions) and, optionally, the frozen
 vision encoder's image features, into safetensors shards that later runs read instead of running those encoders.
 
-    python training/precompute.py --data /data/cc3m/train.tsv --image-folder /data/cc3m/images \
+    python -m training.precompute --data /data/cc3m/train.tsv --image-folder /data/cc3m/images \
         --stable-diffusion stable-diffusion-v1-5/stable-diffusion-v1-5 --output /data/cc3m/targets-sd15
 
 `--stable-diffusion` may name a checkpoint of any supported decoder family (SDXL, SD3, Flux, PixArt-Sigma, Sana):
@@ -20,16 +20,14 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 from safetensors.torch import save_file
 
 from gill_pipeline.models.vision import image_pixel_values, pooled_image_features
 from gill_pipeline.testing import TINY_DECODER_BUILDERS
 
-from training.data import RowProblems, iterate_records, load_rgb, resolve_image_path, unique_records
+from training.data import iterate_records, load_rgb, resolve_image_path
+from training.records import RowProblems, unique_records
 from training.params import DATA_TYPES, TINY_LM_TYPES
 from training.targets import (
     FEATURES_KEY,

@@ -27,7 +27,7 @@ TARGET_KEY = "target"
 # Shards of a decoder family other than SD 1.x/2.x: one entry per conditioning tensor, `target.prompt_embeds`, ...
 TENSOR_KEY_PREFIX = TARGET_KEY + "."
 FEATURES_KEY = "image_features"
-# 2: example keys unique per data-set row (`training.data.record_key`), weights fingerprinted at bfloat16 precision.
+# 2: example keys unique per data-set row (`training.records.record_key`), weights fingerprinted at bfloat16 precision.
 FORMAT_VERSION = 2
 
 

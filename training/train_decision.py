@@ -1,6 +1,6 @@
 """Train GILL's decision head (generate or retrieve?) on prompts labelled by people, after the main training.
 
-    python training/train_decision.py --pipeline runs/gill/pipeline \
+    python -m training.train_decision --pipeline runs/gill/pipeline \
         --data ../shared/data/gill_original/PartiPromptsDecisionsConfident.tsv
 
 The data format is the PartiPrompts decisions TSV of the reference: columns `Prompt` and `Decision` (`gen`, `ret`;
@@ -20,15 +20,13 @@ import math
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 import torch.nn.functional as F
 
 from gill_pipeline import GILLModel, GILLPipeline
 from gill_pipeline.constants import DECISION_GENERATE, DECISION_RETRIEVE, GILL_COMPONENT
-from training.data import Collator, RowProblems, decoded_lines
+from training.data import Collator
+from training.records import RowProblems, decoded_lines
 from training.model_forward import GILLTrainingModel
 from training.setup_models import DTYPES
 

@@ -2,11 +2,11 @@
 
 Smoke run on a CPU, nothing downloaded (tiny random models, synthetic coloured shapes):
 
-    python training/train_gill.py --config training/configs/tiny.yaml --output-dir runs/tiny
+    python -m training.train_gill --config training/configs/tiny.yaml --output-dir runs/tiny
 
 The paper's setting (OPT-6.7B, CLIP ViT-L/14, SD v1.5, CC3M) on one or more GPUs:
 
-    accelerate launch training/train_gill.py --config training/configs/paper_opt6.7b_cc3m.yaml \
+    accelerate launch -m training.train_gill --config training/configs/paper_opt6.7b_cc3m.yaml \
         --train-data /data/cc3m/train.tsv --image-folder /data/cc3m/images
 
 Resume an interrupted run exactly where it stopped:  ... --resume latest
@@ -22,8 +22,6 @@ import sys
 import traceback
 import warnings
 
-if __package__ in (None, ""):  # run as a script: make `training` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from accelerate import Accelerator

@@ -1,7 +1,7 @@
 """The built-in models `gill` accepts by name, and the call settings each one is best used with.
 
 `SHAPES_MODEL` is the bundled shapes-world GILL (this package, docs/shapes_world.md); `RANDOM_MODEL` is a tiny pipeline
-with random weights built from configs (`gill_pipeline.tiny`), for trying the commands without any download. A preset
+with random weights built from configs (`gill_pipeline.testing`), for trying the commands without any download. A preset
 gives the prompt used when no items are given and settings keyed by the option names of
 `gill_pipeline.demo.settings.CALL_ARGUMENTS`; `gill generate`, `gill chat`, `gill demo` and `gill evaluate` read them
 where the user set nothing.

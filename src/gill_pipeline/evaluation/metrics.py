@@ -5,6 +5,7 @@ written here. FID and CLIP score come from torchmetrics (`pip install gill-pipel
 passed in: nothing is downloaded. LPIPS is in `lpips.py`.
 """
 
+import itertools
 from typing import Callable, Iterable
 
 import torch
@@ -85,17 +86,42 @@ def frechet_distance(
             `(N, F)`, e.g. [`ImageEmbedder`] (CLIP features: "CLIP-FID") or torchmetrics' InceptionV3 built from a
             local weights file (the standard FID; see docs/evaluation.md).
         real_images, fake_images: batches `(N, 3, H, W)` in [0, 1]; at least two images each.
+            Each may be a list, a generator or any other iterable of batches, or one `(N, 3, H, W)` tensor (a
+            single batch). A generator is read once, every batch of it counted.
     """
     _require_torchmetrics("FID")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    probe = next(iter(fake_images)) if not isinstance(fake_images, list) else fake_images[0]
-    fid = FrechetInceptionDistance(feature=feature_network, normalize=True, input_img_size=tuple(probe.shape[1:]))
-    for batch in real_images:
+    real_first, real_batches = _first_and_all_batches(real_images, "real_images")
+    fake_first, fake_batches = _first_and_all_batches(fake_images, "fake_images")
+    fid = FrechetInceptionDistance(feature=feature_network, normalize=True, input_img_size=tuple(fake_first.shape[1:]))
+    for batch in real_batches:
+        _check_batch(batch, "real_images")
         fid.update(batch, real=True)
-    for batch in fake_images:
+    for batch in fake_batches:
+        _check_batch(batch, "fake_images")
         fid.update(batch, real=False)
     return float(fid.compute())
+
+
+def _check_batch(batch, name: str) -> None:
+    if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise ValueError(f"`{name}` must yield batches of images `(N, 3, H, W)`, got {shape}.")
+
+
+def _first_and_all_batches(images, name: str) -> tuple[torch.Tensor, Iterable[torch.Tensor]]:
+    """The first batch of `images` (its image size sets up the metric) and every batch, the first included: a
+    generator peeked at must not lose what was peeked."""
+    if isinstance(images, torch.Tensor):  # one batch; iterating it would yield single images
+        _check_batch(images, name)
+        return images, [images]
+    batches = iter(images)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"`{name}` holds no images: FID needs at least two in each set.")
+    _check_batch(first, name)
+    return first, itertools.chain([first], batches)
 
 
 def clip_score(clip_factory: Callable, images: list[torch.Tensor], texts: list[str], batch_size: int = 32) -> float:

@@ -8,6 +8,7 @@ written as `summary.json` and `summary.md` (a Markdown table, one row per system
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from diffusers.utils import logging
 
@@ -79,15 +80,18 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
 
 
-def check_settings(output_dir: str, settings: dict) -> None:
+def check_settings(output_dir: str, settings: dict, read_old: Callable[[dict, dict], dict] | None = None) -> None:
     """Records the run's settings in `settings.json`, or refuses to resume a run made with other settings: its
-    records would be mixed with incomparable ones."""
+    records would be mixed with incomparable ones. `read_old(before, settings)`, when given, reads the settings of a
+    run written by an older version as they would be written now (the file itself is left as it was)."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, SETTINGS_FILE)
     settings = json.loads(json.dumps(settings))  # as JSON reads it back (tuples become lists)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             before = json.load(f)
+        if read_old is not None:
+            before = read_old(before, settings)
         if before != settings:
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             raise ValueError(

@@ -4,11 +4,17 @@ Each story gives its captions and images in order; the model reads the last `num
 of all but the last step between them, and makes the image of the last step. It is compared with the true image by
 the CLIP similarity of their image embeddings (paper: GILL 0.641 with 5 captions and 4 images) and by LPIPS. The
 baseline is the decoder alone given the same captions as one text (it cannot see images).
+
+Two LPIPS are recorded under two keys, never one: `lpips`, the published metric (ImageNet VGG/AlexNet/SqueezeNet
+features with its learned channel weights, the paper's number), and `lpips_clip_features`, the same formula over a
+CLIP vision tower's layers with unit weights (offline; it ranks systems but is not comparable with published LPIPS).
 """
 
 import os
+import warnings
 
 from .datasets import read_vist_stories
+from .lpips import LPIPS, VisionTransformerFeatures
 from .metrics import cosine_similarity
 from .records import RecordLog, check_settings, write_summary
 from .runner import limit_examples, load_rgb, mean, run_batches, save_image, to_tensor
@@ -16,6 +22,8 @@ from .systems import GILLSystem, make_baseline
 
 
 PROTOCOL = "vist"
+LPIPS_KEY = "lpips"  # the published LPIPS only
+CLIP_LPIPS_KEY = "lpips_clip_features"  # the LPIPS formula over CLIP layers: not comparable with published LPIPS
 
 
 def story_inputs(story, num_captions: int, include_images: bool) -> tuple[list, str]:
@@ -37,6 +45,7 @@ def evaluate_vist(
     *,
     clip,
     lpips=None,
+    lpips_clip_features=None,
     baseline_text_encoder=None,
     num_captions: int = 5,
     include_images: bool = True,
@@ -55,8 +64,11 @@ def evaluate_vist(
         pipe ([`GILLPipeline`]): the GILL pipeline under test.
         stories_file (`str`): a VIST story-in-sequence JSON file; `image_dir`: its images (`image_pattern`).
         clip ([`ImageEmbedder`] or `Callable`): images -> embeddings, for the CLIP similarity to the true image.
-        lpips ([`LPIPS`] or `Callable`, *optional*): `(images_a, images_b) -> (N,)` distances; the true image is
-            resized to the generated image's size.
+        lpips (`Callable`, *optional*): the published LPIPS, `(images_a, images_b) -> (N,)` distances (e.g.
+            `torchmetrics_lpips("vgg")`); recorded as `lpips`. The true image is resized to the generated image's size.
+        lpips_clip_features ([`LPIPS`] or `Callable`, *optional*): the LPIPS formula over a CLIP's layers,
+            `LPIPS(VisionTransformerFeatures.from_pretrained(...))`; recorded as `lpips_clip_features`. Passed as
+            `lpips` (the old way), it is still recorded under its own key, with a `FutureWarning`.
         baseline_text_encoder (`str` or `(text_encoder, tokenizer)`, *optional*): gives the decoder baseline (see
             [`DecoderBaseline`]); without it only GILL is run.
         num_captions (`int`, defaults to 5), include_images (`bool`, defaults to `True`): the context (paper: 5
@@ -64,23 +76,39 @@ def evaluate_vist(
         limit (`int`, *optional*): evaluate the first `limit` stories only (a larger limit later resumes the run).
 
     Returns:
-        `dict`: the summary (per system: mean CLIP similarity, mean LPIPS, number of stories).
+        `dict`: the summary (per system: mean CLIP similarity, mean of each LPIPS given, number of stories).
     """
     if not isinstance(num_captions, int) or isinstance(num_captions, bool) or num_captions < 1:
         raise ValueError(f"`num_captions` must be a positive integer, got {num_captions!r}.")
+    if _is_clip_feature_lpips(lpips):
+        if lpips_clip_features is not None:
+            raise ValueError(
+                "`lpips` is an LPIPS over CLIP features and `lpips_clip_features` is given too: pass the published "
+                "LPIPS (e.g. `torchmetrics_lpips('vgg')`) as `lpips`."
+            )
+        warnings.warn(
+            "`lpips` is for the published LPIPS; an LPIPS over CLIP features belongs in `lpips_clip_features`. Its "
+            f"values are recorded under `{CLIP_LPIPS_KEY}`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        lpips, lpips_clip_features = None, lpips
+    distances = {key: f for key, f in ((LPIPS_KEY, lpips), (CLIP_LPIPS_KEY, lpips_clip_features)) if f is not None}
     settings = dict(
         protocol=PROTOCOL, stories_file=os.path.abspath(stories_file), num_captions=num_captions,
         include_images=include_images, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
         baseline=baseline_text_encoder is not None, lpips=lpips is not None,
+        lpips_clip_features=lpips_clip_features is not None,
     )
     loaded = read_vist_stories(stories_file, image_dir, image_pattern)
-    check_settings(output_dir, settings)
+    check_settings(output_dir, settings, read_old=_settings_before_two_keys)
     stories = limit_examples([s for s in loaded.examples if len(s.captions) >= num_captions], limit)
     short = len(loaded.examples) - len([s for s in loaded.examples if len(s.captions) >= num_captions])
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     gill = GILLSystem(pipe, **sampling)
     baseline = make_baseline(pipe, baseline_text_encoder, sampling)
     log = RecordLog(output_dir)
+    _rename_old_records(log.records, settings)
 
     def scored(system, batch, images) -> list[dict]:
         truth = [load_rgb(s.image_paths[-1]) for s in batch]
@@ -88,9 +116,8 @@ def evaluate_vist(
         records = []
         for i, story in enumerate(batch):
             record = {"id": story.id, "clip_similarity": float(similarity[i]), "image": save_image(log, system, story.id, images[i])}
-            if lpips is not None:
-                generated = to_tensor([images[i]])
-                record["lpips"] = float(lpips(generated, to_tensor([truth[i]], images[i].size))[0])
+            for key, distance in distances.items():
+                record[key] = float(distance(to_tensor([images[i]]), to_tensor([truth[i]], images[i].size))[0])
             records.append(record)
         return records
 
@@ -109,16 +136,49 @@ def evaluate_vist(
     for system in [gill.name] + ([baseline.name] if baseline is not None else []):
         records = [r for r in log.of(system) if r["id"] in wanted]
         results[system] = {"clip_similarity": mean([r["clip_similarity"] for r in records])}
-        if lpips is not None:
-            results[system]["lpips"] = mean([r["lpips"] for r in records])
+        for key in distances:
+            results[system][key] = mean([r[key] for r in records])
         results[system]["n"] = len(records)
     context = f"{num_captions} captions" + (f" and {num_captions - 1} images" if include_images and num_captions > 1 else "")
     notes = [
         f"Context: the last {context} of each story; target: the story's last image.",
         "clip_similarity: cosine similarity of the CLIP image embeddings of the generated and the true image "
-        "(higher is better); lpips: lower is better.",
+        "(higher is better).",
         f"Stories left out: {loaded.skipped} with a missing image, {short} with fewer than {num_captions} steps.",
     ]
+    if lpips is not None:
+        notes.append(f"{LPIPS_KEY}: the published LPIPS (lower is better).")
+    if lpips_clip_features is not None:
+        notes.append(
+            f"{CLIP_LPIPS_KEY}: the LPIPS formula over the CLIP vision tower's layers, unit channel weights (lower is "
+            "better); not comparable with published LPIPS."
+        )
     if baseline is not None:
         notes.append("sd: the decoder alone, given the same captions joined as one text (it cannot see images).")
     return write_summary(output_dir, PROTOCOL, results, settings, notes)
+
+
+def _is_clip_feature_lpips(distance) -> bool:
+    return isinstance(distance, LPIPS) and isinstance(distance.feature_network, VisionTransformerFeatures)
+
+
+def _settings_before_two_keys(before: dict, settings: dict) -> dict:
+    """The settings of a run written before the two LPIPS had their own keys, as they read now. Its `lpips: true`
+    meant whichever one LPIPS the run was given; a resumed run is given the same one (the same command), so it names
+    which. A run given both now differs from it, and is refused."""
+    if CLIP_LPIPS_KEY in before or before.get("protocol") != PROTOCOL:
+        return before
+    upgraded = dict(before, **{CLIP_LPIPS_KEY: False})
+    if before.get(LPIPS_KEY) and settings[CLIP_LPIPS_KEY] and not settings[LPIPS_KEY]:
+        upgraded.update({LPIPS_KEY: False, CLIP_LPIPS_KEY: True})
+    return upgraded
+
+
+def _rename_old_records(records: list[dict], settings: dict) -> None:
+    """Records written before the two keys, by a run that was given the CLIP-feature LPIPS, hold it as `lpips`: read
+    them under their own key (in memory; the file is left as it was). Records of a run with both carry both keys."""
+    if not settings[CLIP_LPIPS_KEY]:
+        return
+    for record in records:
+        if LPIPS_KEY in record and CLIP_LPIPS_KEY not in record:
+            record[CLIP_LPIPS_KEY] = record.pop(LPIPS_KEY)
