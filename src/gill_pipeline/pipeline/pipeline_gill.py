@@ -108,9 +108,9 @@ class GILLPipeline(
     [`GILLPipeline.from_base_models`].
 
     Its parts live where diffusers keeps them: loading, saving, LoRA and Hub pushes in [`GILLLoaderMixin`]
-    (`gill_pipeline.pipeline.loaders`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`,
-    the interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`,
-    the answers' assembly in `pipeline/answers.py` and the optional safety check in `pipeline/safety.py`.
+    (`pipeline/loaders/`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`, the
+    interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`, the
+    answers' assembly in `pipeline/answers.py` and the optional safety check in `pipeline/safety.py`.
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):

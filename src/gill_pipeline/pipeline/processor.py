@@ -29,7 +29,8 @@ def lm_context_length(llm) -> int | None:
 
 
 def resolve_img_token_ids(tokenizer, num_img_tokens: int, img_token_ids: list[int] | None = None) -> list[int]:
-    """The ids of `[IMG0]`..`[IMG{r-1}]`: `img_token_ids` as given, else read from `tokenizer`; `r` distinct known ids."""
+    """The ids of `[IMG0]`..`[IMG{r-1}]`: `img_token_ids`, else read from `tokenizer`; checked to be `r` distinct
+    known ids."""
     if img_token_ids is None:
         img_token_ids = tokenizer.convert_tokens_to_ids([IMG_TOKEN_TEMPLATE.format(i=i) for i in range(num_img_tokens)])
     img_token_ids = [int(i) for i in img_token_ids]

@@ -418,8 +418,9 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     )
     check_decoder_fits(layout, {UNET_COMPONENT: unet, TRANSFORMER_COMPONENT: transformer}, learned)
     pipe = pipeline_from_parts(
-        pipeline_class, tokenizer, llm, gill, vae, unet, scheduler, image_encoder, feature_extractor,
-        manifest["img_token_ids"], manifest["base_models"], transformer=transformer,
+        pipeline_class, tokenizer=tokenizer, llm=llm, gill=gill, vae=vae, unet=unet, scheduler=scheduler,
+        image_encoder=image_encoder, feature_extractor=feature_extractor, img_token_ids=manifest["img_token_ids"],
+        base_models=manifest["base_models"], transformer=transformer,
     )
     load_llm_lora(pipe, folder, allow_pickle)
     return pipe

@@ -17,7 +17,13 @@ PUSH_OPTIONS = tuple(
 
 
 def push_pipeline_to_hub(
-    pipe, repo_id: str, *, learned_weights_only: bool = False, card_info=None, commit_message: str | None = None, **kwargs
+    pipe,
+    repo_id: str,
+    *,
+    learned_weights_only: bool = False,
+    card_info=None,
+    commit_message: str | None = None,
+    **kwargs,
 ) -> str:
     """Saves `pipe` (whole, or its learned weights only) with a model card and uploads it; returns the commit URL.
 
