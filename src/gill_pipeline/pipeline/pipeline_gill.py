@@ -52,7 +52,7 @@ from .inputs import check_bool, check_generator, check_interleaved_sample, norma
 from .processor import InterleavedInputsMixin, resolve_img_token_ids
 from .safety import SafetyCheckerMixin
 from .streaming import check_streamer, stream_retrieved, stream_tokens, with_progress
-from .pipeline_output import GILLImage, GILLPipelineOutput
+from .pipeline_output import GILLPipelineOutput
 
 
 logger = logging.get_logger(__name__)
