@@ -395,8 +395,9 @@ def convert_original_checkpoint(
 
     tokenizer, img_token_ids = reference_tokenizer(tokenizer, model_args, config.num_img_tokens)
     return pipeline_from_parts(
-        pipeline_class, tokenizer, llm, gill, sd.vae, sd.unet, sd.scheduler, image_encoder, feature_extractor,
-        img_token_ids, base_models, dtype,
+        pipeline_class, dtype, tokenizer=tokenizer, llm=llm, gill=gill, vae=sd.vae, unet=sd.unet,
+        scheduler=sd.scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
+        img_token_ids=img_token_ids, base_models=base_models,
     )
 
 

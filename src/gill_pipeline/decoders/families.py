@@ -149,10 +149,9 @@ class FluxFamily(DecoderFamily):
         return GUIDANCE_EMBEDDING if components["transformer"].config.get("guidance_embeds") else GUIDANCE_NONE
 
 
-class PixArtSigmaFamily(DecoderFamily):
-    name = "pixart-sigma"
-    pipeline_class = PixArtSigmaPipeline
-    denoiser_class = PixArtTransformer2DModel
+class _CaptionMaskFamily(DecoderFamily):
+    """PixArt-Sigma and Sana: one text encoder, its sequence with an attention mask, its width `caption_channels`."""
+
     encode_outputs = _EMBEDS_AND_MASKS
     width_checks = {"prompt_embeds": "caption_channels"}
     # `negative_prompt` defaults to "" and is refused together with `negative_prompt_embeds`; resolution binning
@@ -160,13 +159,16 @@ class PixArtSigmaFamily(DecoderFamily):
     call_overrides = {"negative_prompt": None, "use_resolution_binning": False}
 
 
-class SanaFamily(DecoderFamily):
+class PixArtSigmaFamily(_CaptionMaskFamily):
+    name = "pixart-sigma"
+    pipeline_class = PixArtSigmaPipeline
+    denoiser_class = PixArtTransformer2DModel
+
+
+class SanaFamily(_CaptionMaskFamily):
     name = "sana"
     pipeline_class = SanaPipeline
     denoiser_class = SanaTransformer2DModel
-    encode_outputs = _EMBEDS_AND_MASKS
-    width_checks = {"prompt_embeds": "caption_channels"}
-    call_overrides = {"negative_prompt": None, "use_resolution_binning": False}
 
     def default_size(self, pipe):
         # SanaPipeline defaults to 1024 x 1024 whatever the model; use the transformer's own sample size.

@@ -280,8 +280,9 @@ def assemble_gill_pipeline(
     gill.set_negative_conditioning(negatives)
     denoiser = {family.denoiser: getattr(sd, family.denoiser)}
     pipe = pipeline_from_parts(
-        pipeline_class, tokenizer, llm, gill, sd.vae, denoiser.get("unet"), sd.scheduler, image_encoder,
-        feature_extractor, img_token_ids, base_models, dtype, transformer=denoiser.get("transformer"),
+        pipeline_class, dtype, tokenizer=tokenizer, llm=llm, gill=gill, vae=sd.vae, scheduler=sd.scheduler,
+        image_encoder=image_encoder, feature_extractor=feature_extractor, img_token_ids=img_token_ids,
+        base_models=base_models, **denoiser,
     )
     logger.info(
         "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, decoder %s.",
@@ -334,8 +335,9 @@ def _assemble_sd(
         )
     gill.uncond_prompt_embeds.copy_(uncond)
     pipe = pipeline_from_parts(
-        pipeline_class, tokenizer, llm, gill, sd.vae, sd.unet, sd.scheduler, image_encoder, feature_extractor,
-        img_token_ids, base_models, dtype,
+        pipeline_class, dtype, tokenizer=tokenizer, llm=llm, gill=gill, vae=sd.vae, unet=sd.unet,
+        scheduler=sd.scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor,
+        img_token_ids=img_token_ids, base_models=base_models,
     )
     logger.info(
         "Assembled an untrained GILL pipeline: LM %s (width %d, tied=%s), vision width %d, UNet conditioning %dx%d.",

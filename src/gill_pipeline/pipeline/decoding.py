@@ -29,6 +29,7 @@ import torch
 from transformers import Cache, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from ..models.lm_bridge import lm_forward_with_img_logits
+from .inputs import check_bool, check_int, check_number
 
 
 @dataclass
@@ -42,6 +43,21 @@ class DecodingSettings:
     max_images: int | None = None
     stop_at_newline: bool = False
     use_cache: bool = True
+
+    def check(self) -> None:
+        """Refuses a bad setting (called by `GILLPipeline.check_inputs`); errors name the argument of the call."""
+        for name in ("do_sample", "stop_at_newline", "use_cache"):
+            check_bool(getattr(self, name), name)
+        check_int(self.max_new_tokens, "max_new_tokens", minimum=1)
+        check_number(self.temperature, "temperature", positive=True)
+        check_number(self.top_p, "top_p", positive=True)
+        if self.top_p > 1:
+            raise ValueError(f"`top_p` must be a number in (0, 1], got {self.top_p!r}.")
+        check_int(self.min_text_tokens, "min_text_tokens", minimum=0)
+        if self.img_logit_scale != float("inf"):  # inf: `[IMG0]` wherever it is allowed (a forced image)
+            check_number(self.img_logit_scale, "img_logit_scale", positive=True)
+        if self.max_images is not None:
+            check_int(self.max_images, "max_images", minimum=0)
 
 
 @dataclass

@@ -194,3 +194,27 @@ def check_number(value, name: str, positive: bool = False, minimum: float | None
     if not is_number(value) or (positive and value <= 0) or (minimum is not None and value < minimum):
         kind = "a positive finite number" if positive else f"a finite number >= {minimum}"
         raise ValueError(f"`{name}` must be {kind}, got {value!r:.100} ({type(value).__name__}).")
+
+
+def check_bool(value, name: str):
+    """Refuses, naming `name`, anything but True or False (1 or "yes" are usually a mistake)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r:.100}.")
+
+
+def check_generator(generator, num_inputs: int):
+    """`generator`: None, one `torch.Generator`, or a list of one per input."""
+    if isinstance(generator, list):
+        if len(generator) != num_inputs:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but {num_inputs} inputs were given: pass "
+                "one generator per input, or a single generator."
+            )
+        bad = [g for g in generator if not isinstance(g, torch.Generator)]
+    else:
+        bad = [] if generator is None or isinstance(generator, torch.Generator) else [generator]
+    if bad:
+        raise TypeError(
+            f"`generator` must be a `torch.Generator`, a list of them (one per input) or None, got "
+            f"{type(bad[0]).__name__} {bad[0]!r:.100}; e.g. `generator=torch.Generator().manual_seed(42)`."
+        )

@@ -30,12 +30,13 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..constants import DECISION_RETRIEVE, IMAGE_MODES, IMG_TOKEN_TEMPLATE, OUTPUT_TYPES
+from ..constants import DECISION_RETRIEVE, IMAGE_MODES, OUTPUT_TYPES
 from ..serialization.base_models import normalize_base_models
 from .loaders import GILLLoaderMixin, RetrievalMixin
 from ..models.gill_model import GILLModel
 from ..models.lm_bridge import new_cache, takes_position_ids
 from ..models.open_clip_vision import OpenCLIPVisionModel
+from .answers import assemble_answer, merge_group_images
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder, LMForwardMixin
 from .chat import (
     answer_to_message,
@@ -47,11 +48,11 @@ from .chat import (
 )
 from .conversation import GILLPast, check_past, next_past, past_owner, reusable_past
 from .image_generation import ImageGenerationMixin
-from .inputs import check_int, check_interleaved_sample, check_number, normalize_interleaved_inputs
-from .processor import InterleavedInputsMixin
+from .inputs import check_bool, check_generator, check_interleaved_sample, normalize_interleaved_inputs
+from .processor import InterleavedInputsMixin, resolve_img_token_ids
 from .safety import SafetyCheckerMixin
 from .streaming import check_streamer, stream_retrieved, stream_tokens, with_progress
-from .pipeline_output import GILLImage, GILLPipelineOutput
+from .pipeline_output import GILLPipelineOutput
 
 
 logger = logging.get_logger(__name__)
@@ -107,9 +108,9 @@ class GILLPipeline(
     [`GILLPipeline.from_base_models`].
 
     Its parts live where diffusers keeps them: loading, saving, LoRA and Hub pushes in [`GILLLoaderMixin`]
-    (`gill_pipeline.pipeline.loaders`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`,
-    the interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`
-    and the optional safety check in `pipeline/safety.py`.
+    (`pipeline/loaders/`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`, the
+    interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`, the
+    answers' assembly in `pipeline/answers.py` and the optional safety check in `pipeline/safety.py`.
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
@@ -160,19 +161,7 @@ class GILLPipeline(
         | None = None,
     ):
         super().__init__()
-        if img_token_ids is None:
-            img_token_ids = tokenizer.convert_tokens_to_ids(
-                [IMG_TOKEN_TEMPLATE.format(i=i) for i in range(gill.config.num_img_tokens)]
-            )
-        img_token_ids = [int(i) for i in img_token_ids]
-        if len(img_token_ids) != gill.config.num_img_tokens:
-            raise ValueError(
-                f"`img_token_ids` has {len(img_token_ids)} ids ({img_token_ids}) but `gill` was built for "
-                f"{gill.config.num_img_tokens} [IMG] tokens."
-            )
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if len(set(img_token_ids)) != len(img_token_ids) or (unk is not None and unk in img_token_ids):
-            raise ValueError(f"`img_token_ids` must be distinct ids of the [IMG] tokens, got {img_token_ids}.")
+        img_token_ids = resolve_img_token_ids(tokenizer, gill.config.num_img_tokens, img_token_ids)
         self.register_modules(
             tokenizer=tokenizer,
             llm=llm,
@@ -213,57 +202,23 @@ class GILLPipeline(
     def check_inputs(
         self,
         batch: list[list[Any]],
+        settings: DecodingSettings,
         *,
-        max_new_tokens,
-        do_sample,
-        temperature,
-        top_p,
-        min_text_tokens,
-        img_logit_scale,
-        max_images,
-        stop_at_newline,
         image_mode,
-        height,
-        width,
-        num_inference_steps,
-        timesteps,
-        sigmas,
-        guidance_scale,
-        guidance_rescale,
-        eta,
-        cross_attention_kwargs,
-        num_images_per_prompt,
-        generator,
-        latents,
         output_type,
+        generator,
         return_dict,
-        use_cache,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
         streamer=None,
         past=None,
         decoder_pipe=None,
+        **generation_kwargs,
     ):
         """Checks every argument of the call before any model runs; errors name the argument and show its value.
-        `decoder_pipe` is the call's stock decoder pipeline (built once per call; see `_decoder_pipeline`)."""
-        for name, value in (
-            ("do_sample", do_sample),
-            ("stop_at_newline", stop_at_newline),
-            ("return_dict", return_dict),
-            ("use_cache", use_cache),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r:.100}.")
-        check_int(max_new_tokens, "max_new_tokens", minimum=1)
-        check_number(temperature, "temperature", positive=True)
-        check_number(top_p, "top_p", positive=True)
-        if top_p > 1:
-            raise ValueError(f"`top_p` must be a number in (0, 1], got {top_p!r}.")
-        check_int(min_text_tokens, "min_text_tokens", minimum=0)
-        if img_logit_scale != float("inf"):  # inf: `[IMG0]` wherever it is allowed (a forced image)
-            check_number(img_logit_scale, "img_logit_scale", positive=True)
-        if max_images is not None:
-            check_int(max_images, "max_images", minimum=0)
+        `settings` holds the decoding arguments, `generation_kwargs` the image-generation ones (`height` ...
+        `callback_on_step_end_tensor_inputs`, see `check_generation_inputs`); `decoder_pipe` is the call's stock
+        decoder pipeline (built once per call; see `_decoder_pipeline`)."""
+        settings.check()
+        check_bool(return_dict, "return_dict")
         if not isinstance(image_mode, str) or image_mode not in IMAGE_MODES:
             raise ValueError(f"`image_mode` must be one of {IMAGE_MODES}, got {image_mode!r:.100}.")
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
@@ -283,30 +238,10 @@ class GILLPipeline(
                 "`image_mode='both'` needs a retrieval set, but none is loaded. Load one with "
                 "`pipe.load_retrieval_index(...)`."
             )
-        self.check_generation_inputs(
-            height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
-            cross_attention_kwargs=cross_attention_kwargs, num_images_per_prompt=num_images_per_prompt,
-            latents=latents, decoder_pipe=decoder_pipe, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-
-        if isinstance(generator, list):
-            if len(generator) != len(batch):
-                raise ValueError(
-                    f"`generator` is a list of {len(generator)} generators, but {len(batch)} inputs were given: pass "
-                    "one generator per input, or a single generator."
-                )
-            bad = [g for g in generator if not isinstance(g, torch.Generator)]
-        else:
-            bad = [] if generator is None or isinstance(generator, torch.Generator) else [generator]
-        if bad:
-            raise TypeError(
-                f"`generator` must be a `torch.Generator`, a list of them (one per input) or None, got "
-                f"{type(bad[0]).__name__} {bad[0]!r:.100}; e.g. `generator=torch.Generator().manual_seed(42)`."
-            )
+        self.check_generation_inputs(decoder_pipe=decoder_pipe, **generation_kwargs)
+        check_generator(generator, len(batch))
         check_streamer(streamer, batch)
-        check_past(past, batch, use_cache, self._past_owner())
+        check_past(past, batch, settings.use_cache, self._past_owner())
 
     # ----------------------------------------------------------------------------------------------------------
     # The call
@@ -347,67 +282,55 @@ class GILLPipeline(
         inputs: Any = None,
     ):
         r"""
-        Answers interleaved images and text with interleaved text and images.
+        Answers interleaved images and text with interleaved text and images (the steps: docs/pipeline.md).
 
         Args:
             prompt (`str`, image, `list` of them, or `list` of such lists):
-                One interleaved sequence of text segments and images (PIL images, numpy HWC arrays (uint8, or float in
-                [0, 1]) or CHW tensors in [0, 1]), or a list of such sequences (a batch). Or chat messages in the
-                transformers format (`[{"role": "user", "content": [{"type": "text", "text": ...}, {"type": "image",
-                "image": ...}]}, ...]`, or a batch of such conversations): they are rendered with the tokenizer's chat
-                template when it has one (each image's visual prefix where the image is; decoding stops at the
-                template's end of turn), and `output.messages` holds the answers as assistant messages. Also accepted
-                as `inputs=`.
+                One interleaved sequence of text segments and images (PIL, numpy HWC uint8 or float in [0, 1], CHW
+                tensors in [0, 1]), or a batch of them. Or chat messages in the transformers format (or a batch of
+                conversations), rendered with the tokenizer's chat template when it has one; `output.messages` then
+                holds the answers.
             max_new_tokens (`int`, *optional*, defaults to 32):
-                How many tokens to produce at most per input; an `[IMG]` group counts as one.
+                Most tokens per answer; an `[IMG]` group counts as one.
             do_sample (`bool`, *optional*, defaults to `False`):
                 Sample with `temperature` and `top_p` instead of greedy decoding.
             temperature (`float`, *optional*, defaults to 1.0):
             top_p (`float`, *optional*, defaults to 1.0):
-                Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+                Nucleus sampling threshold.
             min_text_tokens (`int`, *optional*, defaults to 0):
-                Text tokens to produce before `[IMG0]` may be produced (the reference's `min_word_tokens`).
+                Text tokens before `[IMG0]` is allowed (the reference's `min_word_tokens`).
             img_logit_scale (`float`, *optional*, defaults to 1.0):
-                When above 1, the `[IMG0]` logit becomes `|logit| * img_logit_scale`, making images more likely
-                (the reference's `ret_scale_factor`). `math.inf` produces `[IMG0]` as soon as it is allowed (after
-                `min_text_tokens`, below `max_images`), whatever its logit.
+                Above 1, the `[IMG0]` logit becomes `|logit| * img_logit_scale` (the reference's `ret_scale_factor`);
+                `math.inf` forces `[IMG0]` as soon as it is allowed.
             max_images (`int`, *optional*):
-                Most `[IMG]` groups per answer; `0` answers with text only. Unlimited by default.
+                Most `[IMG]` groups per answer (`0`: text only); unlimited by default.
             stop_at_newline (`bool`, *optional*, defaults to `False`):
                 Stop an answer at its first newline.
             image_mode (`str`, *optional*, defaults to `"auto"`):
-                `"auto"` lets the decision head choose between retrieving and generating (generating when no
-                retrieval set is loaded, retrieving when the pipeline has no image decoder); `"generate"` or `"retrieve"`
-                force one; `"both"` makes both for every `[IMG]` group: the answer shows the decision head's choice,
-                and its [`GILLImage`] carries the other one in `alternatives`. When the retrieval set has no image
-                left for a group, the group is generated instead (or left out when the pipeline cannot generate),
-                and `warnings` says so. With `"auto"` or `"both"`, a retrieval set with a `min_similarity` (see
-                [`~gill_pipeline.retrieval.RetrievalIndex`]) overrules a choice to retrieve whose best match scores
-                below it: the generated image is shown (`metadata["fallback"]` says why).
+                `"auto"` (the decision head chooses; without a retrieval set it generates, without a decoder it
+                retrieves), `"generate"`, `"retrieve"`, or `"both"` (the other image in `alternatives`). A group
+                retrieval cannot serve, or whose best match is below the set's `min_similarity`, is generated
+                instead (`metadata["fallback"]` and `warnings` say so).
             height (`int`, *optional*), width (`int`, *optional*):
-                Size of generated images (multiples of 8 and of the VAE scale factor); defaults to the denoiser's (`unet` or
-                `transformer`) sample size times the VAE scale factor.
+                Size of generated images (multiples of `image_size_multiple`); defaults to the denoiser's sample size.
             num_inference_steps (`int`, *optional*, defaults to 50):
             timesteps (`list[int]`, *optional*), sigmas (`list[float]`, *optional*):
-                Custom denoising timesteps or sigmas, for schedulers whose `set_timesteps` accepts them (as in
-                diffusers); `num_inference_steps` is then ignored.
+                Custom schedule, for schedulers whose `set_timesteps` takes it; overrides `num_inference_steps`.
             guidance_scale (`float`, *optional*, defaults to 7.5):
-                Classifier-free guidance against the stored empty-prompt embedding; `<= 1` disables it.
+                Classifier-free guidance against the stored empty-prompt conditioning; `<= 1` disables it.
             guidance_rescale (`float`, *optional*, defaults to 0.0):
-                Guidance rescale factor in [0, 1] (Lin et al., "Common Diffusion Noise Schedules ..."), as in diffusers.
+                Guidance rescale factor in [0, 1], as in diffusers.
             eta (`float`, *optional*, defaults to 0.0):
-                DDIM's eta; only for schedulers whose `step` takes it (anything else refuses a non-zero value).
+                DDIM's eta (refused by schedulers whose `step` does not take it).
             cross_attention_kwargs (`dict`, *optional*):
-                Passed to the denoiser's attention processors (e.g. `{"scale": 0.5}` for a loaded LoRA).
+                Passed to the denoiser's attention processors (e.g. `{"scale": 0.5}` for a LoRA).
             num_images_per_prompt (`int`, *optional*, defaults to 1):
-                Candidates generated per `[IMG]` group; with an image encoder they are ranked by their
-                retrieval-space similarity to the `[IMG0]` embedding and the best is shown.
+                Candidates per `[IMG]` group, ranked by retrieval-space similarity to `[IMG0]`; the best is shown.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                One generator, or one per input (then a batch gives the same result as the inputs one by one).
+                One generator, or one per input (a batch then answers as its inputs one by one).
             latents (`torch.Tensor`, *optional*):
-                Noise latents of shape `(num_images_per_prompt, in_channels, height / s, width / s)` (`in_channels` of
-                the `unet` or `transformer`, `s` the VAE scale factor; packed `(num_images_per_prompt, positions,
-                in_channels)` for Flux), used for every generated group.
+                Noise latents `(num_images_per_prompt, in_channels, height / s, width / s)` (`s` the VAE scale factor;
+                packed `(num_images_per_prompt, positions, in_channels)` for Flux), used for every generated group.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, *optional*, defaults to `True`):
@@ -415,30 +338,24 @@ class GILLPipeline(
             use_cache (`bool`, *optional*, defaults to `True`):
                 Decode with a KV cache; `False` re-runs the whole sequence for every token (the reference's way).
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
-                Called at the end of each denoising step as `callback_on_step_end(pipe, step, timestep,
-                callback_kwargs)`, with this pipeline as `pipe`, as in diffusers: it may read `pipe.num_timesteps`,
-                `pipe.guidance_scale`, `pipe.do_classifier_free_guidance`, set `pipe._guidance_scale` (e.g.
-                diffusers' `SDCFGCutoffCallback`) or stop the denoising early with `pipe._interrupt = True`.
+                Called after each denoising step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`
+                with this pipeline as `pipe`, as in diffusers (it may set `pipe._guidance_scale` or `pipe._interrupt`).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 Tensors passed in `callback_kwargs`: any of `latents`, `prompt_embeds`, `negative_prompt_embeds`.
             streamer (*optional*):
-                Streams one answer: a [`GILLStreamer`] yields its text as tokens are decoded and each [`GILLImage`]
-                when it is ready (and records denoising progress); any transformers streamer (`put`/`end`, e.g.
-                `TextIteratorStreamer`) gets the text.
+                Streams one answer: a [`GILLStreamer`] (text, images, denoising progress) or any transformers
+                streamer (text).
             past ([`GILLPast`], *optional*):
-                The `past` of an earlier call (one input, `use_cache=True`): the LM's cache is reused for the prefix
-                this input shares with what that call read and produced (a conversation's earlier turns), so only
-                the new tokens run. A past is spent by the call that uses it; use the new `output.past` next.
-                [`GILLConversation`] does this for you.
+                The `output.past` of an earlier call (one input, `use_cache=True`): the LM's cache is reused for the
+                prefix this input shares with it, and spent. [`GILLConversation`] does this for you.
             inputs (*optional*):
                 Another name for `prompt`.
 
         Examples:
 
         Returns:
-            [`GILLPipelineOutput`] or `tuple`: `images`, the images shown in the answers (in `output_type`, in
-            order); `texts`, each answer's text; `outputs`, each answer interleaved (text segments and
-            [`GILLImage`]s with their source, decision probabilities, scores and candidates); `warnings`, per answer.
+            [`GILLPipelineOutput`] or `tuple`: `images` (every image shown, in `output_type`), `texts`, `outputs`
+            (each answer interleaved: text segments and [`GILLImage`]s) and `warnings`, one per answer.
         """
         # 1. Check inputs (every argument, before any model runs)
         if inputs is not None and prompt is not None:
@@ -456,6 +373,17 @@ class GILLPipeline(
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         # The decoder family's stock pipeline over this pipeline's modules: built once, used by every step below.
         decoder_pipe = self._decoder_pipeline() if self.can_generate else None
+        settings = DecodingSettings(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            min_text_tokens=min_text_tokens,
+            img_logit_scale=img_logit_scale,
+            max_images=max_images,
+            stop_at_newline=stop_at_newline,
+            use_cache=use_cache,
+        )
         # What goes to the decoder's denoising loop (checked here with the rest)
         decoder_kwargs = dict(
             height=height,
@@ -474,23 +402,8 @@ class GILLPipeline(
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         self.check_inputs(
-            batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            min_text_tokens=min_text_tokens,
-            img_logit_scale=img_logit_scale,
-            max_images=max_images,
-            stop_at_newline=stop_at_newline,
-            image_mode=image_mode,
-            generator=generator,
-            return_dict=return_dict,
-            use_cache=use_cache,
-            streamer=streamer,
-            past=past,
-            decoder_pipe=decoder_pipe,
-            **decoder_kwargs,
+            batch, settings, image_mode=image_mode, generator=generator, return_dict=return_dict, streamer=streamer,
+            past=past, decoder_pipe=decoder_pipe, **decoder_kwargs,
         )
         batch = [check_interleaved_sample(sample, name) for sample, name in zip(batch, names)]
         try:
@@ -501,17 +414,6 @@ class GILLPipeline(
             self._num_timesteps, self._interrupt = 0, False
             if streamer is not None and hasattr(streamer, "on_denoising_step"):
                 decoder_kwargs["callback_on_step_end"] = with_progress(callback_on_step_end, streamer)
-            settings = DecodingSettings(
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                min_text_tokens=min_text_tokens,
-                img_logit_scale=img_logit_scale,
-                max_images=max_images,
-                stop_at_newline=stop_at_newline,
-                use_cache=use_cache,
-            )
 
             # 3. Encode the interleaved inputs as LM input embeddings (only what a `past` does not already hold)
             prompt_embeds, keys, past_cache, past_length = self.encode_prompt(batch, names, chat, use_cache, past, device)
@@ -658,46 +560,9 @@ class GILLPipeline(
             retrieve = [bool(p.argmax() == DECISION_RETRIEVE) for p in probs]
         return retrieve, prob_pairs
 
-    @staticmethod
-    def merge_group_images(requests, retrieve, retrieved, generated, warnings) -> dict[tuple[int, int], GILLImage]:
-        """The image shown per group: the decision head's choice (unless the retrieval set's similarity floor
-        overruled it), the other one in `alternatives`; a group that retrieval could not serve, or whose retrieved
-        image scored below the floor, shows its generated image, marked in `metadata["fallback"]`."""
-        images = {}
-        for i, key in enumerate(requests):
-            from_index, from_decoder = retrieved.get(key), generated.get(key)
-            if from_index is not None and from_decoder is not None:
-                shown, other = (from_index, from_decoder) if retrieve[i] else (from_decoder, from_index)
-                shown.alternatives = [other]
-                if "below_min_similarity" in from_index.metadata:
-                    from_decoder.metadata["fallback"] = (
-                        f"the retrieved image's similarity {from_index.scores['similarity'][0]:.3f} is below the "
-                        f"retrieval set's min_similarity {from_index.metadata['below_min_similarity']:.3f}; "
-                        "generated instead"
-                    )
-                images[key] = shown
-            elif from_index is not None:
-                images[key] = from_index
-            elif from_decoder is not None:
-                if retrieve[i]:
-                    from_decoder.metadata["fallback"] = "retrieval had no image left; generated instead"
-                images[key] = from_decoder
-            else:
-                message = f"[IMG] group {key[1]}: no image could be retrieved or generated; it is left out."
-                if message not in warnings[key[0]]:
-                    warnings[key[0]].append(message)
-        return images
+    # Step 8, in `answers.py`; kept on the pipeline under their names.
+    merge_group_images = staticmethod(merge_group_images)
 
     def assemble_answer(self, b: int, seq: DecodedSequence, images: dict) -> list:
-        answer, start = [], 0
-        for g, img_start in enumerate(seq.img_starts):
-            text = self.tokenizer.decode(seq.token_ids[start:img_start], skip_special_tokens=True)
-            if text:
-                answer.append(text)
-            if (b, g) in images:  # a group with no image (see `merge_group_images`) is left out
-                answer.append(images[(b, g)])
-            start = img_start + self.num_img_tokens
-        text = self.tokenizer.decode(seq.token_ids[start:], skip_special_tokens=True)
-        if text:
-            answer.append(text)
-        return answer
+        """Answer `b` interleaved: its text segments and the image shown for each of its `[IMG]` groups."""
+        return assemble_answer(self.tokenizer, b, seq, images, self.num_img_tokens)

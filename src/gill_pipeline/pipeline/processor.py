@@ -12,6 +12,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..constants import IMG_TOKEN_TEMPLATE
 from ..models.lm_bridge import embed_tokens
 from ..models.vision import image_pixel_values, pooled_image_features
 from .inputs import to_rgb_pil
@@ -25,6 +26,23 @@ def lm_context_length(llm) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def resolve_img_token_ids(tokenizer, num_img_tokens: int, img_token_ids: list[int] | None = None) -> list[int]:
+    """The ids of `[IMG0]`..`[IMG{r-1}]`: `img_token_ids`, else read from `tokenizer`; checked to be `r` distinct
+    known ids."""
+    if img_token_ids is None:
+        img_token_ids = tokenizer.convert_tokens_to_ids([IMG_TOKEN_TEMPLATE.format(i=i) for i in range(num_img_tokens)])
+    img_token_ids = [int(i) for i in img_token_ids]
+    if len(img_token_ids) != num_img_tokens:
+        raise ValueError(
+            f"`img_token_ids` has {len(img_token_ids)} ids ({img_token_ids}) but `gill` was built for "
+            f"{num_img_tokens} [IMG] tokens."
+        )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(set(img_token_ids)) != len(img_token_ids) or (unk is not None and unk in img_token_ids):
+        raise ValueError(f"`img_token_ids` must be distinct ids of the [IMG] tokens, got {img_token_ids}.")
+    return img_token_ids
 
 
 class GILLInterleavedProcessor:

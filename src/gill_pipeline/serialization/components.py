@@ -4,6 +4,7 @@ Below the pipeline package: it takes the pipeline class as an argument and impor
 loaders, so each of them can use it.
 """
 
+import torch
 from transformers import CLIPImageProcessor
 
 
@@ -13,39 +14,16 @@ def default_image_processor(image_encoder) -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def pipeline_from_parts(
-    pipeline_class,
-    tokenizer,
-    llm,
-    gill,
-    vae,
-    unet,
-    scheduler,
-    image_encoder,
-    feature_extractor,
-    img_token_ids,
-    base_models,
-    dtype=None,
-    transformer=None,
-):
-    """The GILL pipeline over the given parts (the decoder modules may be None; `unet` for UNet decoders,
-    `transformer` for SD3, Flux, PixArt and Sana), every module in eval mode, cast to `dtype` when given."""
-    for module in (llm, image_encoder, vae, unet, transformer, gill):
-        if module is not None:
-            module.eval()
-    pipe = pipeline_class(
-        tokenizer=tokenizer,
-        llm=llm,
-        gill=gill,
-        vae=vae,
-        unet=unet,
-        scheduler=scheduler,
-        **({"transformer": transformer} if transformer is not None else {}),
-        image_encoder=image_encoder,
-        feature_extractor=feature_extractor,
-        img_token_ids=img_token_ids,
-        base_models=base_models,
-    )
+def pipeline_from_parts(pipeline_class, dtype=None, **parts):
+    """`pipeline_class(**parts)`: the GILL pipeline over the given components (the decoder modules may be None;
+    `unet` for UNet decoders, `transformer` for SD3, Flux, PixArt and Sana), `img_token_ids` and `base_models`, every
+    module in eval mode, cast to `dtype` when given."""
+    if parts.get("transformer", 0) is None:
+        del parts["transformer"]  # passed only when there is one, as before DiT decoders existed
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    pipe = pipeline_class(**parts)
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe

@@ -14,6 +14,7 @@ A learned-weights folder (or Hub repo) holds::
 or takes them from the caller (`llm=`, `vae=`, `unet=`, `image_encoder=`, ...).
 """
 
+import functools
 import json
 import os
 
@@ -339,26 +340,22 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     else:
         entry = _required_entry(manifest, "stable_diffusion", source, "`vae=` and `unet=` (or both None)")
         sub = entry.get("subfolder")
-        for model_class, name in ((AutoencoderKL, VAE_COMPONENT), (UNet2DConditionModel, UNET_COMPONENT)):
+        parts = ((AutoencoderKL, VAE_COMPONENT, "VAE"), (UNet2DConditionModel, UNET_COMPONENT, "UNet"))
+        # Both configs are checked before either part's weights are read.
+        for model_class, name, _ in parts:
             _load_base(
                 f"Stable Diffusion {name}", entry, source,
                 lambda: _check_decoder_config(model_class, entry, _join(sub, name), entry_kwargs(entry)),
             )
-        vae = _load_base(
-            "Stable Diffusion VAE",
-            entry,
-            source,
-            lambda: AutoencoderKL.from_pretrained(
-                entry["repo_id"], subfolder=_join(sub, VAE_COMPONENT), **entry_kwargs(entry), **typed, **safe
-            ),
-        )
-        unet = _load_base(
-            "Stable Diffusion UNet",
-            entry,
-            source,
-            lambda: UNet2DConditionModel.from_pretrained(
-                entry["repo_id"], subfolder=_join(sub, UNET_COMPONENT), **entry_kwargs(entry), **typed, **safe
-            ),
+        vae, unet = (
+            _load_base(
+                f"Stable Diffusion {label}", entry, source,
+                functools.partial(
+                    model_class.from_pretrained, entry["repo_id"], subfolder=_join(sub, name), **entry_kwargs(entry),
+                    **typed, **safe,
+                ),
+            )
+            for model_class, name, label in parts
         )
     if "scheduler" in passed:
         scheduler = passed["scheduler"]
@@ -421,8 +418,9 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     )
     check_decoder_fits(layout, {UNET_COMPONENT: unet, TRANSFORMER_COMPONENT: transformer}, learned)
     pipe = pipeline_from_parts(
-        pipeline_class, tokenizer, llm, gill, vae, unet, scheduler, image_encoder, feature_extractor,
-        manifest["img_token_ids"], manifest["base_models"], transformer=transformer,
+        pipeline_class, tokenizer=tokenizer, llm=llm, gill=gill, vae=vae, unet=unet, scheduler=scheduler,
+        image_encoder=image_encoder, feature_extractor=feature_extractor, img_token_ids=manifest["img_token_ids"],
+        base_models=manifest["base_models"], transformer=transformer,
     )
     load_llm_lora(pipe, folder, allow_pickle)
     return pipe

@@ -67,16 +67,20 @@ def build_tiny_gemma_tokenizer() -> GemmaTokenizer:
     return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
 
 
-def _clip_text_encoder(tokenizer, hidden_size: int, projection_dim: int | None = None):
+def _clip_text_side(hidden_size: int, projection_dim: int | None = None):
+    """A tiny CLIP tokenizer and its text encoder (with a projection when `projection_dim` is given)."""
+    tokenizer = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
     torch.manual_seed(0)
-    return build_tiny_clip_text_encoder(
+    return tokenizer, build_tiny_clip_text_encoder(
         tokenizer, hidden_size, projection_dim or hidden_size, with_projection=projection_dim is not None
     )
 
 
-def _t5_encoder(tokenizer, d_model: int) -> T5EncoderModel:
+def _t5_text_side(d_model: int) -> tuple[T5Tokenizer, T5EncoderModel]:
+    """A tiny T5 tokenizer and its encoder."""
+    tokenizer = build_tiny_t5_tokenizer()
     torch.manual_seed(0)
-    return T5EncoderModel(
+    return tokenizer, T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer),
             d_model=d_model,
@@ -115,10 +119,8 @@ def build_tiny_sd() -> StableDiffusionPipeline:
 
 def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     """SDXL: two CLIP text encoders (widths 16 and 32, the second with a projection), a text-time UNet."""
-    tokenizer = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
-    tokenizer_2 = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
-    text_encoder = _clip_text_encoder(tokenizer, hidden_size=16)
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=24)
+    tokenizer, text_encoder = _clip_text_side(hidden_size=16)
+    tokenizer_2, text_encoder_2 = _clip_text_side(hidden_size=32, projection_dim=24)
     addition_time_embed_dim = 8
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -151,12 +153,9 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
 
 def build_tiny_sd3() -> StableDiffusion3Pipeline:
     """SD3: two projected CLIP encoders (widths 16 and 16) and a T5 (width 32), an MMDiT transformer."""
-    tokenizer = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
-    tokenizer_2 = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
-    tokenizer_3 = build_tiny_t5_tokenizer()
-    text_encoder = _clip_text_encoder(tokenizer, hidden_size=16, projection_dim=16)
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, hidden_size=16, projection_dim=16)
-    text_encoder_3 = _t5_encoder(tokenizer_3, d_model=32)
+    tokenizer, text_encoder = _clip_text_side(hidden_size=16, projection_dim=16)
+    tokenizer_2, text_encoder_2 = _clip_text_side(hidden_size=16, projection_dim=16)
+    tokenizer_3, text_encoder_3 = _t5_text_side(d_model=32)
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=16,
@@ -185,10 +184,8 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
 
 def build_tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
     """Flux: a CLIP encoder (pooled, width 16) and a T5 (width 32). `guidance_embeds`: dev-style, else schnell."""
-    tokenizer = build_tiny_clip_tokenizer(TINY_CLIP_LENGTH)
-    tokenizer_2 = build_tiny_t5_tokenizer()
-    text_encoder = _clip_text_encoder(tokenizer, hidden_size=16)
-    text_encoder_2 = _t5_encoder(tokenizer_2, d_model=32)
+    tokenizer, text_encoder = _clip_text_side(hidden_size=16)
+    tokenizer_2, text_encoder_2 = _t5_text_side(d_model=32)
     vae = _vae_kl(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035)
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
@@ -220,8 +217,7 @@ def build_tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
 
 def build_tiny_pixart_sigma() -> PixArtSigmaPipeline:
     """PixArt-Sigma: a T5 (width 32) with an attention mask, a DiT with cross-attention."""
-    tokenizer = build_tiny_t5_tokenizer()
-    text_encoder = _t5_encoder(tokenizer, d_model=32)
+    tokenizer, text_encoder = _t5_text_side(d_model=32)
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
         sample_size=16,
