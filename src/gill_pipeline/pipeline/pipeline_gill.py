@@ -51,7 +51,7 @@ from .image_generation import ImageGenerationMixin
 from .inputs import check_bool, check_generator, check_interleaved_sample, normalize_interleaved_inputs
 from .processor import InterleavedInputsMixin, resolve_img_token_ids
 from .safety import SafetyCheckerMixin
-from .streaming import check_streamer, stream_retrieved, stream_tokens, with_progress
+from .streaming import check_streamer, end_stream, stream_retrieved, stream_tokens, with_progress
 from .pipeline_output import GILLPipelineOutput
 
 
@@ -334,7 +334,8 @@ class GILLPipeline(
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, *optional*, defaults to `True`):
-                Return a [`GILLPipelineOutput`] instead of the tuple `(images, texts, outputs, warnings)`.
+                Return a [`GILLPipelineOutput`] instead of the tuple `(images, texts, outputs, warnings, messages,
+                past, nsfw_content_detected)` (trailing `None`s dropped).
             use_cache (`bool`, *optional*, defaults to `True`):
                 Decode with a KV cache; `False` re-runs the whole sequence for every token (the reference's way).
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
@@ -357,56 +358,56 @@ class GILLPipeline(
             [`GILLPipelineOutput`] or `tuple`: `images` (every image shown, in `output_type`), `texts`, `outputs`
             (each answer interleaved: text segments and [`GILLImage`]s) and `warnings`, one per answer.
         """
-        # 1. Check inputs (every argument, before any model runs)
-        if inputs is not None and prompt is not None:
-            raise ValueError("Pass the interleaved input once: as `prompt` or as `inputs`, not both.")
-        input_name = "inputs" if inputs is not None else "prompt"
-        source = inputs if inputs is not None else prompt
-        chat = is_chat(source)
-        if chat:
-            conversations, is_batched = normalize_conversations(source, input_name)
-            batch = [render_conversation(self.tokenizer, conversation) for conversation in conversations]
-        else:
-            batch, is_batched = normalize_interleaved_inputs(source, input_name)
-        names = [f"{input_name}[{b}]" if is_batched else input_name for b in range(len(batch))]
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        # The decoder family's stock pipeline over this pipeline's modules: built once, used by every step below.
-        decoder_pipe = self._decoder_pipeline() if self.can_generate else None
-        settings = DecodingSettings(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            min_text_tokens=min_text_tokens,
-            img_logit_scale=img_logit_scale,
-            max_images=max_images,
-            stop_at_newline=stop_at_newline,
-            use_cache=use_cache,
-        )
-        # What goes to the decoder's denoising loop (checked here with the rest)
-        decoder_kwargs = dict(
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            eta=eta,
-            cross_attention_kwargs=cross_attention_kwargs,
-            num_images_per_prompt=num_images_per_prompt,
-            latents=latents,
-            output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        self.check_inputs(
-            batch, settings, image_mode=image_mode, generator=generator, return_dict=return_dict, streamer=streamer,
-            past=past, decoder_pipe=decoder_pipe, **decoder_kwargs,
-        )
-        batch = [check_interleaved_sample(sample, name) for sample, name in zip(batch, names)]
         try:
+            # 1. Check inputs (every argument, before any model runs)
+            if inputs is not None and prompt is not None:
+                raise ValueError("Pass the interleaved input once: as `prompt` or as `inputs`, not both.")
+            input_name = "inputs" if inputs is not None else "prompt"
+            source = inputs if inputs is not None else prompt
+            chat = is_chat(source)
+            if chat:
+                conversations, is_batched = normalize_conversations(source, input_name)
+                batch = [render_conversation(self.tokenizer, conversation) for conversation in conversations]
+            else:
+                batch, is_batched = normalize_interleaved_inputs(source, input_name)
+            names = [f"{input_name}[{b}]" if is_batched else input_name for b in range(len(batch))]
+            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+                callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+            # The decoder family's stock pipeline over this pipeline's modules: built once, used by every step below.
+            decoder_pipe = self._decoder_pipeline() if self.can_generate else None
+            settings = DecodingSettings(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                min_text_tokens=min_text_tokens,
+                img_logit_scale=img_logit_scale,
+                max_images=max_images,
+                stop_at_newline=stop_at_newline,
+                use_cache=use_cache,
+            )
+            # What goes to the decoder's denoising loop (checked here with the rest)
+            decoder_kwargs = dict(
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale,
+                eta=eta,
+                cross_attention_kwargs=cross_attention_kwargs,
+                num_images_per_prompt=num_images_per_prompt,
+                latents=latents,
+                output_type=output_type,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+            self.check_inputs(
+                batch, settings, image_mode=image_mode, generator=generator, return_dict=return_dict, streamer=streamer,
+                past=past, decoder_pipe=decoder_pipe, **decoder_kwargs,
+            )
+            batch = [check_interleaved_sample(sample, name) for sample, name in zip(batch, names)]
             # 2. Define call parameters
             device = self._execution_device
             self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
@@ -478,9 +479,11 @@ class GILLPipeline(
                 for image in output.gill_images[0]:
                     if id(image) not in delivered:
                         streamer.put_image(image)
-        finally:
-            if streamer is not None:
-                streamer.end()  # also on errors, so a consumer iterating the streamer never waits forever
+        except BaseException as error:
+            # Any error, from the first check on, ends the stream and reaches its consumer: never a stream that waits.
+            end_stream(streamer, error)
+            raise
+        end_stream(streamer)
 
         self.maybe_free_model_hooks()
         if not return_dict:

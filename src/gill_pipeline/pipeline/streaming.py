@@ -37,6 +37,21 @@ class GILLStreamer(TextIteratorStreamer):
         super().__init__(tokenizer, skip_prompt=False, timeout=timeout, **decode_kwargs)
         self.text_queue = Queue()
         self.progress: tuple[int, int] | None = None
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Ends the stream with `error`: the iterator raises it after the items already delivered (the pipeline calls
+        this when the call fails, so a consumer never waits for an end that will not come)."""
+        self.error = error
+        self.end()
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                raise self.error
+            raise
 
     def put_image(self, image) -> None:
         """Delivers one `GILLImage` (after the text decoded so far)."""
@@ -53,6 +68,17 @@ class GILLStreamer(TextIteratorStreamer):
             self.token_cache, self.print_len = [], 0
             if printable:
                 self.text_queue.put(printable, timeout=self.timeout)
+
+
+def end_stream(streamer, error: BaseException | None = None) -> None:
+    """Ends a stream however the call ends: with `error`, a streamer that can carry it (`GILLStreamer.fail`) raises it
+    to its consumer; any other streamer is ended. Nothing is done for an object that is not a streamer."""
+    if streamer is None:
+        return
+    if error is not None and callable(getattr(streamer, "fail", None)):
+        streamer.fail(error)
+    elif callable(getattr(streamer, "end", None)):
+        streamer.end()
 
 
 def stream_tokens(streamer, token_ids: list[int]) -> None:
