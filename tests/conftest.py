@@ -29,6 +29,24 @@ def random_image(seed: int = 0, size: int = 32, mode: str = "RGB") -> PIL.Image.
     return PIL.Image.fromarray(array).convert(mode)
 
 
+def header_bomb_png(path, width: int = 20000, height: int = 20000) -> str:
+    """A real 16x16 PNG whose header (IHDR, with a correct CRC) declares `width` x `height`: PIL opens it as that
+    size, the way a decompression bomb looks before it is decoded (a few hundred bytes on disk)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    random_image(0, 16).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"  # signature (8), length (4), type (4), then the 13 bytes of IHDR and its CRC
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def opt_pipe():
     """A tiny OPT-based pipeline (tied embeddings, word_embed_proj_dim != hidden_size). Do not mutate it."""

@@ -31,7 +31,7 @@ from gill_pipeline.evaluation import (
     read_vist_stories,
     recall_at_k,
 )
-from gill_pipeline.evaluation.datasets import majority_label, read_cc3m_captions, read_coco_captions
+from gill_pipeline.evaluation.datasets import DataFileError, majority_label, read_cc3m_captions, read_coco_captions
 from gill_pipeline.evaluation.records import RECORDS_FILE, SUMMARY_JSON, SUMMARY_MARKDOWN
 from gill_pipeline.evaluation.runner import to_tensor
 from training.shapes.protocol_data import write_cc3m, write_coco, write_decisions, write_visdial, write_vist
@@ -211,8 +211,8 @@ def test_real_partiprompts_decision_files_are_read():
 
 @needs_shared_file(os.path.join(SHARED_DATA, "cc3m_val.tsv"))
 def test_real_cc3m_caption_file_is_read(tmp_path):
-    loaded = read_cc3m_captions(os.path.join(SHARED_DATA, "cc3m_val.tsv"), str(tmp_path))
-    assert loaded.examples == [] and loaded.skipped == 4  # its images are not shipped
+    with pytest.raises(DataFileError, match="none of its 4 caption rows has its images"):  # they are not shipped
+        read_cc3m_captions(os.path.join(SHARED_DATA, "cc3m_val.tsv"), str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ the marker never appears.
 import json
 import os
 import pickle
+import re
 import shutil
 
 import pytest
 import torch
 
-from conftest import make_pipeline
+from conftest import header_bomb_png, make_pipeline, random_image
 from gill_pipeline import GILLPipeline
 from gill_pipeline.serialization.folder import PipelineFolderError, UnsafeFileError
 from training.setup_models import attach_image_decoder
@@ -196,3 +197,114 @@ def test_attach_image_decoder_still_loads_a_good_folder(saved):
     attach_image_decoder(pipe, str(saved))
     reference = GILLPipeline.from_pretrained(saved)
     torch.testing.assert_close(pipe.unet.conv_in.weight, reference.unet.conv_in.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image files: one pixel limit everywhere an image is read from a path, an upload or bytes (gill_pipeline.utils.image_io)
+# ----------------------------------------------------------------------------------------------------------------
+LIMIT_TEXT = "above the limit of 67,108,864 pixels"  # image_io.MAX_IMAGE_PIXELS, 8192 x 8192
+
+
+@pytest.fixture()
+def bomb(tmp_path):
+    return header_bomb_png(tmp_path / "bomb.png")
+
+
+def _not_loaded(*args, **kwargs):
+    raise AssertionError("the model was loaded although an input was refused")
+
+
+@pytest.mark.parametrize("size", [(20000, 20000), (10000, 10000)])  # above PIL's error limit; in its warning band
+def test_library_refuses_an_image_above_the_limit_before_decoding_it(tmp_path, size, recwarn):
+    from gill_pipeline.utils.image_io import ImageTooLargeError, read_image
+
+    path = header_bomb_png(tmp_path / "big.png", *size)
+    pixels = f"{size[0]}x{size[1]} pixels ({size[0] * size[1]:,})"
+    with pytest.raises(ImageTooLargeError, match=re.escape(f"The image {path} is {pixels}, {LIMIT_TEXT}")):
+        read_image(path)
+    with open(path, "rb") as f:  # bytes and file objects too
+        data = f.read()
+    with pytest.raises(ValueError, match=re.escape(f"The image upload.png is {pixels}")):
+        read_image(data, name="upload.png")
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]  # no PIL warning on top
+
+
+def test_library_pixel_limit_is_configurable_and_checked(tmp_path):
+    from gill_pipeline.utils import image_io
+
+    path = tmp_path / "small.png"
+    random_image(0, 32).save(path)
+    assert image_io.read_image(path).size == (32, 32)
+    with pytest.raises(image_io.ImageTooLargeError, match=r"32x32 pixels \(1,024\), above the limit of 1,000 pixels"):
+        image_io.read_image(path, max_pixels=1000)
+    with pytest.raises(ValueError, match=r"`max_pixels` must be a positive integer \(pixels\), got 0"):
+        image_io.read_image(path, max_pixels=0)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(image_io.UnreadableImageError, match=f"Cannot read the image {truncated}"):
+        image_io.read_image(truncated)
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        image_io.read_image(tmp_path / "nowhere.png")
+
+
+def test_gill_generate_refuses_an_image_bomb_in_one_line_before_loading(bomb, tmp_path, capsys, monkeypatch):
+    from gill_pipeline.commands import generate, main
+
+    monkeypatch.setattr(generate, "load_model", _not_loaded)
+    assert main(["generate", "--model", "tiny-random", "look:", bomb, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gill generate: error: The image {bomb} is 20000x20000 pixels") and LIMIT_TEXT in err
+    assert "--max-image-pixels" in err and err.count("\n") == 1 and "Traceback" not in err
+    small = tmp_path / "small.png"
+    random_image(0, 32).save(small)
+    assert main(["generate", "--model", "tiny-random", str(small), "--max-image-pixels", "1000"]) == 2
+    assert "above the limit of 1,000 pixels" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-random", str(small), "--max-image-pixels", "-5"]) == 2
+    assert "argument --max-image-pixels: expected a positive integer, got '-5'" in capsys.readouterr().err
+
+
+def test_gill_chat_refuses_an_image_bomb_in_one_line_and_goes_on(bomb, opt_pipe, tmp_path, capsys, monkeypatch):
+    import io
+
+    from gill_pipeline.commands import chat, main
+
+    monkeypatch.setattr(chat, "load_model", lambda args: opt_pipe)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{bomb}\nwhat is in {bomb} here\n"))
+    assert main(["chat", "--model", "tiny-random", "--output-dir", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in err  # both turns refused, one line each; the chat went on
+    assert all(line.startswith(f"gill chat: error: The image {bomb} is 20000x20000") and LIMIT_TEXT in line for line in lines)
+
+
+def test_demo_upload_of_an_image_bomb_is_a_clear_page_error(bomb, opt_pipe, tmp_path):
+    from gill_pipeline.demo.backend import ChatBackend
+
+    backend = ChatBackend(opt_pipe, images_dir=str(tmp_path))
+    settings = ("auto", 2, 1.0, 0, 4)  # image_mode, steps, guidance, seed, max_new_tokens
+    with pytest.raises(ValueError, match=rf"The image 'bomb.png' is 20000x20000 pixels \(400,000,000\), {LIMIT_TEXT}"):
+        list(backend.answer({"text": "hi", "files": [bomb]}, [], None, *settings))
+    small = tmp_path / "small.png"
+    random_image(0, 32).save(small)
+    strict = ChatBackend(opt_pipe, images_dir=str(tmp_path), max_image_pixels=1000)
+    with pytest.raises(ValueError, match="'small.png' is 32x32 pixels"):
+        list(strict.answer({"text": "", "files": [str(small)]}, [], None, *settings))
+    with pytest.raises(ValueError, match="`max_image_pixels` must be a positive integer"):
+        ChatBackend(opt_pipe, max_image_pixels=-1)
+    # On the page: gradio's error popup with the message, not its generic "Error".
+    gr = pytest.importorskip("gradio")
+    from gill_pipeline.demo.app import _user_errors
+
+    with pytest.raises(gr.Error, match="'bomb.png' is 20000x20000 pixels"):
+        list(_user_errors(backend.answer)({"text": "hi", "files": [bomb]}, [], None, *settings))
+
+
+def test_retrieval_index_images_above_the_limit_are_load_errors(bomb, tmp_path):
+    from gill_pipeline.retrieval.image_loading import ImageLoadError, load_record_image
+
+    with pytest.raises(ImageLoadError, match=rf"The image {bomb} is 20000x20000 pixels .*{LIMIT_TEXT}"):
+        load_record_image({"id": "a", "path": "bomb.png"}, str(tmp_path))
+    data = open(bomb, "rb").read()
+    (tmp_path / "shard.tar").write_bytes(b"x" * 10 + data)
+    with pytest.raises(ImageLoadError, match=r"shard.tar \(offset 10\) is 20000x20000"):
+        load_record_image({"id": "b", "path": "shard.tar", "offset": 10, "size": len(data)}, str(tmp_path))

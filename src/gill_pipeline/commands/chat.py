@@ -14,9 +14,11 @@ from ..bundled.presets import RANDOM_MODEL
 from ..demo.rendering import describe_image
 from ..demo.settings import call_kwargs, preset_settings
 from ..demo.streaming import stream_turn
+from ..utils.image_io import MAX_IMAGE_PIXELS
 from ..pipeline import GILLConversation
 from .options import (
     USER_ERRORS,
+    add_image_limit_option,
     add_model_options,
     add_retrieval_options,
     add_subcommand,
@@ -25,7 +27,7 @@ from .options import (
     is_image_path,
     load_model,
     model_name,
-    parse_interleaved_items,
+    read_image_file,
     report_error,
     run,
     settings_from_args,
@@ -35,18 +37,19 @@ COMMANDS = {"/reset": "forget the conversation", "/quit": "leave, as end of inpu
 USER_PROMPT, ANSWER_PROMPT = "you> ", "gill> "
 
 
-def parse_line(line: str) -> list:
-    """A typed line -> the turn's content: image paths (the whole line, or single words) become images, in place."""
+def parse_line(line: str, max_pixels: int = MAX_IMAGE_PIXELS) -> list:
+    """A typed line -> the turn's content: image paths (the whole line, or single words) become images, in place;
+    images above `max_pixels` are refused (one line, and the chat goes on)."""
     line = line.strip()
     if is_image_path(line) and os.path.isfile(os.path.expanduser(line)):
-        return [_read_image(line)]
+        return [_read_image(line, max_pixels)]
     content, words = [], []
     for word in line.split():
         if is_image_path(word):
             if words:
                 content.append(" ".join(words))
                 words = []
-            content.append(_read_image(word))
+            content.append(_read_image(word, max_pixels))
         else:
             words.append(word)
     if words:
@@ -59,8 +62,8 @@ def _is_command(line: str) -> bool:
     return line.startswith("/") and len(line.split()) == 1 and not is_image_path(line) and not os.path.exists(line)
 
 
-def _read_image(path: str):
-    return parse_interleaved_items([os.path.expanduser(path)])[0]
+def _read_image(path: str, max_pixels: int):
+    return read_image_file(os.path.expanduser(path), max_pixels)
 
 
 class TerminalChat:
@@ -69,9 +72,10 @@ class TerminalChat:
 
     def __init__(
         self, pipe, settings: dict, seed: int, output_dir: str, stdin=None, stdout=None, stderr=None,
-        verbose: bool = False,
+        verbose: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         self.pipe, self.settings, self.seed, self.output_dir, self.verbose = pipe, settings, seed, output_dir, verbose
+        self.max_image_pixels = max_image_pixels
         self.stdin, self.stdout, self.stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
         self.conversation = GILLConversation(pipe)
         self.turn = 0
@@ -98,7 +102,7 @@ class TerminalChat:
                 continue
             self._answer_started = False
             try:
-                self._answer(parse_line(line))
+                self._answer(parse_line(line, self.max_image_pixels))
             except USER_ERRORS as error:
                 if self._answer_started:  # the error goes below the half-written answer
                     self.stdout.write("\n")
@@ -162,7 +166,9 @@ def run_chat(args) -> int:
     check_output_dir(args.output_dir)
     settings = {**preset_settings(model_name(args)), **settings_from_args(args)}
     pipe = load_model(args)
-    return TerminalChat(pipe, settings, args.seed, args.output_dir, verbose=args.verbose).run()
+    return TerminalChat(
+        pipe, settings, args.seed, args.output_dir, verbose=args.verbose, max_image_pixels=args.max_image_pixels
+    ).run()
 
 
 def add_parser(subparsers) -> None:
@@ -180,6 +186,7 @@ def add_parser(subparsers) -> None:
     add_model_options(p)
     add_retrieval_options(p)
     add_turn_options(p)
+    add_image_limit_option(p)
     p.add_argument("--output-dir", default="gill_chat", help="where the answers' images go (default: %(default)s)")
 
 

@@ -7,6 +7,7 @@ from ..bundled.presets import RANDOM_MODEL
 from ..demo import DEFAULT_HOST, build_demo, serve
 from .options import (
     CLIError,
+    add_image_limit_option,
     add_model_options,
     add_retrieval_options,
     add_subcommand,
@@ -26,7 +27,7 @@ def run_demo(args) -> int:
         raise CLIError("gradio is not installed; install the demo extra: pip install 'gill-pipeline[demo]'") from None
     settings = {**settings_from_args(args), "seed": args.seed}
     pipe = load_model(args)
-    demo = build_demo(pipe, model=model_name(args), settings=settings)
+    demo = build_demo(pipe, model=model_name(args), settings=settings, max_image_pixels=args.max_image_pixels)
     try:
         serve(demo, host=args.host, port=args.port, block=True)
     finally:
@@ -48,6 +49,7 @@ def add_parser(subparsers) -> None:
     add_model_options(p)
     add_retrieval_options(p)
     add_turn_options(p)
+    add_image_limit_option(p)
     p.add_argument(
         "--host", default=DEFAULT_HOST,
         help="address to serve on; 0.0.0.0 makes the page reachable from other machines (default: %(default)s)",

@@ -1,7 +1,9 @@
 """`gill evaluate <protocol>`: the GILL paper's evaluations from the command line (see docs/evaluation.md).
 
 Every protocol delegates to its `evaluate_*` function of `gill_pipeline.evaluation`. `--model` is required: the
-built-in toy models would be scored on real datasets otherwise.
+built-in toy models would be scored on real datasets otherwise. Each protocol reads and checks its data file first
+and loads models only after: a malformed file is one line naming the file, the row and the field (exit code 2), not a
+traceback after minutes of loading.
 """
 
 import os
@@ -16,10 +18,16 @@ from ..evaluation import (
     evaluate_text_to_image,
     evaluate_visdial,
     evaluate_vist,
+    read_captions,
+    read_partiprompts_decisions,
+    read_visdial,
+    read_vist_stories,
     torchmetrics_lpips,
 )
 from ..evaluation.records import SUMMARY_JSON, SUMMARY_MARKDOWN
+from ..evaluation.vist import select_stories
 from .options import (
+    add_image_limit_option,
     add_model_options,
     add_subcommand,
     load_model,
@@ -41,8 +49,12 @@ def _sampling(args) -> dict:
     return dict(num_inference_steps=steps, guidance_scale=guidance)
 
 
-def _common(args) -> dict:
-    return dict(limit=args.limit, batch_size=args.batch_size, progress=not args.no_progress)
+def _common(args, dataset) -> dict:
+    return dict(limit=args.limit, batch_size=args.batch_size, progress=not args.no_progress, dataset=dataset)
+
+
+def _images(args) -> dict:
+    return dict(image_pattern=args.image_pattern, max_image_pixels=args.max_image_pixels)
 
 
 def _report(summary: dict, output_dir: str) -> int:
@@ -53,50 +65,61 @@ def _report(summary: dict, output_dir: str) -> int:
 
 
 def run_vist(args) -> int:
+    args.image_pattern = args.image_pattern or "{id}.jpg"
+    stories = read_vist_stories(args.stories, args.images, args.image_pattern)
+    select_stories(stories, args.num_captions, args.limit, args.stories)
     clip = ImageEmbedder.from_pretrained(args.clip, args.clip_processor)
-    lpips = None
+    # Two LPIPS, two keys: the published network (`lpips`) and the formula over a CLIP's layers.
+    lpips = torchmetrics_lpips(args.lpips_net) if args.lpips_net else None
+    lpips_clip_features = None
     if args.lpips_features:
-        lpips = LPIPS(VisionTransformerFeatures.from_pretrained(args.lpips_features, args.lpips_processor))
-    elif args.lpips_net:
-        lpips = torchmetrics_lpips(args.lpips_net)
+        lpips_clip_features = LPIPS(VisionTransformerFeatures.from_pretrained(args.lpips_features, args.lpips_processor))
     # The pipeline without its progress bar: the evaluation shows one per protocol and system instead.
     summary = evaluate_vist(
         load_model(args), args.stories, args.images, args.output_dir, clip=clip, lpips=lpips,
+        lpips_clip_features=lpips_clip_features,
         baseline_text_encoder=args.baseline_text_encoder, num_captions=args.num_captions,
-        include_images=not args.no_context_images, image_pattern=args.image_pattern or "{id}.jpg", seed=args.seed,
-        **_sampling(args), **_common(args),
+        include_images=not args.no_context_images, seed=args.seed, **_images(args), **_sampling(args),
+        **_common(args, stories),
     )
     return _report(summary, args.output_dir)
 
 
 def run_visdial(args) -> int:
+    args.image_pattern = args.image_pattern or "VisualDialog_val2018_{id:012d}.jpg"
+    dialogs = read_visdial(args.dialogs, args.images, args.image_pattern)
     summary = evaluate_visdial(
         load_model(args), args.dialogs, args.images, args.output_dir, num_rounds=args.num_rounds,
         caption_template=args.caption_template, round_template=args.round_template, clip_baseline=args.clip,
-        image_pattern=args.image_pattern or "VisualDialog_val2018_{id:012d}.jpg", **_common(args),
+        **_images(args), **_common(args, dialogs),
     )
     return _report(summary, args.output_dir)
 
 
 def run_retrieval(args) -> int:
+    args.image_pattern = args.image_pattern or "{id}"
+    captions = read_captions(args.captions, args.images, args.format, args.image_pattern)
     summary = evaluate_caption_retrieval(
         load_model(args), args.captions, args.images, args.output_dir, data_format=args.format, clip_baseline=args.clip,
-        image_pattern=args.image_pattern or "{id}", **_common(args),
+        **_images(args), **_common(args, captions),
     )
     return _report(summary, args.output_dir)
 
 
 def run_decision(args) -> int:
-    summary = evaluate_decision(load_model(args), args.decisions, args.output_dir, **_common(args))
+    prompts = read_partiprompts_decisions(args.decisions)
+    summary = evaluate_decision(load_model(args), args.decisions, args.output_dir, **_common(args, prompts))
     return _report(summary, args.output_dir)
 
 
 def run_text_to_image(args) -> int:
+    args.image_pattern = args.image_pattern or "{id}"
+    captions = read_captions(args.captions, args.images, args.format, args.image_pattern)
     fid = ImageEmbedder.from_pretrained(args.fid_features, args.fid_processor) if args.fid_features else None
     summary = evaluate_text_to_image(
         load_model(args), args.captions, args.images, args.output_dir, data_format=args.format, fid_features=fid,
-        clip_scorer=args.clip_score, baseline_text_encoder=args.baseline_text_encoder,
-        image_pattern=args.image_pattern or "{id}", seed=args.seed, **_sampling(args), **_common(args),
+        clip_scorer=args.clip_score, baseline_text_encoder=args.baseline_text_encoder, seed=args.seed,
+        **_images(args), **_sampling(args), **_common(args, captions),
     )
     return _report(summary, args.output_dir)
 
@@ -111,6 +134,8 @@ def _add_protocol(protocols, name: str, summary: str, run, generates: bool):
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch (default: %(default)s)")
     p.add_argument("--image-pattern", default=None, help="image file name under --images, with {id} (see docs)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    if name != "decision":
+        add_image_limit_option(p)
     if generates:
         p.add_argument("--baseline-text-encoder", default=None, help="folder of the decoder's text encoder and "
                        "tokenizer (a Stable Diffusion folder, or a CLIP text encoder folder): adds the decoder-alone row")

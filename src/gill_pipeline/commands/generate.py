@@ -6,6 +6,7 @@ from ..bundled.presets import PRESETS, RANDOM_MODEL, SHAPES_MODEL
 from ..demo.settings import call_kwargs, preset_settings
 from ..pipeline import GILLImage
 from .options import (
+    add_image_limit_option,
     add_model_options,
     add_retrieval_options,
     add_subcommand,
@@ -67,7 +68,7 @@ def write_answer(answer: list, output_dir: str, prompt: list) -> list[str]:
 def run_generate(args) -> int:
     model = model_name(args)
     items = args.items or PRESETS.get(model, PRESETS[RANDOM_MODEL])["prompt"]
-    prompt = parse_interleaved_items(items, model)
+    prompt = parse_interleaved_items(items, model, args.max_image_pixels)
     check_output_dir(args.output_dir)
     # Settings: the user's, else the built-in model's, else the pipeline's defaults.
     settings = {**preset_settings(model), **settings_from_args(args)}
@@ -113,6 +114,7 @@ def add_parser(subparsers) -> None:
     add_model_options(p)
     add_retrieval_options(p)
     add_turn_options(p)
+    add_image_limit_option(p)
     p.add_argument("--output-dir", default="gill_outputs", help="where to write the answer (default: %(default)s)")
     p.add_argument(
         "--temperature", type=positive_float, default=1.0,

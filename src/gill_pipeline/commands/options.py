@@ -17,13 +17,13 @@ import traceback
 
 import torch
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from ..bundled import bundle_available, load_bundled_pipeline
 from ..bundled.presets import EXAMPLE_IMAGE_ITEM, PRESETS, RANDOM_MODEL, SHAPES_MODEL, example_image
 from ..constants import IMAGE_MODES
 from ..demo.settings import CALL_ARGUMENTS, call_defaults
+from ..utils.image_io import MAX_IMAGE_PIXELS, ImageTooLargeError, UnreadableImageError, read_image
 from ..pipeline import GILLPipeline
 from ..serialization.folder import DTYPE_NAMES, resolve_dtype
 from ..serialization.paths import looks_like_local_path
@@ -173,6 +173,15 @@ def add_model_options(p, required: bool = False) -> None:
     )
 
 
+def add_image_limit_option(p) -> None:
+    """`--max-image-pixels`: the largest image file read (docs/security.md); larger ones are refused unread."""
+    p.add_argument(
+        "--max-image-pixels", type=positive_int, default=MAX_IMAGE_PIXELS,
+        help="largest image read from a file, in pixels (width x height); larger ones are refused before they are "
+        "decoded (default: %(default)s, 64 MP)",
+    )
+
+
 def add_retrieval_options(p) -> None:
     p.add_argument(
         "--retrieval-index", default=None,
@@ -241,21 +250,29 @@ def is_image_path(text: str) -> bool:
     return text.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def parse_interleaved_items(items: list[str], model: str = RANDOM_MODEL) -> list:
+def read_image_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS):
+    """The RGB image in the file `path`, or a one-line [`CLIError`]: missing, unreadable, or above `max_pixels`."""
+    if not os.path.isfile(path):
+        raise CLIError(f"image file not found: {path}")
+    try:
+        return read_image(path, max_pixels=max_pixels)
+    except ImageTooLargeError as error:
+        raise CLIError(f"{error} Raise --max-image-pixels to read it anyway.") from error
+    except UnreadableImageError as error:
+        raise CLIError(f"cannot read image {path}: {error.reason}") from error
+    except OSError as error:  # a folder named like an image, no permission
+        raise CLIError(f"cannot read image {path}: {error.strerror or error}") from error
+
+
+def parse_interleaved_items(items: list[str], model: str = RANDOM_MODEL, max_pixels: int = MAX_IMAGE_PIXELS) -> list:
     """Command-line items -> interleaved input: image file paths become images (`@example-image` the model's example
-    image), the rest text."""
+    image), the rest text. Images above `max_pixels` are refused before they are decoded."""
     inputs = []
     for item in items:
         if item == EXAMPLE_IMAGE_ITEM:
             inputs.append(example_image(model))
         elif is_image_path(item):
-            if not os.path.isfile(item):
-                raise CLIError(f"image file not found: {item}")
-            try:
-                with Image.open(item) as image:
-                    inputs.append(image.convert("RGB"))
-            except OSError as error:
-                raise CLIError(f"cannot read image {item}: {error}") from error
+            inputs.append(read_image_file(item, max_pixels))
         else:
             inputs.append(item)
     return inputs

@@ -48,7 +48,10 @@ def _user_errors(callback):
     return call
 
 
-def build_demo(pipe, model: str | None = None, settings: dict | None = None, images_dir: str | None = None):
+def build_demo(
+    pipe, model: str | None = None, settings: dict | None = None, images_dir: str | None = None,
+    max_image_pixels: int | None = None,
+):
     r"""
     Builds the demo page for `pipe` (not launched: call `.launch()` on the result, or use `gill demo`).
 
@@ -61,6 +64,8 @@ def build_demo(pipe, model: str | None = None, settings: dict | None = None, ima
             Starting settings over the preset (`settings.CALL_ARGUMENTS` option names, and `seed`).
         images_dir (`str`, *optional*):
             Where the answer's images are written for the page (default: a new temporary folder).
+        max_image_pixels (`int`, *optional*):
+            Largest uploaded image accepted, in pixels (default: `gill_pipeline.utils.image_io.MAX_IMAGE_PIXELS`, 64 MP).
 
     Returns:
         `gradio.Blocks`: the page; `demo.gill_backend` is its [`ChatBackend`].
@@ -68,7 +73,9 @@ def build_demo(pipe, model: str | None = None, settings: dict | None = None, ima
     offline_environment()
     import gradio as gr
 
-    backend = ChatBackend(pipe, model=model, settings=settings, images_dir=images_dir)
+    backend = ChatBackend(
+        pipe, model=model, settings=settings, images_dir=images_dir, max_image_pixels=max_image_pixels
+    )
     start = backend.page_defaults()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(

@@ -15,6 +15,7 @@ from typing import Any
 import PIL.Image
 
 from ..constants import IMAGE_MODES
+from ..utils.image_io import UnreadableImageError, check_max_pixels, read_image
 from ..pipeline import GILLConversation, GILLImage
 from ..pipeline.chat import GILL_IMAGE_PART_KEYS
 from .rendering import describe_image, save_for_display
@@ -37,9 +38,16 @@ class ChatBackend:
             Option name (`settings.CALL_ARGUMENTS` keys) -> value, over the preset; `seed` sets the page's starting seed.
         images_dir (`str`, *optional*):
             Where the answer's images are written for the page (default: a new temporary folder).
+        max_image_pixels (`int`, *optional*):
+            Largest uploaded image accepted, in pixels (default: `gill_pipeline.utils.image_io.MAX_IMAGE_PIXELS`, 64 MP);
+            larger ones are refused before they are decoded.
     """
 
-    def __init__(self, pipe, model: str | None = None, settings: dict | None = None, images_dir: str | None = None):
+    def __init__(
+        self, pipe, model: str | None = None, settings: dict | None = None, images_dir: str | None = None,
+        max_image_pixels: int | None = None,
+    ):
+        self.max_image_pixels = check_max_pixels(max_image_pixels, "max_image_pixels")
         settings = dict(settings or {})
         self.pipe = pipe
         self.seed = settings.pop("seed", DEFAULT_SEED)
@@ -93,7 +101,7 @@ class ChatBackend:
             image_mode=image_mode, steps=_whole(steps, "steps"), guidance_scale=float(guidance_scale),
             max_new_tokens=_whole(max_new_tokens, "max_new_tokens"),
         )
-        content = [_load_image(path) for path in pending["files"]]
+        content = [_load_image(path, self.max_image_pixels) for path in pending["files"]]
         if pending["text"]:
             content.append(pending["text"])
         start, shown, on_page = time.perf_counter(), [], {}
@@ -174,12 +182,15 @@ def _text_and_files(message: dict | str | None) -> tuple[str, list[str]]:
     return (message.get("text") or "").strip(), [f for f in files if f]
 
 
-def _load_image(path: str) -> PIL.Image.Image:
+def _load_image(path: str, max_pixels: int) -> PIL.Image.Image:
+    # A ValueError is shown on the page as one line (app._user_errors); the upload is named as the user knows it.
+    name = repr(os.path.basename(path))
     try:
-        with PIL.Image.open(path) as image:
-            return image.convert("RGB")
+        return read_image(path, max_pixels=max_pixels, name=name)  # above the limit: ImageTooLargeError, a ValueError
+    except UnreadableImageError as error:
+        raise ValueError(f"cannot read the uploaded image {name}: {error.reason}") from None
     except OSError as error:
-        raise ValueError(f"cannot read the uploaded image {os.path.basename(path)!r}: {error}") from error
+        raise ValueError(f"cannot read the uploaded image {name}: {error.strerror or error}") from None
 
 
 def _whole(value: float, name: str) -> int:

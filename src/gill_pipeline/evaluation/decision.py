@@ -7,10 +7,10 @@ The reference row `majority` always answers the most common label of the evaluat
 
 import os
 
-from .datasets import GENERATE_LABEL, RETRIEVE_LABEL, read_partiprompts_decisions
+from .datasets import GENERATE_LABEL, RETRIEVE_LABEL, Loaded, read_partiprompts_decisions
 from .metrics import decision_report
-from .records import RecordLog, check_settings, write_summary
-from .runner import limit_examples, run_batches
+from .records import RecordLog, check_settings, ignored_notes, write_summary
+from .runner import dataset_or_read, limit_examples, run_batches
 from .systems import GILLSystem
 
 
@@ -25,6 +25,7 @@ def evaluate_decision(
     limit: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    dataset: Loaded | None = None,
 ) -> dict:
     r"""
     Accuracy and F1 of GILL's decision head against the human labels of a PartiPrompts decision file
@@ -34,13 +35,15 @@ def evaluate_decision(
         pipe ([`GILLPipeline`]): the GILL pipeline under test (no retrieval index is needed: the head is read).
         decisions_file (`str`): the TSV file.
         limit (`int`, *optional*): the first `limit` prompts only.
+        dataset ([`Loaded`], *optional*): what `read_partiprompts_decisions(decisions_file)` returned, when read
+            already (`gill evaluate` reads and checks it before loading any model).
     """
-    loaded = read_partiprompts_decisions(decisions_file)
+    loaded = dataset_or_read(dataset, read_partiprompts_decisions, decisions_file)
     prompts = limit_examples(loaded.examples, limit)
     settings = dict(protocol=PROTOCOL, decisions_file=os.path.abspath(decisions_file))
     check_settings(output_dir, settings)
     gill = GILLSystem(pipe)
-    log = RecordLog(output_dir)
+    log = RecordLog(output_dir, fields=("label", "p_retrieve", "predicted"))
 
     def work(batch, seeds):
         probs = gill.decision_probs([[p.prompt] for p in batch])
@@ -63,5 +66,5 @@ def evaluate_decision(
         f"{len(prompts) - len(records)} of {len(prompts)} prompts have no label (`same`, or a tied vote) and are "
         "left out of the scores.",
         f"Predicted `ret` when the decision head's p(retrieve) > 0.5; `majority` always answers `{common}`.",
-    ]
+    ] + ignored_notes(log)
     return write_summary(output_dir, PROTOCOL, results, settings, notes)

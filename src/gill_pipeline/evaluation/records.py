@@ -26,26 +26,61 @@ SETTINGS_KEY = "settings"
 
 @dataclass
 class RecordLog:
-    """The records of one evaluation run in `output_dir`; `done` holds the (example id, system) pairs already there."""
+    r"""
+    The records of one evaluation run in `output_dir`; `done` holds the (example id, system) pairs already there.
+
+    Args:
+        output_dir (`str`): the run's folder.
+        fields (`tuple[str, ...]`): the keys every record of this protocol has besides `id` and `system`.
+        upgrade (`Callable[[dict], dict]`, *optional*): reads a record written by an older version as it would be
+            written now (in memory; the file is left as it was), before it is checked.
+
+    A line of an earlier run that is not such a record (cut short by a killed run, `{}`, `[1, 2]`, a record without
+    its metric) is left out with a warning naming the file and line, and counted in `ignored`: its example is done
+    again.
+    """
 
     output_dir: str
+    fields: tuple[str, ...] = ()
+    upgrade: Callable[[dict], dict] | None = None
     records: list[dict] = field(default_factory=list)
+    ignored: int = 0
 
     def __post_init__(self):
         os.makedirs(self.output_dir, exist_ok=True)
         path = self.path
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        self.records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        # Only the last line can be cut short (a run killed while writing); it is redone.
-                        logger.warning(f"{path}:{n}: an unreadable record is ignored and its example redone.")
-            if self.records:
-                logger.info(f"Resuming: {len(self.records)} records already in {path}.")
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                problem = self._problem(line)
+                if problem is None:
+                    self.records.append(self._read(line))
+                else:
+                    self.ignored += 1
+                    logger.warning(f"{path}, line {n}: {problem}; it is ignored and its example done again.")
+        if self.records:
+            logger.info(f"Resuming: {len(self.records)} records already in {path}.")
+
+    def _read(self, line: str) -> dict:
+        record = json.loads(line)
+        return self.upgrade(record) if self.upgrade is not None and isinstance(record, dict) else record
+
+    def _problem(self, line: str) -> str | None:
+        try:
+            record = self._read(line)
+        except json.JSONDecodeError:
+            return "not a JSON line (a run stopped while writing it?)"
+        if not isinstance(record, dict):
+            return f"expected a JSON object, got {line.strip()[:80]}"
+        absent = [k for k in ("id", "system", *self.fields) if k not in record]
+        if absent:
+            return f"the record has no field `{absent[0]}`"
+        if not isinstance(record["id"], str) or not isinstance(record["system"], str):
+            return "the fields `id` and `system` must be strings"
+        return None
 
     @property
     def path(self) -> str:
@@ -75,6 +110,15 @@ class RecordLog:
         os.makedirs(folder, exist_ok=True)
         return os.path.join(folder, f"{_safe_name(example_id)}.png")
 
+    def saved_image(self, record: dict) -> str:
+        """The path of a record's generated image, which must lie in this run's `images/` folder."""
+        images = os.path.abspath(os.path.join(self.output_dir, IMAGES_DIR))
+        path = os.path.normpath(os.path.join(self.output_dir, str(record.get("image"))))
+        if os.path.commonpath([images, os.path.abspath(path)]) != images:
+            raise ValueError(f"{self.path}: the record of {record['id']!r} names the image {record.get('image')!r}, "
+                             f"outside {images}.")
+        return path
+
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
@@ -88,8 +132,16 @@ def check_settings(output_dir: str, settings: dict, read_old: Callable[[dict, di
     path = os.path.join(output_dir, SETTINGS_FILE)
     settings = json.loads(json.dumps(settings))  # as JSON reads it back (tuples become lists)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                before = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"{path} is not the settings file of a run ({error}); delete it, or pass another `output_dir`."
+            ) from None
+        if not isinstance(before, dict):
+            raise ValueError(f"{path} is not the settings file of a run (not a JSON object); delete it, or pass "
+                             "another `output_dir`.")
         if read_old is not None:
             before = read_old(before, settings)
         if before != settings:
@@ -105,31 +157,73 @@ def check_settings(output_dir: str, settings: dict, read_old: Callable[[dict, di
 
 class EmbeddingStore:
     """Embeddings computed batch by batch and saved as safetensors shards under `output_dir/embeddings/`, so a
-    retrieval run that stops resumes at the batch it was in (the ranking needs every embedding at the end)."""
+    retrieval run that stops resumes at the batch it was in (the ranking needs every embedding at the end).
+
+    A shard that cannot be read back (cut short, its ids file missing or not matching its rows, another width) is
+    left out with a warning and counted in `ignored`; its embeddings are computed again."""
 
     def __init__(self, output_dir: str):
         self.folder = os.path.join(output_dir, EMBEDDINGS_DIR)
+        self.ignored = 0
+
+    def _read_shard(self, folder: str, name: str):
+        """(ids, (n, E) embeddings) of one shard, or raises ValueError saying what is wrong with it."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, name)
+        try:
+            embeddings = load_file(path)["embeddings"]
+        except (SafetensorError, OSError, KeyError, ValueError) as error:
+            raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
+        try:
+            with open(path[: -len(".safetensors")] + ".json", encoding="utf-8") as f:
+                ids = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"its ids file is missing or unreadable ({error})") from None
+        if embeddings.ndim != 2 or not isinstance(ids, list) or len(ids) != embeddings.shape[0]:
+            raise ValueError(f"{embeddings.ndim}-D embeddings of {embeddings.shape[0] if embeddings.ndim else 0} rows "
+                             f"for {len(ids) if isinstance(ids, list) else 'no list of'} ids")
+        if not all(isinstance(i, str) for i in ids):
+            raise ValueError("its ids are not all strings")
+        return ids, embeddings
 
     def compute(self, key: str, ids: list[str], items: list, embed, batch_size: int, progress: bool = True):
         """`(len(ids), E)` embeddings of `items` (in order), by `embed(list_of_items) -> (n, E)`, reusing shards of
         an earlier run under the name `key`."""
         import torch
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
+        if not ids:
+            raise ValueError(f"Nothing to embed for {key!r}: the evaluated examples are empty.")
         folder = os.path.join(self.folder, _safe_name(key))
         os.makedirs(folder, exist_ok=True)
-        found = {}
+        found, width = {}, None
         for name in sorted(os.listdir(folder)):
-            if name.endswith(".safetensors"):
-                shard = load_file(os.path.join(folder, name))
-                with open(os.path.join(folder, name[: -len(".safetensors")] + ".json"), encoding="utf-8") as f:
-                    shard_ids = json.load(f)
-                found.update(zip(shard_ids, shard["embeddings"]))
+            if not name.endswith(".safetensors"):
+                continue
+            try:
+                shard_ids, shard = self._read_shard(folder, name)
+                if width is not None and shard.shape[1] != width:
+                    raise ValueError(f"{shard.shape[1]} wide, the others {width}")
+            except ValueError as problem:
+                self.ignored += 1
+                logger.warning(f"{os.path.join(folder, name)}: {problem}; the shard is ignored and its embeddings "
+                               "computed again.")
+                continue
+            width = shard.shape[1]
+            found.update(zip(shard_ids, shard))
         todo = [i for i, example_id in enumerate(ids) if example_id not in found]
         batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
         for batch in tqdm(batches, desc=f"embedding {key}", disable=not progress or not batches):
             embeddings = embed([items[i] for i in batch]).float().cpu().contiguous()
+            if width is not None and embeddings.shape[1] != width:
+                raise ValueError(
+                    f"The embeddings saved in {folder} are {width} wide, the model gives {embeddings.shape[1]}; delete "
+                    "the folder to compute them again."
+                )
+            width = embeddings.shape[1]
             name = f"{len(os.listdir(folder)):06d}"
             # The ids first: a shard without its ids file is never read back.
             with open(os.path.join(folder, name + ".json"), "w", encoding="utf-8") as f:
@@ -137,6 +231,16 @@ class EmbeddingStore:
             save_file({"embeddings": embeddings}, os.path.join(folder, name + ".safetensors"))
             found.update(zip((ids[i] for i in batch), embeddings))
         return torch.stack([found[example_id] for example_id in ids])
+
+
+def ignored_notes(log: RecordLog, store: EmbeddingStore | None = None) -> list[str]:
+    """Summary notes counting what an earlier run left that could not be read back (and was done again)."""
+    notes = []
+    if log.ignored:
+        notes.append(f"{log.ignored} unreadable line(s) of {log.path} were ignored and their examples done again.")
+    if store is not None and store.ignored:
+        notes.append(f"{store.ignored} unreadable embedding shard(s) in {store.folder} were ignored and computed again.")
+    return notes
 
 
 def markdown_table(title: str, rows: dict[str, dict], notes: list[str] | None = None) -> str:

@@ -7,15 +7,16 @@ embedding is saved batch by batch (`embeddings/`), so a stopped run resumes; ran
 `records.jsonl` and recall@k computed from them.
 """
 
+import functools
 import os
 
 import torch
 
 from .clip_features import CLIPTextImageScorer
-from .datasets import read_captions, read_visdial
+from .datasets import Loaded, read_captions, read_visdial
 from .metrics import DEFAULT_RECALL_KS, rank_of_first_match, recall_at_k
-from .records import EmbeddingStore, RecordLog, check_settings, write_summary
-from .runner import limit_examples, load_rgb
+from .records import EmbeddingStore, RecordLog, check_settings, ignored_notes, write_summary
+from .runner import dataset_or_read, limit_examples, load_rgb
 from .systems import CLIPRetrievalBaseline, GILLSystem
 
 
@@ -36,6 +37,20 @@ def _systems(pipe, clip_baseline) -> list:
 def _embed_texts(system, texts: list[str]) -> torch.Tensor:
     # GILL reads interleaved inputs (here: one text each); CLIP reads strings.
     return system.text_embeds([[t] for t in texts] if isinstance(system, GILLSystem) else texts)
+
+
+def _texts_and_images(store: EmbeddingStore, system, queries: tuple, images: tuple, batch_size: int, progress: bool,
+                      max_image_pixels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings of `queries` = (kind, ids, texts) and of `images` = (kind, ids, paths) by `system`, each saved
+    (and resumed) under `<system>_<kind>`."""
+    load = functools.partial(load_rgb, max_pixels=max_image_pixels)
+    kind, ids, texts = queries
+    text = store.compute(f"{system.name}_{kind}", ids, texts, lambda t: _embed_texts(system, t), batch_size, progress)
+    kind, ids, paths = images
+    pictures = store.compute(
+        f"{system.name}_{kind}", ids, paths, lambda p: system.image_embeds([load(path) for path in p]), batch_size, progress
+    )
+    return text, pictures
 
 
 def _record_ranks(log: RecordLog, system: str, ids: list[str], ranks: list[int]) -> None:
@@ -65,6 +80,8 @@ def evaluate_visdial(
     batch_size: int = 16,
     ks: tuple[int, ...] = DEFAULT_RECALL_KS,
     progress: bool = True,
+    dataset: Loaded | None = None,
+    max_image_pixels: int | None = None,
 ) -> dict:
     r"""
     Dialogue-conditioned retrieval: each dialogue (caption and `num_rounds` question/answer rounds, as one text)
@@ -77,25 +94,27 @@ def evaluate_visdial(
         caption_template, round_template (`str`): how the caption and each round are written out.
         clip_baseline (`str` or [`CLIPTextImageScorer`], *optional*): a whole CLIP, for the CLIP rows.
         limit (`int`, *optional*): the first `limit` dialogues only (the gallery shrinks with them).
+        dataset ([`Loaded`], *optional*): what `read_visdial(dialogs_file, image_dir, image_pattern)` returned, when
+            read already (`gill evaluate` reads and checks it before loading any model).
+        max_image_pixels (`int`, *optional*): largest image read (default: `gill_pipeline.utils.image_io.MAX_IMAGE_PIXELS`).
     """
     if num_rounds is not None and (not isinstance(num_rounds, int) or isinstance(num_rounds, bool) or num_rounds < 0):
         raise ValueError(f"`num_rounds` must be a non-negative integer or None, got {num_rounds!r}.")
-    loaded = read_visdial(dialogs_file, image_dir, image_pattern)
+    loaded = dataset_or_read(dataset, read_visdial, dialogs_file, image_dir, image_pattern)
     dialogs = limit_examples(loaded.examples, limit)
     settings = dict(
         protocol=VISDIAL, dialogs_file=os.path.abspath(dialogs_file), num_rounds=num_rounds, limit=limit,
         caption_template=caption_template, round_template=round_template, clip_baseline=clip_baseline is not None,
     )
     check_settings(output_dir, settings)
-    log, store = RecordLog(output_dir), EmbeddingStore(output_dir)
+    log, store = RecordLog(output_dir, fields=("rank",)), EmbeddingStore(output_dir)
     ids = [d.id for d in dialogs]
     texts = [dialog_text(d, num_rounds, caption_template, round_template) for d in dialogs]
     results = {}
     for system in _systems(pipe, clip_baseline):
-        queries = store.compute(f"{system.name}_dialogs", ids, texts, lambda t: _embed_texts(system, t), batch_size, progress)
-        gallery = store.compute(
-            f"{system.name}_images", ids, [d.image_path for d in dialogs],
-            lambda paths: system.image_embeds([load_rgb(p) for p in paths]), batch_size, progress,
+        queries, gallery = _texts_and_images(
+            store, system, ("dialogs", ids, texts), ("images", ids, [d.image_path for d in dialogs]), batch_size,
+            progress, max_image_pixels,
         )
         ranks = rank_of_first_match(queries @ gallery.t(), [[i] for i in range(len(dialogs))])
         _record_ranks(log, system.name, ids, ranks)
@@ -105,7 +124,7 @@ def evaluate_visdial(
         f"Query: the caption and {rounds} of dialogue as one text; gallery: the {len(dialogs)} images of the "
         "evaluated dialogues.",
         f"Dialogues left out: {loaded.skipped} with a missing image.",
-    ]
+    ] + ignored_notes(log, store)
     return write_summary(output_dir, VISDIAL, results, settings, notes)
 
 
@@ -122,6 +141,8 @@ def evaluate_caption_retrieval(
     batch_size: int = 32,
     ks: tuple[int, ...] = DEFAULT_RECALL_KS,
     progress: bool = True,
+    dataset: Loaded | None = None,
+    max_image_pixels: int | None = None,
 ) -> dict:
     r"""
     Text-to-image (each caption retrieves its image among all images) and image-to-text (each image retrieves any of
@@ -132,8 +153,10 @@ def evaluate_caption_retrieval(
             `image_pattern`) or a COCO captions JSON (`data_format="coco"`).
         clip_baseline (`str` or [`CLIPTextImageScorer`], *optional*): a whole CLIP, for the CLIP rows.
         limit (`int`, *optional*): the first `limit` images (with all their captions) only.
+        dataset ([`Loaded`], *optional*): what `read_captions(captions_file, image_dir, data_format, image_pattern)`
+            returned, when read already; max_image_pixels (`int`, *optional*): largest image read.
     """
-    loaded = read_captions(captions_file, image_dir, data_format, image_pattern)
+    loaded = dataset_or_read(dataset, read_captions, captions_file, image_dir, data_format, image_pattern)
     images = limit_examples(loaded.examples, limit)
     settings = dict(
         protocol=CAPTION_RETRIEVAL, captions_file=os.path.abspath(captions_file), data_format=data_format, limit=limit,
@@ -147,13 +170,12 @@ def evaluate_caption_retrieval(
             captions.append(caption)
             owner.append(n)
     image_ids = [image.id for image in images]
-    log, store = RecordLog(output_dir), EmbeddingStore(output_dir)
+    log, store = RecordLog(output_dir, fields=("rank",)), EmbeddingStore(output_dir)
     results = {}
     for system in _systems(pipe, clip_baseline):
-        text = store.compute(f"{system.name}_captions", caption_ids, captions, lambda t: _embed_texts(system, t), batch_size, progress)
-        pictures = store.compute(
-            f"{system.name}_images", image_ids, [i.image_path for i in images],
-            lambda paths: system.image_embeds([load_rgb(p) for p in paths]), batch_size, progress,
+        text, pictures = _texts_and_images(
+            store, system, ("captions", caption_ids, captions), ("images", image_ids, [i.image_path for i in images]),
+            batch_size, progress, max_image_pixels,
         )
         scores = text @ pictures.t()
         t2i = rank_of_first_match(scores, [[n] for n in owner])
@@ -173,5 +195,5 @@ def evaluate_caption_retrieval(
         f"t2i: each of the {len(captions)} captions retrieves its image among {len(images)}; i2t: each image "
         "retrieves any of its captions among all captions.",
         f"Images left out: {loaded.skipped} missing.",
-    ]
+    ] + ignored_notes(log, store)
     return write_summary(output_dir, CAPTION_RETRIEVAL, results, settings, notes)

@@ -8,13 +8,24 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.image_io import read_image
+from .datasets import Loaded
 from .records import RecordLog
 
 
+def load_rgb(path: str, max_pixels: int | None = None) -> PIL.Image.Image:
+    """An image of the dataset or a generated one, RGB; above `max_pixels` (default: `image_io.MAX_IMAGE_PIXELS`) or
+    undecodable it is a `ValueError` naming the file (the run stops; its records so far are kept for the rerun)."""
+    return read_image(path, max_pixels=max_pixels)
 
-def load_rgb(path: str) -> PIL.Image.Image:
-    with PIL.Image.open(path) as image:
-        return image.convert("RGB")
+
+def dataset_or_read(dataset: Loaded | None, read, *args) -> Loaded:
+    """`dataset` (examples the caller read already, e.g. `gill evaluate` before loading any model), or `read(*args)`."""
+    if dataset is None:
+        return read(*args)
+    if not isinstance(dataset, Loaded):
+        raise TypeError(f"`dataset` must be the `Loaded` a reader of `evaluation.datasets` returns, got {type(dataset).__name__}.")
+    return dataset
 
 
 def to_tensor(images: list[PIL.Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:

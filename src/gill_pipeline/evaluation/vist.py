@@ -10,14 +10,15 @@ features with its learned channel weights, the paper's number), and `lpips_clip_
 CLIP vision tower's layers with unit weights (offline; it ranks systems but is not comparable with published LPIPS).
 """
 
+import functools
 import os
 import warnings
 
-from .datasets import read_vist_stories
+from .datasets import DataFileError, Loaded, read_vist_stories
 from .lpips import LPIPS, VisionTransformerFeatures
 from .metrics import cosine_similarity
-from .records import RecordLog, check_settings, write_summary
-from .runner import limit_examples, load_rgb, mean, run_batches, save_image, to_tensor
+from .records import RecordLog, check_settings, ignored_notes, write_summary
+from .runner import dataset_or_read, limit_examples, load_rgb, mean, run_batches, save_image, to_tensor
 from .systems import GILLSystem, make_baseline
 
 
@@ -26,14 +27,30 @@ LPIPS_KEY = "lpips"  # the published LPIPS only
 CLIP_LPIPS_KEY = "lpips_clip_features"  # the LPIPS formula over CLIP layers: not comparable with published LPIPS
 
 
-def story_inputs(story, num_captions: int, include_images: bool) -> tuple[list, str]:
+def _check_num_captions(num_captions) -> None:
+    if not isinstance(num_captions, int) or isinstance(num_captions, bool) or num_captions < 1:
+        raise ValueError(f"`num_captions` must be a positive integer, got {num_captions!r}.")
+
+
+def select_stories(loaded: Loaded, num_captions: int, limit: int | None = None, path: str = "") -> tuple[list, int]:
+    """(the first `limit` stories with at least `num_captions` steps, how many stories are shorter); refuses a file
+    whose stories are all shorter (before any model runs)."""
+    _check_num_captions(num_captions)
+    long_enough = [s for s in loaded.examples if len(s.captions) >= num_captions]
+    if not long_enough:
+        longest = max(len(s.captions) for s in loaded.examples)
+        raise DataFileError(path, f"no story has {num_captions} steps (the longest has {longest}); lower --num-captions.")
+    return limit_examples(long_enough, limit), len(loaded.examples) - len(long_enough)
+
+
+def story_inputs(story, num_captions: int, include_images: bool, load=load_rgb) -> tuple[list, str]:
     """(GILL's interleaved input, the baseline's text) for a story; the target is the story's last image."""
     start = len(story.captions) - num_captions
     interleaved = []
     for step in range(start, len(story.captions)):
         interleaved.append(story.captions[step])
         if include_images and step < len(story.captions) - 1:
-            interleaved.append(load_rgb(story.image_paths[step]))
+            interleaved.append(load(story.image_paths[step]))
     return interleaved, " ".join(story.captions[start:])
 
 
@@ -56,6 +73,8 @@ def evaluate_vist(
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     progress: bool = True,
+    dataset: Loaded | None = None,
+    max_image_pixels: int | None = None,
 ) -> dict:
     r"""
     Runs the VIST protocol and writes `records.jsonl`, `summary.json`, `summary.md` and the images to `output_dir`.
@@ -74,12 +93,14 @@ def evaluate_vist(
         num_captions (`int`, defaults to 5), include_images (`bool`, defaults to `True`): the context (paper: 5
             captions and 4 images; 1 caption).
         limit (`int`, *optional*): evaluate the first `limit` stories only (a larger limit later resumes the run).
+        dataset ([`Loaded`], *optional*): the stories `read_vist_stories(stories_file, image_dir, image_pattern)`
+            returned, when read already (`gill evaluate` reads and checks them before loading any model).
+        max_image_pixels (`int`, *optional*): largest image read (default: `gill_pipeline.utils.image_io.MAX_IMAGE_PIXELS`).
 
     Returns:
         `dict`: the summary (per system: mean CLIP similarity, mean of each LPIPS given, number of stories).
     """
-    if not isinstance(num_captions, int) or isinstance(num_captions, bool) or num_captions < 1:
-        raise ValueError(f"`num_captions` must be a positive integer, got {num_captions!r}.")
+    _check_num_captions(num_captions)  # the arguments before the file
     if _is_clip_feature_lpips(lpips):
         if lpips_clip_features is not None:
             raise ValueError(
@@ -100,18 +121,20 @@ def evaluate_vist(
         baseline=baseline_text_encoder is not None, lpips=lpips is not None,
         lpips_clip_features=lpips_clip_features is not None,
     )
-    loaded = read_vist_stories(stories_file, image_dir, image_pattern)
+    loaded = dataset_or_read(dataset, read_vist_stories, stories_file, image_dir, image_pattern)
+    stories, short = select_stories(loaded, num_captions, limit, stories_file)
+    load = functools.partial(load_rgb, max_pixels=max_image_pixels)
     check_settings(output_dir, settings, read_old=_settings_before_two_keys)
-    stories = limit_examples([s for s in loaded.examples if len(s.captions) >= num_captions], limit)
-    short = len(loaded.examples) - len([s for s in loaded.examples if len(s.captions) >= num_captions])
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     gill = GILLSystem(pipe, **sampling)
     baseline = make_baseline(pipe, baseline_text_encoder, sampling)
-    log = RecordLog(output_dir)
-    _rename_old_records(log.records, settings)
+    log = RecordLog(
+        output_dir, fields=("clip_similarity", "image", *distances),
+        upgrade=functools.partial(_rename_old_record, settings),
+    )
 
     def scored(system, batch, images) -> list[dict]:
-        truth = [load_rgb(s.image_paths[-1]) for s in batch]
+        truth = [load(s.image_paths[-1]) for s in batch]
         similarity = cosine_similarity(clip(images), clip(truth))
         records = []
         for i, story in enumerate(batch):
@@ -122,7 +145,7 @@ def evaluate_vist(
         return records
 
     def run_gill(batch, seeds):
-        return scored(gill.name, batch, gill.generate([story_inputs(s, num_captions, include_images)[0] for s in batch], seeds))
+        return scored(gill.name, batch, gill.generate([story_inputs(s, num_captions, include_images, load)[0] for s in batch], seeds))
 
     def run_baseline(batch, seeds):
         return scored(baseline.name, batch, baseline.generate([story_inputs(s, num_captions, False)[1] for s in batch], seeds))
@@ -145,7 +168,7 @@ def evaluate_vist(
         "clip_similarity: cosine similarity of the CLIP image embeddings of the generated and the true image "
         "(higher is better).",
         f"Stories left out: {loaded.skipped} with a missing image, {short} with fewer than {num_captions} steps.",
-    ]
+    ] + ignored_notes(log)
     if lpips is not None:
         notes.append(f"{LPIPS_KEY}: the published LPIPS (lower is better).")
     if lpips_clip_features is not None:
@@ -174,11 +197,9 @@ def _settings_before_two_keys(before: dict, settings: dict) -> dict:
     return upgraded
 
 
-def _rename_old_records(records: list[dict], settings: dict) -> None:
-    """Records written before the two keys, by a run that was given the CLIP-feature LPIPS, hold it as `lpips`: read
-    them under their own key (in memory; the file is left as it was). Records of a run with both carry both keys."""
-    if not settings[CLIP_LPIPS_KEY]:
-        return
-    for record in records:
-        if LPIPS_KEY in record and CLIP_LPIPS_KEY not in record:
-            record[CLIP_LPIPS_KEY] = record.pop(LPIPS_KEY)
+def _rename_old_record(settings: dict, record: dict) -> dict:
+    """A record written before the two keys, by a run that was given the CLIP-feature LPIPS, holds it as `lpips`: read
+    it under its own key (in memory; the file is left as it was). Records of a run with both carry both keys."""
+    if settings[CLIP_LPIPS_KEY] and LPIPS_KEY in record and CLIP_LPIPS_KEY not in record:
+        record[CLIP_LPIPS_KEY] = record.pop(LPIPS_KEY)
+    return record

@@ -1,10 +1,11 @@
 """Loading the images of a retrieval index safely: local files only inside the image root, URLs only on request."""
 
-import io
 import os
 import urllib.request
 
 import PIL.Image
+
+from ..utils.image_io import read_image
 
 # Largest download accepted for one image, in bytes.
 MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
@@ -66,13 +67,13 @@ def _read_range(path: str, offset: int, size: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, where: str) -> PIL.Image.Image:
+def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> PIL.Image.Image:
+    """The RGB image in `data`, within the pixel limit of `gill_pipeline.utils.image_io`; else [`ImageLoadError`] (so an
+    index skips the image and tries the next one)."""
     try:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()  # decode now, so a truncated file fails here and not later
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-        raise ImageLoadError(f"Cannot read the image {where}: {error}") from error
+        return read_image(data, max_pixels=max_pixels, name=where)
+    except ValueError as error:  # image_io's ImageTooLargeError and UnreadableImageError name the image already
+        raise ImageLoadError(str(error)) from error
 
 
 def load_record_image(
@@ -81,11 +82,13 @@ def load_record_image(
     allow_urls: bool = False,
     timeout: float = DOWNLOAD_TIMEOUT_S,
     link_root: str | None = None,
+    max_pixels: int | None = None,
 ) -> PIL.Image.Image:
     """Loads the image of one index record as an RGB PIL image, or raises [`ImageLoadError`].
 
     A record has a `path`: a URL, or a path relative to `image_root`. Records of images inside tar shards
-    (webdataset) also have `offset` and `size`, the byte range of the image inside the tar file at `path`.
+    (webdataset) also have `offset` and `size`, the byte range of the image inside the tar file at `path`. An image
+    above `max_pixels` (default: `gill_pipeline.utils.image_io.MAX_IMAGE_PIXELS`) is refused before it is decoded.
     """
     path = record.get("path")
     if is_url(path):
@@ -95,7 +98,7 @@ def load_record_image(
                 "`allow_urls=True` to allow it."
             )
         try:
-            return decode_image(_download(path, timeout), path)
+            return decode_image(_download(path, timeout), path, max_pixels)
         except ImageLoadError:
             raise
         except Exception as error:  # urllib raises many types (URLError, HTTPError, timeouts, ...)
@@ -109,11 +112,11 @@ def load_record_image(
     try:
         if "offset" in record:
             data = _read_range(full, int(record["offset"]), int(record["size"]))
-            return decode_image(data, f"{path} (offset {record['offset']})")
+            return decode_image(data, f"{path} (offset {record['offset']})", max_pixels)
         with open(full, "rb") as f:
             data = f.read()
     except ImageLoadError:
         raise
     except OSError as error:
         raise ImageLoadError(f"Cannot read the image {full}: {error}") from error
-    return decode_image(data, full)
+    return decode_image(data, full, max_pixels)
