@@ -316,3 +316,25 @@ def test_a_negative_lora_rank_is_refused_by_name(capsys):
         main(["--base", "unused", "--out", "unused", "--lora-rank", "-2"])
     assert exit_info.value.code == 2
     assert "--lora-rank must be 0 (no adapter) or a positive rank, got -2" in capsys.readouterr().err
+
+
+def test_a_message_longer_than_the_context_is_refused_before_the_unknown_word_scan(bundled, monkeypatch):
+    def scan(*args, **kwargs):
+        raise AssertionError("the unknown-word scan ran on an input that is refused for its length")
+
+    monkeypatch.setattr(bundled.processor, "unknown_words", scan)
+    monkeypatch.setattr(bundled.processor, "encode_image_features", scan)  # nor the vision encoder
+    long_text = " ".join(["zzz", "a", "red", "Qqq"] * 25_000)  # 100k words, half of them unknown
+    with pytest.raises(ValueError, match=r"`prompt` is \d+ LM positions long .* context of \d+ positions"):
+        bundled([long_text], max_new_tokens=1)
+
+
+def test_the_unknown_word_scan_is_each_word_once_in_order_and_linear(bundled):
+    processor = bundled.processor
+    words = [f"unknown{i % 500}" for i in range(40_000)] + ["a", "red", "Zebra", "unknown3"]
+    found = processor.unknown_words([[" ".join(words)], ["Zebra again", "Yak"]])
+    assert found == [f"unknown{i}" for i in range(500)] + ["Zebra", "again", "Yak"]
+    # The same words as a word-by-word check finds them (the reference the linear sweep must agree with).
+    sample = "Draw  a red\tsquare , Paint it ?"
+    one_by_one = [w for w in sample.split() if processor.tokenizer.unk_token_id in processor.tokenizer(w).input_ids]
+    assert processor.unknown_words([[sample]]) == one_by_one == ["Draw", ",", "Paint", "?"]

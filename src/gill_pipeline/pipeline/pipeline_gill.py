@@ -500,6 +500,8 @@ class GILLPipeline(
         processor = self.processor
         add_bos = not (chat and has_chat_template(self.tokenizer))  # a chat template writes its own special tokens
         pieces = [processor.tokenize_interleaved(sample, name, add_bos) for sample, name in zip(batch, names)]
+        for p, name in zip(pieces, names):
+            processor.check_length(p, name)  # before the unknown-word scan and any model: a long input is refused fast
         unknown = processor.unknown_words(batch)
         if unknown:  # once per call: the LM reads these as its unknown token, which silently changes the answer
             logger.warning(

@@ -124,17 +124,31 @@ class GILLInterleavedProcessor:
         unk = self.tokenizer.unk_token_id
         if unk is None:
             return []
-        found = []
+        found = {}  # an ordered set: each word once, in the order met; linear in the length of the text
         for text in (element for sample in batch for element in sample if isinstance(element, str)):
             words = list(re.finditer(r"\S+", text))
             if getattr(self.tokenizer, "is_fast", False):
                 encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
                 spans = [span for token, span in zip(encoding.input_ids, encoding.offset_mapping) if token == unk]
-                hits = [w.group() for w in words if any(s < w.end() and e > w.start() for s, e in spans)]
+                hits = _words_overlapping(words, spans)
             else:
                 hits = [w.group() for w in words if unk in self.tokenizer(w.group(), add_special_tokens=False).input_ids]
-            found += [word for word in hits if word not in found]
-        return found
+            found.update(dict.fromkeys(hits))
+        return list(found)
+
+    def check_length(self, pieces: list[tuple], sample_name: str) -> None:
+        """Refuses, before anything is embedded or scanned, an input longer than the LM's context (text tokens plus
+        `num_visual_tokens` per image)."""
+        limit = lm_context_length(self.llm)
+        if limit is None:
+            return
+        length = sum(len(v) if kind == "ids" else self.gill.config.num_visual_tokens for kind, v in pieces)
+        if length >= limit:
+            raise ValueError(
+                f"`{sample_name}` is {length} LM positions long (text tokens plus "
+                f"{self.gill.config.num_visual_tokens} per image), which leaves no room in the LM's context of "
+                f"{limit} positions. Shorten the input."
+            )
 
     def piece_keys(self, pieces: list[tuple]) -> list[tuple]:
         """One hashable key per LM position of `pieces` (a token id, or an image's content and prefix slot): two
@@ -151,6 +165,7 @@ class GILLInterleavedProcessor:
     def embed_pieces(self, pieces: list[tuple], device: torch.device, sample_name: str) -> torch.Tensor:
         """Pieces from `tokenize_interleaved` -> LM input embeddings `(T, D)`; every image becomes
         `num_visual_tokens` visual-prefix embeddings."""
+        self.check_length(pieces, sample_name)
         images = [value for kind, value in pieces if kind == "image"]
         visual = None
         if images:
@@ -164,22 +179,24 @@ class GILLInterleavedProcessor:
             else:
                 embedded.append(visual[image_index].to(device=device, dtype=dtype))
                 image_index += 1
-        embeds = torch.cat(embedded, dim=0).to(dtype)
-
-        limit = lm_context_length(self.llm)
-        if limit is not None and embeds.shape[0] >= limit:
-            raise ValueError(
-                f"`{sample_name}` is {embeds.shape[0]} LM positions long (text tokens plus "
-                f"{self.gill.config.num_visual_tokens} per image), which leaves no room in the LM's context of "
-                f"{limit} positions. Shorten the input."
-            )
-        return embeds
+        return torch.cat(embedded, dim=0).to(dtype)
 
     def encode_interleaved(
         self, sample: list[Any], device: torch.device, sample_name: str, add_bos: bool = True
     ) -> torch.Tensor:
         """One interleaved list of text and images -> LM input embeddings `(T, D)` (see `tokenize_interleaved`)."""
         return self.embed_pieces(self.tokenize_interleaved(sample, sample_name, add_bos), device, sample_name)
+
+
+def _words_overlapping(words: list[re.Match], spans: list[tuple[int, int]]) -> list[str]:
+    """The words that overlap a character span; both lists are in text order, so one sweep finds them."""
+    hits, j = [], 0
+    for word in words:
+        while j < len(spans) and spans[j][1] <= word.start():
+            j += 1
+        if j < len(spans) and spans[j][0] < word.end():
+            hits.append(word.group())
+    return hits
 
 
 class InterleavedInputsMixin:
