@@ -33,6 +33,15 @@ class GILLPast:
     reused: int = 0  # positions the call that made it took from the past it was given
     spent: bool = False  # set once a call has used (and so changed) its cache
 
+    def __post_init__(self):
+        if not isinstance(self.keys, list) or not all(isinstance(key, tuple) for key in self.keys):
+            raise TypeError(
+                f"`GILLPast.keys` must be a list of position keys (tuples), got {type(self.keys).__name__} "
+                f"{self.keys!r:.80}. A past comes from a call's output (`out.past`); it is not built by hand."
+            )
+        if not isinstance(self.owner, tuple):
+            raise TypeError(f"`GILLPast.owner` must be a tuple, got {type(self.owner).__name__}.")
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -45,9 +54,11 @@ class GILLPast:
         return n
 
 
-def past_owner(llm, gill, img_token_ids) -> tuple:
-    """What ties a `GILLPast` to the pipeline that made it: its LM, learned weights and `[IMG]` ids."""
-    return (id(llm), id(gill), tuple(img_token_ids))
+def past_owner(llm, gill, img_token_ids, device=None) -> tuple:
+    """What ties a `GILLPast` to the pipeline that made it: its LM, learned weights and `[IMG]` ids, and the dtype and
+    device the LM ran in (a cache made in float32 on one device cannot continue in bfloat16 or on another)."""
+    dtype = llm.get_input_embeddings().weight.dtype
+    return (id(llm), id(gill), tuple(img_token_ids), str(dtype), str(device))
 
 
 def check_past(past, batch, use_cache: bool, owner: tuple) -> None:
@@ -61,10 +72,18 @@ def check_past(past, batch, use_cache: bool, owner: tuple) -> None:
             f"`past` continues one input decoded with a cache, got {len(batch)} inputs and `use_cache`="
             f"{use_cache}."
         )
-    if past.owner != owner:
+    if past.cache is None:
+        raise ValueError("`past` holds no cache (`past.cache` is None): pass the `past` of an earlier call's output.")
+    if tuple(past.owner[:3]) != owner[:3]:
         raise ValueError(
             "`past` was made by another pipeline (another LM or other learned weights); its cache cannot be "
             "reused here. Start the conversation again without it."
+        )
+    if tuple(past.owner[3:]) != owner[3:]:
+        made, now = " on ".join(past.owner[3:]), " on ".join(owner[3:])
+        raise ValueError(
+            f"`past` was made while the LM ran in {made}, and it now runs in {now} (the pipeline was moved or cast "
+            "since): its cache cannot be reused. Start the conversation again without it."
         )
 
 

@@ -516,7 +516,7 @@ class GILLPipeline(
         return prompt_embeds, keys, past_cache, past_length
 
     def _past_owner(self) -> tuple:
-        return past_owner(self.llm, self.gill, self.img_token_ids)
+        return past_owner(self.llm, self.gill, self.img_token_ids, self._execution_device)
 
     @torch.no_grad()
     def decode(
