@@ -48,7 +48,7 @@ from .tiny import (
 
 # CLIP text positions of the tiny CLIP tokenizers (77 in the real checkpoints; small keeps the tests fast).
 TINY_CLIP_LENGTH = 16
-# The patch-transformer settings the tiny SD3 and PixArt denoisers share (16x16 latents of 4 channels).
+# The patch-transformer settings the tiny SD3, PixArt and Sana denoisers share (16x16 latents of 4 channels).
 TINY_DIT_SETTINGS = dict(
     sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2
 )
@@ -258,17 +258,13 @@ def build_tiny_sana() -> SanaPipeline:
     )
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
+        # 1x1 patches (the DC autoencoder's latents are already small) and narrower heads than SD3's and PixArt's.
+        **{**TINY_DIT_SETTINGS, "patch_size": 1, "attention_head_dim": 4},
         out_channels=4,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=4,
         num_cross_attention_heads=2,
         cross_attention_head_dim=4,
         cross_attention_dim=8,
         caption_channels=text_encoder.config.hidden_size,
-        sample_size=16,
     )
     torch.manual_seed(0)
     vae = AutoencoderDC(
