@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from benchmarks.models import opt_125m_shaped
 from gill_pipeline import GILLConversation, GILLPipeline
 from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
-from transformers import OPTConfig, OPTForCausalLM
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "conversation.md")
 USER_TURNS = [
@@ -51,18 +51,6 @@ class FirstTokenClock:
 
     def end(self):
         pass
-
-
-def opt_125m_shaped(vocab_size: int, tiny: bool = False) -> OPTForCausalLM:
-    """OPT-125m's architecture (12 layers, width 768, 12 heads) with random weights and the tokenizer's vocabulary:
-    every id the random LM picks is then real text, so answers (and the context of later turns) have their length.
-    `tiny`: 2 layers of width 32, for the test that keeps this script alive."""
-    width, layers, heads = (32, 2, 2) if tiny else (768, 12, 12)
-    config = OPTConfig(
-        vocab_size=vocab_size, hidden_size=width, word_embed_proj_dim=width, ffn_dim=4 * width,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=2048,
-    )
-    return OPTForCausalLM(config).eval()
 
 
 def build_pipeline(tokenizer, llm) -> GILLPipeline:
@@ -131,6 +119,8 @@ def main(argv=None):
     torch.manual_seed(0)
 
     tokenizer = build_tiny_tokenizer(chat_template=True, model_max_length=2048)
+    # The tokenizer's vocabulary: every id the random LM picks is real text, so answers (and the context of later
+    # turns) have their length.
     pipe = build_pipeline(tokenizer, opt_125m_shaped(len(tokenizer), tiny=args.tiny))
     # Answers of a fixed length (no EOS or images from the random LM) make every mode do the same work.
     settings = dict(max_new_tokens=args.answer_tokens, max_images=0)

@@ -16,28 +16,14 @@ import platform
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from transformers import OPTConfig, OPTForCausalLM
 
 from gill_pipeline import DecodingSettings, GILLDecoder, GILLPipeline
 from gill_pipeline.models.lm_bridge import new_cache
 from gill_pipeline.testing import build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
+from benchmarks.models import opt_125m_shaped
 from benchmarks.timing import median_seconds
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "pipeline.md")
-
-
-def opt_125m_shaped() -> OPTForCausalLM:
-    """OPT-125m's architecture (12 layers, width 768, 12 heads, vocab 50272) with random weights."""
-    config = OPTConfig(
-        vocab_size=50272,
-        hidden_size=768,
-        word_embed_proj_dim=768,
-        ffn_dim=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=2048,
-    )
-    return OPTForCausalLM(config).eval()
 
 
 def build_pipeline(llm, cross_attention_dim: int, unet: UNet2DConditionModel | None = None) -> GILLPipeline:

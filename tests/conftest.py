@@ -1,6 +1,7 @@
 """Shared fixtures: tiny GILL pipelines with random weights, built offline from configs after a fixed seed."""
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +17,11 @@ torch.set_num_threads(1)
 
 # Small call settings that keep every test fast: few decoding steps, 2 denoising steps, tensors out.
 FAST_CALL = dict(max_new_tokens=6, num_inference_steps=2, output_type="pt")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The training scripts' smallest run (a tiny random pipeline, a few steps).
+TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
+# The reference release's files, in ../shared beside the checkout (as on developer machines and in CI).
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data", "gill_original")
 
 
 def make_pipeline(lm_type: str = "opt", **kwargs):
@@ -47,6 +53,11 @@ def header_bomb_png(path, width: int = 20000, height: int = 20000) -> str:
     return str(path)
 
 
+def write_image(path, seed: int, size: int = 20) -> None:
+    """Writes `random_image(seed, size)` to `path` (its format from the file name's extension)."""
+    random_image(seed, size).save(path)
+
+
 @pytest.fixture(scope="session")
 def opt_pipe():
     """A tiny OPT-based pipeline (tied embeddings, word_embed_proj_dim != hidden_size). Do not mutate it."""
@@ -57,6 +68,30 @@ def opt_pipe():
 def llama_pipe():
     """A tiny Llama-based pipeline (untied embeddings). Do not mutate it."""
     return make_pipeline("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The training scripts' tiny OPT models (`training.setup_models.build_tiny_models`), built once per module."""
+    from training.setup_models import build_tiny_models
+
+    return build_tiny_models("opt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved_opt(tmp_path_factory):
+    """A tiny OPT pipeline saved once per module. Do not change it: damage `saved_copy` instead."""
+    folder = tmp_path_factory.mktemp("opt_saved")
+    make_pipeline("opt").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def saved_copy(saved_opt, tmp_path):
+    """A fresh copy of `saved_opt` for one test to change."""
+    target = tmp_path / "pipe"
+    shutil.copytree(saved_opt, target)
+    return target
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,16 @@ class FakeHub:
             return None, _error(401, "RepoNotFound", f"Repository Not Found for url: {repo_id}")
         return repo, None
 
+    def _snapshot_or_404(self, repo_id: str, revision: str | None):
+        """`((sha, files), None)` for a known repo and revision, else `(None, the Hub's 401 or 404 response)`."""
+        found, error = self._repo_or_404(repo_id)
+        if error:
+            return None, error
+        snapshot = found.snapshot(revision)
+        if snapshot is None:
+            return None, _error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return snapshot, None
+
     def _create_repo(self, request):
         body = json.loads(request.content)
         repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
@@ -160,12 +170,9 @@ class FakeHub:
         return _json({"commitUrl": f"{ENDPOINT}/{repo}/commit/{sha}", "commitOid": sha, "success": True})
 
     def _model_info(self, request, repo, rev=None):
-        found, error = self._repo_or_404(repo)
+        snapshot, error = self._snapshot_or_404(repo, rev)
         if error:
             return error
-        snapshot = found.snapshot(rev)
-        if snapshot is None:
-            return _error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         sha, files = snapshot
         return _json(
             {
@@ -178,12 +185,9 @@ class FakeHub:
         )
 
     def _tree(self, request, repo, rev, sub=None):
-        found, error = self._repo_or_404(repo)
+        snapshot, error = self._snapshot_or_404(repo, rev)
         if error:
             return error
-        snapshot = found.snapshot(rev)
-        if snapshot is None:
-            return _error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         prefix = (sub.rstrip("/") + "/") if sub else ""
         entries, folders = [], set()
         for p, content in sorted(snapshot[1].items()):
@@ -197,12 +201,9 @@ class FakeHub:
         return _json(entries)
 
     def _resolve(self, request, repo, rev, file):
-        found, error = self._repo_or_404(repo)
+        snapshot, error = self._snapshot_or_404(repo, rev)
         if error:
             return error
-        snapshot = found.snapshot(rev)
-        if snapshot is None:
-            return _error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         sha, files = snapshot
         if file not in files:
             return _error(404, "EntryNotFound", f"{file} does not exist on {rev}", headers={"X-Repo-Commit": sha})

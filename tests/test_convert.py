@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import random_image
+from conftest import SHARED_DATA, random_image
 from gill_pipeline.conversion.convert_original import (
     CheckpointError,
     build_gill_model_from_reference,
@@ -23,8 +23,6 @@ from gill_pipeline.models.gill_model import GILLModel
 from gill_pipeline.pipeline import DecodingSettings, GILLPipeline
 from gill_pipeline.testing import build_tiny_lm, build_tiny_stable_diffusion, build_tiny_tokenizer, build_tiny_vision_encoder
 
-# ../shared beside the checkout (as on developer machines and in CI).
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gill_original")
 REAL_DECISION = os.path.join(SHARED_DATA, "decision_model.pth.tar")
 REAL_ARGS = os.path.join(SHARED_DATA, "model_args.json")
 

@@ -4,10 +4,10 @@ import json
 import os
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
+from conftest import TINY_CONFIG, write_image
 from training import convert_data, precompute, train_gill
 from training.data import ExampleReader, iterate_records
 from training.records import RowProblems
@@ -15,22 +15,9 @@ from training.interleaved import InterleavedCollator, InterleavedDataset, read_d
 from training.losses import IGNORE_INDEX, generation_l2_loss
 from training.model_forward import GILLTrainingModel
 from training.params import DataArgs
-from training.setup_models import build_tiny_models
 from training.targets import encode_captions
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
 COLOURS = ("red", "green", "blue", "yellow")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_models("opt", seed=0)
-
-
-def write_image(path, seed):
-    array = (np.random.RandomState(seed).rand(20, 20, 3) * 255).astype(np.uint8)
-    PIL.Image.fromarray(array).save(path)
 
 
 def story(index: int) -> dict:

@@ -15,24 +15,10 @@ from gill_pipeline.testing import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def saved_opt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("opt_saved")
-    make_pipeline("opt").save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama_saved")
     make_pipeline("llama").save_pretrained(folder)
     return folder
-
-
-@pytest.fixture()
-def copy_of(saved_opt, tmp_path):
-    target = tmp_path / "pipe"
-    shutil.copytree(saved_opt, target)
-    return target
 
 
 def edit_json(path, **changes):
@@ -117,72 +103,77 @@ def test_from_base_models_takes_a_dtype_name():
 # ----------------------------------------------------------------------------------------------------------------
 # Component configs: present, JSON objects, of the right kind
 # ----------------------------------------------------------------------------------------------------------------
-def test_a_config_that_is_not_an_object_is_named(copy_of):
-    path = copy_of / "llm" / "config.json"
-    path.write_text("[1, 2]")
-    with pytest.raises(PipelineFolderError, match=rf"Corrupted JSON file: {path}.*holds a list, not a JSON object"):
-        GILLPipeline.from_pretrained(copy_of)
+@pytest.mark.parametrize(
+    "component, text, reason", [("gill", "{not json", ""), ("llm", "[1, 2]", ".*holds a list, not a JSON object")]
+)
+def test_a_corrupted_config_is_named(saved_copy, component, text, reason):
+    path = saved_copy / component / "config.json"
+    path.write_text(text)
+    with pytest.raises(PipelineFolderError, match=rf"Corrupted JSON file: {path}{reason}"):
+        GILLPipeline.from_pretrained(saved_copy)
 
 
-def test_a_vae_config_in_the_unet_folder_is_the_wrong_kind(copy_of):
-    shutil.copy(copy_of / "vae" / "config.json", copy_of / "unet" / "config.json")
-    with pytest.raises(PipelineFolderError, match=rf"Wrong kind of model: {copy_of / 'unet' / 'config.json'} describes"):
-        GILLPipeline.from_pretrained(copy_of)
+def test_a_vae_config_in_the_unet_folder_is_the_wrong_kind(saved_copy):
+    unet_config = saved_copy / "unet" / "config.json"
+    shutil.copy(saved_copy / "vae" / "config.json", unet_config)
+    with pytest.raises(PipelineFolderError, match=rf"Wrong kind of model: {unet_config} describes"):
+        GILLPipeline.from_pretrained(saved_copy)
 
 
-def test_an_lm_config_in_the_vision_folder_is_the_wrong_kind(copy_of):
-    shutil.copy(copy_of / "llm" / "config.json", copy_of / "image_encoder" / "config.json")
+def test_an_lm_config_in_the_vision_folder_is_the_wrong_kind(saved_copy):
+    shutil.copy(saved_copy / "llm" / "config.json", saved_copy / "image_encoder" / "config.json")
     with pytest.raises(PipelineFolderError, match="model_type 'opt', but component `image_encoder` is loaded as"):
-        GILLPipeline.from_pretrained(copy_of)
+        GILLPipeline.from_pretrained(saved_copy)
 
 
-def test_a_missing_tokenizer_is_named(copy_of):
-    for name in os.listdir(copy_of / "tokenizer"):
+def test_a_missing_tokenizer_is_named(saved_copy):
+    for name in os.listdir(saved_copy / "tokenizer"):
         if name.startswith("tokenizer"):
-            os.remove(copy_of / "tokenizer" / name)
-    (copy_of / "tokenizer" / "special_tokens_map.json").write_text("{}")
-    with pytest.raises(PipelineFolderError, match=rf"{copy_of / 'tokenizer'} \(component `tokenizer`\) has none of"):
-        GILLPipeline.from_pretrained(copy_of)
+            os.remove(saved_copy / "tokenizer" / name)
+    (saved_copy / "tokenizer" / "special_tokens_map.json").write_text("{}")
+    with pytest.raises(PipelineFolderError, match=rf"{saved_copy / 'tokenizer'} \(component `tokenizer`\) has none of"):
+        GILLPipeline.from_pretrained(saved_copy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parts that do not fit each other: refused at load time, from the config files
 # ----------------------------------------------------------------------------------------------------------------
-def test_a_gill_folder_from_another_pipeline_is_refused(copy_of, saved_llama):
-    shutil.rmtree(copy_of / "gill")
-    shutil.copytree(saved_llama / "gill", copy_of / "gill")
+def test_a_gill_folder_from_another_pipeline_is_refused(saved_copy, saved_llama):
+    shutil.rmtree(saved_copy / "gill")
+    shutil.copytree(saved_llama / "gill", saved_copy / "gill")
     with pytest.raises(ValueError, match=r"The LM .*llm/config.json \(OPTForCausalLM\) has input/hidden widths .* "
                        r"but the learned weights .*gill/config.json fit"):
-        GILLPipeline.from_pretrained(copy_of)
+        GILLPipeline.from_pretrained(saved_copy)
 
 
-def test_an_lm_of_another_width_is_refused(copy_of, saved_llama):
-    shutil.rmtree(copy_of / "llm")
-    shutil.copytree(saved_llama / "llm", copy_of / "llm")
-    edit_json(copy_of / "model_index.json", llm=["transformers", "LlamaForCausalLM"])
+def test_an_lm_of_another_width_is_refused(saved_copy, saved_llama):
+    shutil.rmtree(saved_copy / "llm")
+    shutil.copytree(saved_llama / "llm", saved_copy / "llm")
+    edit_json(saved_copy / "model_index.json", llm=["transformers", "LlamaForCausalLM"])
     with pytest.raises(ValueError, match="LlamaForCausalLM.*it is not the LM they were trained with"):
-        GILLPipeline.from_pretrained(copy_of)
+        GILLPipeline.from_pretrained(saved_copy)
 
 
-def test_a_unet_of_another_cross_attention_width_is_refused_before_its_weights_are_read(copy_of):
+def test_a_unet_of_another_cross_attention_width_is_refused_before_its_weights_are_read(saved_copy):
     # The weights no longer match the config either: the fit error must come first, naming the file.
-    edit_json(copy_of / "unet" / "config.json", cross_attention_dim=48)
-    with pytest.raises(ValueError, match=rf"The UNet {copy_of / 'unet' / 'config.json'}'s cross-attention width is 48"):
-        GILLPipeline.from_pretrained(copy_of)
+    unet_config = saved_copy / "unet" / "config.json"
+    edit_json(unet_config, cross_attention_dim=48)
+    with pytest.raises(ValueError, match=rf"The UNet {unet_config}'s cross-attention width is 48"):
+        GILLPipeline.from_pretrained(saved_copy)
 
 
-def test_a_tokenizer_without_the_img_tokens_is_refused(copy_of):
-    shutil.rmtree(copy_of / "tokenizer")
-    build_tiny_tokenizer().save_pretrained(copy_of / "tokenizer")
+def test_a_tokenizer_without_the_img_tokens_is_refused(saved_copy):
+    shutil.rmtree(saved_copy / "tokenizer")
+    build_tiny_tokenizer().save_pretrained(saved_copy / "tokenizer")
     with pytest.raises(ValueError, match=r"tokenizer .* has no tokens \['\[IMG0\]'"):
-        GILLPipeline.from_pretrained(copy_of)
+        GILLPipeline.from_pretrained(saved_copy)
 
 
-def test_img_token_ids_other_than_the_tokenizer_gives_are_refused(copy_of):
-    index = json.loads((copy_of / "model_index.json").read_text())
-    edit_json(copy_of / "model_index.json", img_token_ids=list(reversed(index["img_token_ids"])))
+def test_img_token_ids_other_than_the_tokenizer_gives_are_refused(saved_copy):
+    index = json.loads((saved_copy / "model_index.json").read_text())
+    edit_json(saved_copy / "model_index.json", img_token_ids=list(reversed(index["img_token_ids"])))
     with pytest.raises(ValueError, match="gives the \\[IMG\\] tokens .* but .*model_index.json records"):
-        GILLPipeline.from_pretrained(copy_of)
+        GILLPipeline.from_pretrained(saved_copy)
 
 
 def test_a_passed_component_that_does_not_fit_is_refused(saved_opt, llama_pipe):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_CONFIG
 from gill_pipeline import GILLImage, GILLPipeline
 from multiprocess_run import run_two_processes
 from training import precompute, train_decision, train_gill
@@ -20,8 +21,6 @@ from training.params import LoraArgs, LossArgs
 from training.setup_models import build_tiny_models
 from training.trainable import decoder_layers, enable_gradient_checkpointing, setup_trainable
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
 LOSSES = ("caption", "img_token", "retrieval", "generation")
 
 

@@ -18,7 +18,6 @@ from training.checkpoint import (
     save_checkpoint,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class OneProcess:

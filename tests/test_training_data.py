@@ -6,11 +6,11 @@ import json
 import os
 import tarfile
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+from conftest import REPO, TINY_CONFIG, write_image
 from training import precompute, train_gill
 from training.data import Collator, ExampleReader, build_dataset
 from training.precompute import precompute_targets
@@ -18,18 +18,6 @@ from training.params import parse_config
 from training.setup_models import build_tiny_models
 from training.targets import TargetMismatchError, TargetStore, encode_captions
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_models("opt", seed=0)
-
-
-def write_image(path, seed):
-    array = (np.random.RandomState(seed).rand(20, 20, 3) * 255).astype(np.uint8)
-    PIL.Image.fromarray(array).save(path)
 
 
 def make_tsv_set(folder, good=6):

@@ -8,12 +8,12 @@ import os
 import subprocess
 import tarfile
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY_CONFIG, write_image
 from multiprocess_run import run_two_processes
 
 from training import precompute, train_gill
@@ -30,19 +30,7 @@ from training.params import parse_config
 from training.setup_models import build_tiny_models
 from training.train_decision import read_decisions
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "training", "configs", "tiny.yaml")
 BAD_UTF8 = b"caf\xe9 au lait"  # Latin-1, not UTF-8
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_models("opt", seed=0)
-
-
-def write_image(path, seed):
-    array = (np.random.RandomState(seed).rand(20, 20, 3) * 255).astype(np.uint8)
-    PIL.Image.fromarray(array).save(path)
 
 
 def png_bytes(color="red"):

@@ -54,6 +54,7 @@ def build_tiny_models(lm_type: str, seed: int = 0, decoder: str = "sd") -> Model
     """The tiny random pipeline of `gill_pipeline.testing`, keeping the SD text encoder that assembly drops; with
     `decoder` (a name of `gill_pipeline.testing.TINY_DECODER_BUILDERS`), over that tiny decoder family."""
     from gill_pipeline.testing import (
+        TINY_GILL_SIZES,
         build_tiny_lm,
         build_tiny_stable_diffusion,
         build_tiny_tokenizer,
@@ -85,13 +86,8 @@ def build_tiny_models(lm_type: str, seed: int = 0, decoder: str = "sd") -> Model
         stable_diffusion=sd,
         image_encoder=image_encoder,
         feature_extractor=processor,
-        num_img_tokens=4,
-        retrieval_dim=16,
-        mapper_hidden_dim=32,
-        mapper_encoder_layers=1,
-        mapper_decoder_layers=1,
-        mapper_heads=2,
         seed=seed,
+        **TINY_GILL_SIZES,
     )
     if family_decoder is not None:
         return Models(pipe, None, None, decoder=family_decoder)

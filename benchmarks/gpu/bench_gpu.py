@@ -452,6 +452,15 @@ def _failed(part) -> str | None:
     return part.get("failed") if isinstance(part, dict) else None
 
 
+def _table_head(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
+def _section(title: str, text: str, *columns: str) -> list[str]:
+    """The opening of a report section: its title, what it measured, and the head of its table."""
+    return ["", f"## {title}", "", text, "", *_table_head(*columns)]
+
+
 def report(results: dict, args) -> str:
     r, cfg = results, args_cfg(args)
     lines = [
@@ -478,19 +487,16 @@ def report(results: dict, args) -> str:
             f"{decode['tokens_timed']} tokens (the difference of a {cfg['decode_long']}- and a {cfg['decode_short']}-"
             "token run, so the prompt's prefill cancels out).",
             "",
-            "| per-token decode (ms) | bound = weight bytes / bandwidth (ms) | ratio (target <= 1.5x) |",
-            "| --- | --- | --- |",
+            *_table_head("per-token decode (ms)", "bound = weight bytes / bandwidth (ms)", "ratio (target <= 1.5x)"),
             f"| {decode['per_token_ms']:.2f} | {decode['bound_ms']:.2f} | {decode['ratio']:.2f}x |",
         ]
-    lines += [
-        "", "## 2. A whole GILL answer vs the decoder alone", "",
+    lines += _section(
+        "2. A whole GILL answer vs the decoder alone",
         f"GILL: {cfg['answer_tokens']} text tokens + 1 generated image, {cfg['steps']} steps. Decoder alone: the stock "
         "pipeline of the family (through `run_decoder`) with the same denoiser, steps, size, guidance and stored "
         "negatives. SD 1.5 and SDXL guide with classifier-free guidance, Flux.1-dev with its guidance embedding.",
-        "",
-        "| decoder | size | guidance | GILL answer (s) | decoder alone (s) | GILL adds (target <= 10%) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+        "decoder", "size", "guidance", "GILL answer (s)", "decoder alone (s)", "GILL adds (target <= 10%)",
+    )
     for answer in r["answer"]:
         if _failed(answer):
             lines.append(f"| {answer['family']} | failed: {_failed(answer)} | | | | |")
@@ -499,17 +505,13 @@ def report(results: dict, args) -> str:
             f"| {answer['family']} ({answer['pipeline_class']}) | {answer['size']} | {answer['guidance']} | "
             f"{answer['gill_s']:.3f} | {answer['decoder_s']:.3f} | {answer['overhead'] * 100:.1f}% |"
         )
-    lines += [
-        "",
-        "## 3. Peak memory of inference",
-        "",
+    lines += _section(
+        "3. Peak memory of inference",
         "Peak allocated device memory of one call (`torch.cuda.max_memory_allocated`), weights included. With text "
         "encoders: the stock pipeline from `prompt=`. Without: `run_decoder` from stored conditioning, the text "
         f"encoders deleted. {cfg['memory_steps']} steps (the peak does not depend on the step count).",
-        "",
-        "| decoder | size | text encoders (GiB) | peak with text encoders (GiB) | peak without (GiB) | saved (GiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+        "decoder", "size", "text encoders (GiB)", "peak with text encoders (GiB)", "peak without (GiB)", "saved (GiB)",
+    )
     for row in r["memory"]:
         if "skipped" in row:
             lines.append(f"| {row['family']} | - | - | skipped: {row['skipped']} | - | - |")
@@ -530,19 +532,15 @@ def report(results: dict, args) -> str:
             "per answer with offload)."
             + (" Offload needs an accelerator: not measured on the CPU." if offload["offload_gib"] is None else "")
         )
-    lines += [
-        "",
-        "## 4. Training at the paper's setting",
-        "",
+    lines += _section(
+        "4. Training at the paper's setting",
         "OPT-6.7B and CLIP ViT-L/14 frozen (bf16, on the device), learned parts in fp32 under bf16 autocast with "
         f"AdamW, targets precomputed (no denoiser or VAE on the device): SD 1.5 (77x768), SDXL (77x2048 + pooled "
         f"1280), Flux.1-dev (512x4096 + pooled 768); captions up to {cfg['caption_tokens']} tokens, effective batch "
         f"{cfg['effective_batch']} by gradient accumulation, half the micro-steps with two-example concatenation. "
         "Target: the effective batch within 24 GB.",
-        "",
-        "| decoder | micro-batch | accumulation | samples/s | peak memory (GiB) | within 24 GB |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+        "decoder", "micro-batch", "accumulation", "samples/s", "peak memory (GiB)", "within 24 GB",
+    )
     for rows in r["training"]:
         if _failed(rows):
             lines.append(f"| failed: {_failed(rows)} | | | | | |")

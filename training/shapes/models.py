@@ -66,28 +66,30 @@ def build_tokenizer(clip_style: bool, model_max_length: int) -> PreTrainedTokeni
     )
 
 
-def build_clip(tokenizer, sizes: WorldSizes = SIZES):
-    from transformers import CLIPConfig, CLIPModel
-
-    text = dict(
+def vocabulary_settings(tokenizer) -> dict:
+    """What a text model's config takes from its tokenizer: the vocabulary size and the special tokens' ids."""
+    return dict(
         vocab_size=len(tokenizer),
-        hidden_size=sizes.clip_width,
-        intermediate_size=sizes.clip_width * 4,
-        num_hidden_layers=sizes.clip_layers,
-        num_attention_heads=sizes.clip_heads,
-        max_position_embeddings=sizes.text_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = dict(
-        hidden_size=sizes.clip_width,
-        intermediate_size=sizes.clip_width * 4,
-        num_hidden_layers=sizes.clip_layers,
-        num_attention_heads=sizes.clip_heads,
-        image_size=sizes.image_size,
-        patch_size=sizes.clip_patch,
+
+
+def transformer_settings(width: int, layers: int, heads: int, mlp_ratio: int) -> dict:
+    """A transformer's width, depth, heads and MLP width, under the names CLIP's and Llama's configs share."""
+    return dict(
+        hidden_size=width, intermediate_size=width * mlp_ratio, num_hidden_layers=layers, num_attention_heads=heads
     )
+
+
+def build_clip(tokenizer, sizes: WorldSizes = SIZES):
+    from transformers import CLIPConfig, CLIPModel
+
+    # Both towers have one width and depth.
+    tower = transformer_settings(sizes.clip_width, sizes.clip_layers, sizes.clip_heads, mlp_ratio=4)
+    text = dict(**tower, **vocabulary_settings(tokenizer), max_position_embeddings=sizes.text_length)
+    vision = dict(**tower, image_size=sizes.image_size, patch_size=sizes.clip_patch)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=sizes.clip_projection))
 
 
@@ -145,16 +147,10 @@ def build_lm(tokenizer, sizes: WorldSizes = SIZES):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=sizes.lm_width,
-        intermediate_size=sizes.lm_width * 2,
-        num_hidden_layers=sizes.lm_layers,
-        num_attention_heads=sizes.lm_heads,
+        **vocabulary_settings(tokenizer),
+        **transformer_settings(sizes.lm_width, sizes.lm_layers, sizes.lm_heads, mlp_ratio=2),
         num_key_value_heads=sizes.lm_heads,
         max_position_embeddings=sizes.lm_context,
         tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)

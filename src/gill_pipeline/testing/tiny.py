@@ -148,6 +148,11 @@ def build_tiny_clip_tokenizer(model_max_length: int = 16) -> PreTrainedTokenizer
     return build_tiny_tokenizer(vocab_size=TINY_CLIP_VOCAB_SIZE, model_max_length=model_max_length)
 
 
+def _tiny_clip_tower(hidden_size: int) -> dict:
+    """The depth of every tiny CLIP tower, text or vision: 2 layers, 2 heads, an MLP twice as wide."""
+    return dict(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=2, num_attention_heads=2)
+
+
 def build_tiny_clip_text_encoder(
     tokenizer, hidden_size: int, projection_dim: int | None = None, with_projection: bool = False
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
@@ -155,10 +160,7 @@ def build_tiny_clip_text_encoder(
     projection (of width `projection_dim`) that SDXL and SD3 pool. Draws from the global RNG: seed it first."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **_tiny_clip_tower(hidden_size),
         max_position_embeddings=tokenizer.model_max_length,
         **({} if projection_dim is None else {"projection_dim": projection_dim}),
         bos_token_id=tokenizer.bos_token_id,
@@ -206,16 +208,7 @@ def build_tiny_stable_diffusion(
 
 
 def build_tiny_vision_encoder(image_size: int = 32) -> tuple[CLIPVisionModel, CLIPImageProcessor]:
-    encoder = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=8,
-        )
-    )
+    encoder = CLIPVisionModel(CLIPVisionConfig(**_tiny_clip_tower(32), image_size=image_size, patch_size=8))
     processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )

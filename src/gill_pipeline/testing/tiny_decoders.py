@@ -48,6 +48,10 @@ from .tiny import (
 
 # CLIP text positions of the tiny CLIP tokenizers (77 in the real checkpoints; small keeps the tests fast).
 TINY_CLIP_LENGTH = 16
+# The patch-transformer settings the tiny SD3, PixArt and Sana denoisers share (16x16 latents of 4 channels).
+TINY_DIT_SETTINGS = dict(
+    sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2
+)
 _WORDS = "a an the of in on with and photo painting drawing picture cat dog red blue green small large".split()
 
 
@@ -95,6 +99,17 @@ def _t5_text_side(d_model: int) -> tuple[T5Tokenizer, T5EncoderModel]:
     )
 
 
+def _text_components(*sides) -> dict:
+    """`(tokenizer, text_encoder)` pairs under the names diffusers pipelines give them: `tokenizer`, `text_encoder`,
+    then `tokenizer_2`, `text_encoder_2`, and so on."""
+    components = {}
+    for number, (tokenizer, text_encoder) in enumerate(sides, start=1):
+        suffix = "" if number == 1 else f"_{number}"
+        components[f"tokenizer{suffix}"] = tokenizer
+        components[f"text_encoder{suffix}"] = text_encoder
+    return components
+
+
 def _vae_kl(latent_channels: int = 4, blocks: int = 2, **kwargs) -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
@@ -140,11 +155,8 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
     )
     return StableDiffusionXLPipeline(
+        **_text_components((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)),
         vae=_vae_kl(),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
@@ -158,27 +170,17 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
     tokenizer_3, text_encoder_3 = _t5_text_side(d_model=32)
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
+        **TINY_DIT_SETTINGS,
         caption_projection_dim=16,
         joint_attention_dim=text_encoder_3.config.d_model,
         pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
         out_channels=4,
     )
     return StableDiffusion3Pipeline(
+        **_text_components((tokenizer, text_encoder), (tokenizer_2, text_encoder_2), (tokenizer_3, text_encoder_3)),
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae_kl(shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
     )
 
 
@@ -205,12 +207,9 @@ def build_tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
         max_image_seq_len=4096,
     )
     return FluxPipeline(
+        **_text_components((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)),
         scheduler=scheduler,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
 
@@ -220,13 +219,8 @@ def build_tiny_pixart_sigma() -> PixArtSigmaPipeline:
     tokenizer, text_encoder = _t5_text_side(d_model=32)
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
-        sample_size=16,
-        num_layers=1,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
+        **TINY_DIT_SETTINGS,
         caption_channels=text_encoder.config.d_model,
-        in_channels=4,
         cross_attention_dim=16,
         out_channels=8,  # learned sigma: twice the latent channels
         attention_bias=True,
@@ -264,17 +258,13 @@ def build_tiny_sana() -> SanaPipeline:
     )
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
+        # 1x1 patches (the DC autoencoder's latents are already small) and narrower heads than SD3's and PixArt's.
+        **{**TINY_DIT_SETTINGS, "patch_size": 1, "attention_head_dim": 4},
         out_channels=4,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=4,
         num_cross_attention_heads=2,
         cross_attention_head_dim=4,
         cross_attention_dim=8,
         caption_channels=text_encoder.config.hidden_size,
-        sample_size=16,
     )
     torch.manual_seed(0)
     vae = AutoencoderDC(
@@ -296,8 +286,7 @@ def build_tiny_sana() -> SanaPipeline:
         scaling_factor=0.41407,
     )
     return SanaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        **_text_components((tokenizer, text_encoder)),
         vae=vae,
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
