@@ -283,3 +283,15 @@ def test_cli_quantize_refused_for_the_tiny_random_model(tmp_path, capsys):
     args = ["generate", "--model", "tiny-random", "--quantize", "int8", "--output-dir", str(tmp_path), "Hi"]
     assert main(args) == 2
     assert "nothing to quantize" in capsys.readouterr().err
+
+
+def test_freed_memory_is_handed_back_after_quantized_loading(folders, monkeypatch):
+    """Quantizing on load frees each bf16 weight after quantizing it; glibc keeps those blocks unless trimmed."""
+    from gill_pipeline.pipeline.loaders import learned_weights as loader
+
+    calls = []
+    monkeypatch.setattr(loader, "release_freed_memory", lambda: calls.append(1) or True)
+    GILLPipeline.from_pretrained(folders / "whole")
+    assert calls == []
+    GILLPipeline.from_pretrained(folders / "whole", quantization_config=quantization_preset("int8"))
+    assert calls == [1]

@@ -39,6 +39,7 @@ from ..serialization.quantization import (
     component_quantization,
     decoder_quantization,
     refuse_quantizing_passed,
+    release_freed_memory,
     resolve_quantization_config,
 )
 
@@ -265,6 +266,8 @@ def assemble_gill_pipeline(
     image_encoder, feature_extractor = _load_vision(
         image_encoder, feature_extractor, {**load_kwargs, **quantized("image_encoder")}
     )
+    if quantization is not None:
+        release_freed_memory()
 
     family = family_for_pipeline(sd)
     for name in (family.denoiser, "vae", "scheduler"):

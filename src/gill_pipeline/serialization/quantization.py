@@ -211,3 +211,27 @@ def quantization_preset(
         for name in (UNET_COMPONENT, TRANSFORMER_COMPONENT):
             mapping[name] = diffusers.TorchAoConfig(_torchao_weight_config(choice, device, group_size))
     return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def release_freed_memory() -> bool:
+    """Hands memory freed during quantized loading back to the OS; returns whether it could (glibc only).
+
+    Quantizing on load materialises each bf16 weight from the memory-mapped file, quantizes it and frees it; glibc's
+    allocator keeps those freed blocks, so resident memory after loading an int8 LM held about one bf16 copy of the
+    quantized layers (measured: an 8-layer 2048-wide OPT, 1.33 GiB anonymous after loading, 0.79 after this).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True

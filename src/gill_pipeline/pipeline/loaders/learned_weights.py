@@ -12,7 +12,7 @@ from ...serialization.learned_weights import is_learned_weights_folder, load_lea
 from ...serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
 from ...serialization.lora import load_llm_lora, saving_without_lora
 from ...serialization.push import push_pipeline_to_hub
-from ...serialization.quantization import refuse_quantizing_passed, resolve_quantization_config
+from ...serialization.quantization import release_freed_memory, refuse_quantizing_passed, resolve_quantization_config
 from ..assembly import assemble_gill_pipeline
 from ..safety import pop_safety_checker
 
@@ -57,6 +57,8 @@ class GILLLoaderMixin:
             pipe = super().from_pretrained(folder, **kwargs)
             check_pipeline_parts(pipe, f"the learned weights {os.path.join(folder, 'gill')}")
             load_llm_lora(pipe, folder, allow_pickle)
+        if kwargs.get("quantization_config") is not None:
+            release_freed_memory()
         if safety is not None:
             pipe.set_safety_checker(*safety)
         return pipe
