@@ -1,5 +1,5 @@
 """What every `gill` subcommand shares: the parser and its error rule, argument types, the options declared once
-(`--model`, `--device`, `--dtype`, `--verbose`, the retrieval index, the settings of an answer), and the model loader.
+(`--model`, `--device`, `--dtype`, `--quantize`, `--verbose`, the retrieval index, the settings of an answer), and the model loader.
 
 A subcommand module imports this one and no other command module; `gill_pipeline.commands` registers them all.
 
@@ -19,7 +19,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from ..bundled import bundle_available, load_bundled_pipeline
+from ..bundled import BUNDLED_INDEX, BUNDLED_PIPELINE, bundle_available, load_bundled_pipeline
 from ..bundled.presets import EXAMPLE_IMAGE_ITEM, PRESETS, RANDOM_MODEL, SHAPES_MODEL, example_image
 from ..constants import IMAGE_MODES
 from ..demo.settings import CALL_ARGUMENTS, call_defaults
@@ -27,6 +27,7 @@ from ..utils.image_io import MAX_IMAGE_PIXELS, ImageTooLargeError, UnreadableIma
 from ..pipeline import GILLPipeline
 from ..serialization.folder import DTYPE_NAMES, resolve_dtype
 from ..serialization.paths import looks_like_local_path
+from ..serialization.quantization import QUANTIZE_CHOICES, quantization_preset
 from ..testing import build_tiny_gill_pipeline
 
 logger = logging.getLogger("gill_pipeline.commands")
@@ -156,7 +157,7 @@ def default_model() -> str:
 
 
 def add_model_options(p, required: bool = False) -> None:
-    """`--model`, `--device`, `--dtype`. `required`: no default model (for commands whose results would be
+    """`--model`, `--device`, `--dtype`, `--quantize`. `required`: no default model (for commands whose results would be
     meaningless for the built-in toy models unless named on purpose)."""
     default = "required" if required else f"default: {default_model()!r}"
     p.add_argument(
@@ -170,6 +171,11 @@ def add_model_options(p, required: bool = False) -> None:
     p.add_argument(
         "--dtype", type=dtype_name, default=None,
         help=f"weights dtype, one of {sorted(DTYPE_NAMES)} (default: the dtype the model is loaded in, float32)",
+    )
+    p.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, default="none",
+        help="quantize the LM's weights with torchao as it loads (the learned GILL parts never are); costs and "
+        "figures in docs/quantization.md (default: %(default)s)",
     )
 
 
@@ -278,9 +284,33 @@ def parse_interleaved_items(items: list[str], model: str = RANDOM_MODEL, max_pix
     return inputs
 
 
-def load_pipeline(model: str, device: str, dtype: str | None) -> GILLPipeline:
-    """The pipeline `model` names (a built-in model name, a folder or a Hub repo id) on `device`, in `dtype`."""
+def load_pipeline(model: str, device: str, dtype: str | None, quantize: str = "none") -> GILLPipeline:
+    """The pipeline `model` names (a built-in model name, a folder or a Hub repo id) on `device`, in `dtype`, its LM
+    quantized as `quantize` names (one of `QUANTIZE_CHOICES`)."""
     torch_dtype = resolve_dtype(dtype, "--dtype")
+    if quantize not in QUANTIZE_CHOICES:
+        raise CLIError(f"--quantize must be one of {list(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if quantize != "none" and model == RANDOM_MODEL:
+        raise CLIError(
+            f"--quantize {quantize}: the built-in {RANDOM_MODEL!r} model is built in memory, not loaded, so there is "
+            "nothing to quantize on loading; use it with --quantize none, or pass --model PATH_OR_HUB_ID"
+        )
+    try:
+        quantization = quantization_preset(quantize, device)
+    except ImportError as error:
+        raise CLIError(f"--quantize {quantize}: {error}") from error
+    if quantization is not None:
+        # Loaded quantized: the weights are not cast afterwards (`--dtype` goes to the loader instead).
+        try:
+            pipe = GILLPipeline.from_pretrained(
+                BUNDLED_PIPELINE if model == SHAPES_MODEL else model, dtype=torch_dtype or torch.float32,
+                quantization_config=quantization,
+            )
+        except OSError as error:
+            raise CLIError(f"cannot load the GILL pipeline {model!r}: {error}") from error
+        if model == SHAPES_MODEL and os.path.isdir(BUNDLED_INDEX):
+            pipe.load_retrieval_index(BUNDLED_INDEX)
+        return pipe.to(device)
     if model == SHAPES_MODEL:
         logger.warning(
             "Using the embedded default: GILL trained by this project on the SHAPES WORLD (tiny models of coloured "
@@ -309,7 +339,7 @@ def load_model(args, progress_bar: bool = False) -> GILLPipeline:
     index = getattr(args, "retrieval_index", None)
     if index and looks_like_local_path(index) and not os.path.isdir(index):
         raise CLIError(f"--retrieval-index: no such folder: {index}")
-    pipe = load_pipeline(model_name(args), args.device, args.dtype)
+    pipe = load_pipeline(model_name(args), args.device, args.dtype, getattr(args, "quantize", "none"))
     if index:
         pipe.load_retrieval_index(index, allow_urls=args.allow_urls)
     if not progress_bar:

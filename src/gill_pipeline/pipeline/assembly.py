@@ -35,6 +35,13 @@ from ..serialization.base_models import record_base_models
 from ..serialization.components import default_image_processor, pipeline_from_parts
 from ..serialization.folder import PipelineFolderError, pop_dtype, refuse_remote_code
 from ..serialization.paths import looks_like_local_path
+from ..serialization.quantization import (
+    component_quantization,
+    decoder_quantization,
+    refuse_quantizing_passed,
+    release_freed_memory,
+    resolve_quantization_config,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -217,6 +224,10 @@ def assemble_gill_pipeline(
         allow_pickle (`bool`, *optional*, defaults to `False`):
             Models given by name are read from safetensors only; `True` also accepts pickled weight files, read with
             `torch.load(weights_only=True)`. See docs/security.md.
+        quantization_config (`PipelineQuantizationConfig` or `dict`, *optional*, in `load_kwargs`):
+            Quantizes the base models given by name as they load, each with its component's entry (`llm`,
+            `image_encoder`, `unet`/`transformer`, `vae`); see docs/quantization.md. The learned parts are never
+            quantized; a model passed already loaded must be quantized by the caller.
         load_kwargs:
             Passed to every `from_pretrained` (e.g. `revision`, `cache_dir`, `local_files_only`, `token`). Remote code
             (`trust_remote_code`, `custom_pipeline`) is refused.
@@ -238,10 +249,25 @@ def assemble_gill_pipeline(
         base_models = record_base_models(language_model, stable_diffusion, image_encoder, load_kwargs.get("revision"))
     if dtype is not None:
         load_kwargs["dtype"] = dtype
-    llm, tokenizer = _load_lm(language_model, tokenizer, load_kwargs)
-    sd_load_kwargs = dict(load_kwargs)
-    sd = _load_sd(stable_diffusion, sd_load_kwargs)
-    image_encoder, feature_extractor = _load_vision(image_encoder, feature_extractor, load_kwargs)
+    quantization = resolve_quantization_config(load_kwargs.pop("quantization_config", None))
+    loaded = {
+        "llm": not isinstance(language_model, str), "image_encoder": not isinstance(image_encoder, str),
+        "unet": not isinstance(stable_diffusion, str), "transformer": not isinstance(stable_diffusion, str),
+        "vae": not isinstance(stable_diffusion, str),
+    }
+    refuse_quantizing_passed(quantization, [name for name, is_loaded in loaded.items() if is_loaded], "`from_base_models`")
+
+    def quantized(name):
+        config = component_quantization(quantization, name)
+        return {"quantization_config": config} if config is not None else {}
+
+    llm, tokenizer = _load_lm(language_model, tokenizer, {**load_kwargs, **quantized("llm")})
+    sd = _load_sd(stable_diffusion, {**load_kwargs, **decoder_quantization(quantization)})
+    image_encoder, feature_extractor = _load_vision(
+        image_encoder, feature_extractor, {**load_kwargs, **quantized("image_encoder")}
+    )
+    if quantization is not None:
+        release_freed_memory()
 
     family = family_for_pipeline(sd)
     for name in (family.denoiser, "vae", "scheduler"):

@@ -25,5 +25,8 @@ def pipeline_from_parts(pipeline_class, dtype=None, **parts):
             part.eval()
     pipe = pipeline_class(**parts)
     if dtype is not None:
-        pipe.to(dtype=dtype)
+        # A quantized base model was loaded in `dtype` and cannot be cast (diffusers and transformers refuse it).
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module) and getattr(getattr(part, "config", None), "quantization_config", None) is None:
+                part.to(dtype=dtype)
     return pipe

@@ -28,6 +28,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from ..constants import (
     FEATURE_EXTRACTOR_COMPONENT,
     GILL_COMPONENT,
+    IMAGE_ENCODER_COMPONENT,
+    LLM_COMPONENT,
     LEARNED_WEIGHTS_MANIFEST_FILE,
     LIBRARY_VERSION,
     LORA_FOLDER,
@@ -56,6 +58,12 @@ from .folder import (
 )
 from .hub import HubLoadError, hub_download_kwargs
 from .lora import check_lora_folder, is_peft_model, load_llm_lora
+from .quantization import (
+    component_quantization,
+    decoder_quantization,
+    refuse_quantizing_passed,
+    resolve_quantization_config,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -253,7 +261,9 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     `kwargs`: `dtype` (or `torch_dtype`; a dtype or its name), `allow_pickle` (default False: pickled weights are
     refused), the download arguments (`token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`;
     `revision` was the learned-weights repo's own and is dropped here), `llm_kwargs` (extra arguments for the LM's
-    `from_pretrained`, e.g. `quantization_config`), and components to use as they are (`llm`, `tokenizer`, `gill`,
+    `from_pretrained`), `quantization_config` (a diffusers `PipelineQuantizationConfig`: each base model is loaded
+    with its component's entry, see `gill_pipeline.serialization.quantization`; `gill/` is never quantized), and
+    components to use as they are (`llm`, `tokenizer`, `gill`,
     `vae`, `unet`, `scheduler`, `image_encoder`, `feature_extractor`; `vae=None, unet=None` loads no image decoder,
     `image_encoder=None` no vision encoder).
     """
@@ -262,6 +272,14 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     dtype = pop_dtype(kwargs)
     llm_kwargs = dict(kwargs.pop("llm_kwargs", None) or {})
     refuse_remote_code(llm_kwargs, "from_pretrained(llm_kwargs=...)")
+    quantization = resolve_quantization_config(kwargs.pop("quantization_config", None))
+    if quantization is not None and "quantization_config" in llm_kwargs:
+        raise ValueError(
+            "Pass the LM's quantization once: in `quantization_config` (`quant_mapping={'llm': ...}`) or in "
+            "`llm_kwargs['quantization_config']`, not both."
+        )
+    if component_quantization(quantization, LLM_COMPONENT) is not None:
+        llm_kwargs["quantization_config"] = component_quantization(quantization, LLM_COMPONENT)
     download = hub_download_kwargs(kwargs)
     kwargs.pop("revision", None)
     passed = {name: kwargs.pop(name) for name in PASSABLE_COMPONENTS if name in kwargs}
@@ -270,9 +288,15 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
     if kwargs:
         raise TypeError(
             f"Unexpected arguments {sorted(kwargs)} for loading the learned weights {source!r}; accepted: dtype, "
-            "allow_pickle, llm_kwargs, revision, token, cache_dir, local_files_only, force_download, proxies, and the "
+            "allow_pickle, llm_kwargs, quantization_config, revision, token, cache_dir, local_files_only, force_download, proxies, and the "
             f"components {list(PASSABLE_COMPONENTS)}."
         )
+    refuse_quantizing_passed(quantization, passed, f"loading the learned weights {source!r}")
+
+    def quantized(name):
+        config = component_quantization(quantization, name)
+        return {"quantization_config": config} if config is not None else {}
+
     manifest = read_manifest(folder)
     validate_learned_weights_folder(folder, allow_pickle, tuple(passed))
     learned = f"the learned weights {source!r}"
@@ -334,6 +358,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
             lambda: load_decoder(
                 entry["repo_id"], family=layout.pipeline_class, **entry_kwargs(entry),
                 **({"torch_dtype": dtype} if dtype is not None else {}), **safe,
+                **decoder_quantization(quantization),
             ),
         )
         vae, unet, transformer = decoder.vae, None, decoder.transformer
@@ -352,7 +377,7 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
                 f"Stable Diffusion {label}", entry, source,
                 functools.partial(
                     model_class.from_pretrained, entry["repo_id"], subfolder=_join(sub, name), **entry_kwargs(entry),
-                    **typed, **safe,
+                    **typed, **safe, **quantized(name),
                 ),
             )
             for model_class, name, label in parts
@@ -397,7 +422,9 @@ def load_learned_weights_pipeline(pipeline_class, folder: str, source: str, **kw
             "vision encoder",
             entry,
             source,
-            lambda: encoder_class.from_pretrained(entry["repo_id"], **sub, **entry_kwargs(entry), **typed, **safe),
+            lambda: encoder_class.from_pretrained(
+                entry["repo_id"], **sub, **entry_kwargs(entry), **typed, **safe, **quantized(IMAGE_ENCODER_COMPONENT)
+            ),
         )
     if "feature_extractor" in passed:
         feature_extractor = passed["feature_extractor"]

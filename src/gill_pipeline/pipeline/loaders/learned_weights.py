@@ -12,6 +12,7 @@ from ...serialization.learned_weights import is_learned_weights_folder, load_lea
 from ...serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
 from ...serialization.lora import load_llm_lora, saving_without_lora
 from ...serialization.push import push_pipeline_to_hub
+from ...serialization.quantization import release_freed_memory, refuse_quantizing_passed, resolve_quantization_config
 from ..assembly import assemble_gill_pipeline
 from ..safety import pop_safety_checker
 
@@ -33,10 +34,18 @@ class GILLLoaderMixin:
         loaded; see docs/security.md. A LoRA adapter saved with the pipeline (`llm_lora/`) is applied to the LM.
         `safety_checker=` (and `safety_feature_extractor=`) set the check run on every image shown; see
         [`GILLPipeline.set_safety_checker`].
+
+        `quantization_config` (a diffusers `PipelineQuantizationConfig`, e.g. `quant_mapping={"llm":
+        transformers.TorchAoConfig(Int8WeightOnlyConfig()), "unet": diffusers.TorchAoConfig(...)}`) quantizes the
+        base models on loading, for whole-pipeline and learned-weights folders alike; the learned `gill` module is
+        never quantized. See docs/quantization.md and `gill_pipeline.serialization.quantization`.
         """
         name = os.fspath(pretrained_model_name_or_path)
         refuse_remote_code(kwargs)
         safety = pop_safety_checker(kwargs)
+        if "quantization_config" in kwargs:
+            kwargs["quantization_config"] = resolve_quantization_config(kwargs["quantization_config"])
+            refuse_quantizing_passed(kwargs["quantization_config"], kwargs, "`from_pretrained`")
         folder = resolve_pipeline_folder(name, **kwargs)
         if is_learned_weights_folder(folder):
             pipe = load_learned_weights_pipeline(cls, folder, name, **kwargs)
@@ -48,6 +57,8 @@ class GILLLoaderMixin:
             pipe = super().from_pretrained(folder, **kwargs)
             check_pipeline_parts(pipe, f"the learned weights {os.path.join(folder, 'gill')}")
             load_llm_lora(pipe, folder, allow_pickle)
+        if kwargs.get("quantization_config") is not None:
+            release_freed_memory()
         if safety is not None:
             pipe.set_safety_checker(*safety)
         return pipe
