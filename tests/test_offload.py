@@ -209,3 +209,24 @@ def test_bundled_answer_same_under_offload(bundled_reference, mode):
     assert retrieved.texts == reference["retrieve"].texts
     ids = lambda out: [i.metadata.get("id") for row in out.outputs for i in row if getattr(i, "source", None) == "retrieved"]
     assert ids(retrieved) == ids(reference["retrieve"]) and ids(retrieved)
+
+
+def test_from_base_models_around_a_disk_offloaded_lm(tiny_pipe, tmp_path):
+    # `from_base_models` starts the [IMG] rows from the LM's embedding rows; offloaded, those sat on `meta` ("Cannot
+    # copy out of meta tensor"). They are read from the offload hook's weights instead.
+    tiny_pipe.llm.save_pretrained(tmp_path / "llm")
+    llm = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llm", device_map="auto", max_memory={"cpu": 1}, offload_folder=str(tmp_path / "offload")
+    )
+    assert llm.get_input_embeddings().weight.device.type == "meta"
+    from gill_pipeline.testing.tiny import TINY_GILL_SIZES, build_tiny_stable_diffusion
+
+    pipe = GILLPipeline.from_base_models(
+        language_model=llm, tokenizer=tiny_pipe.tokenizer, stable_diffusion=build_tiny_stable_diffusion(32, "ddim"),
+        image_encoder=tiny_pipe.image_encoder, feature_extractor=tiny_pipe.feature_extractor, **TINY_GILL_SIZES, seed=0,
+    )
+    # The same learned parts as when assembled around the LM in memory.
+    assert torch.allclose(pipe.gill.img_input_embeddings, tiny_pipe.gill.img_input_embeddings, atol=1e-6)
+    pipe.set_progress_bar_config(disable=True)
+    out = answer(pipe, max_images=0)
+    assert out.texts == answer(tiny_pipe, max_images=0).texts

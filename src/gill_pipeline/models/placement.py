@@ -80,3 +80,21 @@ def onloaded(root: torch.nn.Module, module: torch.nn.Module):
         yield
     finally:
         group.offload_()
+
+
+def stored_weight(module: torch.nn.Module) -> torch.Tensor:
+    """`module.weight`, or, when offloading left it on `meta`, the tensor accelerate's hook keeps for it (in memory,
+    or read from the offload folder / the checkpoint's safetensors). For reading a module's values outside its forward
+    (GILL starts its `[IMG]` rows from the statistics of the LM's embedding rows)."""
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight
+    hook = getattr(module, "_hf_hook", None)
+    for each in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        weights_map = getattr(each, "weights_map", None)
+        if weights_map is not None and "weight" in weights_map:
+            return weights_map["weight"]
+    raise ValueError(
+        f"The weight of {type(module).__name__} is on the `meta` device and no offload hook holds its values: load "
+        "the model's weights (or dispatch it with accelerate) first."
+    )
