@@ -24,6 +24,13 @@ from .mapper import GILLMapper
 UNCOND_PREFIX = "uncond_"
 
 
+def _onto(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`inputs` on the device and in the dtype of one of this module's weights. The pipeline keeps `gill` out of
+    offloading (its parts are called outside `forward`, where hooks would not run), so its weights are real and its
+    inputs go where they are, whatever the pipeline's execution device."""
+    return inputs.to(device=weight.device, dtype=weight.dtype)
+
+
 def legacy_sd_layout(cond_length: int, cond_dim: int) -> ConditioningLayout:
     """The layout of a config without one: Stable Diffusion 1.x/2.x with its `cond_length` x `cond_dim` sequence
     (every `gill/` folder saved before layouts were recorded)."""
@@ -190,7 +197,7 @@ class GILLModel(ModelMixin, ConfigMixin):
     def img_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits of the `r` `[IMG]` tokens for LM hidden states `(..., lm_hidden_dim)` -> `(..., r)`."""
         rows = self.img_output_rows
-        return hidden_states.to(rows.dtype) @ rows.t()
+        return _onto(hidden_states, rows) @ rows.t()
 
     @torch.no_grad()
     def init_img_embeddings_from(self, input_embeddings: torch.Tensor, output_embeddings: torch.Tensor | None = None):
@@ -209,22 +216,22 @@ class GILLModel(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------
     def encode_visual_prefix(self, image_features: torch.Tensor) -> torch.Tensor:
         """Pooled vision features `(N, vision_dim)` -> LM input embeddings `(N, k, lm_input_dim)`."""
-        x = self.visual_prefix(image_features.to(self.visual_prefix.weight.dtype))
+        x = self.visual_prefix(_onto(image_features, self.visual_prefix.weight))
         return x.reshape(x.shape[0], self.config.num_visual_tokens, self.config.lm_input_dim)
 
     def text_retrieval_embeds(self, img0_hidden_states: torch.Tensor) -> torch.Tensor:
         """Hidden state at `[IMG0]` `(N, lm_hidden_dim)` -> normalised retrieval embedding `(N, retrieval_dim)`."""
-        x = self.ret_text_proj(img0_hidden_states.to(self.ret_text_proj.weight.dtype))
+        x = self.ret_text_proj(_onto(img0_hidden_states, self.ret_text_proj.weight))
         return F.normalize(x, dim=-1)
 
     def image_retrieval_embeds(self, image_features: torch.Tensor) -> torch.Tensor:
         """Pooled vision features `(N, vision_dim)` -> normalised retrieval embedding `(N, retrieval_dim)`."""
-        x = self.ret_image_proj(image_features.to(self.ret_image_proj.weight.dtype))
+        x = self.ret_image_proj(_onto(image_features, self.ret_image_proj.weight))
         return F.normalize(x, dim=-1)
 
     def decide(self, img0_hidden_states: torch.Tensor) -> torch.Tensor:
         """Hidden state at `[IMG0]` -> probabilities `(N, 2)` of (generate, retrieve)."""
-        logits = self.decision_head(img0_hidden_states.to(self.decision_head[1].weight.dtype))
+        logits = self.decision_head(_onto(img0_hidden_states, self.decision_head[1].weight))
         return logits.float().softmax(-1)
 
     def map_to_prompt_embeds(self, img_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -232,7 +239,7 @@ class GILLModel(ModelMixin, ConfigMixin):
         cond_dim)` (`prompt_embeds`)."""
         dtype = self.mapper.fc.weight.dtype
         embeds = self.img_input_embeddings.to(dtype).unsqueeze(0).expand(img_hidden_states.shape[0], -1, -1)
-        return self.mapper(img_hidden_states.to(dtype), embeds)
+        return self.mapper(_onto(img_hidden_states, self.mapper.fc.weight), embeds)
 
     # ----------------------------------------------------------------------------------------------------------
     # The decoder's conditioning
@@ -249,7 +256,7 @@ class GILLModel(ModelMixin, ConfigMixin):
         mapper position is real)."""
         dtype = self.mapper.fc.weight.dtype
         embeds = self.img_input_embeddings.to(dtype).unsqueeze(0).expand(img_hidden_states.shape[0], -1, -1)
-        sequence, pooled = self.mapper.map(img_hidden_states.to(dtype), embeds)
+        sequence, pooled = self.mapper.map(_onto(img_hidden_states, self.mapper.fc.weight), embeds)
         outputs = {}
         for tensor in self.conditioning_layout.tensors:
             if tensor.kind == SEQUENCE:

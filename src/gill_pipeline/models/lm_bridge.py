@@ -26,6 +26,8 @@ import weakref
 import torch
 from diffusers.utils import logging
 
+from .placement import compute_device, onloaded
+
 logger = logging.get_logger(__name__)
 
 
@@ -57,7 +59,10 @@ def embed_tokens(llm, gill, img_token_ids, ids: torch.Tensor) -> torch.Tensor:
     is_img = matches.any(-1)
     vocab = _unwrapped(table).weight.shape[0]
     safe_ids = torch.where(is_img | (ids < 0) | (ids >= vocab), torch.zeros_like(ids), ids)
-    embeds = table(safe_ids.to(_unwrapped(table).weight.device)).to(ids.device)
+    # Looked up where the table computes (its offload hook's device; `meta` weights are no place for ids).
+    lookup_device = compute_device(_unwrapped(table)) or ids.device
+    with onloaded(llm, _unwrapped(table)):
+        embeds = table(safe_ids.to(lookup_device)).to(ids.device)
     if not is_img.any():
         return embeds
     scale = input_embedding_scale(llm)
@@ -139,11 +144,12 @@ def position_offset(llm) -> int:
     embeddings = getattr(getattr(causal_lm, "base_model", causal_lm), "embeddings", None)
     padding_idx = getattr(embeddings, "padding_idx", None)
     if isinstance(padding_idx, int) and hasattr(embeddings, "position_embeddings") and takes_position_ids(llm):
-        weight = llm.get_input_embeddings().weight
+        table = _unwrapped(llm.get_input_embeddings())
+        device = compute_device(table) or torch.device("cpu")
         generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(1, 3, weight.shape[1], generator=generator).to(device=weight.device, dtype=weight.dtype)
+        probe = torch.randn(1, 3, table.weight.shape[1], generator=generator).to(device=device, dtype=table.weight.dtype)
         own = llm(inputs_embeds=probe, use_cache=False).logits
-        positions = torch.arange(3, device=weight.device)[None] + padding_idx + 1
+        positions = torch.arange(3, device=device)[None] + padding_idx + 1
         shifted = llm(inputs_embeds=probe, position_ids=positions, use_cache=False).logits
         if torch.allclose(own, shifted, atol=1e-5, rtol=1e-4):
             offset = padding_idx + 1

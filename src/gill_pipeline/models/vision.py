@@ -8,15 +8,20 @@ between training and inference.
 import PIL.Image
 import torch
 
+from .placement import compute_device
+
 
 def pooled_image_features(image_encoder, pixel_values: torch.Tensor) -> torch.Tensor:
     """Pixel values `(N, 3, H, W)` -> the encoder's pooled feature `(N, vision_dim)`, in the encoder's dtype.
 
     CLIP vision models give `pooler_output`; projection models (`CLIPVisionModelWithProjection`) give `image_embeds`;
-    `OpenCLIPVisionModel` gives its projected embedding as `pooler_output`.
+    `OpenCLIPVisionModel` gives its projected embedding as `pooler_output`. The pixels go where the encoder computes
+    (see `placement.compute_device`: under offload its weights may be on `meta` or on the offload device), or stay
+    where the caller put them when nothing says.
     """
-    parameter = next(image_encoder.parameters())
-    output = image_encoder(pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    dtype = next(image_encoder.parameters()).dtype
+    device = compute_device(image_encoder) or pixel_values.device
+    output = image_encoder(pixel_values=pixel_values.to(device=device, dtype=dtype))
     pooled = getattr(output, "pooler_output", None)
     if pooled is None:
         pooled = getattr(output, "image_embeds", None)

@@ -31,6 +31,7 @@ from ..decoders.families import StableDiffusionFamily
 from ..decoders.layout import SEQUENCE
 from ..models.dims import lm_dims, vision_feature_dim
 from ..models.gill_model import GILLModel
+from ..models.placement import stored_weight
 from ..serialization.base_models import record_base_models
 from ..serialization.components import default_image_processor, pipeline_from_parts
 from ..serialization.folder import PipelineFolderError, pop_dtype, refuse_remote_code
@@ -333,8 +334,9 @@ def _new_gill(llm, image_encoder, seed: int, sizes: dict, **conditioning) -> GIL
             **sizes,
             **conditioning,
         )
+    # `stored_weight`: an LM loaded with `device_map` may keep these rows offloaded (on `meta` here).
     gill.init_img_embeddings_from(
-        llm.get_input_embeddings().weight, None if tied else llm.get_output_embeddings().weight
+        stored_weight(llm.get_input_embeddings()), None if tied else stored_weight(llm.get_output_embeddings())
     )
     return gill
 

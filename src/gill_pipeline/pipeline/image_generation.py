@@ -341,8 +341,10 @@ class ImageGenerationMixin:
     def rank_candidates(self, images: torch.Tensor, img0_hidden: torch.Tensor) -> torch.Tensor:
         """Cosine similarity in retrieval space between generated images `(n, C, H, W)` and one `[IMG0]` state."""
         pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(images.float().cpu()))
-        features = self.encode_image_features(pil, img0_hidden.device)
-        image_embeds = self.gill.image_retrieval_embeds(features.to(img0_hidden.device))
+        # The vision encoder runs on the execution device (its weights may be offloaded); `gill` takes its inputs
+        # onto its own device.
+        features = self.encode_image_features(pil, self._execution_device)
+        image_embeds = self.gill.image_retrieval_embeds(features)
         text_embed = self.gill.text_retrieval_embeds(img0_hidden[None])
         return (image_embeds @ text_embed.t())[:, 0].float()
 

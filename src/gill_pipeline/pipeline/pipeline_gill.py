@@ -48,6 +48,7 @@ from .chat import (
 )
 from .conversation import GILLPast, check_past, next_past, past_owner, reusable_past
 from .image_generation import ImageGenerationMixin
+from .offload import OffloadMixin
 from .inputs import check_bool, check_generator, check_interleaved_sample, normalize_interleaved_inputs
 from .processor import InterleavedInputsMixin, resolve_img_token_ids
 from .safety import SafetyCheckerMixin
@@ -90,6 +91,7 @@ EXAMPLE_DOC_STRING = """
 # The loader mixin comes first: its `from_pretrained` / `save_pretrained` must win over `DiffusionPipeline`'s (which
 # they extend through `super()`); the other mixins add methods DiffusionPipeline does not have.
 class GILLPipeline(
+    OffloadMixin,
     GILLLoaderMixin,
     DiffusionPipeline,
     RetrievalMixin,

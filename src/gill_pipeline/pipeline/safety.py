@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 from diffusers.utils import logging
 
+from ..models.placement import compute_device
 from .pipeline_output import GILLImage
 
 
@@ -50,12 +51,12 @@ class DiffusersSafetyCheck:
 
     @torch.no_grad()
     def __call__(self, images: list[PIL.Image.Image]) -> tuple[list[PIL.Image.Image], list[bool]]:
-        parameter = next(self.checker.parameters())
+        dtype = next(self.checker.parameters()).dtype
+        # Where the checker computes: under offload its weights may be on `meta` (see `models.placement`).
+        device = compute_device(self.checker) or torch.device("cpu")
         clip_input = self.feature_extractor(images, return_tensors="pt").pixel_values
         arrays = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images])
-        checked, flags = self.checker(
-            clip_input=clip_input.to(device=parameter.device, dtype=parameter.dtype), images=arrays
-        )
+        checked, flags = self.checker(clip_input=clip_input.to(device=device, dtype=dtype), images=arrays)
         checked = [PIL.Image.fromarray((np.clip(np.asarray(a), 0, 1) * 255).round().astype(np.uint8)) for a in checked]
         return checked, [bool(flag) for flag in flags]
 
