@@ -123,6 +123,11 @@ BAD_COMPONENTS = [
     ("sana", "vae", lambda d: d("sd").vae, r"`vae` is a AutoencoderKL.*SanaPipeline decodes with a AutoencoderDC"),
     ("sdxl", "vae", lambda d: d("sd3").vae, r"`vae` .*shift_factor=0.0609.*never adds a shift"),
     ("sd3", "vae", lambda d: d("sdxl").vae, r"`vae` .*no `shift_factor`.*StableDiffusion3Pipeline"),
+    # Same class and channels, another latent space (Flux's scale and shift on an SD3 decoder): the recorded one wins.
+    (
+        "sd3", "vae", lambda d: vae_kl(scaling_factor=0.3611, shift_factor=0.1159),
+        r"`vae` \(AutoencoderKL\) has scaling_factor=0.3611.*scaling_factor=1.5035",
+    ),
     # A denoiser of another family, width or guidance; a denoiser in the slot the family does not use.
     ("sdxl", "unet", lambda d: d("sd").unet, r"`unet` is a UNet2DConditionModel of a StableDiffusionPipeline, but .* StableDiffusionXLPipeline"),
     ("sd", "transformer", lambda d: d("sd3").transformer, r"`transformer` is a SD3Transformer2DModel.*set `transformer` to None"),

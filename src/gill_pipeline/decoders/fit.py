@@ -103,6 +103,7 @@ def check_decoder_modules(layout: ConditioningLayout, components: dict, learned:
     vae = components.get("vae")
     if vae is not None:
         _check_vae(family, vae, denoiser)
+        _check_latent_space(layout, vae, learned)
     scheduler = components.get("scheduler")
     if scheduler is not None:
         _check_scheduler(family, scheduler)
@@ -139,6 +140,26 @@ def _check_vae(family: DecoderFamily, vae, denoiser) -> None:
             f"`vae` ({_describe(vae)}) has shift_factor={shift}, but a {name} never adds a shift when decoding: the "
             f"VAE is of a family with shifted latents (SD3 or Flux); pass the {name}'s own VAE."
         )
+
+
+def _check_latent_space(layout: ConditioningLayout, vae, learned: str) -> None:
+    """A VAE of the recorded class must have the recorded scaling and shift: the denoiser was trained in that latent
+    space (an SD3 decoder with Flux's VAE has 16 channels too, but another scale and shift). Another class (a tiny
+    TAESD-style autoencoder, which decodes scaled latents with `scaling_factor` 1) is judged by `_check_vae` only."""
+    recorded = layout.latent_space
+    if not recorded or recorded.get("vae_class") != type(vae).__name__:
+        return
+    for key in ("latent_channels", "scaling_factor", "shift_factor"):
+        want, got = recorded.get(key), vae.config.get(key)
+        same = want == got or (
+            isinstance(want, (int, float)) and isinstance(got, (int, float)) and math.isclose(want, got, rel_tol=1e-6)
+        )
+        if not same:
+            raise ValueError(
+                f"`vae` ({type(vae).__name__}) has {key}={got}, but the {layout.pipeline_class} decoder {learned} were "
+                f"assembled on encodes with {key}={want} ({recorded}): its denoiser works in that latent space; pass "
+                f"the VAE of that checkpoint (or one with the same latent space)."
+            )
 
 
 def _check_scheduler(family: DecoderFamily, scheduler) -> None:
