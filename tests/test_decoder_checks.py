@@ -120,7 +120,7 @@ BAD_COMPONENTS = [
     # A VAE of another family: latent channels, class, shift factor.
     ("sd3", "vae", lambda d: d("flux-dev").vae, r"`vae` \(AutoencoderKL\) has latent_channels=1.*in_channels=4"),
     ("flux-dev", "vae", lambda d: d("sd3").vae, r"`vae` .*latent_channels=4.*in_channels=4.*4 x latent_channels"),
-    ("sana", "vae", lambda d: d("sd").vae, r"`vae` is a AutoencoderKL.*SanaPipeline decodes with a AutoencoderDC"),
+    ("sana", "vae", lambda d: d("sd").vae, r"`vae` is of class AutoencoderKL.*SanaPipeline decodes with AutoencoderDC"),
     ("sdxl", "vae", lambda d: d("sd3").vae, r"`vae` .*shift_factor=0.0609.*never adds a shift"),
     ("sd3", "vae", lambda d: d("sdxl").vae, r"`vae` .*no `shift_factor`.*StableDiffusion3Pipeline"),
     # Same class and channels, another latent space (Flux's scale and shift on an SD3 decoder): the recorded one wins.
@@ -129,17 +129,17 @@ BAD_COMPONENTS = [
         r"`vae` \(AutoencoderKL\) has scaling_factor=0.3611.*scaling_factor=1.5035",
     ),
     # A denoiser of another family, width or guidance; a denoiser in the slot the family does not use.
-    ("sdxl", "unet", lambda d: d("sd").unet, r"`unet` is a UNet2DConditionModel of a StableDiffusionPipeline, but .* StableDiffusionXLPipeline"),
-    ("sd", "transformer", lambda d: d("sd3").transformer, r"`transformer` is a SD3Transformer2DModel.*set `transformer` to None"),
-    ("sd3", "transformer", lambda d: d("flux-dev").transformer, r"FluxPipeline.*StableDiffusion3Pipeline"),
-    ("flux-dev", "transformer", lambda d: d("flux-schnell").transformer, r"guides with 'none'"),
+    ("sdxl", "unet", lambda d: d("sd").unet, r"`unet` is of class UNet2DConditionModel of a StableDiffusionPipeline, but .* StableDiffusionXLPipeline"),
+    ("sd", "transformer", lambda d: d("sd3").transformer, r"`transformer` is of class SD3Transformer2DModel.*set `transformer` to None"),
+    ("sd3", "transformer", lambda d: d("flux-dev").transformer, r"`transformer` is of class FluxTransformer2DModel of a FluxPipeline.*StableDiffusion3Pipeline"),
+    ("flux-dev", "transformer", lambda d: d("flux-schnell").transformer, r"`transformer` does not fit: .*guides with 'none'"),
     (
         "pixart-sigma", "transformer",
         lambda d: PixArtTransformer2DModel(
             sample_size=16, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=24,
             in_channels=4, cross_attention_dim=16, out_channels=8, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
         ),
-        r"`caption_channels`=24",
+        r"`transformer` does not fit: .*`caption_channels`=24",
     ),
 ]
 

@@ -83,7 +83,7 @@ def check_decoder_modules(layout: ConditioningLayout, components: dict, learned:
     other = "transformer" if family.denoiser == "unet" else "unet"
     if components.get(other) is not None:
         raise ValueError(
-            f"`{other}` is a {_describe(components[other])}, but {learned} were trained for a {layout.pipeline_class}, "
+            f"`{other}` is of class {_describe(components[other])}, but {learned} were trained for a {layout.pipeline_class}, "
             f"whose denoiser is `{family.denoiser}`: set `{other}` to None (and `{family.denoiser}` to a "
             f"{family.denoiser_class.__name__} of that family)."
         )
@@ -96,10 +96,13 @@ def check_decoder_modules(layout: ConditioningLayout, components: dict, learned:
             except ValueError:
                 pass
             raise ValueError(
-                f"`{family.denoiser}` is a {described}, but {learned} were trained for a {layout.pipeline_class}: "
+                f"`{family.denoiser}` is of class {described}, but {learned} were trained for a {layout.pipeline_class}: "
                 f"pass that family's {family.denoiser_class.__name__} (the base checkpoint they record)."
             )
-        check_decoder_fits(layout, {family.denoiser: denoiser}, learned)
+        try:
+            check_decoder_fits(layout, {family.denoiser: denoiser}, learned)
+        except ValueError as error:  # the same check as at load; here the component is named too
+            raise ValueError(f"`{family.denoiser}` does not fit: {error}") from None
     vae = components.get("vae")
     if vae is not None:
         _check_vae(family, vae, denoiser)
@@ -116,7 +119,8 @@ def _check_vae(family: DecoderFamily, vae, denoiser) -> None:
     accepted = (expected, AutoencoderTiny) if expected is AutoencoderKL else (expected,)
     if not isinstance(vae, accepted):
         raise ValueError(
-            f"`vae` is a {_describe(vae)}, but a {name} decodes with a {' or '.join(c.__name__ for c in accepted)}."
+            f"`vae` is of class {_describe(vae)}, but a {name} decodes with "
+            f"{' or '.join(c.__name__ for c in accepted)}: pass the VAE of the decoder's own checkpoint."
         )
     channels = vae.config.get("latent_channels")
     if denoiser is not None:
