@@ -132,6 +132,16 @@ def _kind(name: str, value: torch.Tensor) -> str:
     return POOLED if value.ndim == 2 else SEQUENCE
 
 
+def latent_space(vae) -> dict:
+    """What defines the latent space a denoiser was trained in, from its VAE's config (recorded in the layout)."""
+    return {
+        "vae_class": type(vae).__name__,
+        "latent_channels": vae.config.get("latent_channels"),
+        "scaling_factor": vae.config.get("scaling_factor"),
+        "shift_factor": vae.config.get("shift_factor"),
+    }
+
+
 def read_conditioning_layout(pipe, **encode_overrides) -> ConditioningLayout:
     """The [`ConditioningLayout`] of a loaded decoder, read from its `encode_prompt` outputs on the empty prompt.
 
@@ -168,6 +178,7 @@ def read_conditioning_layout(pipe, **encode_overrides) -> ConditioningLayout:
         guidance=family.guidance(pipe.components),
         padding=PADDING_MASKED if any(t.kind == MASK for t in tensors) else PADDING_ATTENDED,
         encode_kwargs=_jsonable(encode_settings(pipe, **encode_overrides)),
+        latent_space=latent_space(pipe.vae) if getattr(pipe, "vae", None) is not None else None,
     )
     denoiser = getattr(pipe, family.denoiser)
     for name, config_key in family.width_checks.items():

@@ -6,6 +6,7 @@ the fixed `__call__` settings that let the stock pipeline run from precomputed c
 `docs/decoders.md`). Every size is read from the loaded models by `read_conditioning_layout`.
 """
 
+import inspect
 from typing import Any
 
 from diffusers import (
@@ -24,6 +25,7 @@ from diffusers import (
 from diffusers.utils import logging
 
 from .layout import GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_NONE
+from .schedulers import is_flow_matching_scheduler
 
 logger = logging.get_logger(__name__)
 
@@ -50,6 +52,21 @@ class DecoderFamily:
     width_checks: dict[str, str] = {}
     # Fixed `__call__` settings for running from precomputed conditioning.
     call_overrides: dict[str, Any] = {}
+    # What the stock `__call__` does that no config says (read by `decoders/fit.py`):
+    # - `latent_packing`: side of the latent patches packed into one token before the denoiser (Flux packs 2x2);
+    # - `size_multiple`: the multiple of 8 or 32 the stock `check_inputs` asks of height and width, whatever the VAE;
+    # - `vae_shift_factor`: whether decoding adds the VAE's `shift_factor` (SD3 and Flux latents are shifted);
+    # - `scheduler_mu`: when `set_timesteps` is given `mu`: "always" (Flux), "dynamic" (SD3: when the scheduler's
+    #   config has `use_dynamic_shifting`) or "never";
+    # - `scheduler_sigmas`: whether `set_timesteps` is always given `sigmas` (Flux, unless `use_flow_sigmas`).
+    latent_packing: int = 1
+    size_multiple: int = 8
+    vae_shift_factor: bool = False
+    scheduler_mu: str = "never"
+    scheduler_sigmas: bool = False
+    # Whether the denoiser is a flow-matching model; None: read from the scheduler type the stock pipeline's
+    # `__init__` annotates (`flow_matching`). Sana annotates `DPMSolverMultistepScheduler`, configured for flow.
+    _flow_matching: bool | None = None
 
     def matches(self, components: dict[str, Any]) -> bool:
         """Whether a set of pipeline components (text encoders may be absent) is this family's."""
@@ -68,6 +85,18 @@ class DecoderFamily:
     def default_size(self, pipe) -> int | None:
         """Default height and width when the caller gives none; None keeps the stock default."""
         return None
+
+    @property
+    def flow_matching(self) -> bool:
+        """Whether the family's denoiser is a flow-matching model (it needs a flow-matching scheduler)."""
+        if self._flow_matching is not None:
+            return self._flow_matching
+        return is_flow_matching_scheduler(self.init_annotation("scheduler"))
+
+    def init_annotation(self, name: str):
+        """The type the stock pipeline's `__init__` annotates for component `name` (a class, or an enum of
+        scheduler names such as `KarrasDiffusionSchedulers`)."""
+        return inspect.signature(self.pipeline_class.__init__).parameters[name].annotation
 
     def __repr__(self):
         return f"{type(self).__name__}({self.pipeline_class.__name__})"
@@ -123,6 +152,8 @@ class StableDiffusion3Family(DecoderFamily):
     text_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     encode_outputs = _EMBEDS_AND_POOLED
     width_checks = {"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"}
+    vae_shift_factor = True
+    scheduler_mu = "dynamic"
 
     def check_text_side(self, pipe):
         # SD3 zero-pads the two CLIP sequences (concatenated along the width) up to the T5 width; a T5 narrower
@@ -143,6 +174,10 @@ class FluxFamily(DecoderFamily):
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     encode_outputs = ("prompt_embeds", "pooled_prompt_embeds", None)  # the third value is `text_ids`
     width_checks = {"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"}
+    latent_packing = 2
+    vae_shift_factor = True
+    scheduler_mu = "always"
+    scheduler_sigmas = True
 
     def guidance(self, components):
         # Flux-dev is guidance-distilled (the scale is an input of the transformer); Flux-schnell takes no guidance.
@@ -169,6 +204,8 @@ class SanaFamily(_CaptionMaskFamily):
     name = "sana"
     pipeline_class = SanaPipeline
     denoiser_class = SanaTransformer2DModel
+    size_multiple = 32
+    _flow_matching = True
 
     def default_size(self, pipe):
         # SanaPipeline defaults to 1024 x 1024 whatever the model; use the transformer's own sample size.

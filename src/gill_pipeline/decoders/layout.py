@@ -78,6 +78,9 @@ class ConditioningLayout:
             (SD, SDXL, SD3, Flux: padded positions are real inputs and must be reproduced).
         encode_kwargs (`dict`): The non-default `encode_prompt` settings the targets were made with, taken from the
             stock `__call__` defaults (e.g. `max_sequence_length`, `clean_caption`, `complex_human_instruction`).
+        latent_space (`dict`, *optional*): The decoder VAE's class, `latent_channels`, `scaling_factor` and
+            `shift_factor` when the layout was read: the denoiser was trained in that latent space, so another VAE of
+            the same class must have the same scaling and shift (`decoders/fit.py`). None in layouts recorded before.
     """
 
     family: str
@@ -86,6 +89,7 @@ class ConditioningLayout:
     guidance: str
     padding: str
     encode_kwargs: dict[str, Any] = field(default_factory=dict)
+    latent_space: dict[str, Any] | None = None
 
     def __post_init__(self):
         self.tensors = [t if isinstance(t, ConditioningTensor) else ConditioningTensor(**t) for t in self.tensors]

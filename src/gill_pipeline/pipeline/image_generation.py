@@ -6,15 +6,15 @@ default size and the denoising loop).
 """
 
 import inspect
-import math
 from typing import Callable
 
 import torch
-from diffusers import DiffusionPipeline, FluxTransformer2DModel, SanaTransformer2DModel
+from diffusers import DiffusionPipeline, FluxTransformer2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from ..decoders.layout import GUIDANCE_CFG
 from ..decoders import build_decoder_pipeline, family_for_pipeline, run_decoder
+from ..decoders.fit import check_decoder_modules, decoder_size_multiple, vae_scale_factor
 from .inputs import check_int, check_number, is_number
 from .pipeline_output import GILLImage
 
@@ -93,16 +93,30 @@ class ImageGenerationMixin:
         return self.denoiser_name is not None and self.vae is not None and self.scheduler is not None
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent of the pipeline's current `vae` (read again after `pipe.vae = ...`); 8 without one."""
+        return vae_scale_factor(getattr(self, "vae", None), default=getattr(self, "_default_vae_scale_factor", 8))
+
+    @vae_scale_factor.setter
+    def vae_scale_factor(self, value: int):
+        # `__init__` sets it as diffusers pipelines do; the VAE's own config wins whenever there is a VAE.
+        self._default_vae_scale_factor = value
+
+    @property
     def image_size_multiple(self) -> int:
-        """Generated image sides must be multiples of this: the latent scale (the SD pipeline also asks for 8); twice
-        it for Flux, which packs 2x2 latent patches."""
-        multiple = math.lcm(8, self.vae_scale_factor)
-        transformer = getattr(self, "transformer", None)
-        if isinstance(transformer, FluxTransformer2DModel):
-            multiple = math.lcm(multiple, 2 * self.vae_scale_factor)
-        elif isinstance(transformer, SanaTransformer2DModel):
-            multiple = math.lcm(multiple, 32)  # SanaPipeline.check_inputs refuses other sizes, whatever the model
-        return multiple
+        """Generated image sides must be multiples of this: one latent patch in pixels (the VAE scale factor times the
+        denoiser's `patch_size`, times 2 for Flux, which packs 2x2 latents), and what the family's stock
+        `check_inputs` asks (8; 32 for Sana)."""
+        family = family_for_pipeline(self.gill.conditioning_layout.pipeline_class)
+        denoiser = getattr(self, self.denoiser_name) if self.denoiser_name else None
+        return decoder_size_multiple(family, denoiser, getattr(self, "vae", None))
+
+    def check_decoder(self):
+        """Raises a `ValueError` naming the component when the decoder modules (`unet`/`transformer`, `vae`,
+        `scheduler`) do not fit the learned weights' family or each other; read from configs, so it runs before every
+        call (a module swapped after loading, `pipe.vae = ...`, is caught before the LM runs)."""
+        components = {name: getattr(self, name, None) for name in ("unet", "transformer", "vae", "scheduler")}
+        check_decoder_modules(self.gill.conditioning_layout, components, "the learned weights (`gill`)")
 
     def default_image_size(
         self, height: int | None, width: int | None, decoder_pipe: DiffusionPipeline | None = None
@@ -139,6 +153,8 @@ class ImageGenerationMixin:
     ):
         """The image-generation part of `check_inputs`: checked even when the answer may turn out to have no image,
         so that a wrong value is reported now, not after the LM has decoded."""
+        if decoder_pipe is None:
+            self.check_decoder()  # `__call__` checked it when it built `decoder_pipe`
         multiple = self.image_size_multiple
         for name, value in (("height", height), ("width", width)):
             if value is None:
@@ -146,7 +162,9 @@ class ImageGenerationMixin:
             check_int(value, name, minimum=1)
             if value % multiple:
                 raise ValueError(
-                    f"`{name}` must be a multiple of {multiple} (the decoder's latent scale), got {value}."
+                    f"`{name}` must be a multiple of {multiple} (one latent patch of the decoder in pixels: VAE scale "
+                    f"factor {self.vae_scale_factor} x the denoiser's patch and packing, and what "
+                    f"{self.gill.conditioning_layout.pipeline_class} asks), got {value}."
                 )
         # Options the decoder family's pipeline does not take are refused now, not after the LM has decoded.
         self._decoder_options(
@@ -238,7 +256,9 @@ class ImageGenerationMixin:
 
     def _decoder_pipeline(self) -> DiffusionPipeline:
         """The decoder family's stock pipeline (`StableDiffusionPipeline`, `FluxPipeline`, ...) over this pipeline's
-        own decoder modules, text side None. The family is the learned weights'. `__call__` builds it once."""
+        own decoder modules, text side None. The family is the learned weights'. `__call__` builds it once, after
+        `check_decoder` (the stock `__init__` itself fails on some misfits, e.g. Sana's on an AutoencoderKL)."""
+        self.check_decoder()
         components = {"vae": self.vae, "scheduler": self.scheduler, self.denoiser_name: getattr(self, self.denoiser_name)}
         pipe = build_decoder_pipeline(components, layout=self.gill.conditioning_layout)
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))

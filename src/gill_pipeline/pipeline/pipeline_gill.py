@@ -47,6 +47,7 @@ from .chat import (
     render_conversation,
 )
 from .conversation import GILLPast, check_past, next_past, past_owner, reusable_past
+from .fit import check_base_models_fit, check_pipeline_fits
 from .image_generation import ImageGenerationMixin
 from .offload import OffloadMixin
 from .inputs import check_bool, check_generator, check_interleaved_sample, normalize_interleaved_inputs
@@ -164,6 +165,7 @@ class GILLPipeline(
     ):
         super().__init__()
         img_token_ids = resolve_img_token_ids(tokenizer, gill.config.num_img_tokens, img_token_ids)
+        check_base_models_fit(tokenizer=tokenizer, llm=llm, gill=gill, image_encoder=image_encoder, img_token_ids=img_token_ids)
         self.register_modules(
             tokenizer=tokenizer,
             llm=llm,
@@ -219,6 +221,7 @@ class GILLPipeline(
         `settings` holds the decoding arguments, `generation_kwargs` the image-generation ones (`height` ...
         `callback_on_step_end_tensor_inputs`, see `check_generation_inputs`); `decoder_pipe` is the call's stock
         decoder pipeline (built once per call; see `_decoder_pipeline`)."""
+        check_pipeline_fits(self)  # components assigned after loading too
         settings.check()
         check_bool(return_dict, "return_dict")
         if not isinstance(image_mode, str) or image_mode not in IMAGE_MODES:
