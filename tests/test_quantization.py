@@ -112,7 +112,7 @@ def test_from_base_models_quantizes_named_models(pipe, folders, tmp_path):
     build_tiny_stable_diffusion().save_pretrained(tmp_path / "sd_full")
     assembled = GILLPipeline.from_base_models(
         str(folders / "opt"), decoder=str(tmp_path / "sd_full"), image_encoder=str(folders / "clip"),
-        num_img_tokens=2, num_visual_tokens=1, retrieval_dim=16, mapper_hidden_dim=16, mapper_encoder_layers=1,
+        num_img_tokens=4, num_visual_tokens=1, retrieval_dim=16, mapper_hidden_dim=16, mapper_encoder_layers=1,
         mapper_decoder_layers=1, mapper_heads=2, dtype=torch.bfloat16,
         quantization_config=PipelineQuantizationConfig(quant_mapping={"llm": int8_llm()}),
     )
