@@ -61,27 +61,20 @@ def folders(pipe, tmp_path_factory):
     return root
 
 
-def test_whole_folder_quantizes_lm_and_unet_not_gill(pipe, folders):
+@pytest.mark.parametrize("folder", ["whole", "learned"])
+def test_lm_and_unet_quantized_gill_not(pipe, folders, folder):
+    """A whole-pipeline folder and a learned-weights folder (whose base models are loaded one by one, each with its
+    own entry of the mapping) quantize the same components."""
     config = PipelineQuantizationConfig(
         quant_mapping={"llm": int8_llm(), "unet": diffusers.TorchAoConfig(Int8WeightOnlyConfig())}
     )
-    quantized = GILLPipeline.from_pretrained(folders / "whole", quantization_config=config)
-    assert weight_kinds(quantized.llm.model.decoder.layers) == {"Int8Tensor"}
-    assert "Int8Tensor" in weight_kinds(quantized.unet)
-    assert_gill_untouched(quantized)
-    assert relative_error(quantized.llm(IDS).logits, pipe.llm(IDS).logits) < 0.05
-    quantized(["Show me a dog"], generator=torch.Generator().manual_seed(0), **CALL)
-
-
-def test_learned_weights_folder_routes_each_component(pipe, folders):
-    config = PipelineQuantizationConfig(
-        quant_mapping={"llm": int8_llm(), "unet": diffusers.TorchAoConfig(Int8WeightOnlyConfig())}
-    )
-    quantized = GILLPipeline.from_pretrained(folders / "learned", quantization_config=config)
+    quantized = GILLPipeline.from_pretrained(folders / folder, quantization_config=config)
     assert weight_kinds(quantized.llm.model.decoder.layers) == {"Int8Tensor"}
     assert "Int8Tensor" in weight_kinds(quantized.unet)
     assert weight_kinds(quantized.image_encoder) == {"Parameter"}
     assert_gill_untouched(quantized)
+    assert relative_error(quantized.llm(IDS).logits, pipe.llm(IDS).logits) < 0.05
+    quantized(["Show me a dog"], generator=torch.Generator().manual_seed(0), **CALL)
 
 
 def test_backend_form_as_dict_builds_each_librarys_config(folders):

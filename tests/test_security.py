@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 
 import pytest
 import torch
@@ -34,18 +33,10 @@ def write_bomb(path, marker):
     torch.save({"weight": Bomb(marker)}, path)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saved")
-    make_pipeline("opt").save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture()
-def pipe_dir(saved, tmp_path):
-    target = tmp_path / "pipe"
-    shutil.copytree(saved, target)
-    return target
+def pipe_dir(saved_copy):
+    """A saved tiny pipeline of this test's own (conftest's `saved_copy`)."""
+    return saved_copy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,9 +66,9 @@ def test_allow_pickle_reads_pickled_weights_with_weights_only(pipe_dir, tmp_path
     assert not marker.exists()
 
 
-def test_use_safetensors_false_needs_allow_pickle(saved):
+def test_use_safetensors_false_needs_allow_pickle(saved_opt):
     with pytest.raises(ValueError, match="allow_pickle=True"):
-        GILLPipeline.from_pretrained(saved, use_safetensors=False)
+        GILLPipeline.from_pretrained(saved_opt, use_safetensors=False)
 
 
 def test_learned_weights_refuse_pickles(opt_pipe, tmp_path):
@@ -147,9 +138,9 @@ def test_a_custom_pipeline_class_is_refused(pipe_dir):
 @pytest.mark.parametrize(
     "kwargs", [{"trust_remote_code": True}, {"custom_pipeline": "my_pipeline"}, {"custom_revision": "main"}]
 )
-def test_remote_code_arguments_are_refused(saved, opt_pipe, tmp_path, kwargs):
+def test_remote_code_arguments_are_refused(saved_opt, opt_pipe, tmp_path, kwargs):
     with pytest.raises(ValueError, match=rf"`{next(iter(kwargs))}`=.* is not accepted"):
-        GILLPipeline.from_pretrained(saved, **kwargs)
+        GILLPipeline.from_pretrained(saved_opt, **kwargs)
     folder = opt_pipe.save_learned_weights(tmp_path / "learned")
     with pytest.raises(ValueError, match="is not accepted"):
         GILLPipeline.from_pretrained(folder, llm=opt_pipe.llm, llm_kwargs=kwargs)
@@ -192,10 +183,10 @@ def test_attach_image_decoder_refuses_a_non_decoder_class_and_pickles(pipe_dir, 
     assert not (tmp_path / "ran").exists()
 
 
-def test_attach_image_decoder_still_loads_a_good_folder(saved):
+def test_attach_image_decoder_still_loads_a_good_folder(saved_opt):
     pipe = make_pipeline("opt", seed=1)
-    attach_image_decoder(pipe, str(saved))
-    reference = GILLPipeline.from_pretrained(saved)
+    attach_image_decoder(pipe, str(saved_opt))
+    reference = GILLPipeline.from_pretrained(saved_opt)
     torch.testing.assert_close(pipe.unet.conv_in.weight, reference.unet.conv_in.weight)
 
 

@@ -42,27 +42,33 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     }.items()
 }
 
+# The old `add_<name>_parser` functions are each command module's `add_parser` now.
+_PARSERS = {"generate": "generate", "convert_original": "convert", "push": "push", "evaluate": "evaluate",
+            "chat": "chat", "demo": "demo"}
+
+
+def _parser(name: str) -> dict[str, tuple[str, str]]:
+    return {f"add_{name}_parser": (_P + "commands." + _PARSERS[name], "add_parser")}
+
+
 # Names that were renamed when they moved: old module -> {old name: (new module, new name)}.
 RENAMED: dict[str, dict[str, tuple[str, str]]] = {
     _P + "cli": {
-        "add_generate_parser": (_P + "commands.generate", "add_parser"),
-        "add_convert_original_parser": (_P + "commands.convert", "add_parser"),
-        "add_push_parser": (_P + "commands.push", "add_parser"),
-        "add_evaluate_parser": (_P + "commands.evaluate", "add_parser"),
-        "add_chat_parser": (_P + "commands.chat", "add_parser"),
-        "add_demo_parser": (_P + "commands.demo", "add_parser"),
+        **{old: new for name in _PARSERS for old, new in _parser(name).items()},
         "_default_help": (_P + "commands.options", "default_help"),
         "_one_line": (_P + "commands.options", "one_line"),
     },
-    _P + "chat_cli": {"add_chat_parser": (_P + "commands.chat", "add_parser")},
-    _P + "demo.launch": {"add_demo_parser": (_P + "commands.demo", "add_parser")},
-    _P + "evaluation.command": {"add_evaluate_parser": (_P + "commands.evaluate", "add_parser")},
+    _P + "chat_cli": _parser("chat"),
+    _P + "demo.launch": _parser("demo"),
+    _P + "evaluation.command": _parser("evaluate"),
     _P + "file_names": {
-        "FEATURE_EXTRACTOR_FOLDER": (_P + "constants", "FEATURE_EXTRACTOR_COMPONENT"),
-        "SCHEDULER_FOLDER": (_P + "constants", "SCHEDULER_COMPONENT"),
-        "SD_SCHEDULER_SUBFOLDER": (_P + "constants", "SCHEDULER_COMPONENT"),
-        "SD_VAE_SUBFOLDER": (_P + "constants", "VAE_COMPONENT"),
-        "SD_UNET_SUBFOLDER": (_P + "constants", "UNET_COMPONENT"),
+        old: (_P + "constants", new) for old, new in {
+            "FEATURE_EXTRACTOR_FOLDER": "FEATURE_EXTRACTOR_COMPONENT",
+            "SCHEDULER_FOLDER": "SCHEDULER_COMPONENT",
+            "SD_SCHEDULER_SUBFOLDER": "SCHEDULER_COMPONENT",
+            "SD_VAE_SUBFOLDER": "VAE_COMPONENT",
+            "SD_UNET_SUBFOLDER": "UNET_COMPONENT",
+        }.items()
     },
 }
 
