@@ -40,8 +40,8 @@ def normalize_conversations(prompt: Any, name: str = "prompt") -> tuple[list[lis
         raise TypeError(f"`{name}` is a single message dict; pass a list of messages: [{{'role': ..., 'content': ...}}].")
     batched = isinstance(prompt[0], (list, tuple))
     conversations = [list(c) for c in prompt] if batched else [list(prompt)]
-    for b, conversation in enumerate(conversations):
-        where = f"{name}[{b}]" if batched else name
+    for b, where in enumerate(conversation_names(name, len(conversations), batched)):
+        conversation = conversations[b]
         if not conversation:
             raise ValueError(f"`{where}` is an empty conversation: give at least one message.")
         for m, message in enumerate(conversation):
