@@ -25,6 +25,7 @@ from ..constants import IMAGE_MODES
 from ..demo.settings import CALL_ARGUMENTS, call_defaults
 from ..utils.image_io import MAX_IMAGE_PIXELS, ImageTooLargeError, UnreadableImageError, read_image
 from ..pipeline import GILLPipeline
+from ..pipeline.inputs import MAX_SEED
 from ..serialization.folder import DTYPE_NAMES, resolve_dtype
 from ..serialization.paths import looks_like_local_path
 from ..serialization.quantization import QUANTIZE_CHOICES, quantization_preset
@@ -87,7 +88,7 @@ def non_negative_int(text: str) -> int:
 
 
 def seed(text: str) -> int:
-    return _number(text, int, "an integer seed in [0, 2**63)", lambda v: 0 <= v < 2**63)
+    return _number(text, int, "an integer seed in [0, 2**63)", lambda v: 0 <= v < MAX_SEED)
 
 
 def port(text: str) -> int:

@@ -104,8 +104,12 @@ def read_model_args(model_args: str | os.PathLike | dict) -> dict:
         try:
             with open(path, encoding="utf-8") as f:
                 model_args = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"Cannot read the reference `model_args` file {path}: {error}") from error
+        if not isinstance(model_args, dict):
+            raise CheckpointError(
+                f"The reference `model_args` file {path} holds a {type(model_args).__name__}, not a JSON object."
+            )
     for key, allowed in SUPPORTED_ARGS.items():
         if key in model_args and model_args[key] not in allowed:
             raise CheckpointError(

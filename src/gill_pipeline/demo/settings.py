@@ -9,10 +9,9 @@ surfaces, and the pipeline knows nothing of them. The presets' values are the bu
 
 import inspect
 
-import torch
-
 from ..bundled.presets import PRESETS
 from ..pipeline import GILLPipeline
+from ..pipeline.inputs import seeded_generator
 
 # Option name -> `GILLPipeline.__call__` argument. Options left unset take the built-in model's preset, else the
 # pipeline's own default (read from its signature, so help texts cannot drift from it).
@@ -40,10 +39,12 @@ def preset_settings(model: str | None) -> dict:
 def call_kwargs(settings: dict, seed: int | None = DEFAULT_SEED) -> dict:
     """Option names (`CALL_ARGUMENTS` keys) -> `GILLPipeline.__call__` keyword arguments; a seed becomes a fresh CPU
     generator, so each turn is reproducible on its own."""
+    if not isinstance(settings, dict):
+        raise TypeError(f"`settings` must be a dict of option name -> value, got {type(settings).__name__} {settings!r:.100}.")
     unknown = sorted(set(settings) - set(CALL_ARGUMENTS))
     if unknown:
         raise ValueError(f"`settings` has unknown options {unknown}; known: {sorted(CALL_ARGUMENTS)}.")
     kwargs = {CALL_ARGUMENTS[option]: value for option, value in settings.items()}
     if seed is not None:
-        kwargs["generator"] = torch.Generator().manual_seed(int(seed))
+        kwargs["generator"] = seeded_generator(seed, "seed")
     return kwargs

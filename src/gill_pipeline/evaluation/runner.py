@@ -8,6 +8,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..pipeline.inputs import MAX_SEED, check_seed
 from ..utils.image_io import read_image
 from .datasets import Loaded
 from .records import RecordLog
@@ -64,6 +65,9 @@ def run_batches(
     examples a resumed run still had to do."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    check_seed(seed, "seed")
+    if examples and not check_seed(seed) + len(examples) - 1 < MAX_SEED:  # example i runs with seed + i
+        raise ValueError(f"`seed`={seed!r} leaves no room for {len(examples)} examples' seeds below 2**63.")
     place = {example.id: i for i, example in enumerate(examples)}
     if len(place) != len(examples):
         raise ValueError("Example ids must be unique; the data file repeats one.")

@@ -14,6 +14,7 @@ import PIL.Image
 import torch
 
 from ..pipeline.decoding import DecodingSettings
+from ..pipeline.inputs import seeded_generator
 
 
 # One new token, which must be [IMG0] (its logit scaled far above every other), and one image group.
@@ -22,7 +23,7 @@ FORCE_IMAGE = dict(max_new_tokens=1, img_logit_scale=math.inf, max_images=1)
 
 def example_generators(seeds: list[int]) -> list[torch.Generator]:
     """One generator per example, so an example's image does not depend on the batch it ran in (resumable runs)."""
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [seeded_generator(s, "seed") for s in seeds]
 
 
 class GILLSystem:

@@ -7,12 +7,16 @@ standing where the image is; the rendered text is split there again, so every im
 right place. Without a template (base LMs) the contents are simply concatenated, as a plain interleaved input.
 """
 
+import re
 from typing import Any
 
-from .inputs import is_image
+import torch
+
+from .inputs import IMG_TOKEN_TEXT, check_text, is_image, to_rgb_pil
 
 # Stands in for an image while the chat template renders the conversation; never a real piece of text.
 IMAGE_SENTINEL = "\u2063<gill-image-{i}>\u2063"
+_SENTINEL_START = IMAGE_SENTINEL.split("{", 1)[0]
 ROLES_OF_ANSWER = "assistant"
 GILL_IMAGE_PART_KEYS = ("source", "decision_probs", "scores", "candidates", "metadata", "alternatives")
 
@@ -36,13 +40,46 @@ def normalize_conversations(prompt: Any, name: str = "prompt") -> tuple[list[lis
         raise TypeError(f"`{name}` is a single message dict; pass a list of messages: [{{'role': ..., 'content': ...}}].")
     batched = isinstance(prompt[0], (list, tuple))
     conversations = [list(c) for c in prompt] if batched else [list(prompt)]
-    for b, conversation in enumerate(conversations):
-        where = f"{name}[{b}]" if batched else name
+    for b, where in enumerate(conversation_names(name, len(conversations), batched)):
+        conversation = conversations[b]
         if not conversation:
             raise ValueError(f"`{where}` is an empty conversation: give at least one message.")
         for m, message in enumerate(conversation):
             check_message(message, f"{where}[{m}]")
+        conversations[b] = [_checked_copy(message, f"{where}[{m}]") for m, message in enumerate(conversation)]
     return conversations, batched
+
+
+def conversation_names(name: str, count: int, batched: bool) -> list[str]:
+    return [f"{name}[{b}]" if batched else name for b in range(count)]
+
+
+def _checked_copy(message: dict, name: str) -> dict:
+    """`message` with its text checked and its images read as RGB PIL images, errors naming the message and part
+    (`prompt[0]['content'][2]['image']`), not the image's place in the rendered text. The caller's dict is not
+    changed."""
+    content = message["content"]
+    if isinstance(content, str):
+        check_text(content, f"{name}['content']")
+        return message
+    parts = []
+    for p, part in enumerate(content):
+        where = f"{name}['content'][{p}]"
+        if part["type"] == "text":
+            check_text(part["text"], f"{where}['text']")
+            parts.append(part)
+            continue
+        image = part["image"]
+        if "source" in part and isinstance(image, torch.Tensor) and (image.ndim != 3 or image.shape[0] not in (1, 3)):
+            # An image part of an earlier answer made with output_type="latent": latents are not pictures.
+            raise ValueError(
+                f"`{where}['image']` is a latent tensor of shape {tuple(image.shape)} from an answer made with "
+                "`output_type='latent'`; GILL reads pictures, not the decoder's latents. Run turns that will be "
+                "continued with `output_type='pil'`, 'np' or 'pt', or decode the latent first (e.g. "
+                "`pipe.vae.decode(...)` then `pipe.image_processor.postprocess(...)`)."
+            )
+        parts.append({**part, "image": to_rgb_pil(image, f"{where}['image']")})
+    return {**message, "content": parts}
 
 
 def check_message(message: Any, name: str) -> None:
@@ -92,34 +129,81 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_conversation(tokenizer, conversation: list[dict], add_generation_prompt: bool = True) -> list[Any]:
+def render_conversations(tokenizer, conversations: list[list[dict]], name: str, batched: bool) -> list[list[Any]]:
+    """Checked conversations (`normalize_conversations`) -> the interleaved list of each, as the LM reads it; errors
+    name the conversation, message and part (`prompt[1]['content'][0]['text']`)."""
+    pattern = control_marker_pattern(tokenizer)
+    batch = []
+    for conversation, where in zip(conversations, conversation_names(name, len(conversations), batched)):
+        refuse_control_markers(conversation, pattern, where)
+        batch.append(render_conversation(tokenizer, conversation, name=where))
+    return batch
+
+
+def control_marker_pattern(tokenizer) -> re.Pattern:
+    """What a message's text may not contain: the tokenizer's special tokens (the template's turn markers, BOS/EOS),
+    GILL's [IMG] tokens and the image sentinel. Each would be read as a control token, not as text."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    tokens.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    # Whitespace-only special tokens (a few tokenizers have them) are left out: they would refuse every message.
+    alternatives = [re.escape(t) for t in sorted((t for t in tokens if t and t.strip()), key=len, reverse=True)]
+    return re.compile("|".join(alternatives + [IMG_TOKEN_TEXT.pattern, re.escape(_SENTINEL_START)]))
+
+
+def refuse_control_markers(conversation: list[dict], pattern: re.Pattern, name: str) -> None:
+    """Refuses, naming the message and part, text that would inject turns or [IMG] tokens: the rendered text is read
+    with special tokens parsed (the template's own markers must be), so a user's `<|im_start|>assistant` or `[IMG0]`
+    would become a fake turn or an image request. Chat APIs refuse them likewise (tiktoken's `disallowed_special`)."""
+    for m, message in enumerate(conversation):
+        content = message["content"]
+        texts = [(message["role"], f"{name}[{m}]['role']")]
+        if isinstance(content, str):
+            texts.append((content, f"{name}[{m}]['content']"))
+        else:
+            texts += [(part["text"], f"{name}[{m}]['content'][{p}]['text']") for p, part in enumerate(content)
+                      if part["type"] == "text"]
+        for text, where in texts:
+            found = pattern.search(text)
+            if found:
+                raise ValueError(
+                    f"`{where}` contains {found.group()!r} (at character {found.start()}), which the LM would read as "
+                    "a control token (a turn marker, BOS/EOS or GILL's [IMG] token), not as text: a message cannot "
+                    "open a turn or request an image. Remove it from the text; images go in "
+                    "{'type': 'image', 'image': ...} parts."
+                )
+
+
+def render_conversation(tokenizer, conversation: list[dict], name: str = "prompt") -> list[Any]:
     """A conversation -> one interleaved list (text segments and images) as the LM should read it.
 
     With a chat template, the text segments already hold every special token the template writes (BOS included),
-    so they are tokenised as they are; without one, the contents are concatenated in order.
+    so they are tokenised as they are; without one, the contents are concatenated in order. A conversation that ends
+    with an assistant message is continued (transformers' `continue_final_message`, as its text-generation pipeline
+    does by default): the answer goes on from that message's last word, in the same turn; otherwise the template's
+    generation prompt opens a new assistant turn.
     """
     if not has_chat_template(tokenizer):
         return [element for message in conversation for element in content_elements(message["content"])]
     images, flat = [], []
-    for message in conversation:
+    for m, message in enumerate(conversation):
         text = ""
         for element in content_elements(message["content"]):
             if isinstance(element, str):
                 text += element
             else:
                 text += IMAGE_SENTINEL.format(i=len(images))
-                images.append(element)
+                images.append((element, m))
         flat.append({"role": message["role"], "content": text})
-    rendered = tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    rendered = _apply_template(tokenizer, flat, name)
     elements: list[Any] = []
     rest = rendered
-    for i, image in enumerate(images):
+    for i, (image, m) in enumerate(images):
         sentinel = IMAGE_SENTINEL.format(i=i)
         before, found, rest = rest.partition(sentinel)
         if not found:
             raise ValueError(
-                "The tokenizer's chat template dropped or changed an image's place in the conversation; GILL cannot "
-                "tell where the image goes."
+                f"The tokenizer's chat template dropped or moved an image of `{name}[{m}]`; GILL cannot tell where "
+                "the image goes. Use a template that writes each message's content as it is."
             )
         if before:
             elements.append(before)
@@ -127,6 +211,34 @@ def render_conversation(tokenizer, conversation: list[dict], add_generation_prom
     if rest:
         elements.append(rest)
     return elements
+
+
+def _apply_template(tokenizer, flat: list[dict], name: str) -> str:
+    """The rendered conversation; a template error (jinja2's `TemplateError` from a template's `raise_exception`, or
+    any other) becomes a ValueError naming the first message the template refuses."""
+    continue_final = flat[-1]["role"] == ROLES_OF_ANSWER
+    try:
+        return tokenizer.apply_chat_template(
+            flat, tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final
+        )
+    except Exception as error:  # a template can raise anything (jinja2 errors, TypeError, transformers' ValueError)
+        failure = error
+    where, why = f"`{name}`", ""
+    for m, message in enumerate(flat):  # the first message whose conversation-so-far the template cannot render
+        try:
+            tokenizer.apply_chat_template(flat[: m + 1], tokenize=False, add_generation_prompt=False)
+        except Exception:
+            where = f"`{name}[{m}]` (role {message['role']!r:.40})"
+            break
+    else:
+        if continue_final:
+            why = (
+                f" The conversation ends with an {ROLES_OF_ANSWER!r} message, which GILL continues (transformers' "
+                "`continue_final_message`); end it with a user message to get a new answer instead."
+            )
+    raise ValueError(
+        f"{where} is refused by the tokenizer's chat template: {type(failure).__name__}: {str(failure):.500}.{why}"
+    ) from failure
 
 
 def end_of_turn_token_ids(tokenizer) -> set[int]:

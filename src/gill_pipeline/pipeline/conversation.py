@@ -6,6 +6,7 @@ Only the new tokens run through the LM. Images GILL showed in earlier answers co
 prefix, as in the paper's dialogue examples (so the cache is reused up to the first of them in the last answer).
 """
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,40 @@ def user_message(content: Any, role: str = "user") -> dict:
     return message
 
 
+# Call arguments a conversation sets itself on every turn.
+CONVERSATION_ARGUMENTS = ("prompt", "inputs", "past", "streamer")
+
+
+def check_messages(messages: Any, name: str) -> list[dict]:
+    """A list of messages (or None), each checked; a str, a single dict or anything else is refused by name."""
+    if messages is None:
+        return []
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(
+            f"`{name}` must be a list of messages [{{'role': ..., 'content': ...}}] or None, got "
+            f"{type(messages).__name__} {messages!r:.100}."
+        )
+    for i, message in enumerate(messages):
+        check_message(message, f"{name}[{i}]")
+    return list(messages)
+
+
+def check_call_settings(pipe, settings: dict, where: str) -> None:
+    """Refuses, by name, settings the pipeline's call does not take and those the conversation sets itself."""
+    own = sorted(set(settings) & set(CONVERSATION_ARGUMENTS))
+    if own:
+        raise TypeError(
+            f"`{where}` got {own}, which the conversation sets on every turn: pass the message to `send`, and a "
+            "streamer as `send(..., streamer=...)`."
+        )
+    parameters = inspect.signature(pipe.__call__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(settings) - set(parameters))
+        if unknown:
+            known = sorted(set(parameters) - set(CONVERSATION_ARGUMENTS) - {"self"})
+            raise TypeError(f"`{where}` got unknown call settings {unknown}; `pipe(...)` takes {known}.")
+
+
 class GILLConversation:
     r"""
     A multi-turn dialogue with a [`GILLPipeline`] that keeps the LM's KV cache between turns, so turn N runs only
@@ -167,18 +202,25 @@ class GILLConversation:
     """
 
     def __init__(self, pipe, messages: list[dict] | None = None, **call_defaults):
+        if not callable(pipe) or not hasattr(pipe, "tokenizer") or not hasattr(pipe, "img_token_ids"):
+            raise TypeError(f"`pipe` must be a `GILLPipeline`, got {type(pipe).__name__} {pipe!r:.100}.")
         self.pipe = pipe
-        self.messages: list[dict] = []
-        for i, message in enumerate(messages or []):
-            check_message(message, f"messages[{i}]")
-            self.messages.append(message)
+        self.messages = check_messages(messages, "messages")
+        check_call_settings(pipe, call_defaults, "call_defaults")
         self.call_defaults = call_defaults
         self.past: GILLPast | None = None
         self.last_output = None
 
     def send(self, content: Any, streamer=None, **call_kwargs) -> dict:
         """Adds a user turn, answers it, and returns the assistant message (also appended to `messages`)."""
+        check_call_settings(self.pipe, call_kwargs, "send")
         message = user_message(content)
+        if message["role"] == "assistant":
+            # The pipeline would continue it (`continue_final_message`), leaving two assistant messages in a row.
+            raise ValueError(
+                "`content` is an 'assistant' message, but `send` adds a user turn. To continue an assistant message, "
+                "call `pipe(conversation.messages + [message])`."
+            )
         settings = {**self.call_defaults, **call_kwargs}
         output = self.pipe(self.messages + [message], streamer=streamer, past=self.past, **settings)
         answer = output.messages[0]
@@ -188,6 +230,6 @@ class GILLConversation:
 
     def reset(self, messages: list[dict] | None = None) -> None:
         """Forgets the dialogue (and its cache)."""
-        self.messages = list(messages or [])
+        self.messages = check_messages(messages, "messages")
         self.past = None
         self.last_output = None

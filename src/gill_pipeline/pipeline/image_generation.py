@@ -171,7 +171,9 @@ class ImageGenerationMixin:
             decoder_pipe, timesteps=timesteps, sigmas=sigmas, eta=eta, guidance_rescale=guidance_rescale,
             cross_attention_kwargs=cross_attention_kwargs,
         )
-        check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        # With custom `timesteps`/`sigmas` the step count is theirs and `num_inference_steps` may be None, as in diffusers.
+        if num_inference_steps is not None or (timesteps is None and sigmas is None):
+            check_int(num_inference_steps, "num_inference_steps", minimum=1)
         check_number(guidance_scale, "guidance_scale", minimum=0.0)
         check_number(guidance_rescale, "guidance_rescale", minimum=0.0)
         if guidance_rescale > 1:

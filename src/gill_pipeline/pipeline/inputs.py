@@ -1,11 +1,21 @@
 """Checking and normalising interleaved inputs: text segments and images."""
 
 import math
+import re
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.utils import logging
+
+from ..constants import IMG_TOKEN_TEMPLATE
+
+
+logger = logging.get_logger(__name__)
+
+# GILL's [IMG] tokens written as text ("[IMG0]", ...).
+IMG_TOKEN_TEXT = re.compile(re.escape(IMG_TOKEN_TEMPLATE).replace(re.escape("{i}"), r"\d+"))
 
 # Smallest accepted image side, in pixels. Smaller images carry no usable content for a vision encoder.
 MIN_IMAGE_SIDE = 8
@@ -68,17 +78,29 @@ def check_interleaved_sample(sample: list[Any], name: str) -> list[Any]:
     checked = []
     for i, element in enumerate(sample):
         if isinstance(element, str):
-            try:
-                element.encode("utf-8")
-            except UnicodeEncodeError as error:
-                raise ValueError(
-                    f"`{name}[{i}]` is text that cannot be encoded as UTF-8: character {element[error.start]!r} at "
-                    f"position {error.start} ({error.reason}). Remove it or fix the text's decoding."
-                ) from None
-            checked.append(element)
+            checked.append(check_text(element, f"{name}[{i}]"))
+            if IMG_TOKEN_TEXT.search(element):
+                # Plain input is the LM's raw input (special tokens are read as such, as `tokenizer(text)` reads
+                # them); chat messages refuse this outright (`chat.refuse_control_markers`).
+                logger.warning(
+                    f"`{name}[{i}]` contains {IMG_TOKEN_TEXT.search(element).group()!r}: the LM reads it as GILL's "
+                    "[IMG] token (an image request), not as text."
+                )
         else:
             checked.append(to_rgb_pil(element, f"{name}[{i}]"))
     return checked
+
+
+def check_text(text: str, name: str) -> str:
+    """`text`, or a ValueError naming `name` when it cannot be encoded (e.g. a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"`{name}` is text that cannot be encoded as UTF-8: character {text[error.start]!r} at position "
+            f"{error.start} ({error.reason}). Remove it or fix the text's decoding."
+        ) from None
+    return text
 
 
 def to_rgb_pil(image: Any, name: str = "image") -> PIL.Image.Image:
@@ -200,6 +222,26 @@ def check_bool(value, name: str):
     """Refuses, naming `name`, anything but True or False (1 or "yes" are usually a mistake)."""
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r:.100}.")
+
+
+# Seeds are whole numbers in [0, MAX_SEED): what `torch.Generator.manual_seed` takes (it overflows above 2**64) on
+# every surface alike (`gill --seed`, the web page, `evaluation`).
+MAX_SEED = 2**63
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """A seed as an int, or a ValueError naming `name` (1e30 would overflow inside torch, with no name)."""
+    seed = value
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        seed = int(value)  # number boxes deliver whole floats
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"`{name}` must be a whole number in [0, 2**63), got {value!r:.100} ({type(value).__name__}).")
+    return seed
+
+
+def seeded_generator(seed, name: str = "seed") -> torch.Generator:
+    """A fresh CPU generator seeded with `seed`, checked first (see `check_seed`)."""
+    return torch.Generator().manual_seed(check_seed(seed, name))
 
 
 def check_generator(generator, num_inputs: int):

@@ -44,7 +44,7 @@ from .chat import (
     has_chat_template,
     is_chat,
     normalize_conversations,
-    render_conversation,
+    render_conversations,
 )
 from .conversation import GILLPast, check_past, next_past, past_owner, reusable_past
 from .fit import check_base_models_fit, check_pipeline_fits
@@ -372,7 +372,7 @@ class GILLPipeline(
             chat = is_chat(source)
             if chat:
                 conversations, is_batched = normalize_conversations(source, input_name)
-                batch = [render_conversation(self.tokenizer, conversation) for conversation in conversations]
+                batch = render_conversations(self.tokenizer, conversations, input_name, is_batched)
             else:
                 batch, is_batched = normalize_interleaved_inputs(source, input_name)
             names = [f"{input_name}[{b}]" if is_batched else input_name for b in range(len(batch))]

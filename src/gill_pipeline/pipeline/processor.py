@@ -31,6 +31,7 @@ def lm_context_length(llm) -> int | None:
 def resolve_img_token_ids(tokenizer, num_img_tokens: int, img_token_ids: list[int] | None = None) -> list[int]:
     """The ids of `[IMG0]`..`[IMG{r-1}]`: `img_token_ids`, else read from `tokenizer`; checked to be `r` distinct
     known ids."""
+    read_from_tokenizer = img_token_ids is None
     if img_token_ids is None:
         img_token_ids = tokenizer.convert_tokens_to_ids([IMG_TOKEN_TEMPLATE.format(i=i) for i in range(num_img_tokens)])
     img_token_ids = [int(i) for i in img_token_ids]
@@ -41,6 +42,17 @@ def resolve_img_token_ids(tokenizer, num_img_tokens: int, img_token_ids: list[in
         )
     unk = getattr(tokenizer, "unk_token_id", None)
     if len(set(img_token_ids)) != len(img_token_ids) or (unk is not None and unk in img_token_ids):
+        names = [IMG_TOKEN_TEMPLATE.format(i=i) for i in range(num_img_tokens)]
+        known = [name for name in names if name in tokenizer.get_vocab()] if hasattr(tokenizer, "get_vocab") else names
+        if read_from_tokenizer and len(known) < num_img_tokens:
+            # e.g. `GILLPipeline.from_pipe(sd_pipe)` without `tokenizer=`: SD's CLIP tokenizer is picked up.
+            raise ValueError(
+                f"`tokenizer` ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '') or 'unnamed'}) "
+                f"does not have GILL's [IMG] tokens ({', '.join(n for n in names if n not in known)} missing): it "
+                f"maps them to the ids {img_token_ids}. Pass the LM's tokenizer with the [IMG] tokens, e.g. "
+                "`GILLPipeline.from_pipe(sd_pipe, tokenizer=gill_pipe.tokenizer, llm=..., gill=...)`; "
+                "`GILLPipeline.from_base_models` adds them to a new LM's tokenizer."
+            )
         raise ValueError(f"`img_token_ids` must be distinct ids of the [IMG] tokens, got {img_token_ids}.")
     return img_token_ids
 

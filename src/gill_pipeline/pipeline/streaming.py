@@ -8,7 +8,10 @@ iterate the streamer) whose iterator also yields the answer's [`GILLImage`]s. An
 from queue import Queue
 
 import torch
+from diffusers import DiffusionPipeline
 from transformers import TextIteratorStreamer
+
+from .inputs import is_number
 
 
 class GILLStreamer(TextIteratorStreamer):
@@ -33,6 +36,14 @@ class GILLStreamer(TextIteratorStreamer):
     """
 
     def __init__(self, tokenizer, timeout: float | None = None, **decode_kwargs):
+        # A pipeline has a `decode` too (GILL's decoding loop): refuse it by name, not at the first token.
+        if isinstance(tokenizer, DiffusionPipeline) or not callable(getattr(tokenizer, "decode", None)):
+            raise TypeError(
+                f"`tokenizer` must be the pipeline's tokenizer (`pipe.tokenizer`), got {type(tokenizer).__name__} "
+                f"{str(tokenizer)!r:.100}."
+            )
+        if timeout is not None and not (is_number(timeout) and timeout > 0):
+            raise ValueError(f"`timeout` must be a positive number of seconds or None, got {timeout!r:.100}.")
         decode_kwargs.setdefault("skip_special_tokens", True)
         super().__init__(tokenizer, skip_prompt=False, timeout=timeout, **decode_kwargs)
         self.text_queue = Queue()

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..constants import LIBRARY_NAME
 from ..serialization.hub import HUB_KWARGS
 from ..serialization.folder import PipelineFolderError, read_json_object
+from ..serialization.paths import looks_like_local_path, missing_folder_reason, name_or_path
 from .calibration import check_min_similarity
 from .image_loading import is_url, resolve_local_path
 
@@ -254,13 +255,18 @@ class RetrievalIndexSerializationMixin:
             repo_type (`str`, *optional*): `"model"` (default) or `"dataset"`, for Hub repos.
             hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
         """
-        name = str(path_or_repo_id)
+        name = name_or_path(path_or_repo_id, "path_or_repo_id")
         unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
         if unknown:
             raise TypeError(f"Unexpected keyword arguments {unknown}; Hub arguments are {list(HUB_KWARGS)}.")
         link_root = None
         if os.path.isdir(name):
             folder = name
+        elif looks_like_local_path(name):
+            raise RetrievalIndexError(
+                f"`path_or_repo_id`={name!r} is not a folder ({missing_folder_reason(name)}); a retrieval index is a "
+                "folder written by `RetrievalIndex.save_pretrained` or `build_retrieval_index`."
+            )
         else:
             kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
             try:
@@ -369,13 +375,18 @@ class RetrievalIndexSerializationMixin:
         if not os.path.isfile(path):
             raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for n, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise RetrievalIndexError(f"{path}, line {n}: not JSON ({error}).") from error
+                        record = json.loads(line.decode("utf-8"))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                        raise RetrievalIndexError(f"{path}, line {n}: not a JSON line ({error}).") from error
+                    if not isinstance(record, dict):
+                        raise RetrievalIndexError(
+                            f"{path}, line {n}: a record must be a JSON object, got {type(record).__name__}."
+                        )
+                    records.append(record)
         return records
 
     def push_to_hub(

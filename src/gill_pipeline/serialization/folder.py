@@ -243,10 +243,33 @@ def validate_component(
                 f"Missing file: {component} (component `{name}`) has none of {list(TOKENIZER_FILES)}; files there: "
                 f"{sorted(files)}"
             )
+        check_tokenizer_files(component, name, component_class, files)
         return None
     if issubclass(component_class, (transformers.ImageProcessingMixin, transformers.FeatureExtractionMixin)):
         return read_json_object(os.path.join(component, PREPROCESSOR_CONFIG_FILE), f"config of component `{name}`")
     return None
+
+
+def check_tokenizer_files(component: str, name: str, tokenizer_class, files: list[str]) -> None:
+    """A tokenizer folder must hold its vocabulary: `tokenizer.json`, or every file the class's slow tokenizer reads
+    (`vocab.json` + `merges.txt`, `tokenizer.model`, ...). Without them transformers fails with an error about
+    sentencepiece/tiktoken that names neither the folder nor the file."""
+    tokenizer_file = "tokenizer.json"
+    if tokenizer_file in files:
+        return
+    if not getattr(tokenizer_class, "vocab_files_names", None) and "tokenizer_config.json" in files:
+        # A learned-weights folder loads with AutoTokenizer: the class its config records says what it reads.
+        recorded = read_json_object(os.path.join(component, "tokenizer_config.json")).get("tokenizer_class")
+        tokenizer_class = getattr(transformers, recorded, None) if isinstance(recorded, str) else None
+        tokenizer_class = tokenizer_class if isinstance(tokenizer_class, type) else transformers.PreTrainedTokenizerBase
+    slow_files = [f for key, f in getattr(tokenizer_class, "vocab_files_names", {}).items() if key != "tokenizer_file"]
+    if slow_files and all(f in files for f in slow_files):
+        return
+    raise PipelineFolderError(
+        f"Missing file: {os.path.join(component, tokenizer_file)} (component `{name}`, {tokenizer_class.__name__})"
+        f"{' and no ' + ' + '.join(slow_files) + ' to build it from' if slow_files else ''}; files there: "
+        f"{sorted(files)}. Save the tokenizer again with `tokenizer.save_pretrained(...)`, which writes {tokenizer_file}."
+    )
 
 
 def resolve_component_class(library: str, class_name: str, where: str):

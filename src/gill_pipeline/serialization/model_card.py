@@ -4,7 +4,6 @@ The card is built from what the folder itself records (`model_index.json` or the
 models and their revisions) plus what only the user knows ([`ModelCardInfo`]: training data, metrics, license).
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from ..constants import (
     SAFETENSORS_WEIGHTS_FILE,
 )
 from .base_models import BASE_MODEL_ROLES, normalize_base_models
+from .folder import read_json_object
 
 PIPELINE_TAG = "any-to-any"  # interleaved images and text in; text, generated and retrieved images out
 DEFAULT_TAGS = ("gill", "multimodal", "text-to-image", "image-to-text", "image-retrieval", "diffusers")
@@ -73,13 +73,11 @@ def _read_folder_record(folder: str) -> tuple[str, dict, dict]:
     index_path = os.path.join(folder, MODEL_INDEX_FILE)
     manifest_path = os.path.join(folder, LEARNED_WEIGHTS_MANIFEST_FILE)
     if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
+        index = read_json_object(index_path, "the pipeline's model index")
         llm_class = (index.get(LLM_COMPONENT) or [None, None])[1]
         return "pipeline", normalize_base_models(index.get("base_models")), {"llm_class": llm_class}
     if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = read_json_object(manifest_path, "the learned-weights manifest")
         return "learned_weights", normalize_base_models(manifest.get("base_models")), manifest
     raise ValueError(
         f"`folder` {folder!r} is neither a GILL pipeline folder ({MODEL_INDEX_FILE}) nor a learned-weights folder "
@@ -97,8 +95,7 @@ def _decoder_line(folder: str) -> str | None:
     path = os.path.join(folder, GILL_COMPONENT, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json_object(path, "the learned parts' config")
     layout = config.get("conditioning_layout")
     if layout is None:
         return (

@@ -11,6 +11,7 @@ from ...serialization.hub import HUB_KWARGS, resolve_pipeline_folder
 from ...serialization.learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
 from ...serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
 from ...serialization.lora import load_llm_lora, saving_without_lora
+from ...serialization.paths import name_or_path
 from ...serialization.push import push_pipeline_to_hub
 from ...serialization.quantization import release_freed_memory, refuse_quantizing_passed, resolve_quantization_config
 from ..assembly import assemble_gill_pipeline
@@ -40,7 +41,7 @@ class GILLLoaderMixin:
         base models on loading, for whole-pipeline and learned-weights folders alike; the learned `gill` module is
         never quantized. See docs/quantization.md and `gill_pipeline.serialization.quantization`.
         """
-        name = os.fspath(pretrained_model_name_or_path)
+        name = name_or_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         refuse_remote_code(kwargs)
         safety = pop_safety_checker(kwargs)
         if "quantization_config" in kwargs:
