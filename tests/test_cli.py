@@ -231,12 +231,24 @@ def test_generate_help_shows_the_defaults_a_run_uses(capsys, monkeypatch):
     assert f"{shapes['image_mode']} with '{SHAPES_MODEL}'" in text
 
 
-def test_the_torchvision_fallback_notice_is_dropped_and_others_kept(caplog):
+@pytest.mark.parametrize(
+    "name, notice",
+    [
+        ("transformers.utils.import_utils", "`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`"),
+        ("diffusers.quantizers.torchao.torchao_quantizer",
+         "Unable to import `torchao` Tensor objects. This may affect loading checkpoints serialized with `torchao`"),
+        ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
+                                "torch.compile as an opaque value type."),
+    ],
+)
+def test_library_import_notices_are_dropped_and_others_kept(caplog, name, notice):
     import logging
 
-    logger = logging.getLogger("transformers.utils.import_utils")
-    with caplog.at_level(logging.WARNING, logger="transformers.utils.import_utils"):
-        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`")
+    import gill_pipeline  # noqa: F401  (installs the filters)
+
+    logger = logging.getLogger(name)
+    with caplog.at_level(logging.WARNING, logger=name):
+        logger.warning(notice)
         logger.warning("another notice")
     assert [r.getMessage() for r in caplog.records] == ["another notice"]
 
