@@ -40,3 +40,19 @@ def test_conversation_benchmark_runs_and_reuses_the_cache(tmp_path):
     medians = bench.main(["--tiny", "--repeats", "1", "--answer-tokens", "4", "--output", str(output)])
     assert set(medians) == {"reused", "recomputed", "no cache"}
     assert "turn 8 reuses" in output.read_text()
+
+
+def test_real_size_benchmark_stages_run_on_tiny_configs(tmp_path):
+    # The stages of `python -m benchmarks.bench_real_size` (each a fresh process there), run in-process on tiny configs.
+    bench = load("bench_real_size")
+    pairing = bench.PAIRINGS["tiny"]
+    base, folder = str(tmp_path / "base"), str(tmp_path / "gill")
+    written = bench.stage_write(pairing, base)
+    assert set(written["bytes"]) == {"llm", "image_encoder", "unet", "vae"}
+    assembled = bench.stage_assemble(pairing, base, folder)
+    assert assembled["weights_bytes"] > 0
+    used = bench.stage_use(pairing, folder, repeats=1)
+    assert used["images"] == 1 and used["hub"]["identical"] and torch.isfinite(torch.tensor(used["train"]["loss"]))
+    report = {"pairing": "tiny", "write": written, "assemble": assembled, "use": used}
+    text = "\n".join(bench.table(report))
+    assert "image answer / (text answer + decoder alone)" in text and "identical: yes" in text

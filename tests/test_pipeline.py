@@ -280,3 +280,13 @@ def test_lm_embedding_matrix_is_not_changed():
 def test_model_cpu_offload_is_configured(opt_pipe):
     assert opt_pipe.model_cpu_offload_seq.split("->") == ["image_encoder", "llm", "unet", "transformer", "vae"]
     assert "gill" in opt_pipe._exclude_from_cpu_offload
+
+
+def test_a_single_generated_image_is_not_run_through_the_vision_tower(opt_pipe, monkeypatch):
+    # Ranking needs several candidates; with one, the CLIP vision forward would be pure cost (issue 18).
+    calls = []
+    monkeypatch.setattr(type(opt_pipe), "rank_candidates", lambda self, *a: calls.append(a) or None)
+    out = call(opt_pipe, DOG)
+    image = out.gill_images[0][0]
+    assert image.source == "generated" and image.scores == {} and len(image.candidates) == 1
+    assert calls == []

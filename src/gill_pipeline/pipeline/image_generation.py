@@ -384,7 +384,8 @@ class ImageGenerationMixin:
         self, img_hidden, requests, to_generate, probs, *, generator, num_images_per_prompt, output_type, **decoder_kwargs
     ) -> dict[tuple[int, int], GILLImage]:
         """Step 7: map the `[IMG]` states of the groups `to_generate` to prompt embeddings and denoise; candidates of
-        a group are ranked by their retrieval-space similarity to `[IMG0]` (when there is an image encoder)."""
+        a group are ranked by their retrieval-space similarity to `[IMG0]` (when there are several and an image encoder);
+        a single candidate is not scored."""
         if not to_generate:
             return {}
         conditioning = self.gill.map_to_conditioning(img_hidden[to_generate])
@@ -400,8 +401,9 @@ class ImageGenerationMixin:
         for n, i in enumerate(to_generate):
             candidates = generated[n * num_images_per_prompt : (n + 1) * num_images_per_prompt]
             scores = {}
-            # Every generated image gets its retrieval-space similarity to [IMG0]; several are ranked by it.
-            if output_type != "latent" and self.image_encoder is not None:
+            # Several candidates are ranked by their retrieval-space similarity to [IMG0]. One candidate needs no
+            # ranking: the vision tower is not run for it (it cost a CLIP forward per image), and `scores` stays empty.
+            if len(candidates) > 1 and output_type != "latent" and self.image_encoder is not None:
                 similarity = self.rank_candidates(candidates, img_hidden[i, 0])
                 order = similarity.argsort(descending=True)
                 candidates, scores = candidates[order], {"similarity": similarity[order].tolist()}

@@ -1,0 +1,514 @@
+"""GILL at real sizes on this machine, end to end (issue 18, section 1): every stage a user runs, timed, with the
+process's peak resident memory and the bytes on disk.
+
+    python -m benchmarks.bench_real_size                         # the paper's pairing (OPT-6.7B + CLIP-L + SD 1.5)
+    python -m benchmarks.bench_real_size --pairing llama3-sdxl   # a Llama-3-8B-shaped LM (int8) + SDXL
+    python -m benchmarks.bench_real_size --pairing tiny          # tiny configs, seconds (the default tests run this)
+
+Architectures come from the published configs (`benchmarks/gpu/real_configs.py` and the shapes below), the values are
+random (nothing is downloaded). For each pairing, each stage runs in a FRESH process so that its peak RSS is its own:
+
+0. write the base models as a user has them: safetensors shards (transformers' / diffusers' layout), written from
+   models built on the `meta` device, one shard in memory at a time (setup, reported but not a user stage);
+1. assemble: `GILLPipeline.from_base_models(llm_folder, decoder=..., image_encoder=folder, dtype=bf16
+   [, quantization_config])` + `save_pretrained` (the decoder's text encoders are built for this stage only: GILL
+   reads the conditioning layout and the empty-prompt negatives from them, then drops them);
+2. in one fresh process: `from_pretrained` (peak RSS of the load, RSS after it), a text answer of N forced tokens, an
+   answer with one generated image (N forced tokens + `[IMG]`, a reduced size and step count, stated), the stock
+   decoder pipeline alone with the same conditioning shape, steps and size, one training step of the learned parts
+   (micro-batch 2, precomputed random targets), and the learned weights pushed to a local in-process Hub and pulled
+   back onto the loaded base models (checked bit-identical).
+
+Targets (issue 18): from_pretrained peak RSS <= 1.10x the bytes of the weights it keeps; RSS after loading <= 1.05x;
+an answer with an image <= 1.10x (LM time for the same tokens + the stock decoder alone, same steps and size).
+Writes "## Section 1: real sizes end to end" of benchmarks/results/real_size.md (other sections left as they are).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .gpu import real_configs
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "real_size.md")
+HEADING = "## Section 1: real sizes end to end"
+SHARD_BYTES = 2 * 1024**3
+CHUNK = 16 * 1024**2
+
+# meta-llama/Meta-Llama-3-8B and Qwen/Qwen2.5-7B config.json (architecture numbers only).
+LLAMA_3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY_OPT = dict(vocab_size=1000, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, dropout=0.0, attention_dropout=0.0)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8, projection_dim=32)
+TINY_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                 attention_head_dim=4, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)
+TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 max_position_embeddings=77, projection_dim=32)
+
+# What each pairing builds, and the reduced answer it measures (CPU: a smaller image and fewer steps than a GPU uses).
+PAIRINGS = {
+    "paper": dict(title="OPT-6.7B + CLIP ViT-L/14 + SD 1.5, bf16 (the paper's pairing)", lm="opt", lm_config=real_configs.OPT_6_7B,
+                  vision=real_configs.CLIP_VIT_L_14, decoder="sd15", unet=real_configs.SD15_UNET,
+                  vae=real_configs.SD_VAE, text=[real_configs.CLIP_L_TEXT], quantize="none", size=256, steps=4,
+                  tokens=16),
+    "llama3-sdxl": dict(title="Llama-3-8B-shaped LM (torchao int8 weight-only) + CLIP ViT-L/14 + SDXL, bf16",
+                        lm="llama", lm_config=LLAMA_3_8B, vision=real_configs.CLIP_VIT_L_14, decoder="sdxl",
+                        unet=real_configs.SDXL_UNET, vae=dict(real_configs.SD_VAE, scaling_factor=0.13025),
+                        text=[real_configs.CLIP_L_TEXT, real_configs.CLIP_BIGG_TEXT], quantize="int8", size=256,
+                        steps=2, tokens=16),
+    "tiny": dict(title="tiny configs (smoke run)", lm="opt", lm_config=TINY_OPT, vision=TINY_VISION, decoder="sd15",
+                 unet=TINY_UNET, vae=TINY_VAE, text=[TINY_TEXT], quantize="none", size=32, steps=2, tokens=4,
+                 learned="tiny"),
+}
+
+
+def memory() -> dict:
+    """Resident memory of this process in GiB (anonymous: our own copies; file: mapped safetensors pages) and its
+    peak so far."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 2**20
+    return {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "file": fields["RssFile"], "peak": fields["VmHWM"]}
+
+
+def folder_bytes(folder: str, suffix: str = "") -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files
+               if f.endswith(suffix))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 0: base models written from `meta` models, one shard in memory at a time
+# ----------------------------------------------------------------------------------------------------------------------
+def write_random(model, folder: str, weights_name: str, dtype=torch.bfloat16) -> int:
+    """Writes `model` (built on `meta`) with random values as safetensors shards named like `weights_name`
+    (`model.safetensors` / `diffusion_pytorch_model.safetensors`) plus the index; returns the bytes written.
+    Norm scales are 1 and every other tensor a copy of one N(0, 0.02) block at shifting offsets (the timing does not
+    depend on the values, and drawing billions of normal values costs minutes of CPU)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    block = torch.randn(2 * CHUNK, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(dtype)
+    stem = weights_name[: -len(".safetensors")]
+    tensors = dict(model.named_parameters())
+    tensors.update({name: b for name, b in model.named_buffers() if name.split(".")[-1] not in getattr(
+        model, "_non_persistent", ()) and not name.endswith("position_ids")})
+    shard, shard_bytes, shards, total, names = {}, 0, [], 0, {}
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            path = os.path.join(folder, f"{stem}-part{len(shards)}.safetensors")
+            save_file(shard, path, metadata={"format": "pt"})
+            shards.append((path, list(shard)))
+            shard, shard_bytes = {}, 0
+
+    for name, meta in tensors.items():
+        tensor = torch.empty(meta.shape, dtype=dtype if meta.is_floating_point() else meta.dtype)
+        flat = tensor.view(-1)
+        if not meta.is_floating_point():
+            flat.zero_()
+        elif meta.dim() == 1 and "norm" in name and name.endswith("weight"):
+            flat.fill_(1.0)
+        else:
+            for i, start in enumerate(range(0, flat.numel(), CHUNK)):
+                stop = min(start + CHUNK, flat.numel())
+                shift = (i * 7919) % CHUNK
+                flat[start:stop] = block[shift: shift + stop - start]
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard_bytes + nbytes > SHARD_BYTES:
+            flush()
+        shard[name] = tensor
+        shard_bytes += nbytes
+        total += nbytes
+    flush()
+    # The library's own names: name-00001-of-0000N.safetensors and the index.
+    for i, (path, keys) in enumerate(shards):
+        final = os.path.join(folder, f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        os.replace(path, final)
+        names.update({key: os.path.basename(final) for key in keys})
+    with open(os.path.join(folder, f"{weights_name}.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": names}, f)
+    return total
+
+
+def lm_class(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    return {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[kind]
+
+
+def stage_write(pairing: dict, base: str) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    start = time.perf_counter()
+    config_class, model_class = lm_class(pairing["lm"])
+    written = {}
+    with torch.device("meta"):
+        llm = model_class(config_class(**pairing["lm_config"], dtype=torch.bfloat16))
+        vision = CLIPVisionModel(CLIPVisionConfig(**pairing["vision"], dtype=torch.bfloat16))
+        unet = UNet2DConditionModel(**pairing["unet"])
+        vae = AutoencoderKL(**pairing["vae"])
+    for name, model, weights in (("llm", llm, "model.safetensors"), ("image_encoder", vision, "model.safetensors")):
+        model.config.save_pretrained(os.path.join(base, name))
+        written[name] = write_random(model, os.path.join(base, name), weights)
+    for name, model in (("unet", unet), ("vae", vae)):
+        model.save_config(os.path.join(base, name))
+        written[name] = write_random(model, os.path.join(base, name), "diffusion_pytorch_model.safetensors")
+    return {"seconds": time.perf_counter() - start, "bytes": written, "memory": memory()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1: assemble from the base models and save
+# ----------------------------------------------------------------------------------------------------------------------
+def build_decoder(pairing: dict, base: str):
+    """The stock decoder pipeline on the written UNet and VAE (memory-mapped), with its text encoders built here in
+    bf16 with random values (GILL reads its conditioning layout and negatives from them once)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from gill_pipeline.testing import build_tiny_clip_tokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.bfloat16)
+    vae = AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=torch.bfloat16)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    texts = [CLIPTextConfig(**config, dtype=torch.bfloat16) for config in pairing["text"]]
+    if pairing["decoder"] == "sd15":
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=CLIPTextModel(texts[0]).to(torch.bfloat16),
+            tokenizer=build_tiny_clip_tokenizer(model_max_length=77), unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(texts[0]).to(torch.bfloat16),
+        text_encoder_2=CLIPTextModelWithProjection(texts[1]).to(torch.bfloat16),
+        tokenizer=build_tiny_clip_tokenizer(model_max_length=77),
+        tokenizer_2=build_tiny_clip_tokenizer(model_max_length=77), unet=unet, scheduler=scheduler,
+    )
+
+
+def stage_assemble(pairing: dict, base: str, output: str) -> dict:
+    from transformers import CLIPImageProcessor
+
+    from gill_pipeline import GILLPipeline
+    from gill_pipeline.serialization.quantization import quantization_preset
+    from gill_pipeline.testing import TINY_GILL_SIZES, build_tiny_tokenizer
+
+    start = time.perf_counter()
+    decoder = build_decoder(pairing, base)
+    # GILL's reference sizes of the learned parts (the library's defaults); tiny ones for the smoke run.
+    learned = TINY_GILL_SIZES if pairing.get("learned") == "tiny" else {}
+    size = pairing["vision"]["image_size"]
+    pipe = GILLPipeline.from_base_models(
+        os.path.join(base, "llm"), decoder=decoder, image_encoder=os.path.join(base, "image_encoder"),
+        # Random weights: the tokenizer only has to give ids inside the LM's vocabulary.
+        tokenizer=build_tiny_tokenizer(),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        dtype=torch.bfloat16, quantization_config=quantization_preset(pairing["quantize"]), **learned,
+    )
+    del decoder
+    assembled = time.perf_counter() - start
+    memory_assembled = memory()
+    pipe.save_pretrained(output)
+    return {"assemble_s": assembled, "save_s": time.perf_counter() - start - assembled,
+            "memory_assembled": memory_assembled, "memory": memory(), "bytes": folder_bytes(output),
+            "weights_bytes": folder_bytes(output, ".safetensors")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2: load, answer, train, push and pull, in one fresh process
+# ----------------------------------------------------------------------------------------------------------------------
+PROMPT = "This is my dog. Show me what he would look like in the snow."
+
+
+def timed(fn, repeats: int):
+    """(median seconds, last result) of `repeats` runs (the first run of a stage is its own warm-up: the models'
+    pages come in from the page cache then)."""
+    seconds, result = [], None
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        result = fn()
+        seconds.append(time.perf_counter() - begin)
+    return sorted(seconds)[len(seconds) // 2], result
+
+
+def stage_use(pairing: dict, folder: str, repeats: int) -> dict:
+    from gill_pipeline import GILLPipeline
+    from gill_pipeline.decoders import run_decoder
+
+    result = {"memory_before": memory()}
+    start = time.perf_counter()
+    pipe = GILLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    result["load_s"] = time.perf_counter() - start
+    result["memory_loaded"] = memory()
+    result["weights_bytes"] = folder_bytes(folder, ".safetensors")
+    n, size, steps = pairing["tokens"], pairing["size"], pairing["steps"]
+
+    def text_answer():
+        return pipe(PROMPT, max_new_tokens=n, min_text_tokens=n, max_images=0, output_type="pt")
+
+    def image_answer():
+        # [IMG] forced right after n text tokens: every run does the same work (n tokens + 1 image).
+        return pipe(PROMPT, max_new_tokens=n + 1, min_text_tokens=n, img_logit_scale=1e4, max_images=1,
+                    image_mode="generate", num_inference_steps=steps, height=size, width=size,
+                    generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    text_answer()  # warm-up: the LM's pages come in from the page cache
+    result["text_s"], _ = timed(text_answer, repeats)
+    result["memory_text"] = memory()
+    result["image_s"], out = timed(image_answer, repeats)
+    result["images"] = len(out.images)
+    result["memory_image"] = memory()
+    layout = pipe.gill.conditioning_layout
+    hidden = torch.randn(1, pipe.num_img_tokens, pipe.gill.config.lm_hidden_dim, dtype=pipe.gill.dtype)
+    with torch.no_grad():
+        cond = pipe.gill.map_to_conditioning(hidden)
+    negatives = pipe.gill.negative_conditioning() or None
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler}
+    result["decoder_s"], _ = timed(lambda: run_decoder(
+        parts, cond, negatives, layout=layout, height=size, width=size, num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0), output_type="pt", progress_bar_config={"disable": True},
+    ), repeats)
+    result["image_ratio"] = result["image_s"] / (result["text_s"] + result["decoder_s"])
+    result["train"] = train_step(pipe)
+    result["hub"] = push_and_pull(pipe)
+    result["memory_end"] = memory()
+    return result
+
+
+def train_step(pipe) -> dict:
+    """One optimizer step of the learned parts (fp32, under bf16 autocast as training/ runs them) against the frozen
+    base models: micro-batch 2, 16 caption tokens, precomputed (random) targets of the decoder's layout."""
+    from training.model_forward import GILLTrainingModel, total_loss
+    from training.params import LossArgs
+
+    from .gpu.bench_gpu import random_targets
+
+    gill = pipe.gill.float().train()
+    gill.decision_head.requires_grad_(False)
+    model = GILLTrainingModel(pipe.llm.requires_grad_(False), gill, pipe.image_encoder.requires_grad_(False),
+                              pipe.img_token_ids, pad_token_id=1, bos_token_id=2)
+    optimizer = torch.optim.AdamW([p for p in gill.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 300, (2, 16), generator=generator)
+    ids[:, 0] = 2
+    size = pipe.image_encoder.config.image_size
+    batch = {"caption_ids": ids, "caption_lengths": torch.tensor([16, 12]),
+             "pixel_values": torch.randn(2, 3, size, size, generator=generator).to(torch.bfloat16),
+             "targets": random_targets(gill, 2, generator, torch.device("cpu"))}
+    start = time.perf_counter()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = total_loss(model(batch, concat_caption=False, concat_img=False), LossArgs())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    gill.eval().to(torch.bfloat16)
+    return {"seconds": seconds, "loss": float(loss), "memory": memory(),
+            "trainable": sum(p.numel() for p in gill.parameters() if p.requires_grad)}
+
+
+def push_and_pull(pipe) -> dict:
+    """Learned weights pushed to an in-process Hub (tests/fake_hub.py: huggingface_hub's own client, its HTTP
+    answered in memory) and loaded back onto the loaded base models; every tensor compared."""
+    from tests.fake_hub import FakeHub
+
+    from gill_pipeline import GILLPipeline
+
+    start = time.perf_counter()
+    with FakeHub() as hub, tempfile.TemporaryDirectory() as cache:
+        pipe.push_to_hub("bench/gill-real-size", learned_weights_only=True, token="fake")
+        pushed = time.perf_counter() - start
+        uploaded = sum(len(data) for data in hub.files("bench/gill-real-size").values())
+        pulled = GILLPipeline.from_pretrained(
+            "bench/gill-real-size", cache_dir=cache, llm=pipe.llm, image_encoder=pipe.image_encoder, unet=pipe.unet,
+            vae=pipe.vae, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, feature_extractor=pipe.feature_extractor,
+        )
+        pull_s = time.perf_counter() - start - pushed
+        mine, theirs = pipe.gill.state_dict(), pulled.gill.state_dict()
+        same = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k].dtype)) for k in mine)
+    return {"push_s": pushed, "pull_s": pull_s, "bytes": uploaded, "identical": same, "memory": memory()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The parent: one fresh process per stage, the report
+# ----------------------------------------------------------------------------------------------------------------------
+def child(stage: str, pairing_name: str, *paths: str, repeats: int = 1) -> dict:
+    command = [sys.executable, "-m", "benchmarks.bench_real_size", "--pairing", pairing_name, "--repeats",
+               str(repeats), "--child", stage, *paths]
+    run = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        raise RuntimeError(f"stage {stage!r} failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_pairing(name: str, workdir: str, repeats: int) -> dict:
+    base, folder = os.path.join(workdir, "base"), os.path.join(workdir, "gill")
+    report = {"pairing": name, "free_disk_gb": shutil.disk_usage(workdir).free / 1e9}
+    try:
+        report["write"] = child("write", name, base)
+        print(f"[{name}] wrote base models: {json.dumps(report['write'])}", flush=True)
+        report["assemble"] = child("assemble", name, base, folder)
+        print(f"[{name}] assembled and saved: {json.dumps(report['assemble'])}", flush=True)
+        shutil.rmtree(base, ignore_errors=True)
+        report["use"] = child("use", name, folder, repeats=repeats)
+        print(f"[{name}] loaded and used: {json.dumps(report['use'])}", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
+def reports_from_log(path: str) -> list[dict]:
+    """The reports of a run, read back from the stage lines it printed (`[pairing] stage: {json}`)."""
+    stages = {"wrote base models": "write", "assembled and saved": "assemble", "loaded and used": "use"}
+    reports = {}
+    with open(path) as f:
+        for line in f:
+            for label, key in stages.items():
+                if line.startswith("[") and f"] {label}: " in line:
+                    name = line[1:line.index("]")]
+                    reports.setdefault(name, {"pairing": name})[key] = json.loads(line.split(f"{label}: ", 1)[1])
+    complete = [r for r in reports.values() if {"write", "assemble", "use"} <= set(r)]
+    if not complete:
+        raise ValueError(f"`--write-from`: {path!r} holds no complete pairing (its stages were not all printed).")
+    return complete
+
+
+def gib(value: float) -> str:
+    return f"{value:.2f} GiB"
+
+
+def table(report: dict) -> list[str]:
+    pairing = PAIRINGS[report["pairing"]]
+    write, assemble, use = report["write"], report["assemble"], report["use"]
+    weights = use["weights_bytes"] / 2**30
+    loaded = use["memory_loaded"]
+    train, hub = use["train"], use["hub"]
+    return [
+        f"### {pairing['title']}",
+        "",
+        f"Base models written: {sum(write['bytes'].values()) / 1e9:.2f} GB in {write['seconds']:.0f} s (peak RSS "
+        f"{gib(write['memory']['peak'])}; {', '.join(f'{k} {v / 1e9:.2f} GB' for k, v in write['bytes'].items())}). "
+        f"GILL's folder: {assemble['bytes'] / 1e9:.2f} GB on disk, of which weights {weights:.2f} GiB. Answers: "
+        f"{pairing['tokens']} forced text tokens; the image answer adds `[IMG]` and one image of "
+        f"{pairing['size']}x{pairing['size']} in {pairing['steps']} steps (reduced for the CPU).",
+        "",
+        "| stage | time | peak RSS of the process | RSS at its end (anon + file) | target |",
+        "| --- | --- | --- | --- | --- |",
+        f"| `from_base_models` (assemble{', quantize ' + pairing['quantize'] if pairing['quantize'] != 'none' else ''}) "
+        f"| {assemble['assemble_s']:.1f} s | {gib(assemble['memory_assembled']['peak'])} | "
+        f"{gib(assemble['memory_assembled']['rss'])} ({assemble['memory_assembled']['anon']:.2f} + "
+        f"{assemble['memory_assembled']['file']:.2f}) | |",
+        f"| `save_pretrained` | {assemble['save_s']:.1f} s | {gib(assemble['memory']['peak'])} | "
+        f"{gib(assemble['memory']['rss'])} | |",
+        f"| `from_pretrained` (fresh process) | {use['load_s']:.1f} s | {gib(loaded['peak'])} = "
+        f"{loaded['peak'] / weights:.2f}x weights | {gib(loaded['rss'])} ({loaded['anon']:.2f} + {loaded['file']:.2f}) "
+        f"= {loaded['rss'] / weights:.2f}x weights | peak <= 1.10x, after <= 1.05x |",
+        f"| text answer, {pairing['tokens']} tokens | {use['text_s']:.1f} s "
+        f"({use['text_s'] / pairing['tokens'] * 1e3:.0f} ms/token incl. prefill) | {gib(use['memory_text']['peak'])} | "
+        f"{gib(use['memory_text']['rss'])} = {use['memory_text']['rss'] / weights:.2f}x weights | |",
+        f"| answer with one generated image | {use['image_s']:.1f} s | {gib(use['memory_image']['peak'])} | "
+        f"{gib(use['memory_image']['rss'])} = {use['memory_image']['rss'] / weights:.2f}x weights | |",
+        f"| stock decoder alone (same steps, size) | {use['decoder_s']:.1f} s | | | |",
+        f"| **image answer / (text answer + decoder alone)** | **{use['image_ratio']:.2f}x** | | | <= 1.10x |",
+        f"| one training step (micro-batch 2, {train['trainable'] / 1e6:.1f}M trainable) | {train['seconds']:.1f} s | "
+        f"{gib(train['memory']['peak'])} | {gib(train['memory']['rss'])} | |",
+        f"| learned weights pushed (in-process Hub) | {hub['push_s']:.1f} s ({hub['bytes'] / 1e6:.0f} MB) | | | |",
+        f"| pulled back onto the loaded base | {hub['pull_s']:.1f} s, identical: {'yes' if hub['identical'] else 'NO'} "
+        f"| {gib(hub['memory']['peak'])} | {gib(hub['memory']['rss'])} | |",
+        "",
+    ]
+
+
+def write_results(reports: list[dict], argv: list[str]) -> None:
+    lines = [
+        HEADING,
+        "",
+        f"One run of `python -m benchmarks.bench_real_size {' '.join(argv)}` on {platform.machine()}, "
+        f"{os.cpu_count()} cores, 24 GiB, torch {torch.__version__}; random weights from the published configs; each "
+        "stage in a fresh process (its peak RSS is its own). RSS counts the memory-mapped safetensors pages the "
+        "process has touched (file) as well as its own copies (anon).",
+        "",
+    ]
+    for report in reports:
+        lines += table(report)
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Real sizes within real memory\n\n"
+    if HEADING in text:
+        start = text.index(HEADING)
+        end = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + "\n".join(lines) + ("" if end < 0 else text[end:])
+    else:
+        first = text.find("\n## ")
+        text = (text.rstrip("\n") + "\n\n" + "\n".join(lines)) if first < 0 else (
+            text[: first + 1] + "\n".join(lines) + "\n" + text[first + 1:])
+    with open(RESULTS, "w") as f:
+        f.write(text)
+    print(f"wrote {RESULTS}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairing", action="append", choices=sorted(PAIRINGS),
+                        help="a pairing to measure (repeatable; default: paper)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per answer after the warm-up (median)")
+    parser.add_argument("--workdir", default=None, help="where the multi-GB folders go (default: a temporary folder)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave real_size.md alone")
+    parser.add_argument("--write-from", metavar="LOG", help="write real_size.md from the printed stages of a run's log")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = args.pairing or ["paper"]
+    if args.write_from:
+        reports = reports_from_log(args.write_from)
+        write_results(reports, [a for n in reports for a in ("--pairing", n["pairing"])])
+        return reports
+    if args.child:
+        pairing = PAIRINGS[names[0]]
+        stage, *paths = args.child
+        torch.manual_seed(0)
+        if stage == "write":
+            result = stage_write(pairing, *paths)
+        elif stage == "assemble":
+            result = stage_assemble(pairing, *paths)
+        else:
+            result = stage_use(pairing, *paths, repeats=args.repeats)
+        print("RESULT " + json.dumps(result), flush=True)
+        return None
+    reports = []
+    for name in names:
+        workdir = tempfile.mkdtemp(prefix=f"gill_real_size_{name}_", dir=args.workdir)
+        try:
+            reports.append(run_pairing(name, workdir, args.repeats))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if not args.no_write:
+        write_results(reports, argv)
+    return reports
+
+
+if __name__ == "__main__":
+    main()
