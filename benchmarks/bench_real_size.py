@@ -79,15 +79,16 @@ PAIRINGS = {
 
 
 def memory() -> dict:
-    """Resident memory of this process in GiB (anonymous: our own copies; file: mapped safetensors pages) and its
-    peak so far."""
+    """Resident memory of this process in GiB (anonymous: our own copies; file: mapped safetensors pages), its peak
+    so far, and the machine's 1-minute load average (other jobs on the cores make every time longer)."""
     fields = {}
     with open("/proc/self/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
                 fields[key] = int(value.split()[0]) / 2**20
-    return {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "file": fields["RssFile"], "peak": fields["VmHWM"]}
+    return {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "file": fields["RssFile"], "peak": fields["VmHWM"],
+            "load": os.getloadavg()[0]}
 
 
 def folder_bytes(folder: str, suffix: str = "") -> int:
@@ -441,7 +442,12 @@ def table(report: dict) -> list[str]:
         f"| pulled back onto the loaded base | {hub['pull_s']:.1f} s, identical: {'yes' if hub['identical'] else 'NO'} "
         f"| {gib(hub['memory']['peak'])} | {gib(hub['memory']['rss'])} | |",
         "",
-    ]
+    ] + ([
+        "Load average (1 min) of the machine after the load / text answer / image answer / training step: "
+        f"{loaded['load']:.1f} / {use['memory_text']['load']:.1f} / {use['memory_image']['load']:.1f} / "
+        f"{train['memory']['load']:.1f} ({os.cpu_count()} cores).",
+        "",
+    ] if "load" in loaded else [])
 
 
 def write_results(reports: list[dict], argv: list[str]) -> None:
