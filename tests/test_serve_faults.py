@@ -64,6 +64,7 @@ CASES = {
     "NaN": (b'{"messages": [], "temperature": NaN}', 400, None, ["NaN"]),
     "empty body": (b"", 400, None, ["empty"]),
     "unknown field": ({**GOOD, "frobnicate": 3}, 400, "frobnicate", ["frobnicate", "3"]),
+    "pipe name of an OpenAI field": ({**GOOD, "max_new_tokens": 4}, 400, "max_new_tokens", ["max_new_tokens", "send max_tokens"]),
     "wrong type max_tokens": ({**GOOD, "max_tokens": "ten"}, 400, "max_tokens", ['"ten"']),
     "wrong type temperature": ({**GOOD, "temperature": "hot"}, 400, "temperature", ['"hot"']),
     "temperature out of range": ({**GOOD, "temperature": 7}, 400, "temperature", ["7"]),

@@ -35,6 +35,9 @@ NEUTRAL_VALUES = {
     "function_call": ("none", "auto"), "response_format": ({"type": "text"},), "reasoning_effort": (),
     "prediction": (), "audio": (), "web_search_options": (),
 }
+# `pipe(...)` arguments that OpenAI's own fields set: named in the refusal.
+OPENAI_NAMES = {"max_new_tokens": "max_tokens (or max_completion_tokens)", "do_sample": "temperature",
+                "generator": "seed", "steps": "num_inference_steps", "prompt": "messages"}
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 
 
@@ -118,7 +121,9 @@ def refuse_unknown(body: dict, known) -> None:
             if value is None or value in NEUTRAL_VALUES[name]:
                 continue
             raise bad_request(name, f"`{name}` is not supported by this server, got {show(value)}.", "unsupported_parameter")
-        raise bad_request(name, f"Unrecognized request argument supplied: {name} (value {show(value)}).", "unknown_parameter")
+        hint = f"; send {OPENAI_NAMES[name]} instead" if name in OPENAI_NAMES and name not in known else ""
+        raise bad_request(name, f"Unrecognized request argument supplied: {name} (value {show(value)}){hint}.",
+                          "unknown_parameter")
 
 
 def parse_chat_request(body, settings: ServeSettings) -> ChatJob:
