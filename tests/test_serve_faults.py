@@ -360,3 +360,43 @@ def free_port() -> int:
     port = sock.getsockname()[1]
     sock.close()
     return port
+
+
+@pytest.mark.slow
+def test_gill_serve_process_answers_and_stops_on_sigterm(tmp_path):
+    """The real command in its own process: it answers the openai client; SIGTERM shuts it down gracefully, then the
+    process ends by the signal, as uvicorn re-raises it (exit status -15; SIGINT gives exit code 130)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import openai
+
+    port = free_port()
+    env = {**os.environ, "GILL_API_KEY": KEY}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gill_pipeline", "serve", "--model", "tiny-random", "--engine", "serial", "--port",
+         str(port), "--steps", "1", "--max-new-tokens", "3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        def healthy():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.HTTPError:
+                assert process.poll() is None, process.stdout.read().decode()
+                return False
+
+        wait_until(healthy, timeout=300, what="gill serve to start")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        answer = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == -signal.SIGTERM
+        log = process.stdout.read().decode()
+        assert "Shutting down" in log and "Shut down." in log and "Traceback" not in log, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

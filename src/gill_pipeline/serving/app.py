@@ -75,7 +75,10 @@ class ServerState:
         self.closing = True
         if not self._shutdown_done:
             self._shutdown_done = True
+            logger.warning(f"Shutting down: new requests get 503; running ones have {self.settings.shutdown_grace_s:g} s "
+                           "to finish.")
             await self.engine.shutdown(self.settings.shutdown_grace_s)
+            logger.warning("Shut down.")
 
     def check_key(self, request: Request) -> None:
         key = self.settings.api_key
