@@ -224,3 +224,67 @@ def test_shapes_world_answers_with_a_description_and_an_image(shapes_server):
     retrieved = shown if shown["gill"]["source"] == "retrieved" else shown["gill"]["alternatives"][0]
     assert isinstance(retrieved["gill"]["caption"], str) and retrieved["gill"]["caption"]
     assert decode_data_url(shown["image_url"]["url"]).size[0] > 0
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({}, {"do_sample": False}),
+    ({"temperature": 0}, {"do_sample": False}),
+    ({"temperature": 0, "top_p": 0.5}, {"do_sample": False}),
+    ({"temperature": 0.7}, {"do_sample": True, "temperature": 0.7, "top_p": 1.0}),
+    ({"top_p": 0.9}, {"do_sample": True, "temperature": 1.0, "top_p": 0.9}),
+    ({"temperature": 1.2, "top_p": 0.5}, {"do_sample": True, "temperature": 1.2, "top_p": 0.5}),
+])
+def test_openai_sampling_fields_to_pipe_options(fields, expected):
+    from gill_pipeline.serving.requests import parse_chat_request
+    from gill_pipeline.serving.settings import ServeSettings
+
+    settings = ServeSettings(model_id=MODEL_ID, defaults={"num_inference_steps": 3, "max_new_tokens": 7})
+    job = parse_chat_request({"model": MODEL_ID, "messages": MESSAGES, **fields}, settings)
+    sampling = {k: job.options[k] for k in ("do_sample", "temperature", "top_p") if k in job.options}
+    assert sampling == expected
+    assert job.options["num_inference_steps"] == 3 and job.options["max_new_tokens"] == 7  # the server's defaults
+    assert job.seed is None and job.stream is False
+
+
+def test_max_tokens_names_and_image_request_mapping():
+    from gill_pipeline.serving.errors import ApiError
+    from gill_pipeline.serving.requests import parse_chat_request, parse_image_generation_request
+    from gill_pipeline.serving.settings import ServeSettings
+
+    settings = ServeSettings(model_id=MODEL_ID, max_tokens_cap=50)
+    body = {"messages": MESSAGES}
+    assert parse_chat_request({**body, "max_completion_tokens": 9}, settings).options["max_new_tokens"] == 9
+    assert parse_chat_request({**body, "max_tokens": 9, "max_completion_tokens": 9}, settings).options["max_new_tokens"] == 9
+    with pytest.raises(ApiError, match="differ") as error:
+        parse_chat_request({**body, "max_tokens": 9, "max_completion_tokens": 8}, settings)
+    assert error.value.status == 400 and error.value.param == "max_tokens"
+    job, response_format = parse_image_generation_request({"prompt": "a red circle", "size": "64x32", "seed": 3}, settings)
+    assert response_format == "b64_json" and job.seed == 3
+    assert job.messages == [{"role": "user", "content": "a red circle"}]
+    assert job.options["image_mode"] == "generate" and job.options["max_new_tokens"] == 1
+    assert (job.options["width"], job.options["height"]) == (64, 32)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(port=70000), ["port", "70000"]),
+    (dict(api_key=""), ["api_key"]),
+    (dict(max_queue=0), ["max_queue", "0"]),
+    (dict(request_timeout_s=float("nan")), ["request_timeout_s", "nan"]),
+    (dict(host=""), ["host"]),
+])
+def test_serve_settings_refuse_bad_values(kwargs, words):
+    from gill_pipeline.serving.settings import ServeSettings
+
+    with pytest.raises(ValueError) as error:
+        ServeSettings(**kwargs)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_exposed_without_key():
+    from gill_pipeline.serving.settings import ServeSettings
+
+    assert not ServeSettings(host="127.0.0.1").exposed_without_key
+    assert not ServeSettings(host="::1").exposed_without_key
+    assert ServeSettings(host="0.0.0.0").exposed_without_key
+    assert not ServeSettings(host="0.0.0.0", api_key="k").exposed_without_key
