@@ -400,3 +400,37 @@ def test_gill_serve_process_answers_and_stops_on_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_allow_urls_downloads_images_within_the_body_limit(opt_pipe, monkeypatch):
+    """With --allow-urls an http image URL is downloaded (capped at the body limit); without it, refused (CASES)."""
+    import http.server
+    import io as io_module
+
+    buffer = io_module.BytesIO()
+    random_image(5, 24).save(buffer, format="PNG")
+    files = {"/dog.png": buffer.getvalue(), "/huge.png": b"\0" * (LIMIT + 10)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = files.get(self.path)
+            self.send_response(200 if data is not None else 404)
+            self.end_headers()
+            self.wfile.write(data or b"")
+
+        def log_message(self, *args):
+            pass
+
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{images.server_address[1]}"
+    try:
+        with served(opt_pipe, allow_urls=True, max_body_bytes=LIMIT) as server:
+            assert post(server, with_content(image_part(base + "/dog.png")), headers={}).status_code == 200
+            assert_error(post(server, with_content(image_part(base + "/huge.png")), headers={}), 413, IMG, str(LIMIT))
+            assert_error(post(server, with_content(image_part(base + "/missing.png")), headers={}), 400, IMG,
+                         "cannot download", "/missing.png")
+    finally:
+        images.shutdown()

@@ -299,7 +299,12 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        message = f"No route {request.method} {request.url.path}." if error.status_code in (404, 405) else error.detail
+        if error.status_code == 404:
+            message = f"No route {request.method} {request.url.path}."
+        elif error.status_code == 405:
+            message = f"{request.url.path} does not take {request.method} requests."
+        else:
+            message = str(error.detail)
         return JSONResponse(error_body(error.status_code, message), status_code=error.status_code)
 
     @app.exception_handler(RequestValidationError)
