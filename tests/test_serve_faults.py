@@ -63,6 +63,7 @@ CASES = {
     "JSON not an object": (b"[1, 2]", 400, None, ["JSON object", "[1, 2]"]),
     "NaN": (b'{"messages": [], "temperature": NaN}', 400, None, ["NaN"]),
     "empty body": (b"", 400, None, ["empty"]),
+    "JSON nested too deeply": (b"[" * 100_000 + b"]" * 100_000, 400, None, ["nested too deeply"]),
     "unknown field": ({**GOOD, "frobnicate": 3}, 400, "frobnicate", ["frobnicate", "3"]),
     "pipe name of an OpenAI field": ({**GOOD, "max_new_tokens": 4}, 400, "max_new_tokens", ["max_new_tokens", "send max_tokens"]),
     "wrong type max_tokens": ({**GOOD, "max_tokens": "ten"}, 400, "max_tokens", ['"ten"']),

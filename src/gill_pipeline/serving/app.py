@@ -119,6 +119,8 @@ class ServerState:
             return json.loads(raw, parse_constant=_refuse_constant)
         except UnicodeDecodeError:
             raise bad_request(None, "The request body is not UTF-8 text.", "invalid_json") from None
+        except RecursionError:  # e.g. 100,000 nested arrays in a few hundred KB
+            raise bad_request(None, "The request body's JSON is nested too deeply.", "invalid_json") from None
         except json.JSONDecodeError as error:
             raise bad_request(None, f"The request body is not valid JSON: {error.msg} at line {error.lineno} column "
                               f"{error.colno}.", "invalid_json") from None
