@@ -3,6 +3,7 @@ against a uvicorn server in this process on a free port, on the tiny random pipe
 
 import asyncio
 import base64
+import importlib.util
 import io
 
 import httpx
@@ -20,9 +21,17 @@ from serve_helpers import MODEL_ID, TINY_DEFAULTS, decode_data_url, png_data_url
 MESSAGES = [{"role": "user", "content": "Show me a dog in the snow."}]
 
 
-@pytest.fixture(scope="module")
-def server(opt_pipe):
-    with served(opt_pipe) as server:
+@pytest.fixture(scope="module", params=["serial", "batched"])
+def server(request, opt_pipe):
+    """The app over each engine: one job at a time, and the batched engine (where this checkout has it)."""
+    engine = None
+    if request.param == "batched":
+        if importlib.util.find_spec("gill_pipeline.serving.engine") is None:
+            pytest.skip("gill_pipeline.serving.engine (the batched engine) is not in this checkout")
+        from gill_pipeline.serving.engine import GILLEngine
+
+        engine = GILLEngine(opt_pipe, max_batch_size=4, batch_wait_ms=20)
+    with served(opt_pipe, engine=engine) as server:
         yield server
 
 
