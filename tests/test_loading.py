@@ -229,3 +229,39 @@ def test_one_version_and_one_constants_module(tmp_path):
         or (isinstance(node, ast.Import) and any(a.name.startswith("gill_pipeline") for a in node.names))
     ]
     assert not from_package
+
+
+def _mapped_fraction(module) -> float:
+    """Fraction of `module`'s parameter bytes that live in memory-mapped safetensors files (not copies)."""
+    maps = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                maps.append((start, end))
+    total = mapped = 0
+    for p in module.parameters():
+        size = p.numel() * p.element_size()
+        total += size
+        mapped += size if any(a <= p.data_ptr() < b for a, b in maps) else 0
+    return mapped / total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory maps (Linux)")
+def test_every_component_loads_in_the_dtype_it_was_saved_in_without_a_copy(opt_pipe, tmp_path):
+    # diffusers alone loads the UNet and VAE of a bf16 folder in float32 (a second, wider copy); GILL keeps each
+    # component as saved, memory-mapped, like transformers 5 does for the LM. The learned module stays fp32 here:
+    # mixed folders load component by component.
+    pipe = GILLPipeline(**opt_pipe.components)
+    pipe.to(dtype=torch.bfloat16)
+    pipe.gill.to(torch.float32)
+    pipe.save_pretrained(tmp_path)
+    loaded = GILLPipeline.from_pretrained(tmp_path)
+    for name in ("llm", "image_encoder", "unet", "vae"):
+        assert getattr(loaded, name).dtype == torch.bfloat16, name
+        assert _mapped_fraction(getattr(loaded, name)) == 1.0, name
+    assert loaded.gill.dtype == torch.float32
+    # An explicit dtype still wins, for every component.
+    wide = GILLPipeline.from_pretrained(tmp_path, dtype=torch.float32)
+    assert {getattr(wide, n).dtype for n in ("llm", "unet", "vae", "gill")} == {torch.float32}

@@ -41,6 +41,7 @@ from ..constants import (
 )
 from ..decoders.fit import check_decoder_fits
 from ..models.dims import lm_dims, lm_dims_from_config, vision_feature_dim, vision_feature_dim_from_config
+from .saved_dtypes import saved_component_dtypes
 
 logger = logging.get_logger(__name__)
 
@@ -485,10 +486,15 @@ def prepare_pipeline_load(pipeline_class, folder: str, kwargs: dict) -> tuple[di
     if use_safetensors is False and not allow_pickle:
         raise ValueError("`use_safetensors=False` reads pickled weights: pass `allow_pickle=True` to opt in.")
     dtype = pop_dtype(kwargs, allow_per_component=True)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
     index_path = os.path.join(folder, MODEL_INDEX_FILE)
     passed = tuple(name for name in kwargs if not name.startswith("_") and name in read_json_object(index_path))
+    if dtype is None:
+        # No dtype asked for: each component loads in the dtype it was saved in (diffusers alone would load its
+        # models in float32: a second, wider copy of a bf16 UNet; see saved_dtypes.py).
+        saved = saved_component_dtypes(folder, [n for n in read_json_object(index_path) if n not in passed])
+        dtype = saved or None
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     index, classes = validate_pipeline_folder(folder, allow_pickle, pipeline_class, skip=passed)
     tokenizer = check_pipeline_fit_from_configs(folder, index, classes)
     if tokenizer is not None:
