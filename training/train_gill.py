@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch.utils.data import IterableDataset, Subset
 
+from gill_pipeline.constants import LORA_FOLDER
 from training.chat_format import ChatWrapping
 from training.checkpoint import (
     clean_stale_temporaries,
@@ -43,6 +44,16 @@ from training.interleaved import InterleavedCollator, InterleavedDataset
 from training.model_forward import GILLTrainingModel, empty_on_any_process, total_loss
 from training.params import TrainConfig, parse_config
 from training.setup_models import attach_image_decoder, cast_frozen, load_models
+from training.sharding import (
+    average_replicated_gradients,
+    enable_fsdp_on_cpu,
+    engine_kwargs,
+    full_tensor,
+    is_sharded,
+    keep_learned_parts_whole,
+    local_numel,
+    resolve_sharding,
+)
 from training.targets import TargetStore, encode_captions, encode_family_targets
 from training.trainable import (
     enable_gradient_checkpointing,
@@ -196,6 +207,9 @@ def shutdown(accelerator, together: bool) -> None:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     run = config.run
+    # Bad settings fail here, before any model loads.
+    engine = engine_kwargs(resolve_sharding(run.sharding, run.deepspeed_config), run.deepspeed_config)
+    fsdp = resolve_sharding(run.sharding, run.deepspeed_config) == "fsdp"
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if any(
         getattr(config.loss, f"{n}_weight") == 0 for n in LOSS_NAMES
     ) else []
@@ -207,7 +221,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         log_with=None if run.report_to == "none" else run.report_to,
         project_dir=run.output_dir,
         kwargs_handlers=kwargs,
+        **engine,
     )
+    if fsdp and not torch.cuda.is_available():
+        enable_fsdp_on_cpu(accelerator, engine.get("fsdp_plugin"))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -291,6 +308,9 @@ def train(config: TrainConfig, accelerator) -> dict:
         context_prefix_grad=config.loss.interleaved_context_prefix_grad,
     )
     optimizer, scheduler = build_optimizer(params, optim)
+    # FSDP shards the LM (each decoder layer a unit) and keeps the learned parts whole on every process (see
+    # training/sharding.py); their gradients are averaged by `average_replicated_gradients` below.
+    replicated = keep_learned_parts_whole(accelerator, gill)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     if models.text_encoder is not None:
@@ -300,6 +320,7 @@ def train(config: TrainConfig, accelerator) -> dict:
     prepare_batch = BatchPreparer(
         accelerator, models.text_encoder, models.text_tokenizer, gill.config.cond_length, decoder=models.decoder
     )
+    log_lm_shards(accelerator, pipe.llm, run.output_dir)
 
     # 5. Resume
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_batches": 0, "samples": 0, "nonfinite_steps": 0,
@@ -362,6 +383,7 @@ def train(config: TrainConfig, accelerator) -> dict:
                 if value is not None:
                     sums[name] = sums.get(name, 0.0) + value.item() / optim.grad_accum_steps
             sums["global_batch"] = float(out["retrieval_logits"].shape[1])
+        average_replicated_gradients(replicated, accelerator)
         # clip (an infinite bound only measures the norm), watch, step, schedule
         grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
         # With fp16 loss scaling, non-finite gradients are the scaler's business (it skips the step, lowers the scale).
@@ -432,6 +454,20 @@ def train(config: TrainConfig, accelerator) -> dict:
     if state["step"] >= optim.max_steps:
         export_dir = export(accelerator, pipe, model, run, models.image_decoder_source)
     return {"history": history, "val": val_metrics, "state": state, "export_dir": export_dir, "output_dir": run.output_dir}
+
+
+def log_lm_shards(accelerator, llm, output_dir) -> None:
+    """How many of the LM's values each process holds (all of them unless FSDP shards it), logged at step 0."""
+    counts = [sum(local_numel(p) for p in llm.parameters())]
+    if accelerator.num_processes > 1:
+        counts = gather_object(counts)
+    total = sum(p.numel() for p in llm.parameters())  # a DTensor's numel is the whole tensor's
+    record = {"sharding/lm_values": float(total)}
+    record.update({f"sharding/lm_values_rank{rank}": float(count) for rank, count in enumerate(counts)})
+    log_metrics(accelerator, output_dir, record, 0)
+    if accelerator.is_main_process:
+        engine = "FSDP2" if accelerator.is_fsdp2 else str(accelerator.distributed_type)
+        logger.info("LM values held per process: %s of %d (%s).", counts, total, engine)
 
 
 def count_skips(state: dict, skips: SkipCounter) -> None:
@@ -526,6 +562,9 @@ def export(accelerator, pipe, model, run, image_decoder_source=None) -> str | No
     `image_decoder_source` (the run's input pipeline folder) first.
     """
     accelerator.wait_for_everyone()
+    if any(is_sharded(p) for p in pipe.llm.parameters()):
+        export_sharded(accelerator, pipe, run)
+        return None
     export_dir = os.path.join(run.output_dir, EXPORT_DIR)
     if accelerator.is_main_process:
         pipe.gill.eval()
@@ -537,6 +576,26 @@ def export(accelerator, pipe, model, run, image_decoder_source=None) -> str | No
             logger.info("Exported the trained pipeline to %s", export_dir)
     accelerator.wait_for_everyone()
     return export_dir if run.export_pipeline else None
+
+
+def export_sharded(accelerator, pipe, run) -> None:
+    """FSDP: the learned parts (`gill/`, whole on every process) and a LoRA adapter (`llm_lora/`, gathered), in the
+    formats an unsharded run exports. The whole pipeline is not written: its frozen LM is sharded across processes
+    (gathering a 70B LM into one process is what sharding avoids) and unchanged: load the pipeline the run started
+    from and put these in (docs/training.md, "FSDP")."""
+    lora_state = {name: full_tensor(p.detach()) for name, p in pipe.llm.named_parameters() if p.requires_grad}
+    if accelerator.is_main_process:
+        pipe.gill.eval()
+        pipe.gill.save_pretrained(os.path.join(run.output_dir, GILL_DIR))
+        if lora_state:
+            pipe.llm.save_pretrained(os.path.join(run.output_dir, LORA_FOLDER), state_dict=lora_state)
+        if run.export_pipeline:
+            logger.warning(
+                "`export_pipeline`: with FSDP the frozen LM is sharded, so only the learned parts were exported (%s%s); "
+                "load the pipeline the run started from and set its `gill` module (and LoRA adapter) from them.",
+                os.path.join(run.output_dir, GILL_DIR), f" and {LORA_FOLDER}/" if lora_state else "",
+            )
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
