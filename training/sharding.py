@@ -76,6 +76,12 @@ def resolve_sharding(sharding: str, deepspeed_config: str | None = None) -> str:
                 f"{FSDP_CONFIG} --num_processes N -m training.train_gill ...` (N >= 2), or train on one device with "
                 "`sharding: ddp` (the default)."
             )
+        if launched == "fsdp" and os.environ.get("FSDP_IGNORED_MODULES"):
+            raise ValueError(
+                f"`sharding`={sharding!r}: the launcher's FSDP config sets `fsdp_ignored_modules`="
+                f"{os.environ['FSDP_IGNORED_MODULES']!r}; GILL's training sets it itself (the learned parts stay whole "
+                "on every process): remove it from the accelerate config."
+            )
         version = os.environ.get("FSDP_VERSION")
         if launched == "fsdp" and version not in (None, "2"):
             raise ValueError(
@@ -102,22 +108,28 @@ def resolve_sharding(sharding: str, deepspeed_config: str | None = None) -> str:
     return engine
 
 
+def fsdp_mixed_precision():
+    """Parameters keep their own dtype (frozen LM bf16 via `frozen_dtype`, learned parts and LoRA fp32; autocast
+    computes as with DDP) and gradients are reduced in fp32, as DDP reduces them. accelerate's default for
+    `mixed_precision: bf16` would compute and reduce the fp32 adapter in bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(reduce_dtype=torch.float32)
+
+
 def engine_kwargs(engine: str, deepspeed_config: str | None = None) -> dict:
     """`Accelerator(**kwargs)` for the engine: our FSDP2 plugin unless the launcher configured one."""
     if engine == "fsdp" and launcher_engine() != "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
-        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         # Each decoder layer its own unit: the layer classes come from the model (`GILLTrainingModel._no_split_modules`).
-        # Parameters keep their own dtype (frozen LM bf16, learned parts fp32; autocast computes as with DDP) and
-        # gradients are reduced in fp32, as DDP does.
         plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2,
             auto_wrap_policy="transformer_based_wrap",
             reshard_after_forward=True,
             state_dict_type="FULL_STATE_DICT",
             cpu_ram_efficient_loading=False,
-            mixed_precision_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+            mixed_precision_policy=fsdp_mixed_precision(),
         )
         return {"fsdp_plugin": plugin}
     if engine == "deepspeed" and launcher_engine() != "deepspeed":

@@ -48,6 +48,7 @@ from training.sharding import (
     average_replicated_gradients,
     enable_fsdp_on_cpu,
     engine_kwargs,
+    fsdp_mixed_precision,
     full_tensor,
     is_sharded,
     keep_learned_parts_whole,
@@ -208,8 +209,9 @@ def shutdown(accelerator, together: bool) -> None:
 def make_accelerator(config: TrainConfig) -> Accelerator:
     run = config.run
     # Bad settings fail here, before any model loads.
-    engine = engine_kwargs(resolve_sharding(run.sharding, run.deepspeed_config), run.deepspeed_config)
-    fsdp = resolve_sharding(run.sharding, run.deepspeed_config) == "fsdp"
+    engine_name = resolve_sharding(run.sharding, run.deepspeed_config)
+    engine = engine_kwargs(engine_name, run.deepspeed_config)
+    fsdp = engine_name == "fsdp"
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if any(
         getattr(config.loss, f"{n}_weight") == 0 for n in LOSS_NAMES
     ) else []
@@ -225,6 +227,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
     if fsdp and not torch.cuda.is_available():
         enable_fsdp_on_cpu(accelerator, engine.get("fsdp_plugin"))
+    if fsdp:  # also over a launcher's FSDP config, whose bf16 default would reduce the adapter's gradients in bf16
+        accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -313,6 +317,9 @@ def train(config: TrainConfig, accelerator) -> dict:
     replicated = keep_learned_parts_whole(accelerator, gill)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP replaces the sharded parameters (a LoRA adapter's) by new DTensor parameters, and the optimizer's with them:
+    # the gradient norm and clipping must read those, not the objects listed before `prepare`.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if models.text_encoder is not None:
         models.text_encoder.to(accelerator.device)
     if models.decoder is not None:
