@@ -14,7 +14,7 @@ from conftest import TINY_CONFIG
 from multiprocess_run import REPO, kill_process_tree, run_two_processes, two_process_command, two_process_env
 from training import train_gill
 from training.checkpoint import CHECKPOINTS_DIR, LATEST_FILE
-from training.sharding import launcher_engine, resolve_sharding
+from training.sharding import FSDP_CONFIG, launcher_engine, resolve_sharding
 
 GILL_WEIGHTS = os.path.join("gill", "diffusion_pytorch_model.safetensors")
 LORA_WEIGHTS = os.path.join("llm_lora", "adapter_model.safetensors")
@@ -42,8 +42,10 @@ def shard_record(output_dir) -> dict:
         return next(r for r in map(json.loads, f) if "sharding/lm_values" in r)
 
 
-def launch(output_dir, steps, sharding, *extra, timeout=400):
-    completed = run_two_processes(run_args(output_dir, steps, "--sharding", sharding, *extra), timeout=timeout)
+def launch(output_dir, steps, sharding, *extra, timeout=400, config_file=None):
+    completed = run_two_processes(
+        run_args(output_dir, steps, "--sharding", sharding, *extra), timeout=timeout, config_file=config_file
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return output_dir
 
@@ -102,11 +104,14 @@ def assert_lm_halved(output_dir, sharded: bool):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Default suite: 3 steps (checkpoint at 2), FSDP against DDP
+# Default suite: 3 steps (checkpoint at 2), FSDP against DDP (2 launches: ~2 min on 2 busy cores)
 # ------------------------------------------------------------------------------------------------------------------
 def test_fsdp_on_two_processes_matches_ddp_and_holds_half_the_lm(tmp_path):
-    ddp = launch(tmp_path / "ddp", 3, "ddp", "--checkpoint-every", 2)
-    fsdp = launch(tmp_path / "fsdp", 3, "fsdp", "--checkpoint-every", 2)
+    # With gradient checkpointing: each layer is recomputed in the backward from FSDP's gathered weights.
+    ddp = launch(tmp_path / "ddp", 3, "ddp", "--checkpoint-every", 2, "--gradient-checkpointing", "true")
+    # FSDP as docs/training.md starts it: the accelerate config file, `sharding: auto` following it.
+    fsdp = launch(tmp_path / "fsdp", 3, "auto", "--checkpoint-every", 2, "--gradient-checkpointing", "true",
+                  config_file=FSDP_CONFIG)
     assert_same_training(ddp, fsdp, 3)
     assert_lm_halved(fsdp, sharded=True)
     assert_lm_halved(ddp, sharded=False)

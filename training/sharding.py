@@ -21,6 +21,7 @@ run may resume under another engine or process count.
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 
@@ -139,6 +140,13 @@ def engine_kwargs(engine: str, deepspeed_config: str | None = None) -> dict:
     return {}
 
 
+def quiet_view_warning() -> None:
+    """FSDP2 warns, at every forward of every layer, that a decoder layer returned a view (OPT's layers do): an
+    in-place op on it would skip FSDP's pre-backward hook. transformers' decoder loops use the output out of place,
+    and the FSDP-vs-DDP test (same losses, same LoRA and learned weights) checks the gradients, so it is silenced."""
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
 def enable_fsdp_on_cpu(accelerator, plugin=None) -> None:
     """Runs accelerate's own FSDP2 path on a gloo group of CPU processes (tests, and this machine's checks).
 
@@ -194,6 +202,42 @@ def average_replicated_gradients(params: list[torch.nn.Parameter], accelerator) 
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def lm_values_per_process(accelerator, llm) -> tuple[list[int], int]:
+    """How many of the LM's values each process stores (a list, one per process), and the LM's total."""
+    from accelerate.utils import gather_object
+
+    counts = [sum(local_numel(p) for p in llm.parameters())]
+    if accelerator.num_processes > 1:
+        counts = gather_object(counts)
+    total = sum(p.numel() for p in llm.parameters())  # a DTensor's numel is the whole tensor's
+    if accelerator.is_main_process:
+        engine = "FSDP2" if getattr(accelerator, "is_fsdp2", False) else str(accelerator.distributed_type)
+        logger.info("LM values held per process: %s of %d (%s).", counts, total, engine)
+    return counts, total
+
+
+def export_learned_parts(accelerator, pipe, output_dir: str, gill_dir: str, export_pipeline: bool) -> None:
+    """FSDP's export: the learned parts (`gill_dir`, whole on every process) and a LoRA adapter (`llm_lora/`,
+    gathered), in the formats an unsharded run exports. The whole pipeline is not written: its frozen LM is sharded
+    across processes (gathering a 70B LM into one process is what sharding avoids) and unchanged: load the pipeline
+    the run started from and put these in (docs/training.md)."""
+    from gill_pipeline.constants import LORA_FOLDER
+
+    lora_state = {name: full_tensor(p.detach()) for name, p in pipe.llm.named_parameters() if p.requires_grad}
+    if accelerator.is_main_process:
+        pipe.gill.eval()
+        pipe.gill.save_pretrained(os.path.join(output_dir, gill_dir))
+        if lora_state:
+            pipe.llm.save_pretrained(os.path.join(output_dir, LORA_FOLDER), state_dict=lora_state)
+        if export_pipeline:
+            logger.warning(
+                "`export_pipeline`: with FSDP the frozen LM is sharded, so only the learned parts were exported (%s%s); "
+                "load the pipeline the run started from and set its `gill` module (and LoRA adapter) from them.",
+                os.path.join(output_dir, gill_dir), f" and {LORA_FOLDER}/" if lora_state else "",
+            )
+    accelerator.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch.utils.data import IterableDataset, Subset
 
-from gill_pipeline.constants import LORA_FOLDER
 from training.chat_format import ChatWrapping
 from training.checkpoint import (
     clean_stale_temporaries,
@@ -48,11 +47,12 @@ from training.sharding import (
     average_replicated_gradients,
     enable_fsdp_on_cpu,
     engine_kwargs,
+    export_learned_parts,
     fsdp_mixed_precision,
-    full_tensor,
     is_sharded,
     keep_learned_parts_whole,
-    local_numel,
+    lm_values_per_process,
+    quiet_view_warning,
     resolve_sharding,
 )
 from training.targets import TargetStore, encode_captions, encode_family_targets
@@ -229,6 +229,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         enable_fsdp_on_cpu(accelerator, engine.get("fsdp_plugin"))
     if fsdp:  # also over a launcher's FSDP config, whose bf16 default would reduce the adapter's gradients in bf16
         accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision()
+        quiet_view_warning()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -465,16 +466,10 @@ def train(config: TrainConfig, accelerator) -> dict:
 
 def log_lm_shards(accelerator, llm, output_dir) -> None:
     """How many of the LM's values each process holds (all of them unless FSDP shards it), logged at step 0."""
-    counts = [sum(local_numel(p) for p in llm.parameters())]
-    if accelerator.num_processes > 1:
-        counts = gather_object(counts)
-    total = sum(p.numel() for p in llm.parameters())  # a DTensor's numel is the whole tensor's
+    counts, total = lm_values_per_process(accelerator, llm)
     record = {"sharding/lm_values": float(total)}
     record.update({f"sharding/lm_values_rank{rank}": float(count) for rank, count in enumerate(counts)})
     log_metrics(accelerator, output_dir, record, 0)
-    if accelerator.is_main_process:
-        engine = "FSDP2" if accelerator.is_fsdp2 else str(accelerator.distributed_type)
-        logger.info("LM values held per process: %s of %d (%s).", counts, total, engine)
 
 
 def count_skips(state: dict, skips: SkipCounter) -> None:
@@ -570,7 +565,7 @@ def export(accelerator, pipe, model, run, image_decoder_source=None) -> str | No
     """
     accelerator.wait_for_everyone()
     if any(is_sharded(p) for p in pipe.llm.parameters()):
-        export_sharded(accelerator, pipe, run)
+        export_learned_parts(accelerator, pipe, run.output_dir, GILL_DIR, run.export_pipeline)
         return None
     export_dir = os.path.join(run.output_dir, EXPORT_DIR)
     if accelerator.is_main_process:
@@ -583,26 +578,6 @@ def export(accelerator, pipe, model, run, image_decoder_source=None) -> str | No
             logger.info("Exported the trained pipeline to %s", export_dir)
     accelerator.wait_for_everyone()
     return export_dir if run.export_pipeline else None
-
-
-def export_sharded(accelerator, pipe, run) -> None:
-    """FSDP: the learned parts (`gill/`, whole on every process) and a LoRA adapter (`llm_lora/`, gathered), in the
-    formats an unsharded run exports. The whole pipeline is not written: its frozen LM is sharded across processes
-    (gathering a 70B LM into one process is what sharding avoids) and unchanged: load the pipeline the run started
-    from and put these in (docs/training.md, "FSDP")."""
-    lora_state = {name: full_tensor(p.detach()) for name, p in pipe.llm.named_parameters() if p.requires_grad}
-    if accelerator.is_main_process:
-        pipe.gill.eval()
-        pipe.gill.save_pretrained(os.path.join(run.output_dir, GILL_DIR))
-        if lora_state:
-            pipe.llm.save_pretrained(os.path.join(run.output_dir, LORA_FOLDER), state_dict=lora_state)
-        if run.export_pipeline:
-            logger.warning(
-                "`export_pipeline`: with FSDP the frozen LM is sharded, so only the learned parts were exported (%s%s); "
-                "load the pipeline the run started from and set its `gill` module (and LoRA adapter) from them.",
-                os.path.join(run.output_dir, GILL_DIR), f" and {LORA_FOLDER}/" if lora_state else "",
-            )
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
