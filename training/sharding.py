@@ -14,8 +14,8 @@ docs/training.md), the LM reads them outside their own forward (the `[IMG]` inpu
 sharded tensors only allow inside the unit's forward, `fully_shard` refuses scalar parameters (`logit_scale`), and
 whole tensors keep everything that touches them (`[IMG]`-row rescaling, logging, export) as it is.
 A LoRA adapter lives inside the decoder layers and is sharded with them (FSDP2 keeps every parameter a DTensor under
-its own name). Checkpoints gather it and its optimizer moments to full tensors, in the format a DDP run writes, so a
-run may resume under another engine or process count.
+its own name). Checkpoints gather it and its optimizer moments to full tensors, in the format a DDP run writes (same
+files, names and shapes; resuming across engines is not tested).
 """
 
 import importlib.util
@@ -202,6 +202,19 @@ def average_replicated_gradients(params: list[torch.nn.Parameter], accelerator) 
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def configure_deepspeed(accelerator, micro_batch: int, accumulation: int) -> None:
+    """Fills the batch sizes of a DeepSpeed config left at "auto": accelerate resolves them from a prepared
+    DataLoader, and this training builds its own loaders per epoch (never prepared)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = micro_batch * accumulation * accelerator.num_processes
 
 
 def lm_values_per_process(accelerator, llm) -> tuple[list[int], int]:

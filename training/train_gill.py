@@ -45,6 +45,7 @@ from training.params import TrainConfig, parse_config
 from training.setup_models import attach_image_decoder, cast_frozen, load_models
 from training.sharding import (
     average_replicated_gradients,
+    configure_deepspeed,
     enable_fsdp_on_cpu,
     engine_kwargs,
     export_learned_parts,
@@ -316,6 +317,7 @@ def train(config: TrainConfig, accelerator) -> dict:
     # FSDP shards the LM (each decoder layer a unit) and keeps the learned parts whole on every process (see
     # training/sharding.py); their gradients are averaged by `average_replicated_gradients` below.
     replicated = keep_learned_parts_whole(accelerator, gill)
+    configure_deepspeed(accelerator, optim.batch_size, optim.grad_accum_steps)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces the sharded parameters (a LoRA adapter's) by new DTensor parameters, and the optimizer's with them:
