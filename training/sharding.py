@@ -9,10 +9,11 @@ parameter a `DTensor` under its own name, accepts frozen and trainable parameter
 
 The learned parts (`gill`: `[IMG]` rows, projections, mapper, decision head) stay whole on every process, as with
 DDP, and only their gradients are averaged (`average_replicated_gradients`, one all-reduce per optimizer step, as
-DDP does). Why not shard them with the root unit: they are small (~0.1-0.3 GB with Adam for a 7-70B LM, see
-docs/training.md), the LM reads them outside their own forward (the `[IMG]` input rows, the LM-head hook), which
-sharded tensors only allow inside the unit's forward, `fully_shard` refuses scalar parameters (`logit_scale`), and
-whole tensors keep everything that touches them (`[IMG]`-row rescaling, logging, export) as it is.
+DDP does). Why not shard them with the root unit: they are small (50-70M values, 0.75-1.04 GiB with AdamW from
+OPT-6.7B to Llama-3-70B: benchmarks/results/training_memory.md), the LM reads them outside their own forward (the
+`[IMG]` input rows, the LM-head hook), which sharded tensors only allow inside the unit's forward, `fully_shard`
+refuses scalar parameters (`logit_scale`), and whole tensors keep everything that touches them (`[IMG]`-row
+rescaling, logging, export) as it is.
 A LoRA adapter lives inside the decoder layers and is sharded with them (FSDP2 keeps every parameter a DTensor under
 its own name). Checkpoints gather it and its optimizer moments to full tensors, in the format a DDP run writes (same
 files, names and shapes; resuming across engines is not tested).
@@ -75,7 +76,7 @@ def resolve_sharding(sharding: str, deepspeed_config: str | None = None) -> str:
                 f"`sharding`={sharding!r} shards the frozen LM across processes, but this run has {processes} process "
                 f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}). Start it with `accelerate launch --config_file "
                 f"{FSDP_CONFIG} --num_processes N -m training.train_gill ...` (N >= 2), or train on one device with "
-                "`sharding: ddp` (the default)."
+                "`sharding: auto` (the default) or `ddp`."
             )
         if launched == "fsdp" and os.environ.get("FSDP_IGNORED_MODULES"):
             raise ValueError(
