@@ -31,18 +31,29 @@ def kill_process_tree(pid: int) -> None:
             pass
 
 
-def run_two_processes(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def two_process_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+
+
+def two_process_command(args: list[str], config_file: str | None = None) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes 2 -m training.train_gill ARGS` (see `run_two_processes`); with
+    `config_file`, `accelerate launch --config_file CONFIG_FILE --num_processes 2 ...` instead of `--multi_gpu`."""
+    launcher = ["--multi_gpu"] if config_file is None else ["--config_file", config_file]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", TRAIN_MODULE, *map(str, args),
+    ]
+
+
+def run_two_processes(args: list[str], timeout: float, config_file: str | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 -m training.train_gill ARGS`; on timeout every process of the
     job is killed and `subprocess.TimeoutExpired` raised.
 
     `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its multi-CPU path needs
     mpirun); `--multi_gpu` starts two through torchrun, and without a GPU they form a gloo group on the CPU.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", TRAIN_MODULE, *map(str, args),
-    ]
+    command = two_process_command(args, config_file)
+    env = two_process_env()
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

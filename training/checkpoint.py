@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.sharding import full_optimizer_state, full_tensor, is_sharded, local_part, shard_optimizer_state
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -42,7 +44,15 @@ REPLACED_PREFIX = ".replaced-"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors, whole (sharded ones gathered: with FSDP every process must call this, in step)."""
+    return {
+        name: full_tensor(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def is_model_sharded(model) -> bool:
+    """Whether some trainable tensor is a shard (FSDP): saving and loading then involve every process."""
+    return any(is_sharded(p) for p in model.parameters() if p.requires_grad)
 
 
 def rng_state() -> dict:
@@ -102,9 +112,9 @@ def _remove(root: str, name: str) -> None:
     shutil.rmtree(doomed)
 
 
-def check_finite(model) -> None:
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
     """Refuses to save weights with NaN or inf: a checkpoint must always be one to go back to."""
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    bad = [name for name, p in tensors.items() if not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"Not saving a checkpoint: trainable weights are not finite ({bad[:5]}).")
 
@@ -117,15 +127,21 @@ def save_checkpoint(
     name = f"{CHECKPOINT_PREFIX}{trainer_state['step']}"
     tmp = os.path.join(root, TMP_PREFIX + name)
     unwrapped = accelerator.unwrap_model(model)
-    check_finite(unwrapped)
+    # Sharded (FSDP): every process gathers the trainable tensors and the optimizer moments (collectives), so all
+    # of them refuse non-finite weights together. Otherwise the main process alone reads its own copy.
+    sharded = is_model_sharded(unwrapped)
+    tensors = trainable_state(unwrapped) if sharded or accelerator.is_main_process else None
+    optimizer_state = full_optimizer_state(optimizer) if sharded else None
+    if tensors is not None:
+        check_finite(tensors)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), os.path.join(tmp, RNG_TEMPLATE.format(rank=accelerator.process_index)))
     if accelerator.is_main_process:
-        save_file(trainable_state(unwrapped), os.path.join(tmp, TRAINABLE_FILE))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        save_file(tensors, os.path.join(tmp, TRAINABLE_FILE))
+        torch.save(optimizer_state or optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
         torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         if skips is not None:
             with open(os.path.join(tmp, SKIPS_FILE), "w", encoding="utf-8") as f:
@@ -235,9 +251,10 @@ def load_checkpoint(accelerator, folder, model, optimizer, scheduler) -> dict:
             f"{unexpected[:5]}). Was it written with other settings (e.g. `lora`)?"
         )
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True, map_location="cpu"))
+        for name, p in params.items():  # a sharded (FSDP) tensor takes this process's part of the saved one
+            p.copy_(local_part(tensors[name].to(dtype=p.dtype), p))
+    saved = torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(shard_optimizer_state(optimizer, saved))
     scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_FILE), weights_only=True))
     rng_file = os.path.join(folder, RNG_TEMPLATE.format(rank=accelerator.process_index))
     if os.path.isfile(rng_file):

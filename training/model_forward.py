@@ -27,6 +27,7 @@ from gill_pipeline.models.vision import pooled_image_features
 
 from .chat_format import ChatWrapping
 from .losses import IGNORE_INDEX, contrastive_loss, generation_loss, next_token_loss
+from .trainable import decoder_layers
 
 PREFIX = -1  # placeholder id of a visual-prefix position while sequences are assembled
 
@@ -63,6 +64,12 @@ class GILLTrainingModel(nn.Module):
         # False: the [IMG] rows of interleaved documents read the context images' prefixes detached, so only the
         # captioning loss trains the visual-prefix projection (`LossArgs.interleaved_context_prefix_grad`).
         self.context_prefix_grad = bool(context_prefix_grad)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The LM's decoder-layer classes: with FSDP (accelerate's transformer-based wrap reads this), each decoder
+        layer is its own sharded unit; everything else, the learned parts included, forms the root unit."""
+        return sorted({type(layer).__name__ for layer in decoder_layers(self.llm)})
 
     # ------------------------------------------------------------------------------------------------------------
     # Embeddings and the LM

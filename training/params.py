@@ -17,6 +17,7 @@ FROZEN_DTYPES = ("float32", "bfloat16", "float16")
 # "interleaved" (JSONL documents) is read by precompute.py; training takes documents as `interleaved_data`.
 DATA_TYPES = ("auto", "tsv", "folder", "webdataset", "synthetic", "interleaved")
 TINY_LM_TYPES = ("opt", "gpt2", "llama", "qwen2")
+SHARDING = ("auto", "ddp", "fsdp", "deepspeed")  # training/sharding.py acts on it
 
 
 def _positive(name, value, allow_zero=False):
@@ -319,6 +320,18 @@ class RunArgs:
         default=True, metadata={"help": "At the end, save the whole trained pipeline to output_dir/pipeline."}
     )
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar on the main process."})
+    sharding: str = field(
+        default="auto",
+        metadata={"help": "How processes share the models: 'ddp' (each holds every weight), 'fsdp' (FSDP2: the frozen "
+                  "LM and the learned parts sharded across processes, each LM layer its own unit; needs >= 2 "
+                  "processes), 'deepspeed' (ZeRO-3; CUDA and the deepspeed package), or 'auto' (what the "
+                  "`accelerate launch` config asks for, else ddp). See docs/training.md."},
+    )
+    deepspeed_config: str | None = field(
+        default=None,
+        metadata={"help": "DeepSpeed JSON config for `sharding: deepspeed` when the launcher gave none "
+                  "(training/configs/deepspeed_zero3.json)."},
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={"help": "A step with a NaN/inf loss or gradient is skipped (the weights, optimizer and checkpoints "
@@ -328,6 +341,7 @@ class RunArgs:
     def __post_init__(self):
         _check_numbers(self)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("sharding", self.sharding, SHARDING)
         for name in ("log_every",):
             _positive(name, getattr(self, name))
         for name in ("val_every", "checkpoint_every"):

@@ -43,6 +43,19 @@ from training.interleaved import InterleavedCollator, InterleavedDataset
 from training.model_forward import GILLTrainingModel, empty_on_any_process, total_loss
 from training.params import TrainConfig, parse_config
 from training.setup_models import attach_image_decoder, cast_frozen, load_models
+from training.sharding import (
+    average_replicated_gradients,
+    configure_deepspeed,
+    enable_fsdp_on_cpu,
+    engine_kwargs,
+    export_learned_parts,
+    fsdp_mixed_precision,
+    is_sharded,
+    keep_learned_parts_whole,
+    lm_values_per_process,
+    quiet_view_warning,
+    resolve_sharding,
+)
 from training.targets import TargetStore, encode_captions, encode_family_targets
 from training.trainable import (
     enable_gradient_checkpointing,
@@ -196,6 +209,10 @@ def shutdown(accelerator, together: bool) -> None:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     run = config.run
+    # Bad settings fail here, before any model loads.
+    engine_name = resolve_sharding(run.sharding, run.deepspeed_config)
+    engine = engine_kwargs(engine_name, run.deepspeed_config)
+    fsdp = engine_name == "fsdp"
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if any(
         getattr(config.loss, f"{n}_weight") == 0 for n in LOSS_NAMES
     ) else []
@@ -207,7 +224,13 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         log_with=None if run.report_to == "none" else run.report_to,
         project_dir=run.output_dir,
         kwargs_handlers=kwargs,
+        **engine,
     )
+    if fsdp and not torch.cuda.is_available():
+        enable_fsdp_on_cpu(accelerator, engine.get("fsdp_plugin"))
+    if fsdp:  # also over a launcher's FSDP config, whose bf16 default would reduce the adapter's gradients in bf16
+        accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision()
+        quiet_view_warning()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -291,8 +314,15 @@ def train(config: TrainConfig, accelerator) -> dict:
         context_prefix_grad=config.loss.interleaved_context_prefix_grad,
     )
     optimizer, scheduler = build_optimizer(params, optim)
+    # FSDP shards the LM (each decoder layer a unit) and keeps the learned parts whole on every process (see
+    # training/sharding.py); their gradients are averaged by `average_replicated_gradients` below.
+    replicated = keep_learned_parts_whole(accelerator, gill)
+    configure_deepspeed(accelerator, optim.batch_size, optim.grad_accum_steps)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process).
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP replaces the sharded parameters (a LoRA adapter's) by new DTensor parameters, and the optimizer's with them:
+    # the gradient norm and clipping must read those, not the objects listed before `prepare`.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if models.text_encoder is not None:
         models.text_encoder.to(accelerator.device)
     if models.decoder is not None:
@@ -300,6 +330,7 @@ def train(config: TrainConfig, accelerator) -> dict:
     prepare_batch = BatchPreparer(
         accelerator, models.text_encoder, models.text_tokenizer, gill.config.cond_length, decoder=models.decoder
     )
+    log_lm_shards(accelerator, pipe.llm, run.output_dir)
 
     # 5. Resume
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_batches": 0, "samples": 0, "nonfinite_steps": 0,
@@ -362,6 +393,7 @@ def train(config: TrainConfig, accelerator) -> dict:
                 if value is not None:
                     sums[name] = sums.get(name, 0.0) + value.item() / optim.grad_accum_steps
             sums["global_batch"] = float(out["retrieval_logits"].shape[1])
+        average_replicated_gradients(replicated, accelerator)
         # clip (an infinite bound only measures the norm), watch, step, schedule
         grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
         # With fp16 loss scaling, non-finite gradients are the scaler's business (it skips the step, lowers the scale).
@@ -432,6 +464,14 @@ def train(config: TrainConfig, accelerator) -> dict:
     if state["step"] >= optim.max_steps:
         export_dir = export(accelerator, pipe, model, run, models.image_decoder_source)
     return {"history": history, "val": val_metrics, "state": state, "export_dir": export_dir, "output_dir": run.output_dir}
+
+
+def log_lm_shards(accelerator, llm, output_dir) -> None:
+    """How many of the LM's values each process holds (all of them unless FSDP shards it), logged at step 0."""
+    counts, total = lm_values_per_process(accelerator, llm)
+    record = {"sharding/lm_values": float(total)}
+    record.update({f"sharding/lm_values_rank{rank}": float(count) for rank, count in enumerate(counts)})
+    log_metrics(accelerator, output_dir, record, 0)
 
 
 def count_skips(state: dict, skips: SkipCounter) -> None:
@@ -526,6 +566,9 @@ def export(accelerator, pipe, model, run, image_decoder_source=None) -> str | No
     `image_decoder_source` (the run's input pipeline folder) first.
     """
     accelerator.wait_for_everyone()
+    if any(is_sharded(p) for p in pipe.llm.parameters()):
+        export_learned_parts(accelerator, pipe, run.output_dir, GILL_DIR, run.export_pipeline)
+        return None
     export_dir = os.path.join(run.output_dir, EXPORT_DIR)
     if accelerator.is_main_process:
         pipe.gill.eval()

@@ -168,3 +168,12 @@ if __name__ == "__main__":
         print(f"{name}: {parameter_count(build) / 1e6:.1f}M parameters")
     for family, total, gib in text_encoder_memory_table():
         print(f"{family}: text encoders {total / 1e9:.3f}B parameters, {gib:.2f} GiB in bf16")
+
+# meta-llama/Meta-Llama-3-8B (untied embeddings, grouped-query attention)
+LLAMA_3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+# meta-llama/Meta-Llama-3-70B
+LLAMA_3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                   num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False)
