@@ -125,6 +125,29 @@ def test_batched_answers_equal_one_at_a_time(pipe, options):
     assert [p.get("text") for p in direct.messages[0]["content"]] == [p.get("text") for p in alone[2].message["content"]]
 
 
+def test_batched_streams_equal_one_at_a_time(pipe):
+    async def streams(**engine_kwargs):
+        engine = GILLEngine(pipe, prefix_cache_bytes=0, **engine_kwargs)
+        try:
+            async def collect(job):
+                return [event async for event in engine.stream(job)]
+
+            jobs = jobs_for(IMAGE_OPTIONS, 3)
+            return await asyncio.gather(*[collect(job) for job in jobs]), engine.stats()
+        finally:
+            await engine.shutdown(grace_s=5)
+
+    batched, stats = run(streams(max_batch_size=3, batch_wait_ms=500))
+    alone, _ = run(streams(max_batch_size=1))
+    assert stats["batches_run"] == 1
+    for a, b in zip(batched, alone):
+        assert isinstance(a[-1], Finished) and isinstance(b[-1], Finished)
+        assert_same_answer(a[-1].result, b[-1].result)
+        text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))  # noqa: E731
+        assert text(a) == text(b) and len(text(a)) > 0
+        assert sum(isinstance(e, ImageReady) for e in a) == sum(isinstance(e, ImageReady) for e in b) == 1
+
+
 def test_batched_images_within_1e5_of_alone_before_rounding(pipe):
     """What the engine's batched call does (one call, a generator per job) gives images within 1e-5 of the jobs'
     calls alone, before they are rounded to 8 bits."""
@@ -435,3 +458,46 @@ def test_bad_engine_inputs_are_named(pipe):
             await engine.shutdown(grace_s=1)
 
     run(scenario())
+
+
+def test_bundled_model_batched_and_cached_answers_equal_one_at_a_time():
+    """On the shapes-world model (text, then a retrieved and a generated image): three jobs batched answer as each
+    alone, and a second turn that continues a cached prefix answers as recomputed."""
+    from gill_pipeline.bundled import bundle_available, load_bundled_pipeline
+    from gill_pipeline.bundled.presets import SHAPES_MODEL, example_image
+
+    if not bundle_available():
+        pytest.fail("The bundled shapes-world pipeline is missing: run `python -m training.shapes.retrain_all`.")
+    shapes = load_bundled_pipeline()
+    image = example_image(SHAPES_MODEL)
+    options = dict(max_new_tokens=8, img_logit_scale=2.0, max_images=1, image_mode="both", num_inference_steps=4,
+                   guidance_scale=5.0, do_sample=True, temperature=0.7)
+    images = [image, image.transpose(0), image.transpose(1)]
+
+    def jobs():
+        return [ChatJob([{"role": "user", "content": [{"type": "image", "image": im}]}], dict(options), seed=i)
+                for i, im in enumerate(images)]
+
+    batched, stats = run(answer_all(shapes, jobs(), max_batch_size=3, batch_wait_ms=500, prefix_cache_bytes=0))
+    alone, _ = run(answer_all(shapes, jobs(), max_batch_size=1, prefix_cache_bytes=0))
+    assert stats["mean_batch_size"] == 3.0
+    for a, b in zip(batched, alone):
+        assert_same_answer(a, b)
+    assert any(p["type"] == "image" for r in batched for p in r.message["content"])
+
+    first = jobs()[0].messages
+    second = first + [alone[0].message, {"role": "user", "content": [{"type": "image", "image": images[1]}]}]
+    engine_kwargs = dict(max_batch_size=1, prefix_cache_bytes=1 << 26)
+
+    async def two_turns():
+        engine = GILLEngine(shapes, **engine_kwargs)
+        try:
+            await engine.submit(ChatJob(first, dict(options), seed=0))
+            return await engine.submit(ChatJob(second, dict(options), seed=5)), engine.stats()
+        finally:
+            await engine.shutdown(grace_s=5)
+
+    hit, hit_stats = run(two_turns())
+    (recomputed,), _ = run(answer_all(shapes, [ChatJob(second, dict(options), seed=5)], prefix_cache_bytes=0))
+    assert hit_stats["cache_hits"] == 1
+    assert_same_answer(hit, recomputed)

@@ -3,7 +3,7 @@
 Every option of `pipe(...)` holds for the whole call (decoding settings, image mode, denoising settings), so jobs
 share a call only when their options are equal; each job keeps its own seed through a list of generators, one per
 input, which the pipeline uses row by row (a batch answers exactly as its inputs one by one: `pipeline/decoding.py`).
-A streamed job, and a job that continues a cached prefix (`past=` takes one input), run in a call of their own.
+A job that continues a cached prefix runs in a call of its own (`past=` takes one input).
 """
 
 import math

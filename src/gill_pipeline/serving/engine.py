@@ -2,8 +2,8 @@
 
 The pipeline is not thread-safe, so one thread owns it. Jobs wait in a bounded queue; the worker takes the jobs that
 arrived together (waiting at most `batch_wait_ms` after the first, up to `max_batch_size`), answers those with equal
-options in one `pipe(...)` call (`batching.py`: a batch answers exactly as its jobs alone), and runs a stream, or a
-job that continues a cached prefix (`prefix_cache.py`), in a call of its own. Every waiter is woken on every path:
+options in one `pipe(...)` call (`batching.py`: a batch answers exactly as its jobs alone; streamed jobs too, their
+text streamed row by row), and runs a job that continues a cached prefix (`prefix_cache.py`) in a call of its own. Every waiter is woken on every path:
 its result, its own error, `JobCancelled`, `TimeoutError`, or `EngineClosed` at shutdown.
 """
 
@@ -12,6 +12,8 @@ import math
 import threading
 import time
 from collections import deque
+
+import torch
 
 from diffusers.utils import logging
 
@@ -143,12 +145,20 @@ class _EventStreamer(GILLStreamer):
 
     def __init__(self, tokenizer, item: _Pending):
         super().__init__(tokenizer)
+        self.item = item
         self.text_queue = _EventSink(item)
         self.watch = _CancelWatch(item)
+        self.emitted = False  # whether any token reached the stream
 
     def put(self, value) -> None:
         self.watch.check()
+        self.emitted = True
         super().put(value)
+
+    def put_token(self, token: int) -> None:
+        """One token of a batched row (a cancelled row is not stopped alone: its batch runs on)."""
+        self.emitted = True
+        super().put(torch.tensor([token], dtype=torch.long))
 
     def on_denoising_step(self, step: int, total: int) -> None:
         self.watch.check()
@@ -282,7 +292,9 @@ class GILLEngine:
     def stream(self, job: ChatJob):
         """Streams `job`'s answer: `TextDelta`s as decoded, `ImageReady` per image, `Finished` last. The job is
         queued when this is called (so `QueueFull`/`EngineClosed` are raised here, before any event); closing the
-        iterator early (the client went away) cancels it. The job runs in a call of its own."""
+        iterator early (the client went away) cancels it. Batched with others, its text streams as its row decodes
+        and its images come when the batch's are made; alone (a batch of one, or a cached prefix), each image comes
+        when it is ready and a cancelled stream stops at its next token."""
         if not isinstance(job, ChatJob):
             raise TypeError(f"`job` must be a `ChatJob`, got {type(job).__name__} {job!r:.100}.")
         if not job.stream:
@@ -404,7 +416,7 @@ class GILLEngine:
         if use_cache and self.cache_hits_alone:
             for item in items:
                 item.past = self.prefix_cache.lookup(item.keys)
-        groups = plan_groups(items, self.max_batch_size, lambda item: item.job.stream or item.past is not None)
+        groups = plan_groups(items, self.max_batch_size, lambda item: item.past is not None)
         for group in groups:
             group_items = [item for item in group.items if self._still_wanted(item)]
             if not group_items:
@@ -431,18 +443,29 @@ class GILLEngine:
         item.fail(error)
 
     def _run_batch(self, items: list[_Pending]) -> None:
+        # Streamed jobs in a batch get their text as each row decodes it (the decoding step's per-row `on_token`);
+        # their images come once the batch's images are made.
+        streamers = {b: _EventStreamer(self.pipe.tokenizer, item) for b, item in enumerate(items) if item.job.stream}
         try:
-            output, rows = self._call(items)
+            output, rows = self._call(items, row_streamers=streamers)
         except Exception as error:
-            # One bad job must not fail the others: each runs alone, and only the bad one gets the error.
+            # One bad job must not fail the others: each runs alone, and only the bad one gets the error (a stream
+            # that already got text from the failed batch gets it again from the start: not exact, so it fails).
             logger.warning(
                 f"A batch of {len(items)} jobs failed ({type(error).__name__}: {error}); running each alone."
             )
-            for item in items:
-                if self._still_wanted(item):
+            for b, item in enumerate(items):
+                if b in streamers and streamers[b].emitted:
+                    self._fail(item, error)
+                elif self._still_wanted(item):
                     self._run_alone(item)
             return
         for b, item in enumerate(items):
+            if b in streamers and item.stopped() is None:
+                streamers[b].end()  # the text still held back (an unfinished word)
+                for part in output.messages[b]["content"]:
+                    if part["type"] == "image":
+                        item.emit(ImageReady(part))
             self._deliver(item, output, rows, b)
 
     def _run_alone(self, item: _Pending) -> None:
@@ -457,15 +480,26 @@ class GILLEngine:
         self.prefix_cache.insert(getattr(output, "past", None))
         self._deliver(item, output, rows, 0)
 
-    def _call(self, items: list[_Pending], streamer=None, past=None):
-        """One `pipe(...)` call for `items` (equal options); returns the output and each row's decoded sequence."""
+    def _call(self, items: list[_Pending], streamer=None, past=None, row_streamers=None):
+        """One `pipe(...)` call for `items` (equal options); returns the output and each row's decoded sequence.
+        `row_streamers` (batch row -> streamer) get the text tokens of the streamed rows of a batch."""
         decoded = []
         pipe = self.pipe
         decode = pipe.decode
 
+        def on_token(row: int, token: int) -> None:
+            row_streamer = row_streamers.get(row)
+            if row_streamer is not None and row_streamer.item.stopped() is None:
+                row_streamer.put_token(token)
+            if all(item.stopped() is not None for item in items):
+                raise JobCancelled("Every job of this batch was cancelled.")
+
         # The decoded rows say how many tokens each answer took and why it stopped (OpenAI's `usage` and
-        # `finish_reason`), which the output does not carry: the call's own `decode` step is recorded.
+        # `finish_reason`), which the output does not carry: the call's own `decode` step (`GILLPipeline.decode`)
+        # is wrapped, and given `on_token` for the streamed rows of a batch (the pipeline streams one input only).
         def recording_decode(*args, **kwargs):
+            if row_streamers and kwargs.get("on_token") is None:
+                kwargs["on_token"] = on_token
             result = decode(*args, **kwargs)
             decoded.append(result[0] if isinstance(result, tuple) else result)
             return result
