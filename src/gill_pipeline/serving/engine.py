@@ -34,13 +34,14 @@ class _Pending:
     through the caller's event loop. Only the first outcome counts: later ones (a worker finishing a job that
     shutdown already cancelled) are dropped."""
 
-    def __init__(self, job: ChatJob, loop: asyncio.AbstractEventLoop, timeout_s: float | None):
+    def __init__(self, job: ChatJob, loop: asyncio.AbstractEventLoop, timeout_s: float | None, streamed: bool):
         self.job = job
+        self.streamed = streamed  # asked through `stream` (events) rather than `submit` (one result)
         self.loop = loop
         self.enqueued_at = time.monotonic()
         self.deadline = None if timeout_s is None else self.enqueued_at + timeout_s
-        self.future = None if job.stream else loop.create_future()
-        self.events = asyncio.Queue() if job.stream else None
+        self.future = None if streamed else loop.create_future()
+        self.events = asyncio.Queue() if streamed else None
         self.keys = None  # the rendered conversation's position keys (prompt tokens, cache lookup)
         self.past = None  # a cached prefix this job continues
         self.done = False
@@ -247,12 +248,12 @@ class GILLEngine:
                 self._thread = threading.Thread(target=self._work, name="gill-engine", daemon=True)
                 self._thread.start()
 
-    def _enqueue(self, job: ChatJob) -> _Pending:
+    def _enqueue(self, job: ChatJob, streamed: bool) -> _Pending:
         if not isinstance(job, ChatJob):
             raise TypeError(f"`job` must be a `ChatJob`, got {type(job).__name__} {job!r:.100}.")
         loop = asyncio.get_running_loop()
         self._start()
-        item = _Pending(job, loop, self.request_timeout_s)
+        item = _Pending(job, loop, self.request_timeout_s, streamed)
         with self._cond:
             if self._closed:
                 raise EngineClosed("The engine is shutting down; it takes no new job.")
@@ -276,7 +277,7 @@ class GILLEngine:
         """Answers `job`. Raises `QueueFull`/`EngineClosed` at once when it cannot be taken, the job's own error
         (`ValueError` for options the pipeline refuses), `JobCancelled`, or `TimeoutError` after
         `request_timeout_s`. Cancelling the awaiting task cancels the job."""
-        item = self._enqueue(job)
+        item = self._enqueue(job, streamed=False)
         try:
             if self.request_timeout_s is None:
                 return await item.future
@@ -297,9 +298,7 @@ class GILLEngine:
         when it is ready and a cancelled stream stops at its next token."""
         if not isinstance(job, ChatJob):
             raise TypeError(f"`job` must be a `ChatJob`, got {type(job).__name__} {job!r:.100}.")
-        if not job.stream:
-            job.stream = True
-        return self._events(self._enqueue(job))
+        return self._events(self._enqueue(job, streamed=True))
 
     async def _events(self, item: _Pending):
         finished = False
@@ -445,7 +444,7 @@ class GILLEngine:
     def _run_batch(self, items: list[_Pending]) -> None:
         # Streamed jobs in a batch get their text as each row decodes it (the decoding step's per-row `on_token`);
         # their images come once the batch's images are made.
-        streamers = {b: _EventStreamer(self.pipe.tokenizer, item) for b, item in enumerate(items) if item.job.stream}
+        streamers = {b: _EventStreamer(self.pipe.tokenizer, item) for b, item in enumerate(items) if item.streamed}
         try:
             output, rows = self._call(items, row_streamers=streamers)
         except Exception as error:
@@ -469,7 +468,7 @@ class GILLEngine:
             self._deliver(item, output, rows, b)
 
     def _run_alone(self, item: _Pending) -> None:
-        streamer = _EventStreamer(self.pipe.tokenizer, item) if item.job.stream else _CancelWatch(item)
+        streamer = _EventStreamer(self.pipe.tokenizer, item) if item.streamed else _CancelWatch(item)
         try:
             output, rows = self._call([item], streamer=streamer, past=item.past)
         except Exception as error:  # its own error, or JobCancelled / TimeoutError from the watch
