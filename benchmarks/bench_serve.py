@@ -242,7 +242,8 @@ async def bench_memory(pipe, requests, clients=16, max_batch_size=8):
     engine = GILLEngine(pipe, max_batch_size=max_batch_size, max_queue=256)
     make_job = lambda i: ChatJob([{"role": "user", "content": [{"type": "image", "image": images[i % 8]}]}],  # noqa
                                  dict(options), seed=i, stream=bool(i % 2))
-    await drive(engine, clients, 200, make_job)  # warm-up: allocator and caches settle
+    warm_up = min(200, requests)
+    await drive(engine, clients, warm_up, make_job)  # the allocator and caches settle
     samples = [(0, rss_mib())]
     done, errors, start = 0, 0, time.perf_counter()
     chunk = max(requests // 10, 1)
@@ -311,7 +312,9 @@ async def http_client(http, url, indices, kind, steps, pngs, tally: Tally, api_k
             break
 
 
-async def bench_http(url, kinds, levels, per_client, steps, api_key=None):
+async def bench_http(url, kinds, levels, per_client, steps, api_key=None, transport=None):
+    """The load of `bench_levels` through `gill serve`'s HTTP API at `url` (`transport`: an httpx transport, for
+    tests)."""
     import httpx
 
     pngs = []
@@ -320,7 +323,8 @@ async def bench_http(url, kinds, levels, per_client, steps, api_key=None):
         image.save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
     rows = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=256)) as http:
+    limits = httpx.Limits(max_connections=256)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, transport=transport) as http:
         for kind in kinds:
             for clients in levels:
                 tally, requests = Tally(), max(clients * per_client, 8)
@@ -371,6 +375,8 @@ def main(argv=None):
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the image answers")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--queue-clients", type=int, default=64, help="clients of the full-queue part (queue of half as "
+                        "many); 0 skips")
     parser.add_argument("--dialogues", type=int, default=8, help="three-turn dialogues of the prefix-cache part; 0 skips")
     parser.add_argument("--leak-requests", type=int, default=10000, help="requests of the memory part; 0 skips")
     parser.add_argument("--threads", type=int, default=1, help="1 is the most stable setting on a shared machine")
@@ -402,8 +408,11 @@ def main(argv=None):
         )
         level_rows += rows
         identity[kind] = (checked, mismatched)
-    queue = asyncio.run(bench_queue(pipe, args.steps, max_batch_size=args.max_batch_size))
-    print(f"queue: {queue}", flush=True)
+    queue = None
+    if args.queue_clients:
+        queue = asyncio.run(bench_queue(pipe, args.steps, clients=args.queue_clients,
+                                        max_queue=max(args.queue_clients // 2, 1), max_batch_size=args.max_batch_size))
+        print(f"queue: {queue}", flush=True)
     dialogue_rows, dialogue_same = (
         asyncio.run(bench_dialogues(pipe, args.dialogues, args.steps, args.max_batch_size)) if args.dialogues else ([], {})
     )
@@ -418,7 +427,7 @@ def main(argv=None):
         f"{args.threads} torch thread(s). Model: the bundled shapes-world GILL (float32). Whole run {minutes:.0f} min.",
         "",
         f"Command: `python -m benchmarks.bench_serve --levels {args.levels} --kinds {args.kinds} --requests-per-client "
-        f"{args.requests_per_client} --steps {args.steps} --max-batch-size {args.max_batch_size} --dialogues "
+        f"{args.requests_per_client} --steps {args.steps} --max-batch-size {args.max_batch_size} --queue-clients {args.queue_clients} --dialogues "
         f"{args.dialogues} --leak-requests {args.leak_requests} --threads {args.threads}`",
         "",
         "Every client streams its requests one after the other through `GILLEngine.stream` (asyncio, in-process: no "
@@ -437,17 +446,20 @@ def main(argv=None):
         "one 8-bit level): "
         + "; ".join(f"{kind}: {checked - bad} of {checked} identical" for kind, (checked, bad) in identity.items())
         + ".",
-        "",
-        "## A full queue",
-        "",
-        f"{queue['clients']} clients, `max_queue={queue['max_queue']}`, `max_batch_size={args.max_batch_size}`, "
-        f"text answers, {queue['requests']} requests; a client given `QueueFull` (HTTP 429) waits its `retry_after` "
-        "and retries.",
-        "",
-        "| requests | served | QueueFull (429) answers | errors | wall (s) |",
-        "| --- | --- | --- | --- | --- |",
-        f"| {queue['requests']} | {queue['served']} | {queue['full']} | {queue['errors']} | {queue['wall']:.1f} |",
     ]
+    if queue:
+        lines += [
+            "",
+            "## A full queue",
+            "",
+            f"{queue['clients']} clients, `max_queue={queue['max_queue']}`, `max_batch_size={args.max_batch_size}`, "
+            f"text answers, {queue['requests']} requests; a client given `QueueFull` (HTTP 429) waits its "
+            "`retry_after` and retries.",
+            "",
+            "| requests | served | QueueFull (429) answers | errors | wall (s) |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {queue['requests']} | {queue['served']} | {queue['full']} | {queue['errors']} | {queue['wall']:.1f} |",
+        ]
     if dialogue_rows:
         lines += [
             "",
@@ -472,7 +484,7 @@ def main(argv=None):
             "## Memory over many requests",
             "",
             f"{memory['requests']} text requests from 16 clients through the batched engine (half streamed, half "
-            f"not), after 200 warm-up requests; {memory['errors']} errors; {memory['wall']:.0f} s.",
+            f"not), after {min(200, memory['requests'])} warm-up requests; {memory['errors']} errors; {memory['wall']:.0f} s.",
             "",
             "| requests | RSS (MiB) |",
             "| --- | --- |",

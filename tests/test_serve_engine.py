@@ -148,6 +148,43 @@ def test_batched_streams_equal_one_at_a_time(pipe):
         assert sum(isinstance(e, ImageReady) for e in a) == sum(isinstance(e, ImageReady) for e in b) == 1
 
 
+def test_a_stream_cancelled_mid_batch_leaves_the_others_exact(pipe):
+    """Three streamed jobs in one call; the second one's client goes away while the batch denoises: it gets
+    `JobCancelled`, the other two their answers, equal to one at a time."""
+
+    def jobs(gate):
+        return [ChatJob(j.messages, dict(IMAGE_OPTIONS, callback_on_step_end=gate), seed=j.seed)
+                for j in jobs_for(IMAGE_OPTIONS, 3)]
+
+    async def scenario():
+        gate = Gate()
+        engine = GILLEngine(pipe, max_batch_size=3, batch_wait_ms=500, prefix_cache_bytes=0)
+        try:
+            gated = jobs(gate)
+            streams = [engine.stream(job) for job in gated]
+            collect = lambda s: asyncio.ensure_future(_collect(s))  # noqa: E731
+            tasks = [collect(s) for s in streams]
+            await gate.wait_entered()  # text decoded, denoising under way
+            gated[1].cancelled.set()
+            gate.release.set()
+            return await asyncio.gather(*tasks, return_exceptions=True), engine.stats()
+        finally:
+            gate.release.set()
+            await engine.shutdown(grace_s=5)
+
+    async def _collect(stream):
+        return [event async for event in stream]
+
+    released = Gate()
+    released.release.set()
+    (first, cancelled, third), stats = run(scenario())
+    reference, _ = run(answer_all(pipe, jobs(released), max_batch_size=1, prefix_cache_bytes=0))
+    assert isinstance(cancelled, JobCancelled), cancelled
+    assert stats["batches_run"] == 1 and stats["jobs_cancelled"] == 1
+    assert_same_answer(first[-1].result, reference[0])
+    assert_same_answer(third[-1].result, reference[2])
+
+
 def test_batched_images_within_1e5_of_alone_before_rounding(pipe):
     """What the engine's batched call does (one call, a generator per job) gives images within 1e-5 of the jobs'
     calls alone, before they are rounded to 8 bits."""
@@ -308,6 +345,42 @@ def test_a_failing_job_does_not_fail_its_batch(pipe):
     for got, ref in zip([results[0], results[2], results[3]], alone):
         assert_same_answer(got, ref)
     assert stats["jobs_failed"] == 1 and stats["jobs_completed"] == 3
+
+
+class FailOnce:
+    """A denoising-step callback that raises the first time only: a batch that fails after its text was streamed."""
+
+    def __init__(self):
+        self.failed = False
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a transient failure")
+        return callback_kwargs
+
+
+def test_streams_of_a_failed_batch_continue_where_they_were(pipe):
+    async def scenario(callback, **engine_kwargs):
+        engine = GILLEngine(pipe, prefix_cache_bytes=0, **engine_kwargs)
+        try:
+            jobs = [ChatJob(j.messages, dict(IMAGE_OPTIONS, callback_on_step_end=callback), seed=j.seed)
+                    for j in jobs_for(IMAGE_OPTIONS, 3)]
+
+            async def collect(job):
+                return [event async for event in engine.stream(job)]
+
+            return await asyncio.gather(*[collect(job) for job in jobs]), engine.stats()
+        finally:
+            await engine.shutdown(grace_s=5)
+
+    retried, stats = run(scenario(FailOnce(), max_batch_size=3, batch_wait_ms=500))
+    alone, _ = run(scenario(None, max_batch_size=1))
+    assert stats["batches_run"] == 4 and stats["jobs_completed"] == 3  # the failed batch, then each job alone
+    text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))  # noqa: E731
+    for a, b in zip(retried, alone):
+        assert text(a) == text(b) and len(text(a)) > 0
+        assert_same_answer(a[-1].result, b[-1].result)
 
 
 def test_bad_messages_fail_only_their_job(pipe):

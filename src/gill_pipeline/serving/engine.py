@@ -43,6 +43,8 @@ class _Pending:
         self.future = None if streamed else loop.create_future()
         self.events = asyncio.Queue() if streamed else None
         self.keys = None  # the rendered conversation's position keys (prompt tokens, cache lookup)
+        self.text_sent = 0  # characters of text streamed so far
+        self.skip_text = 0  # characters a rerun must not stream again
         self.past = None  # a cached prefix this job continues
         self.done = False
         self._lock = threading.Lock()
@@ -134,7 +136,13 @@ class _EventSink:
         if value is None:  # the streamer's stop signal: `Finished` follows from the engine
             return
         if isinstance(value, str):
+            # A job run again alone after its batch failed decodes the same text (exact batching): what its stream
+            # already got is not sent twice.
+            skip = min(self.item.skip_text, len(value))
+            self.item.skip_text -= skip
+            value = value[skip:]
             if value:
+                self.item.text_sent += len(value)
                 self.item.emit(TextDelta(value))
         else:
             self.item.emit(ImageReady(answer_to_message([value])["content"][0]))
@@ -149,16 +157,17 @@ class _EventStreamer(GILLStreamer):
         self.item = item
         self.text_queue = _EventSink(item)
         self.watch = _CancelWatch(item)
-        self.emitted = False  # whether any token reached the stream
 
     def put(self, value) -> None:
         self.watch.check()
-        self.emitted = True
         super().put(value)
+
+    def drop_pending(self) -> None:
+        """Forgets the tokens not yet streamed (an unfinished word): the job's rerun streams them."""
+        self.token_cache, self.print_len = [], 0
 
     def put_token(self, token: int) -> None:
         """One token of a batched row (a cancelled row is not stopped alone: its batch runs on)."""
-        self.emitted = True
         super().put(torch.tensor([token], dtype=torch.long))
 
     def on_denoising_step(self, step: int, total: int) -> None:
@@ -449,14 +458,15 @@ class GILLEngine:
             output, rows = self._call(items, row_streamers=streamers)
         except Exception as error:
             # One bad job must not fail the others: each runs alone, and only the bad one gets the error (a stream
-            # that already got text from the failed batch gets it again from the start: not exact, so it fails).
+            # that already got text from the failed batch continues where it was).
             logger.warning(
                 f"A batch of {len(items)} jobs failed ({type(error).__name__}: {error}); running each alone."
             )
             for b, item in enumerate(items):
-                if b in streamers and streamers[b].emitted:
-                    self._fail(item, error)
-                elif self._still_wanted(item):
+                if self._still_wanted(item):
+                    if b in streamers:
+                        streamers[b].drop_pending()
+                    item.skip_text = item.text_sent
                     self._run_alone(item)
             return
         for b, item in enumerate(items):
@@ -497,7 +507,7 @@ class GILLEngine:
         # `finish_reason`), which the output does not carry: the call's own `decode` step (`GILLPipeline.decode`)
         # is wrapped, and given `on_token` for the streamed rows of a batch (the pipeline streams one input only).
         def recording_decode(*args, **kwargs):
-            if row_streamers and kwargs.get("on_token") is None:
+            if row_streamers is not None and kwargs.get("on_token") is None:
                 kwargs["on_token"] = on_token
             result = decode(*args, **kwargs)
             decoded.append(result[0] if isinstance(result, tuple) else result)
