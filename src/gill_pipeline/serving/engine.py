@@ -207,7 +207,7 @@ class GILLEngine:
             and its caller gets `TimeoutError`.
         cache_hits_alone (`bool`, *optional*, defaults to `False`): Run every job that continues a cached prefix in a
             call of its own (`past=` takes one input) instead of batching it with others; by default the cache serves
-            (and is filled by) the calls that hold one job anyway. See docs/serve.md for the measured trade-off.
+            (and is filled by) the calls that hold one job anyway. See docs/serve_engine.md for the measured trade-off.
     """
 
     def __init__(
@@ -292,8 +292,7 @@ class GILLEngine:
                 return await item.future
             return await asyncio.wait_for(item.future, self.request_timeout_s)
         except asyncio.TimeoutError:
-            job.cancelled.set()
-            self._counts["timed_out"] += 1
+            self._time_out(item)
             raise TimeoutError(f"Job {job.request_id} took longer than {self.request_timeout_s} s.") from None
         except asyncio.CancelledError:
             job.cancelled.set()
@@ -317,7 +316,7 @@ class GILLEngine:
                 try:
                     event = await asyncio.wait_for(item.events.get(), remaining)
                 except asyncio.TimeoutError:
-                    self._counts["timed_out"] += 1
+                    self._time_out(item)
                     raise TimeoutError(f"Job {item.job.request_id} took longer than {self.request_timeout_s} s.")
                 if isinstance(event, BaseException):
                     finished = True
@@ -329,6 +328,12 @@ class GILLEngine:
         finally:
             if not finished:
                 item.job.cancelled.set()
+
+    def _time_out(self, item: _Pending) -> None:
+        """The caller stopped waiting at the job's deadline: the job is cancelled and counted once, as timed out."""
+        item.job.cancelled.set()
+        if item._finish():
+            self._counts["timed_out"] += 1
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stops taking jobs (`EngineClosed`), lets queued and running jobs finish for up to `grace_s` seconds, then
