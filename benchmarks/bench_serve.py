@@ -427,7 +427,8 @@ def main(argv=None):
         f"{args.threads} torch thread(s). Model: the bundled shapes-world GILL (float32). Whole run {minutes:.0f} min.",
         "",
         f"Command: `python -m benchmarks.bench_serve --levels {args.levels} --kinds {args.kinds} --requests-per-client "
-        f"{args.requests_per_client} --steps {args.steps} --max-batch-size {args.max_batch_size} --queue-clients {args.queue_clients} --dialogues "
+        f"{args.requests_per_client} --steps {args.steps} --max-batch-size {args.max_batch_size} "
+        f"--queue-clients {args.queue_clients} --dialogues "
         f"{args.dialogues} --leak-requests {args.leak_requests} --threads {args.threads}`",
         "",
         "Every client streams its requests one after the other through `GILLEngine.stream` (asyncio, in-process: no "

@@ -3,8 +3,8 @@
 The pipeline is not thread-safe, so one thread owns it. Jobs wait in a bounded queue; the worker takes the jobs that
 arrived together (waiting at most `batch_wait_ms` after the first, up to `max_batch_size`), answers those with equal
 options in one `pipe(...)` call (`batching.py`: a batch answers exactly as its jobs alone; streamed jobs too, their
-text streamed row by row), and runs a job that continues a cached prefix (`prefix_cache.py`) in a call of its own. Every waiter is woken on every path:
-its result, its own error, `JobCancelled`, `TimeoutError`, or `EngineClosed` at shutdown.
+text streamed row by row), and runs a job that continues a cached prefix (`prefix_cache.py`) in a call of its own.
+Every waiter is woken on every path: its result, its own error, `JobCancelled`, `TimeoutError`, or `EngineClosed`.
 """
 
 import asyncio
@@ -450,7 +450,10 @@ class GILLEngine:
         return not item.done
 
     def _fail(self, item: _Pending, error: BaseException) -> None:
-        key = "cancelled" if isinstance(error, JobCancelled) else "timed_out" if isinstance(error, TimeoutError) else "failed"
+        if isinstance(error, JobCancelled):
+            key = "cancelled"
+        else:
+            key = "timed_out" if isinstance(error, TimeoutError) else "failed"
         if not item.done:
             self._counts[key] += 1
         item.fail(error)
