@@ -56,3 +56,47 @@ def test_real_size_benchmark_stages_run_on_tiny_configs(tmp_path):
     report = {"pairing": "tiny", "write": written, "assemble": assembled, "use": used}
     text = "\n".join(bench.table(report))
     assert "image answer / (text answer + decoder alone)" in text and "identical: yes" in text
+
+
+def test_serve_benchmark_runs_and_batched_answers_match(tmp_path):
+    bench = load("bench_serve")
+    output = tmp_path / "serve.md"
+    results = bench.main([
+        "--levels", "2", "--kinds", "text", "--requests-per-client", "2", "--queue-clients", "4", "--dialogues", "0",
+        "--leak-requests", "8", "--output", str(output),
+    ])
+    assert results["identity"]["text"][1] == 0 and results["identity"]["text"][0] >= 4
+    assert all(row["errors"] == 0 for row in results["levels"])
+    assert results["queue"]["errors"] == 0 and results["queue"]["served"] == results["queue"]["requests"]
+    assert "## Throughput and latency" in output.read_text()
+
+
+def test_serve_benchmark_http_driver_reads_sse_and_retries_429():
+    """The `--url` driver against an in-process transport that speaks OpenAI's streamed chat completions: a 429 with
+    Retry-After is retried, the SSE chunks are read, a 500 is counted as an error."""
+    import asyncio
+    import json
+
+    import httpx
+
+    bench = load("bench_serve")
+    seen, refused = [], set()
+
+    def handler(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        assert body["stream"] is True and body["messages"][0]["content"][0]["type"] == "image_url"
+        assert body["image_mode"] == "both" and "max_new_tokens" not in body and body["max_tokens"] == 8
+        if body["seed"] == 1 and 1 not in refused:
+            refused.add(1)
+            return httpx.Response(429, headers={"retry-after": "0"}, json={"error": {"message": "full"}})
+        if body["seed"] == 2:
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        chunks = [{"choices": [{"delta": {"content": "a red"}}]}, {"choices": [{"delta": {}, "finish_reason": "stop"}]}]
+        text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=text)
+
+    rows = asyncio.run(bench.bench_http("http://test", ["image"], [2], 4, 2, transport=httpx.MockTransport(handler)))
+    (row,) = rows
+    assert row["requests"] == 8 and row["full"] == 1 and row["errors"] == 1
+    assert len(seen) == 9 and row["ttft50"] <= row["p50"]
