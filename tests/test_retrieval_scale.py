@@ -254,3 +254,21 @@ def test_bad_tar_records_are_clear_errors(shard, record, match):
         match = r"'x'.*not the member 'b.png'"
     with pytest.raises(ImageLoadError, match=match):
         load_record_image(record, str(root))
+
+
+def test_add_faiss_index_streams_a_saved_set(tmp_path, queries, monkeypatch):
+    from gill_pipeline.retrieval import add_faiss_index
+    from gill_pipeline.retrieval import faiss_build
+
+    index = make_index()
+    index.save_pretrained(tmp_path, max_shard_rows=1000)
+    monkeypatch.setattr(faiss_build, "ADD_CHUNK_ROWS", 300)  # several chunks per shard
+    settings = add_faiss_index(tmp_path, "Flat", max_rows_per_file=1300, sample_rows=500)
+    assert settings.factory == "Flat"
+    config = json.load(open(tmp_path / INDEX_CONFIG_FILE))["faiss"]
+    assert [f["num_rows"] for f in config["files"]] == [1300, 1300, 400]
+    loaded = load(tmp_path, mmap=True)
+    assert loaded.search_backend == "faiss:Flat"
+    assert torch.equal(loaded.search(queries, k=10).rows, index.search(queries, k=10).rows)
+    with pytest.raises(ValueError, match="`sample_rows`"):
+        add_faiss_index(tmp_path, "Flat", sample_rows=0)

@@ -266,8 +266,9 @@ class FaissShardWriter:
         settings ([`FaissSettings`]): Factory string, search parameters, rows per file.
     """
 
-    def __init__(self, folder: str, trained, settings: FaissSettings):
+    def __init__(self, folder: str, trained, settings: FaissSettings, in_use: set[str] = frozenset()):
         self.folder, self.trained, self.settings = folder, trained, settings
+        self.in_use = set(in_use)  # names the folder's current config reads: never written over
         self.files: list[dict] = []
         self.current, self.rows = None, 0
 
@@ -288,7 +289,7 @@ class FaissShardWriter:
 
     def _flush(self) -> None:
         faiss = import_faiss()
-        name = FAISS_FILE_TEMPLATE.format(len(self.files))
+        name = free_faiss_file_name(len(self.files), self.in_use)
         index = self.current
         atomic_write(os.path.join(self.folder, name), lambda p: faiss.write_index(index, p))
         self.files.append({"file": name, "first_row": self.first_row, "num_rows": int(index.ntotal),
@@ -299,8 +300,10 @@ class FaissShardWriter:
         faiss = import_faiss()
         if self.current is not None and self.current.ntotal:
             self._flush()
-        atomic_write(os.path.join(self.folder, FAISS_TRAINED_FILE), lambda p: faiss.write_index(self.trained, p))
-        return faiss_block(self.settings, int(self.trained.d), self.files, FAISS_TRAINED_FILE)
+        trained = FAISS_TRAINED_FILE if FAISS_TRAINED_FILE not in self.in_use else FAISS_TRAINED_FILE.replace(
+            ".index", "-r1.index")
+        atomic_write(os.path.join(self.folder, trained), lambda p: faiss.write_index(self.trained, p))
+        return faiss_block(self.settings, int(self.trained.d), self.files, trained)
 
 
 def faiss_block(settings: FaissSettings, dim: int, files: list[dict], trained_file: str) -> dict:
