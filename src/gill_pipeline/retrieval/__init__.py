@@ -2,6 +2,9 @@
 
 - `index.py`: [`RetrievalIndex`], rows + records, search (`search.py`: exact or FAISS), loading the best images
   (`image_loading.py`), the weights check (`fingerprint.py`).
+- `faiss_shards.py`: FAISS indexes saved with a set, read back memory-mapped, in one file or several (shards merged);
+  `faiss_params.py`: choosing one by measured recall ([`choose_faiss_params`], `use_faiss("auto")`);
+  `faiss_build.py`: [`add_faiss_index`], indexing a saved set of any size streamed from its shards.
 - `serialization.py`: the folder format, `save_pretrained` / `from_pretrained` / `push_to_hub` of a set.
 - `calibration.py`: the similarity floor (`min_similarity`) and `calibrate_min_similarity`.
 - `build.py` + `sources.py`: embedding a folder, a caption TSV or webdataset shards into an index.
@@ -12,6 +15,9 @@ from .fingerprint import IndexWeightsMismatchError, probe_embeddings, weights_fi
 from .image_loading import ImageLoadError, UnsafeImagePathError, load_record_image, resolve_local_path
 from .calibration import calibrate_min_similarity
 from .index import RETRIEVAL_ID_INFO_KEY, RetrievalIndex, RetrievedImage
+from .faiss_build import add_faiss_index
+from .faiss_params import FaissParams, choose_faiss_params
+from .faiss_shards import FaissSettings, ShardedFaissSearcher, read_faiss_files
 from .search import ExactSearcher, FaissSearcher, SearchResult
 from .serialization import RetrievalIndexError
 from .sources import CaptionTSVSource, ImageFolderSource, WebDatasetSource, as_source
@@ -28,6 +34,12 @@ __all__ = [
     "embed_images",
     "ExactSearcher",
     "FaissSearcher",
+    "ShardedFaissSearcher",
+    "FaissSettings",
+    "FaissParams",
+    "choose_faiss_params",
+    "add_faiss_index",
+    "read_faiss_files",
     "SearchResult",
     "ImageFolderSource",
     "CaptionTSVSource",

@@ -1,6 +1,7 @@
 """Loading the images of a retrieval index safely: local files only inside the image root, URLs only on request."""
 
 import os
+import tarfile
 import urllib.request
 
 import PIL.Image
@@ -11,6 +12,7 @@ from ..utils.image_io import read_image
 MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 10.0
 URL_SCHEMES = ("http://", "https://")
+TAR_BLOCK = 512
 
 
 class ImageLoadError(OSError):
@@ -67,6 +69,43 @@ def _read_range(path: str, offset: int, size: int) -> bytes:
     return data
 
 
+def _tar_member_range(record: dict, full: str) -> tuple[int, int]:
+    """The byte range of a record's image inside the tar file `full`: its `offset`/`size`, checked against the tar
+    header just before it when the record names its `member` (a stale offset into a rewritten shard is an error,
+    not another image); or, with a `member` and no offset, found by walking the tar's headers (data is skipped)."""
+    where = f"the index entry {record.get('id')!r} ({record.get('path')!r}"
+    member = record.get("member")
+    if "offset" in record:
+        offset, size = record.get("offset"), record.get("size")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, size)):
+            raise ImageLoadError(f"{where}): `offset` and `size` must be non-negative integers, got {offset!r} and "
+                                 f"{size!r}.")
+        if member is not None and offset >= TAR_BLOCK:
+            header = _read_range(full, offset - TAR_BLOCK, TAR_BLOCK)
+            try:
+                info = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+            except tarfile.TarError as error:
+                raise ImageLoadError(f"{where}): no tar header before offset {offset} ({error}); is {full} the shard "
+                                     "the index was built from?") from error
+            # Names over 100 characters live in an extension header further back: only the size is checked then.
+            if info.size != size or (len(str(member)) < 100 and info.name != member):
+                raise ImageLoadError(f"{where}): the tar header at offset {offset - TAR_BLOCK} is {info.name!r} "
+                                     f"({info.size} bytes), not the member {member!r} ({size} bytes).")
+        return offset, size
+    if not isinstance(member, str) or not member:
+        raise ImageLoadError(f"{where}): a tar shard needs `member` (a name) or `offset` and `size`, got {record!r:.200}.")
+    try:
+        with tarfile.open(full, mode="r:") as tar:
+            for info in tar:
+                if info.name == member:
+                    if not info.isfile():
+                        break
+                    return info.offset_data, info.size
+    except tarfile.TarError as error:
+        raise ImageLoadError(f"{where}): {full} is not a readable uncompressed tar file ({error}).") from error
+    raise ImageLoadError(f"{where}): {full} has no file member {member!r}.")
+
+
 def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> PIL.Image.Image:
     """The RGB image in `data`, within the pixel limit of `gill_pipeline.utils.image_io`; else [`ImageLoadError`] (so an
     index skips the image and tries the next one)."""
@@ -87,7 +126,9 @@ def load_record_image(
     """Loads the image of one index record as an RGB PIL image, or raises [`ImageLoadError`].
 
     A record has a `path`: a URL, or a path relative to `image_root`. Records of images inside tar shards
-    (webdataset) also have `offset` and `size`, the byte range of the image inside the tar file at `path`. An image
+    (webdataset) also have `offset` and `size`, the byte range of the image inside the tar file at `path`, and/or
+    `member`, its name in the tar: only that member is read (a seek to it; with a name alone, the tar's headers are
+    walked to find it). An image
     above `max_pixels` (default: `gill_pipeline.utils.image_io.MAX_IMAGE_PIXELS`) is refused before it is decoded.
     """
     path = record.get("path")
@@ -110,9 +151,12 @@ def load_record_image(
         )
     full = resolve_local_path(image_root, path, link_root=link_root)
     try:
-        if "offset" in record:
-            data = _read_range(full, int(record["offset"]), int(record["size"]))
-            return decode_image(data, f"{path} (offset {record['offset']})", max_pixels)
+        if "offset" in record or "member" in record or path.lower().endswith(".tar"):
+            if not os.path.isfile(full):
+                raise ImageLoadError(f"The index entry {record.get('id')!r}: its tar shard {full} does not exist.")
+            offset, size = _tar_member_range(record, full)
+            data = _read_range(full, offset, size)
+            return decode_image(data, f"{path} (member {record.get('member')!r}, offset {offset})", max_pixels)
         with open(full, "rb") as f:
             data = f.read()
     except ImageLoadError:

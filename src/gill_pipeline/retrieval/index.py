@@ -14,6 +14,9 @@ from diffusers.utils import logging
 from .calibration import check_min_similarity
 from .fingerprint import check_same_weights, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, load_record_image
+from .faiss_params import choose_faiss_params
+from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, ShardedFaissSearcher
+from .files import RetrievalIndexError as _RetrievalIndexError
 from .search import ExactSearcher, FaissSearcher, SearchResult
 from .serialization import RetrievalIndexSerializationMixin, check_records, dtype_name
 
@@ -34,6 +37,8 @@ DEFAULT_NUM_CANDIDATES = 8
 DEFAULT_MAX_LOAD_ATTEMPTS = 16
 # Key in `PIL.Image.info` that marks an image as retrieved from an index, so that giving it back as input excludes it.
 RETRIEVAL_ID_INFO_KEY = "gill_retrieval_id"
+# Rows of the set that `use_faiss("auto")` measures candidates on at most.
+AUTO_SAMPLE_ROWS = 1_000_000
 
 
 @dataclass
@@ -104,6 +109,8 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         self._searcher = None
         self._searcher_rows = 0
         self._searcher_factory = ExactSearcher
+        # False for a set loaded from a folder saved without its embeddings: it searches with its FAISS index only.
+        self.has_embeddings = True
         self.add_embeddings(embeddings, records)
 
     @property
@@ -134,6 +141,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
 
     @property
     def embeddings(self) -> torch.Tensor:
+        self._require_embeddings("its embeddings")
         if len(self._blocks) > 1:
             self._blocks = [torch.cat(self._blocks, dim=0)]
         return self._blocks[0]
@@ -149,6 +157,37 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
     @property
     def device(self) -> torch.device:
         return self._blocks[0].device
+
+    def _require_embeddings(self, what: str) -> None:
+        if not self.has_embeddings:
+            raise _RetrievalIndexError(
+                f"This set of {len(self)} images was saved without its embeddings (`save_embeddings=False`) and "
+                f"searches with its FAISS index only; {what} needs them: load a copy saved with them."
+            )
+
+    def _row_range(self, start: int, stop: int) -> torch.Tensor:
+        """Rows `start..stop` of the set, without joining the stored blocks (which may be memory-mapped files)."""
+        parts, offset = [], 0
+        for block in self._blocks:
+            lo, hi = max(start - offset, 0), min(stop - offset, block.shape[0])
+            if lo < hi:
+                parts.append(block[lo:hi])
+            offset += block.shape[0]
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+    def _rows_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The stored embeddings of the given rows, float32 on the CPU (for re-ranking FAISS candidates)."""
+        blocks = [b for b in self._blocks if b.shape[0]]
+        if len(blocks) == 1:
+            return blocks[0][rows.to(blocks[0].device)].float().cpu()
+        ends = torch.tensor([b.shape[0] for b in blocks]).cumsum(0)
+        which = torch.searchsorted(ends, rows, right=True)
+        out = torch.empty(rows.shape[0], self.dim)
+        for b in which.unique().tolist():
+            mask = which == b
+            start = int(ends[b]) - blocks[b].shape[0]
+            out[mask] = blocks[b][(rows[mask] - start).to(blocks[b].device)].float().cpu()
+        return out
 
     @property
     def ids(self) -> list[str]:
@@ -169,6 +208,8 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         if embeddings.shape[0] != len(records):
             raise ValueError(f"Got {embeddings.shape[0]} embeddings but {len(records)} `records`.")
         check_records(records, "`records`")
+        if len(records):
+            self._require_embeddings("adding images")
         new_ids = {}
         for record in records:
             image_id = record["id"]
@@ -200,20 +241,65 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
     def search_backend(self) -> str:
         return getattr(self._searcher_factory, "name", "faiss")
 
-    def use_faiss(self, factory: str = "Flat", nprobe: int | None = None, ef_search: int | None = None, **kwargs):
-        """Searches with FAISS from now on (see [`FaissSearcher`] for the arguments); builds the FAISS index now.
+    def use_faiss(
+        self,
+        factory: str = "Flat",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        rerank: int = 1,
+        max_rows_per_file: int | None = None,
+        target_recall: float = 0.95,
+        max_bytes_per_image: float = 64,
+        train_size: int = DEFAULT_TRAIN_SIZE,
+        seed: int = 0,
+    ):
+        r"""Searches with FAISS from now on: trains and fills the FAISS index now; `save_pretrained` saves it with the
+        set and `from_pretrained` reads it back memory-mapped, without training again.
 
-        `"Flat"` gives exact results; `"IVF1024,Flat"` (with `nprobe`) or `"HNSW32"` (with `ef_search`) trade recall
-        for speed on millions of rows. Needs `faiss-cpu` (`pip install gill-pipeline[faiss]`).
+        Args:
+            factory (`str`, *optional*, defaults to `"Flat"`): A FAISS `index_factory` string (`"Flat"` is exact;
+                `"IVF4096,PQ32x4fs"`, `"OPQ32,IVF4096,PQ32"`, `"HNSW32"`, ... trade recall for speed and memory),
+                or `"auto"`: [`choose_faiss_params`] measures candidates on this set's own rows and picks the fastest
+                that reaches `target_recall` within `max_bytes_per_image` (what it measured is saved with the set).
+            nprobe (`int`, *optional*): Inverted lists visited per query by IVF indexes (FAISS' default is 1).
+            ef_search (`int`, *optional*): Candidate list size of HNSW indexes (FAISS' default is 16).
+            rerank (`int`, *optional*, defaults to 1): Fetch `k * rerank` candidates and re-score them exactly on the
+                stored embeddings (1: the FAISS scores as they are). A set saved without embeddings skips it.
+            max_rows_per_file (`int`, *optional*): Rows per FAISS index at most; a larger set gets several indexes
+                (saved as several files), searched together and merged by score.
+            target_recall (`float`, *optional*, defaults to 0.95), max_bytes_per_image (`float`, *optional*,
+                defaults to 64): What `"auto"` aims for.
+            train_size (`int`, *optional*, defaults to 100,000), seed (`int`, *optional*, defaults to 0): Rows
+                sampled (with this seed) to train indexes that need training.
+
+        Needs `faiss-cpu` (`pip install gill-pipeline[faiss]`).
         """
+        self._require_embeddings("building a FAISS index")
+        if factory == "auto":
+            sample = self._row_range(0, len(self))
+            if len(self) > AUTO_SAMPLE_ROWS:
+                pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:AUTO_SAMPLE_ROWS]
+                sample = self._rows_of(pick.sort().values)
+            params = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
+                                         seed=seed)
+            settings = params.settings(max_rows_per_file=max_rows_per_file)
+        else:
+            settings = FaissSettings(factory, nprobe=nprobe, ef_search=ef_search, rerank=rerank,
+                                     max_rows_per_file=max_rows_per_file)
 
         def make(embeddings):
-            return FaissSearcher(embeddings, factory=factory, nprobe=nprobe, ef_search=ef_search, **kwargs)
+            return ShardedFaissSearcher.build(embeddings, settings, train_size=train_size, seed=seed,
+                                              rows_of=self._rows_of)
 
-        make.name = f"faiss:{factory}"
-        self._searcher, self._searcher_rows = make(self.embeddings), len(self)
+        make.name = f"faiss:{settings.factory}"
+        self._searcher, self._searcher_rows = make(self._row_range(0, len(self))), len(self)
         self._searcher_factory = make
         return self
+
+    @property
+    def faiss_settings(self) -> FaissSettings | None:
+        """How the FAISS index in use was made and is searched (factory, nprobe, recall measured...), else None."""
+        return getattr(self._searcher, "settings", None)
 
     def use_exact(self):
         """Searches exactly (chunked matrix product) from now on; the default."""
@@ -224,7 +310,11 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         if self._searcher is None:
             self._searcher = self._searcher_factory(self.embeddings)
         elif self._searcher_rows != len(self):
-            self._searcher.add(self.embeddings)
+            if isinstance(self._searcher, ShardedFaissSearcher):
+                start = self._searcher.ntotal
+                self._searcher.add(self._row_range(start, len(self)), first_row=start)
+            else:
+                self._searcher.add(self.embeddings)
         self._searcher_rows = len(self)
         return self._searcher
 

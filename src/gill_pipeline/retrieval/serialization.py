@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers.utils import logging
 from huggingface_hub import HfApi, snapshot_download
@@ -23,6 +24,8 @@ from ..serialization.hub import HUB_KWARGS
 from ..serialization.folder import PipelineFolderError, read_json_object
 from ..serialization.paths import looks_like_local_path, missing_folder_reason, name_or_path
 from .calibration import check_min_similarity
+from .faiss_shards import ShardedFaissSearcher, faiss_files, read_faiss_files
+from .files import RetrievalIndexError, atomic_write as _atomic_write
 from .image_loading import is_url, resolve_local_path
 
 
@@ -41,11 +44,12 @@ STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 NORM_TOLERANCE = 1e-2
 RECORD_REQUIRED_KEYS = ("id", "path")
 # Files a save may remove when its new config no longer reads them (shard `i`, written again `-rN`).
-SHARD_FILE_PATTERN = re.compile(r"embeddings-\d{5}(-r\d+)?\.safetensors|metadata-\d{5}(-r\d+)?\.jsonl")
-
-
-class RetrievalIndexError(ValueError):
-    """A retrieval index folder or its contents are malformed."""
+SHARD_FILE_PATTERN = re.compile(
+    r"embeddings-\d{5}(-r\d+)?\.safetensors|metadata-\d{5}(-r\d+)?\.jsonl|faiss-(\d{5}|trained)(-r\d+)?\.index"
+)
+# With `mmap=True`, rows whose norm is checked at load (first and last of each shard): reading every row would page
+# the whole file in.
+MMAP_NORM_CHECK_ROWS = 1000
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -68,18 +72,6 @@ def check_records(records: list[dict], where: str) -> None:
                 )
 
 
-def _atomic_write(path: str, write) -> None:
-    """Writes `path` under a temporary name and renames it: a reader sees the old file or the new one, never half."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _shard_file_names(i: int, rewrite: int) -> tuple[str, str]:
     """The files of shard `i`; a rewrite of an index in place writes under other names (`-r1`, ...) than the ones
     the folder's config reads, so that the old index stays readable until the new config replaces it."""
@@ -99,7 +91,8 @@ def _free_shard_file_names(i: int, in_use: set[str]) -> tuple[str, str]:
 
 def _shard_files(config: dict | None) -> set[str]:
     """The shard files a config reads."""
-    return {shard[key] for shard in (config or {}).get("shards", []) for key in ("embeddings", "metadata")}
+    files = {shard[key] for shard in (config or {}).get("shards", []) for key in ("embeddings", "metadata")}
+    return (files - {None}) | faiss_files((config or {}).get("faiss"))
 
 
 def _config_identity(folder: str) -> tuple[int, int, int]:
@@ -153,9 +146,17 @@ class RetrievalIndexSerializationMixin:
             and sum(shard["num_rows"] for shard in saved.shards) <= len(self)
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS,
+        save_embeddings: bool = True,
+    ) -> None:
         """Writes `retrieval_index.json`, `probe.safetensors`, and shards of at most `max_shard_rows` rows
-        (`embeddings-XXXXX.safetensors` + `metadata-XXXXX.jsonl`).
+        (`embeddings-XXXXX.safetensors` + `metadata-XXXXX.jsonl`). With a FAISS index in use
+        ([`~RetrievalIndex.use_faiss`]), its files too (`faiss-XXXXX.index`, one per FAISS shard, and
+        `faiss-trained.index`, written by `faiss.write_index`) and its settings in the config's `"faiss"` entry.
+
+        `save_embeddings=False` leaves the embeddings out (a FAISS index is then required): the loaded set searches
+        with the FAISS codes alone, without exact re-ranking, and takes a fraction of the disk.
 
         Saving again into the folder the index was last saved to or loaded from writes only the new rows, as new
         shards: that is how a build checkpoints and how images are added to a large index cheaply. When that folder
@@ -169,28 +170,37 @@ class RetrievalIndexSerializationMixin:
         """
         if not isinstance(max_shard_rows, int) or max_shard_rows <= 0:
             raise ValueError(f"`max_shard_rows` must be a positive integer, got {max_shard_rows!r}.")
+        searcher = self._current_searcher() if self.search_backend.startswith("faiss") else None
+        if not isinstance(searcher, ShardedFaissSearcher) and not save_embeddings:
+            raise ValueError("`save_embeddings=False` needs a FAISS index to search with: call `use_faiss(...)` first.")
+        if save_embeddings and not self.has_embeddings:
+            raise ValueError("This set has no embeddings to save (it was loaded from a copy saved without them): pass "
+                             "`save_embeddings=False`.")
         folder = str(save_directory)
         os.makedirs(folder, exist_ok=True)
         try:
             previous = self._read_config(folder) if os.path.isfile(os.path.join(folder, INDEX_CONFIG_FILE)) else None
         except RetrievalIndexError:
             previous = None  # unreadable already: nothing to keep readable
-        append = self._can_append_to(folder, previous)
+        append = self._can_append_to(folder, previous) and all(
+            (shard.get("embeddings") is not None) == save_embeddings for shard in previous["shards"])
         if not append and previous is not None and getattr(self._saved, "folder", None) == os.path.realpath(folder):
             logger.info(f"Writing every shard of the index in {folder} again: its dtype changed or another index was "
                         "saved there since it was loaded.")
         in_use = _shard_files(previous)
         shards = [dict(s) for s in self._saved.shards] if append else []
         start = sum(shard["num_rows"] for shard in shards)
-        embeddings = self.embeddings.cpu() if len(self) > start else None
         while start < len(self):
             stop = min(start + max_shard_rows, len(self))
             embeddings_file, metadata_file = _free_shard_file_names(len(shards), in_use)
-            tensor = embeddings[start:stop].contiguous()
-            _atomic_write(
-                os.path.join(folder, embeddings_file),
-                lambda p, t=tensor: save_file({EMBEDDINGS_KEY: t}, p, metadata={"format": "pt"}),
-            )
+            if save_embeddings:
+                tensor = self._row_range(start, stop).cpu().contiguous()
+                _atomic_write(
+                    os.path.join(folder, embeddings_file),
+                    lambda p, t=tensor: save_file({EMBEDDINGS_KEY: t}, p, metadata={"format": "pt"}),
+                )
+            else:
+                embeddings_file = None
 
             def write_metadata(path, records=self.records[start:stop]):
                 with open(path, "w", encoding="utf-8") as f:
@@ -219,6 +229,8 @@ class RetrievalIndexSerializationMixin:
             "weights": self.fingerprint,
             "shards": shards,
         }
+        if searcher is not None:
+            config["faiss"] = searcher.write_files(folder, in_use)
 
         def write_config(path):
             with open(path, "w", encoding="utf-8") as f:
@@ -240,6 +252,7 @@ class RetrievalIndexSerializationMixin:
         allow_urls: bool = False,
         device: str | torch.device | None = None,
         repo_type: str | None = None,
+        mmap: bool = False,
         **hub_kwargs,
     ) -> "RetrievalIndex":
         r"""
@@ -253,6 +266,9 @@ class RetrievalIndexSerializationMixin:
             allow_urls (`bool`, *optional*, defaults to `False`): Allow downloading records whose path is a URL.
             device (`str` or `torch.device`, *optional*): Where to put the embeddings (CPU by default).
             repo_type (`str`, *optional*): `"model"` (default) or `"dataset"`, for Hub repos.
+            mmap (`bool`, *optional*, defaults to `False`): Memory-map the embeddings instead of reading them into
+                memory (for sets larger than memory: rows are paged in as searches re-rank them; norms are checked on
+                the first and last rows of each shard only). A saved FAISS index is always memory-mapped.
             hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `proxies`.
         """
         name = name_or_path(path_or_repo_id, "path_or_repo_id")
@@ -281,9 +297,23 @@ class RetrievalIndexSerializationMixin:
         probe_path = os.path.join(folder, PROBE_FILE)
         probes = cls._load_safetensors(probe_path)
         blocks, records = [], []
+        has_embeddings = {shard.get("embeddings") is not None for shard in config["shards"]}
+        if len(has_embeddings) > 1 or (has_embeddings == {False} and not config.get("faiss")):
+            raise RetrievalIndexError(f"{os.path.join(folder, INDEX_CONFIG_FILE)}: every shard must have embeddings, "
+                                      "or none and a `faiss` index to search with.")
+        has_embeddings = has_embeddings != {False}
         for shard in config["shards"]:
+            shard_records = cls._read_jsonl(os.path.join(folder, shard["metadata"]))
+            if len(shard_records) != shard["num_rows"]:
+                raise RetrievalIndexError(
+                    f"{shard['metadata']} has {len(shard_records)} records but {INDEX_CONFIG_FILE} says "
+                    f"{shard['num_rows']} rows."
+                )
+            records.extend(shard_records)
+            if not has_embeddings:
+                continue
             emb_path = os.path.join(folder, shard["embeddings"])
-            tensors = cls._load_safetensors(emb_path)
+            tensors = _mmap_safetensors(emb_path) if mmap else cls._load_safetensors(emb_path)
             embeddings = tensors.get(EMBEDDINGS_KEY)
             if embeddings is None or embeddings.ndim != 2 or embeddings.shape[1] != config["dim"]:
                 raise RetrievalIndexError(f"{emb_path} must hold `{EMBEDDINGS_KEY}` of shape (n, {config['dim']}).")
@@ -292,18 +322,14 @@ class RetrievalIndexSerializationMixin:
                     f"{emb_path} holds {embeddings.shape[0]} rows of {embeddings.dtype}; {INDEX_CONFIG_FILE} says "
                     f"{shard['num_rows']} rows of {config['dtype']}."
                 )
-            norms = embeddings.float().norm(dim=-1)
+            checked = embeddings
+            if mmap and embeddings.shape[0] > 2 * MMAP_NORM_CHECK_ROWS:
+                checked = torch.cat([embeddings[:MMAP_NORM_CHECK_ROWS], embeddings[-MMAP_NORM_CHECK_ROWS:]])
+            norms = checked.float().norm(dim=-1)
             if embeddings.shape[0] and (norms - 1).abs().max() > NORM_TOLERANCE:
                 raise RetrievalIndexError(f"{emb_path} holds rows that are not normalised (norms {norms.min():.3f}.."
                                           f"{norms.max():.3f}).")
-            shard_records = cls._read_jsonl(os.path.join(folder, shard["metadata"]))
-            if len(shard_records) != shard["num_rows"]:
-                raise RetrievalIndexError(
-                    f"{shard['metadata']} has {len(shard_records)} records but {shard['embeddings']} has "
-                    f"{shard['num_rows']} rows."
-                )
             blocks.append(embeddings.to(device) if device is not None else embeddings)
-            records.extend(shard_records)
         if image_root is None and config.get("image_root") is not None:
             # The recorded root must stay inside the index folder: an index from elsewhere cannot point at /.
             image_root = resolve_local_path(folder, config["image_root"]) if config["image_root"] != "." else folder
@@ -314,7 +340,8 @@ class RetrievalIndexSerializationMixin:
             raise RetrievalIndexError(f"{os.path.join(folder, INDEX_CONFIG_FILE)}: {error}") from error
         index = cls(empty, [], config["weights"], probes, image_root=None if image_root is None else str(image_root),
                     allow_urls=allow_urls, min_similarity=min_similarity)
-        if blocks:
+        index.has_embeddings = has_embeddings
+        if records:
             index._blocks = [empty] + blocks
             check_records(records, folder)
             row_of_id = {}
@@ -324,6 +351,11 @@ class RetrievalIndexSerializationMixin:
                 row_of_id[record["id"]] = row
             index.records, index._row_of_id = records, row_of_id
         index._link_root = link_root
+        if config.get("faiss") is not None:
+            searcher = read_faiss_files(folder, config["faiss"], os.path.join(folder, INDEX_CONFIG_FILE),
+                                        num_rows=len(records), rows_of=index._rows_of if has_embeddings else None)
+            index._searcher, index._searcher_rows = searcher, len(records)
+            index._searcher_factory = _loaded_faiss(searcher)
         index._saved = SavedCopy.of(folder, config)
         num_urls = sum(is_url(r["path"]) for r in records)
         if num_urls and not allow_urls:
@@ -356,6 +388,8 @@ class RetrievalIndexSerializationMixin:
         for shard in config.get("shards", []):
             for key in ("embeddings", "metadata"):
                 name = shard.get(key)
+                if key == "embeddings" and name is None:
+                    continue  # saved with `save_embeddings=False`
                 # Shard names are plain file names: an index must not read files outside its folder.
                 if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
                     raise RetrievalIndexError(f"{path}: shard file names must be plain file names, got {name!r}.")
@@ -419,3 +453,41 @@ class RetrievalIndexSerializationMixin:
                 repo_id=repo_id, folder_path=folder, repo_type=repo_type, commit_message=commit_message
             )
         return str(getattr(commit, "commit_url", commit))
+
+
+def _loaded_faiss(searcher):
+    """The searcher factory of a set whose FAISS index was read from files: the same index, never a rebuild."""
+
+    def make(embeddings):
+        return searcher
+
+    make.name = f"faiss:{searcher.settings.factory}"
+    return make
+
+
+def _mmap_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, memory-mapped (copy-on-write) rather than read: pages come from disk as
+    rows are used."""
+    if not os.path.isfile(path):
+        raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                raise ValueError(f"{name}: {end - begin} bytes for shape {shape}")
+            if end == begin:
+                out[name] = torch.empty(shape, dtype=torch.float16 if dtype is np.float16 else torch.float32)
+                continue
+            array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_size + begin, shape=shape)
+            out[name] = torch.from_numpy(array)
+        return out
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RetrievalIndexError(f"Corrupted safetensors file: {path} ({error!r})") from error

@@ -1,0 +1,102 @@
+"""A FAISS index for a retrieval set already saved, however large: its embedding shards are streamed from disk
+(memory-mapped, a chunk at a time), never all in memory, and the index files and their `"faiss"` block are added to
+the folder. The way to index a set of 100M images built by `build_retrieval_index` or `gill index build`."""
+
+import json
+import os
+
+import numpy as np
+import torch
+from diffusers.utils import logging
+
+from .faiss_params import choose_faiss_params
+from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, FaissShardWriter, faiss_files, train_index
+from .files import RetrievalIndexError, atomic_write
+from .serialization import (
+    EMBEDDINGS_KEY,
+    INDEX_CONFIG_FILE,
+    SHARD_FILE_PATTERN,
+    RetrievalIndexSerializationMixin,
+    _mmap_safetensors,
+)
+
+
+logger = logging.get_logger(__name__)
+
+# Rows read from the memory-mapped shards per FAISS `add` call.
+ADD_CHUNK_ROWS = 250_000
+DEFAULT_MAX_ROWS_PER_FILE = 10_000_000
+
+
+def add_faiss_index(
+    folder: str | os.PathLike,
+    factory: str = "auto",
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    rerank: int = 1,
+    target_recall: float = 0.95,
+    max_bytes_per_image: float = 64,
+    max_rows_per_file: int | None = DEFAULT_MAX_ROWS_PER_FILE,
+    sample_rows: int = 200_000,
+    train_size: int = DEFAULT_TRAIN_SIZE,
+    seed: int = 0,
+) -> FaissSettings:
+    r"""
+    Trains a FAISS index on a sample of a saved set and adds every row to it, streamed from the set's embedding
+    shards, then writes its files (`max_rows_per_file` rows each) and its `"faiss"` entry into the folder's
+    `retrieval_index.json` (config last, atomically: an interrupted call leaves the set as it was). The set then
+    loads with `RetrievalIndex.from_pretrained(folder, mmap=True)` and searches with it, without a rebuild.
+
+    Args:
+        folder (`str`): A folder written by `save_pretrained` / `build_retrieval_index` with its embeddings.
+        factory (`str`, *optional*, defaults to `"auto"`): A FAISS `index_factory` string, or `"auto"` to choose one
+            by measurement on `sample_rows` random rows of the set ([`choose_faiss_params`], `target_recall`,
+            `max_bytes_per_image`).
+        nprobe, ef_search, rerank: As in [`~RetrievalIndex.use_faiss`] (ignored with `"auto"`, which chooses them).
+        max_rows_per_file (`int`, *optional*, defaults to 10M): Rows per FAISS file (several files are searched
+            together and merged).
+        sample_rows (`int`, *optional*, defaults to 200,000): Random rows read for choosing and training.
+    """
+    folder = str(folder)
+    config = RetrievalIndexSerializationMixin._read_config(folder)
+    config_path = os.path.join(folder, INDEX_CONFIG_FILE)
+    shards = config.get("shards", [])
+    if not shards or any(shard.get("embeddings") is None for shard in shards):
+        raise RetrievalIndexError(f"{config_path}: `add_faiss_index` needs a set saved with its embeddings.")
+    if not isinstance(sample_rows, int) or sample_rows <= 0:
+        raise ValueError(f"`sample_rows` must be a positive integer, got {sample_rows!r}.")
+    blocks = [_mmap_safetensors(os.path.join(folder, shard["embeddings"]))[EMBEDDINGS_KEY] for shard in shards]
+    sizes = np.array([b.shape[0] for b in blocks])
+    num_rows = int(sizes.sum())
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(num_rows, size=min(sample_rows, num_rows), replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    which = np.searchsorted(np.cumsum(sizes), picked, side="right")
+    sample = torch.cat([blocks[b][torch.from_numpy(picked[which == b] - starts[b])].float()
+                        for b in np.unique(which)]).numpy()
+    if factory == "auto":
+        settings = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
+                                       seed=seed).settings(max_rows_per_file=max_rows_per_file)
+    else:
+        settings = FaissSettings(factory, nprobe=nprobe, ef_search=ef_search, rerank=rerank,
+                                 max_rows_per_file=max_rows_per_file)
+    trained = train_index(sample.shape[1], settings.factory, sample, train_size=train_size, seed=seed)
+    del sample
+    previous = faiss_files(config.get("faiss"))
+    writer = FaissShardWriter(folder, trained, settings, in_use=previous)
+    for block in blocks:
+        for start in range(0, block.shape[0], ADD_CHUNK_ROWS):
+            writer.add(block[start : start + ADD_CHUNK_ROWS].float())
+        logger.info(f"FAISS index of {folder}: {writer.rows} of {num_rows} rows added.")
+    config["faiss"] = writer.close()
+
+    def write_config(path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+
+    atomic_write(config_path, write_config)
+    for name in sorted(previous - faiss_files(config["faiss"])):
+        if SHARD_FILE_PATTERN.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    return settings

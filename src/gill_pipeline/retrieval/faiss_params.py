@@ -1,0 +1,208 @@
+"""Choosing a FAISS index for a retrieval set by measurement, as autofaiss does: candidates within a memory budget are
+built on the set's own rows, their recall@10 measured against exact search for held-out rows of the set, and the
+fastest one that meets the target recall is kept, with what was measured."""
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from diffusers.utils import logging
+
+from .faiss_shards import FaissSettings, ShardedFaissSearcher, _as_numpy, make_index
+from .search import import_faiss
+
+
+logger = logging.get_logger(__name__)
+
+# IVF indexes keep an 8-byte id beside each code.
+IVF_ID_BYTES = 8
+NPROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+RERANK_CANDIDATES = (1, 4, 10)
+# Codes tried by default, smallest first: 4-bit fast-scan PQ with 16, 8, 4 and 2 dimensions per byte. Fast-scan is
+# the fastest PQ search on CPUs and trains in seconds (8-bit PQ codebooks take minutes on a loaded 2-core machine);
+# pass `factories=` to try others (8-bit PQ, OPQ, HNSW).
+CODE_CANDIDATES = ("PQ{m16}x4fs", "PQ{m8}x4fs", "PQ{m4}x4fs", "PQ{m2}x4fs")
+
+
+@dataclass
+class FaissParams:
+    """What [`choose_faiss_params`] chose and measured; `settings()` gives the [`FaissSettings`] to build it with."""
+
+    factory: str
+    nprobe: int
+    rerank: int
+    recall_at_10: float
+    bytes_per_image: float
+    ms_per_query: float
+    met_target: bool
+    tried: list[dict] = field(default_factory=list)
+    sample_rows: int = 0
+    held_out_queries: int = 0
+    target_recall: float = 0.95
+    max_bytes_per_image: float = 64
+
+    def settings(self, max_rows_per_file: int | None = None) -> FaissSettings:
+        choice = {k: v for k, v in asdict(self).items() if k not in ("factory", "nprobe", "rerank")}
+        return FaissSettings(self.factory, nprobe=self.nprobe, rerank=self.rerank, recall_at_10=self.recall_at_10,
+                             max_rows_per_file=max_rows_per_file, choice=choice)
+
+
+def default_nlist(num_rows: int) -> int:
+    """About 4 sqrt(N) inverted lists (a power of two), with at least 39 training rows per list in the set."""
+    nlist = 2 ** round(math.log2(max(4 * math.sqrt(max(num_rows, 1)), 1)))
+    return int(max(1, min(nlist, 2 ** int(math.log2(max(num_rows // 39, 1))))))
+
+
+def _code_candidates(dim: int) -> list[str]:
+    out = []
+    for pattern in CODE_CANDIDATES:
+        divisor = int(pattern[pattern.index("{m") + 2 : pattern.index("}")])
+        if dim % divisor == 0 and (dim // divisor) % 2 == 0:  # fast-scan needs an even number of sub-quantizers
+            out.append(pattern.format(m16=dim // 16, m8=dim // 8, m4=dim // 4, m2=dim // 2))
+    return out
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(a[a >= 0].tolist()) & set(b.tolist())) / k for a, b in zip(found, truth)]))
+
+
+def choose_faiss_params(
+    embeddings,
+    target_recall: float = 0.95,
+    max_bytes_per_image: float = 64,
+    k: int = 10,
+    num_queries: int = 200,
+    nlist: int | None = None,
+    factories: list[str] | None = None,
+    rerank_candidates: tuple = RERANK_CANDIDATES,
+    max_sample_rows: int = 1_000_000,
+    seed: int = 0,
+) -> FaissParams:
+    r"""
+    Picks a FAISS index (factory string, `nprobe`, re-ranking depth) for rows like `embeddings` by measuring.
+
+    `num_queries` rows of `embeddings` are held out as queries; the rest (at most `max_sample_rows`) are indexed by
+    each candidate, and recall@`k` (the fraction of the exact top-`k` found) is measured against exact search over
+    the same rows, for every `nprobe` and re-ranking depth. Of the candidates that stay within `max_bytes_per_image`
+    (codes + ids, as FAISS stores them) and reach `target_recall`, the fastest on one thread is returned; when none
+    reaches it, the one with the highest recall, with `met_target=False` and a warning.
+
+    Args:
+        embeddings (`torch.Tensor` or `np.ndarray`): `(N, D)` normalised rows of the set (or a sample of them).
+        target_recall (`float`, *optional*, defaults to 0.95): Wanted recall@`k` against exact search.
+        max_bytes_per_image (`float`, *optional*, defaults to 64): Memory budget of the index per row.
+        k (`int`, *optional*, defaults to 10): The `k` of recall@`k`.
+        num_queries (`int`, *optional*, defaults to 200): Held-out rows used as queries.
+        nlist (`int`, *optional*): Inverted lists; defaults to about 4 sqrt(N) of the sample. For a set larger than
+            the sample, build with the same nlist/N ratio's nprobe fraction, and check recall on the full set.
+        factories (`list[str]`, *optional*): Candidate factory strings instead of the IVF-PQ family tried by default.
+        rerank_candidates (`tuple[int]`, *optional*): Re-ranking depths tried (1: none; >1 needs the set's embeddings
+            kept at search time).
+        max_sample_rows (`int`, *optional*, defaults to 1M): Rows of `embeddings` used at most.
+        seed (`int`, *optional*, defaults to 0): Seed of the held-out split.
+    """
+    if not isinstance(target_recall, (int, float)) or not 0 < target_recall <= 1:
+        raise ValueError(f"`target_recall` must be in (0, 1], got {target_recall!r}.")
+    if not isinstance(max_bytes_per_image, (int, float)) or max_bytes_per_image <= 0:
+        raise ValueError(f"`max_bytes_per_image` must be a positive number, got {max_bytes_per_image!r}.")
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+    if not isinstance(num_queries, int) or num_queries <= 0:
+        raise ValueError(f"`num_queries` must be a positive integer, got {num_queries!r}.")
+    if any(not isinstance(r, int) or r < 1 for r in rerank_candidates) or not rerank_candidates:
+        raise ValueError(f"`rerank_candidates` must be integers >= 1, got {rerank_candidates!r}.")
+    rows = _as_numpy(embeddings)
+    if rows.ndim != 2 or rows.shape[0] < num_queries + 100:
+        raise ValueError(f"`embeddings` must be (N, D) with N >= num_queries + 100 = {num_queries + 100} rows, got "
+                         f"{tuple(rows.shape)}.")
+    faiss = import_faiss()
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(rows.shape[0])
+    queries = rows[pick[:num_queries]]
+    base = rows[np.sort(pick[num_queries : num_queries + max_sample_rows])]
+    dim = base.shape[1]
+    truth = _exact_top(base, queries, k)
+    nlist = nlist or default_nlist(base.shape[0])
+    # One coarse quantizer for every candidate: the k-means is the costly part of training.
+    quantizer = faiss.IndexFlatIP(dim)
+    kmeans = faiss.Kmeans(dim, nlist, niter=10, seed=seed, spherical=True, max_points_per_centroid=64)
+    kmeans.train(base)
+    quantizer.add(kmeans.centroids)
+    tried = []
+    for factory in factories or [f"IVF{nlist},{code}" for code in _code_candidates(dim)]:
+        index = make_index(dim, factory)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and ivf.nlist == nlist and not isinstance(index, faiss.IndexPreTransform):
+            ivf.quantizer.add(kmeans.centroids)  # a trained quantizer: `train` then trains the codes only
+        bytes_per_image = _bytes_per_image(index)
+        if bytes_per_image > max_bytes_per_image:
+            tried.append({"factory": factory, "bytes_per_image": bytes_per_image, "skipped": "over the budget"})
+            continue
+        if not index.is_trained:
+            index.train(base[: max(65_536, 64 * nlist)])
+        searcher = ShardedFaissSearcher([], [], FaissSettings(factory), trained=index,
+                                        rows_of=lambda r: torch.from_numpy(base[r.numpy()]))
+        searcher.add(base)
+        probes = [p for p in NPROBE_CANDIDATES if p <= (ivf.nlist if ivf is not None else 1)]
+        for rerank in rerank_candidates:
+            searcher.settings.rerank = rerank
+            for nprobe in probes:
+                if ivf is not None:
+                    searcher.set_search_params(nprobe=nprobe)
+                result = searcher.search(torch.from_numpy(queries), k)
+                recall = _recall(result.rows.numpy(), truth)
+                if recall >= target_recall or nprobe == probes[-1]:
+                    ms = _ms_per_query(searcher, queries, k)
+                    tried.append({"factory": factory, "nprobe": nprobe, "rerank": rerank, "recall_at_10": recall,
+                                  "bytes_per_image": bytes_per_image, "ms_per_query": ms})
+                    logger.info(f"{factory} nprobe={nprobe} rerank={rerank}: recall@{k} {recall:.3f}, {ms:.2f} ms")
+                    break
+    measured = [t for t in tried if "recall_at_10" in t]
+    if not measured:
+        raise ValueError(f"No candidate index fits `max_bytes_per_image`={max_bytes_per_image}: tried {tried}.")
+    meeting = [t for t in measured if t["recall_at_10"] >= target_recall]
+    best = min(meeting, key=lambda t: (t["ms_per_query"], t["bytes_per_image"])) if meeting else max(
+        measured, key=lambda t: t["recall_at_10"])
+    if not meeting:
+        logger.warning(f"No candidate reached recall@{k} {target_recall} within {max_bytes_per_image} bytes per image;"
+                       f" the best reached {best['recall_at_10']:.3f} ({best['factory']}).")
+    return FaissParams(best["factory"], best["nprobe"], best["rerank"], best["recall_at_10"],
+                       best["bytes_per_image"], best["ms_per_query"], bool(meeting), tried, base.shape[0],
+                       num_queries, float(target_recall), float(max_bytes_per_image))
+
+
+def _exact_top(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    faiss = import_faiss()
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    return flat.search(queries, k)[1]
+
+
+def _bytes_per_image(index) -> float:
+    """Bytes FAISS keeps per row: the code, plus the id of IVF indexes."""
+    faiss = import_faiss()
+    try:
+        code = index.sa_code_size()
+    except RuntimeError:
+        code = index.d * 4
+    ivf = faiss.try_extract_index_ivf(index)
+    return float(code + (IVF_ID_BYTES if ivf is not None else 0) - (ivf.coarse_code_size() if ivf is not None else 0))
+
+
+def _ms_per_query(searcher, queries: np.ndarray, k: int, repeats: int = 3) -> float:
+    """Median time of one-query searches on one thread."""
+    faiss = import_faiss()
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        times = []
+        for q in queries[: max(repeats * 10, 1)]:
+            start = time.perf_counter()
+            searcher.search(torch.from_numpy(q[None]), k)
+            times.append(time.perf_counter() - start)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return float(np.median(times) * 1e3)
