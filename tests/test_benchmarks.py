@@ -40,3 +40,14 @@ def test_conversation_benchmark_runs_and_reuses_the_cache(tmp_path):
     medians = bench.main(["--tiny", "--repeats", "1", "--answer-tokens", "4", "--output", str(output)])
     assert set(medians) == {"reused", "recomputed", "no cache"}
     assert "turn 8 reuses" in output.read_text()
+
+
+def test_cpu_decode_benchmark_runs_and_compares_alike():
+    """Every way of decoding in the benchmark gives the same ids (checked inside); the report has every column."""
+    bench = load("bench_cpu_decode")
+    report = bench.main(["--tiny", "--rounds", "1", "--tokens", "4", "--threads", "1"])
+    rows = report["summary"][1]["rows"]
+    assert set(rows) == {"fp32", "bf16", "fp16"}
+    assert rows["fp32"]["same_ids_as_fp32"] and rows["fp32"]["vs_reference"] > 0
+    assert all(r["bound_ms"] > 0 and r["per_token_ms"] > 0 for r in rows.values())
+    assert "| 1 | bf16 |" in report["markdown"]
