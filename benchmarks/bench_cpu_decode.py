@@ -24,7 +24,6 @@ benchmarks/results/real_size.md with `--write`.
 """
 
 import argparse
-import copy
 import gc
 import os
 import platform
@@ -130,18 +129,15 @@ def timed(fn):
 
 
 def measure(args) -> dict:
-    torch.manual_seed(0)
-    base = build_lm(args.shape, args.layers, tiny=args.tiny)
-    width = base.config.hidden_size
     prompt_ids = torch.randint(4, 300, (args.prompt,), generator=torch.Generator().manual_seed(0))
     pipes = {}
-    for name in args.dtypes:
-        llm = base if DTYPES[name] == torch.float32 else copy.deepcopy(base).to(DTYPES[name])
-        pipes[name] = build_pipeline(llm, cross_attention_dim=width)
+    for name in sorted(args.dtypes, key=lambda n: DTYPES[n] == torch.float32):  # fp32 last: the lowest peak memory
+        torch.manual_seed(0)  # the same random weights for every dtype
+        llm = build_lm(args.shape, args.layers, tiny=args.tiny).to(DTYPES[name])
+        gc.collect()
+        pipes[name] = build_pipeline(llm, cross_attention_dim=llm.config.hidden_size)
         pipes[name].gill.to(DTYPES[name])
-    if "fp32" not in args.dtypes:
-        del base
-    gc.collect()
+    pipes = {name: pipes[name] for name in args.dtypes}
     report = {"args": vars(args), "threads": {}}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -149,6 +145,7 @@ def measure(args) -> dict:
         samples["reference"] = {"decode": []}
         ids = {name: pipeline_decode(pipes[name], prompt_ids, args.tokens) for name in args.dtypes}  # warm-up
         for round_ in range(args.rounds):
+            print(f'threads {threads}: round {round_ + 1} of {args.rounds}', flush=True)
             for name in args.dtypes:
                 pipe, s = pipes[name], samples[name]
                 s["mv"].append(stream_seconds(pipe.llm, "mv"))

@@ -5,6 +5,7 @@
   embedding module's own scale, as text is (Gemma, XGLM, BioGPT and MiniCPM3 multiply their lookups by
   `embed_scale`). Initialising the rows from the matrix's statistics and rescaling them to the matrix's row norms
   during training therefore stays consistent with what the LM reads.
+  `token_embedder` is the same for a decoding loop: the table's placement looked up once, not once per token.
 - `lm_forward_with_img_logits`: one LM forward whose logits cover the LM vocabulary extended with the `[IMG]` ids.
   The `[IMG]` logits are appended as extra columns of the LM head's own output, so whatever the LM does to its
   logits after the head (Gemma's final soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`, a cast to
