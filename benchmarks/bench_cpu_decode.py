@@ -211,7 +211,8 @@ def markdown(report: dict, summary: dict, run_label: str) -> str:
         "(medians)",
         "",
         "| threads | dtype | weights (MB) | GEMV GB/s: torch.mv | GEMV GB/s: F.linear | bound ms/token | pipeline "
-        "ms/token | x its bound | x fastest dtype's bound | lean HF loop ms/token | pipeline 64-token decode (s) | "
+        f"ms/token | x its bound | x fastest dtype's bound | lean HF loop ms/token | pipeline {args['tokens']}-token "
+        "decode (s) | "
         "vs reference | same ids as fp32 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
