@@ -100,3 +100,14 @@ def test_serve_benchmark_http_driver_reads_sse_and_retries_429():
     (row,) = rows
     assert row["requests"] == 8 and row["full"] == 1 and row["errors"] == 1
     assert len(seen) == 9 and row["ttft50"] <= row["p50"]
+
+
+def test_cpu_decode_benchmark_runs_and_compares_alike():
+    """Every way of decoding in the benchmark gives the same ids (checked inside); the report has every column."""
+    bench = load("bench_cpu_decode")
+    report = bench.main(["--tiny", "--rounds", "1", "--tokens", "4", "--threads", "1"])
+    rows = report["summary"][1]["rows"]
+    assert set(rows) == {"fp32", "bf16", "fp16"}
+    assert rows["fp32"]["same_ids_as_fp32"] and rows["fp32"]["vs_reference"] > 0
+    assert all(r["bound_ms"] > 0 and r["per_token_ms"] > 0 for r in rows.values())
+    assert "| 1 | bf16 |" in report["markdown"]

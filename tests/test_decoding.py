@@ -224,3 +224,18 @@ def test_finished_rows_do_not_consume_their_generator():
     assert batched[1].token_ids == alone1[0].token_ids and len(batched[1].token_ids) == 6
     assert torch.equal(batched_generators[0].get_state(), generators0[0].get_state())
     assert torch.equal(batched_generators[1].get_state(), generators1[0].get_state())
+
+
+def test_decoding_embedder_equals_embed_tokens(opt_pipe):
+    """The decoding loop looks up the embedding table's placement once per call (`token_embedder`); its embeddings must
+    be `embed_tokens`'s exactly: text ids, `[IMG]` ids (learned rows), negative placeholders."""
+    from gill_pipeline.models.lm_bridge import embed_tokens, token_embedder
+
+    img = opt_pipe.img_token_ids
+    ids = torch.tensor([[3, 4, img[0], 8, img[-1], -1, 9], [5, img[1], 6, 7, 2, 3, 4]])
+    embed = token_embedder(opt_pipe.llm, opt_pipe.gill, img)
+    for each in (ids, ids[:1, :2], ids[:, 2:3]):
+        expected = embed_tokens(opt_pipe.llm, opt_pipe.gill, img, each)
+        assert torch.equal(embed(each), expected)
+    rows = opt_pipe.gill.img_input_embeddings
+    assert torch.equal(embed(torch.tensor([img[1]])), rows[1:2].to(expected.dtype))

@@ -5,6 +5,7 @@
   embedding module's own scale, as text is (Gemma, XGLM, BioGPT and MiniCPM3 multiply their lookups by
   `embed_scale`). Initialising the rows from the matrix's statistics and rescaling them to the matrix's row norms
   during training therefore stays consistent with what the LM reads.
+  `token_embedder` is the same for a decoding loop: the table's placement looked up once, not once per token.
 - `lm_forward_with_img_logits`: one LM forward whose logits cover the LM vocabulary extended with the `[IMG]` ids.
   The `[IMG]` logits are appended as extra columns of the LM head's own output, so whatever the LM does to its
   logits after the head (Gemma's final soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`, a cast to
@@ -26,7 +27,7 @@ import weakref
 import torch
 from diffusers.utils import logging
 
-from .placement import compute_device, onloaded
+from .placement import compute_device, disk_group_holding, onloaded
 
 logger = logging.get_logger(__name__)
 
@@ -53,23 +54,36 @@ def embed_tokens(llm, gill, img_token_ids, ids: torch.Tensor) -> torch.Tensor:
     that the caller overwrites, e.g. visual-prefix slots) and ids past the LM's vocabulary (the `[IMG]` ids) are
     looked up as id 0 first, so the LM never indexes out of range.
     """
+    return token_embedder(llm, gill, img_token_ids)(ids)
+
+
+def token_embedder(llm, gill, img_token_ids):
+    """`embed_tokens` for many calls in a row (a decoding loop): where the embedding table computes and which
+    offload group holds it are looked up once (walking the LM's modules costs about a millisecond per token), so
+    offload hooks must not be added or removed between its calls. Gives the same tensors as `embed_tokens`."""
     table = llm.get_input_embeddings()
-    img_ids = torch.as_tensor(list(img_token_ids), device=ids.device, dtype=ids.dtype)
-    matches = ids[..., None] == img_ids
-    is_img = matches.any(-1)
     vocab = _unwrapped(table).weight.shape[0]
-    safe_ids = torch.where(is_img | (ids < 0) | (ids >= vocab), torch.zeros_like(ids), ids)
     # Looked up where the table computes (its offload hook's device; `meta` weights are no place for ids).
-    lookup_device = compute_device(_unwrapped(table)) or ids.device
-    with onloaded(llm, _unwrapped(table)):
-        embeds = table(safe_ids.to(lookup_device)).to(ids.device)
-    if not is_img.any():
-        return embeds
-    scale = input_embedding_scale(llm)
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(device=ids.device, dtype=embeds.dtype)
-    rows = gill.img_input_embeddings.to(device=ids.device, dtype=embeds.dtype) * scale
-    return torch.where(is_img[..., None], rows[matches.long().argmax(-1)], embeds)
+    lookup_device = compute_device(_unwrapped(table))
+    group = disk_group_holding(llm, _unwrapped(table))
+    img_ids = list(img_token_ids)
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        img = torch.as_tensor(img_ids, device=ids.device, dtype=ids.dtype)
+        matches = ids[..., None] == img
+        is_img = matches.any(-1)
+        safe_ids = torch.where(is_img | (ids < 0) | (ids >= vocab), torch.zeros_like(ids), ids)
+        with onloaded(group):
+            embeds = table(safe_ids.to(lookup_device or ids.device)).to(ids.device)
+        if not is_img.any():
+            return embeds
+        scale = input_embedding_scale(llm)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(device=ids.device, dtype=embeds.dtype)
+        rows = gill.img_input_embeddings.to(device=ids.device, dtype=embeds.dtype) * scale
+        return torch.where(is_img[..., None], rows[matches.long().argmax(-1)], embeds)
+
+    return embed
 
 
 @contextlib.contextmanager

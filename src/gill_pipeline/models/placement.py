@@ -41,7 +41,7 @@ def compute_device(module: torch.nn.Module) -> torch.device | None:
     return parameter.device
 
 
-def _disk_group_holding(root: torch.nn.Module, module: torch.nn.Module):
+def disk_group_holding(root: torch.nn.Module, module: torch.nn.Module):
     """The diffusers group-offloading group, offloaded to disk, that holds `module` without a hook on `module` itself
     (block-level offloading puts an LM's embeddings in the group of the top module), or None."""
     try:
@@ -64,14 +64,14 @@ def _disk_group_holding(root: torch.nn.Module, module: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def onloaded(root: torch.nn.Module, module: torch.nn.Module):
-    """Runs `module` directly (outside `root`'s forward) with its weights in place.
+def onloaded(group):
+    """Runs a module directly (outside its root's forward) with its weights in place; `group` is what
+    `disk_group_holding` found for it (None: nothing to do).
 
     Group offloading to disk leaves uninitialised placeholders in an offloaded group's weights and reads them back only
     when the group's hook runs; a submodule called on its own (GILL looks up the LM's input embeddings itself) would
     read the placeholders. Its group is onloaded for the call and offloaded again after.
     """
-    group = _disk_group_holding(root, module)
     if group is None:
         yield
         return

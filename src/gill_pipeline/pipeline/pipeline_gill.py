@@ -34,7 +34,7 @@ from ..constants import DECISION_RETRIEVE, IMAGE_MODES, OUTPUT_TYPES
 from ..serialization.base_models import normalize_base_models
 from .loaders import GILLLoaderMixin, RetrievalMixin
 from ..models.gill_model import GILLModel
-from ..models.lm_bridge import new_cache, takes_position_ids
+from ..models.lm_bridge import new_cache, takes_position_ids, token_embedder
 from ..models.open_clip_vision import OpenCLIPVisionModel
 from .answers import assemble_answer, merge_group_images
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder, LMForwardMixin
@@ -544,7 +544,8 @@ class GILLPipeline(
         """
         decoder = GILLDecoder(
             lm_forward=self._lm_forward,
-            embed_ids=self.embed_token_ids,
+            # Placement looked up once per call, not once per token (offload hooks do not change while decoding).
+            embed_ids=token_embedder(self.llm, self.gill, self.img_token_ids),
             img_token_ids=self.img_token_ids,
             eos_token_ids=self._eos_token_ids() | set(stop_token_ids or ()),
             is_newline=self._is_newline,
