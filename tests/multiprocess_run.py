@@ -1,4 +1,5 @@
-"""Start a real 2-process (gloo, CPU) training job for a test, and never leave a worker behind."""
+"""Start a real N-process (gloo, CPU) job for a test (`training.train_gill`, or `gill_pipeline` subcommands), and
+never leave a worker behind."""
 
 import os
 import signal
@@ -32,16 +33,21 @@ def kill_process_tree(pid: int) -> None:
 
 
 def run_two_processes(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 -m training.train_gill ARGS`; on timeout every process of the
-    job is killed and `subprocess.TimeoutExpired` raised.
+    """`accelerate launch --multi_gpu --num_processes 2 -m training.train_gill ARGS` (see `run_processes`)."""
+    return run_processes(TRAIN_MODULE, args, 2, timeout)
+
+
+def run_processes(module: str, args: list[str], num_processes: int, timeout: float) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N -m MODULE ARGS`; on timeout every process of the job is killed
+    and `subprocess.TimeoutExpired` raised. Each worker runs torch on one thread.
 
     `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its multi-CPU path needs
     mpirun); `--multi_gpu` starts two through torchrun, and without a GPU they form a gloo group on the CPU.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", TRAIN_MODULE, *map(str, args),
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *map(str, args),
     ]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
