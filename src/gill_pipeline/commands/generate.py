@@ -173,7 +173,6 @@ def run_bulk(args, model: str, settings: dict) -> int:
         atomic_write_text(os.path.join(args.output_dir, BULK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
     mine = [todo[i] for i in workers.share(len(todo))]
     if mine:
-        args.device = workers.device(args.device)
         pipe = load_model(args)
         for n, items in mine:
             prompt = parse_interleaved_items(items, model, args.max_image_pixels)

@@ -12,7 +12,7 @@ from ..retrieval.parallel_build import DEFAULT_PART_ROWS, build_retrieval_set
 from ..retrieval.sources import as_source
 from ..serialization.folder import resolve_dtype
 from ..utils.distributed import current_workers
-from .options import CLIError, add_model_options, add_subcommand, load_pipeline, positive_int
+from .options import CLIError, add_model_options, add_subcommand, load_pipeline, non_negative_int, positive_int
 
 logger = logging.getLogger("gill_pipeline.commands")
 
@@ -64,6 +64,6 @@ def add_parser(subparsers) -> None:
     b.add_argument("--resume", action="store_true", help="finish the build in --output-dir (parts already embedded "
                    "are kept)")
     b.add_argument("--allow-urls", action="store_true", help="download images given as URLs")
-    b.add_argument("--read-threads", type=positive_int, default=4, help="threads per worker reading images "
+    b.add_argument("--read-threads", type=non_negative_int, default=4, help="threads per worker reading images (0: none) "
                    "(default: %(default)s)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -280,7 +280,8 @@ def build_retrieval_set(
     state = check_output_dir(output_dir, plan, resume)
     if state == "done":
         index = RetrievalIndex.from_pretrained(output_dir, image_root=source.root)
-        if index.ids != [r["id"] for r in records]:
+        # Images that could not be read are not in the set; every other is, in the source's order.
+        if index.ids != [r["id"] for r in records if r["id"] in index]:
             raise ValueError(f"`output_dir`={output_dir!r} holds a retrieval set of other images than `source`; pass "
                              "another folder.")
         logger.info(f"{output_dir} already holds this set ({len(index)} images): nothing to embed.")
@@ -317,6 +318,9 @@ def build_retrieval_set(
                                "with `resume=True` (`--resume`) to embed it again.")
         index.add_embeddings(*found)
     failed = len(records) - len(index)
+    if not len(index):
+        raise ValueError(f"`source`={source.root!r}: none of the {len(records)} images could be read (see the warnings); "
+                         f"the parts stay in {build_dir}.")
     if failed:
         logger.warning(f"{failed} of the {len(records)} images could not be read and are not in the set.")
     index.save_pretrained(output_dir, max_shard_rows=max_shard_rows)
