@@ -259,3 +259,66 @@ def test_evaluate_and_bulk_generate_on_two_workers_match_one(evaluation_data, tm
         assert got == expected, [k for k in expected if got[k] != expected[k]]
     answers = [json.loads(line) for line in open(os.path.join(two, "generate", "answers.jsonl"))]
     assert [a["line"] for a in answers] == [1, 2, 3, 5] and answers[3]["folder"] == "line-000005"
+
+
+@needs_bundle
+def test_records_a_killed_worker_left_are_kept_and_folded_in(evaluation_data, tmp_path, monkeypatch):
+    from gill_pipeline.evaluation import evaluate_decision
+    from gill_pipeline.evaluation.records import RECORDS_FILE
+    from gill_pipeline.evaluation.systems import GILLSystem
+    from gill_pipeline.bundled import load_bundled_pipeline
+
+    pipe = load_bundled_pipeline(with_index=False)
+    pipe.set_progress_bar_config(disable=True)
+    clean = str(tmp_path / "clean")
+    evaluate_decision(pipe, evaluation_data["decisions"], clean, batch_size=2, progress=False)
+    lines = open(os.path.join(clean, RECORDS_FILE)).read().splitlines()
+    # A worker of an earlier run was killed after its batch (two records) and while writing a third line.
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    with open(os.path.join(out, "records.part-00001.jsonl"), "w") as f:
+        f.write(lines[2] + "\n" + lines[3] + "\n" + lines[4][:20])
+    asked, real = [], GILLSystem.decision_probs
+    monkeypatch.setattr(GILLSystem, "decision_probs", lambda self, prompts: asked.extend(prompts) or real(self, prompts))
+    summary = evaluate_decision(pipe, evaluation_data["decisions"], out, batch_size=2, progress=False)
+    assert len(asked) == len(lines) - 2  # the two whole records are not done again; the cut one is
+    assert not [n for n in os.listdir(out) if n.startswith("records.part-")]
+    assert sorted(open(os.path.join(out, RECORDS_FILE)).read().splitlines()) == sorted(lines)
+    assert summary["results"] == json.load(open(os.path.join(clean, "summary.json")))["results"]
+
+
+def test_bulk_generate_resumes_and_refuses_what_it_would_overwrite(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A dog.\n\nA cat.\n")
+    out = tmp_path / "out"
+    argv = ["generate", "--model", "tiny-random", "--max-new-tokens", "2", "--steps", "1", "--prompts", str(prompts),
+            "--output-dir", str(out)]
+    assert main(argv) == 0
+    first = files_of(out)
+    assert {"line-000001/answer.md", "line-000003/answer.md", "answers.jsonl"} <= set(first)
+    # A run killed while answering line 3: its folder lacks the last file; the rerun answers line 3 only, the same.
+    os.remove(out / "line-000003" / "answer.md")
+    os.utime(out / "line-000001" / "answer.txt", (0, 0))
+    assert main(argv) == 0
+    assert files_of(out) == first and os.stat(out / "line-000001" / "answer.txt").st_mtime == 0
+    capsys.readouterr()
+
+    assert "differs in: seed" in error_of(capsys, argv + ["--seed", "7"])
+    assert "no such file" in error_of(capsys, argv[:-3] + [str(tmp_path / "none.txt"), "--output-dir", str(out)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert "holds no prompt" in error_of(capsys, argv[:-3] + [str(empty), "--output-dir", str(tmp_path / "o2")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"fine"\n{"prompt": 3}\n')
+    assert "bad.jsonl, line 2" in error_of(capsys, argv[:-3] + [str(bad), "--output-dir", str(tmp_path / "o3")])
+    bad.write_text('"fine"\n\n{not json\n')
+    assert "bad.jsonl, line 3: not JSON" in error_of(capsys, argv[:-3] + [str(bad), "--output-dir", str(tmp_path / "o3")])
+    bad.write_text('["a photo", "missing.png"]\n')
+    assert "image file not found" in error_of(capsys, argv[:-3] + [str(bad), "--output-dir", str(tmp_path / "o3")])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "holiday.png").write_bytes(b"precious")
+    assert "is not empty" in error_of(capsys, argv[:-1] + [str(mine)])
+    assert os.listdir(mine) == ["holiday.png"]
+    assert "not both" in error_of(capsys, argv + ["A bird."])
+    assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "o3")
