@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-# A worker waits this long at a barrier for the slowest one (a whole share of a large build) before giving up.
-BARRIER_TIMEOUT_S = float(os.environ.get("GILL_BARRIER_TIMEOUT_S", 24 * 3600))
+# A worker waits this long at a barrier for the slowest one (a whole share of a large build) before giving up;
+# `GILL_BARRIER_TIMEOUT_S` changes it.
+DEFAULT_BARRIER_TIMEOUT_S = 24 * 3600
 
 
 def _env_int(name: str, default: int) -> int:
@@ -79,7 +80,8 @@ class Workers:
             from datetime import timedelta
 
             # gloo: barriers only (results travel as files), and it needs no GPU on any machine.
-            dist.init_process_group("gloo", timeout=timedelta(seconds=BARRIER_TIMEOUT_S))
+            timeout = _env_int("GILL_BARRIER_TIMEOUT_S", DEFAULT_BARRIER_TIMEOUT_S)
+            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
         dist.barrier()
 
 
