@@ -322,3 +322,13 @@ def test_bulk_generate_resumes_and_refuses_what_it_would_overwrite(tmp_path, cap
     assert os.listdir(mine) == ["holiday.png"]
     assert "not both" in error_of(capsys, argv + ["A bird."])
     assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "o3")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_shares_are_contiguous_and_cover_every_unit_once(world_size):
+    for units in (0, 1, 5, 12, 13):
+        shares = [Workers(rank, world_size).share(units) for rank in range(world_size)]
+        assert [u for share in shares for u in share] == list(range(units))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="`rank`=2"):
+        Workers(2, 2)
