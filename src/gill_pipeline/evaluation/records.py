@@ -99,12 +99,12 @@ class RecordLog:
             self.records = self._read_file(self.path)
         self.records += self._part_records(self.done)
 
-    def fold_parts(self, order: dict[str, int]) -> None:
+    def fold_parts(self, order: dict[str, int]) -> bool:
         """Worker 0, while no other writes: appends the records of the parts that `records.jsonl` lacks, in example
-        order (`order`: example id -> place), then removes the parts."""
+        order (`order`: example id -> place), then removes the parts. Returns whether there were any."""
         parts = self.part_paths()
         if not parts:
-            return
+            return False
         done = set()
         if os.path.isfile(self.path):
             done = {(r["id"], r["system"]) for r in self._read_file(self.path)}
@@ -113,6 +113,7 @@ class RecordLog:
         self._write(self.path, new)
         for path in parts:
             os.remove(path)
+        return True
 
     @staticmethod
     def _write(path: str, records: list[dict]) -> None:

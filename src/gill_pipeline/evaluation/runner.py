@@ -78,10 +78,10 @@ def run_batches(
     workers = log.workers
     # Records a killed worker left in its part: folded in first, so that every worker reads the same state.
     workers.barrier()
-    if workers.is_main:
-        log.fold_parts(place)
+    folded = log.fold_parts(place) if workers.is_main else False
     workers.barrier()
-    log.reload()
+    if folded or workers.distributed:
+        log.reload()
     workers.barrier()
     todo = log.todo(examples, system)
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
