@@ -159,6 +159,7 @@ def run_bulk(args, model: str, settings: dict) -> int:
     manifest = dict(
         prompts_file=os.path.abspath(args.prompts), prompts_sha256=digest, model=model, settings=settings,
         seed=args.seed, temperature=args.temperature, top_p=args.top_p, retrieval_index=args.retrieval_index,
+        dtype=args.dtype, quantize=args.quantize,
     )
     _check_bulk_output_dir(args.output_dir, manifest)
 
