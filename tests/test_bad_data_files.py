@@ -254,12 +254,13 @@ def test_truncated_embedding_shards_are_ignored_counted_and_recomputed(tmp_path)
     store = EmbeddingStore(str(tmp_path))
     first = store.compute("gill_images", ["a", "b", "c"], [1, 2, 3], embed, batch_size=2, progress=False)
     folder = os.path.join(tmp_path, EMBEDDINGS_DIR, "gill_images")
-    shard = os.path.join(folder, "000000.safetensors")
+    # Shards are named by the rows they hold (first row, count).
+    shard = os.path.join(folder, "rows-000000000-000002.safetensors")
     with open(shard, "rb") as f:
         data = f.read()
     with open(shard, "wb") as f:
         f.write(data[: len(data) // 2])  # cut short
-    os.remove(os.path.join(folder, "000002.json"))  # a shard without its ids
+    os.remove(os.path.join(folder, "rows-000000002-000001.json"))  # a shard without its ids
     calls.clear()
     again = EmbeddingStore(str(tmp_path))
     second = again.compute("gill_images", ["a", "b", "c"], [1, 2, 3], embed, batch_size=2, progress=False)

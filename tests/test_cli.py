@@ -326,9 +326,9 @@ def test_every_subcommand_takes_verbose():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in subparsers.choices.items():
-        if name == "evaluate":  # its protocols take it
-            protocols = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
-            assert all("--verbose" in p._option_string_actions for p in protocols.choices.values())
+        groups = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        if groups:  # `evaluate PROTOCOL`, `index ACTION`: each of them takes it
+            assert all("--verbose" in p._option_string_actions for p in groups[0].choices.values()), name
         else:
             assert "--verbose" in sub._option_string_actions, name
 

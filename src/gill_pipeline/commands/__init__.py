@@ -1,5 +1,5 @@
 """The `gill` command line (docs/cli.md): `gill generate`, `gill chat`, `gill demo`, `gill evaluate`,
-`gill convert-original`, `gill push`, `gill serve`.
+`gill convert-original`, `gill push`, `gill serve`, `gill index build`.
 
 One module per subcommand, each with `add_parser(subparsers)`; `options.py` holds what they share (the options
 declared once, argument types, the model loader, errors -> exit codes). No subcommand imports another, and the
@@ -7,12 +7,12 @@ libraries (`demo/`, `evaluation/`, ...) import nothing from here. Run it as `gil
 or in-process as `gill_pipeline.commands.main([...])`.
 """
 
-from . import chat, convert, demo, evaluate, generate, options, push, serve
+from . import chat, convert, demo, evaluate, generate, index, options, push, serve
 
 # `gill --help` lists the subcommands in this order.
 SUBCOMMANDS = (
     generate.add_parser, convert.add_parser, push.add_parser, evaluate.add_parser, chat.add_parser, demo.add_parser,
-    serve.add_parser,
+    serve.add_parser, index.add_parser,
 )
 
 

@@ -26,6 +26,7 @@ from ..evaluation import (
 )
 from ..evaluation.records import SUMMARY_JSON, SUMMARY_MARKDOWN
 from ..evaluation.vist import select_stories
+from ..utils.distributed import current_workers
 from .options import (
     add_image_limit_option,
     add_model_options,
@@ -58,6 +59,8 @@ def _images(args) -> dict:
 
 
 def _report(summary: dict, output_dir: str) -> int:
+    if not current_workers().is_main:  # worker 0 writes and shows the summary
+        return 0
     with open(os.path.join(output_dir, SUMMARY_MARKDOWN), encoding="utf-8") as f:
         print(f.read())
     print(f"Wrote {os.path.join(output_dir, SUMMARY_JSON)}, {SUMMARY_MARKDOWN} and records.jsonl (rerun to resume).")

@@ -1,11 +1,21 @@
-"""`gill generate`: answer one interleaved prompt; write the text, the images as PNG and a Markdown page."""
+"""`gill generate`: answer one interleaved prompt; write the text, the images as PNG and a Markdown page.
 
+`gill generate --prompts FILE` answers every prompt of a file (one per line, or JSON Lines), each into
+`line-NNNNNN/` named by its line number, resumably; under `accelerate launch --num_processes N -m gill_pipeline
+generate --prompts FILE ...` N workers split the prompts and the outputs are those of one process.
+"""
+
+import hashlib
+import json
+import logging
 import os
 
 from ..bundled.presets import PRESETS, RANDOM_MODEL, SHAPES_MODEL
 from ..demo.settings import call_kwargs, preset_settings
 from ..pipeline import GILLImage
+from ..utils.distributed import atomic_write_text, current_workers
 from .options import (
+    CLIError,
     add_image_limit_option,
     add_model_options,
     add_retrieval_options,
@@ -13,6 +23,7 @@ from .options import (
     add_turn_options,
     check_output_dir,
     default_model,
+    is_image_path,
     load_model,
     model_name,
     parse_interleaved_items,
@@ -20,6 +31,8 @@ from .options import (
     probability,
     settings_from_args,
 )
+
+logger = logging.getLogger("gill_pipeline.commands")
 
 
 def write_answer(answer: list, output_dir: str, prompt: list) -> list[str]:
@@ -57,16 +70,139 @@ def write_answer(answer: list, output_dir: str, prompt: list) -> list[str]:
             text_parts.append(element)
             md.append(element)
         md.append("")
+    # answer.md last and whole (renamed in): `--prompts` takes it as the sign that the answer is complete.
     for name, content in (("answer.txt", " ".join(text_parts) + "\n"), ("answer.md", "\n".join(md))):
         path = os.path.join(output_dir, name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(content)
+        atomic_write_text(path, content)
         written.append(path)
     return written
 
 
+# Bulk generation: the manifest that makes an output folder this run's, the done marker of one answer (written last
+# by `write_answer`), the answers of the whole file in order.
+BULK_MANIFEST = "prompts_run.json"
+ANSWER_DONE_FILE = "answer.md"
+BULK_ANSWERS = "answers.jsonl"
+LINE_DIR_TEMPLATE = "line-{:06d}"
+
+
+def read_prompts_file(path: str) -> list[tuple[int, list[str]]]:
+    """`(line number, items)` for every prompt of `path`: a `.jsonl` file holds one JSON value per line (a string, a
+    list of items (text, or image paths relative to the file's folder), or `{"prompt": one of those}`); any other
+    file one text prompt per line. Blank lines are skipped (the numbers stay those of the file)."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--prompts: no such file: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise CLIError(f"--prompts: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not path.lower().endswith(".jsonl"):
+            prompts.append((n, [line.strip()]))
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CLIError(f"--prompts: {path}, line {n}: not JSON ({error.msg})") from None
+        if isinstance(value, dict):
+            value = value.get("prompt")
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items):
+            raise CLIError(f"--prompts: {path}, line {n}: expected a string, a non-empty list of strings, or "
+                           f'{{"prompt": ...}}, got {line.strip()[:80]!r}')
+        resolved = []
+        for item in items:
+            if is_image_path(item):
+                item = item if os.path.isabs(item) else os.path.join(folder, item)
+                if not os.path.isfile(item):
+                    raise CLIError(f"--prompts: {path}, line {n}: image file not found: {item}")
+            resolved.append(item)
+        prompts.append((n, resolved))
+    if not prompts:
+        raise CLIError(f"--prompts: {path} holds no prompt")
+    return prompts
+
+
+def _check_bulk_output_dir(output_dir: str, manifest: dict) -> None:
+    """The folder must be new or empty, or hold this file's earlier run with the same settings (then it resumes):
+    a bulk run never writes over files it did not make."""
+    check_output_dir(output_dir)
+    entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not entries:
+        return
+    path = os.path.join(output_dir, BULK_MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict):
+        raise CLIError(f"--output-dir: {output_dir} is not empty and holds no earlier run of --prompts "
+                       f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); pass a new or empty folder")
+    changed = sorted(k for k in set(before) | set(manifest) if before.get(k) != manifest.get(k))
+    if changed:
+        raise CLIError(f"--output-dir: {output_dir} holds a run of other prompts or settings (differs in: "
+                       f"{', '.join(changed)}); pass a new or empty folder")
+
+
+def run_bulk(args, model: str, settings: dict) -> int:
+    """`gill generate --prompts FILE`: every prompt into `line-NNNNNN/`, done ones skipped, split among workers."""
+    workers = current_workers()
+    prompts = read_prompts_file(args.prompts)
+    with open(args.prompts, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    manifest = dict(
+        prompts_file=os.path.abspath(args.prompts), prompts_sha256=digest, model=model, settings=settings,
+        seed=args.seed, temperature=args.temperature, top_p=args.top_p, retrieval_index=args.retrieval_index,
+        dtype=args.dtype, quantize=args.quantize,
+    )
+    _check_bulk_output_dir(args.output_dir, manifest)
+
+    def done(n):
+        return os.path.isfile(os.path.join(args.output_dir, LINE_DIR_TEMPLATE.format(n), ANSWER_DONE_FILE))
+
+    todo = [(n, items) for n, items in prompts if not done(n)]
+    # Every worker has read the same folder before any writes to it.
+    workers.barrier()
+    if workers.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        atomic_write_text(os.path.join(args.output_dir, BULK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    mine = [todo[i] for i in workers.share(len(todo))]
+    if mine:
+        pipe = load_model(args)
+        for n, items in mine:
+            prompt = parse_interleaved_items(items, model, args.max_image_pixels)
+            output = pipe(
+                prompt, do_sample=args.top_p < 1.0 or args.temperature != 1.0, temperature=args.temperature,
+                top_p=args.top_p, **call_kwargs(settings, seed=args.seed),
+            )
+            write_answer(output.outputs[0], os.path.join(args.output_dir, LINE_DIR_TEMPLATE.format(n)), prompt)
+            logger.info(f"line {n}: {output.texts[0]!r}")
+    workers.barrier()
+    if not workers.is_main:
+        return 0
+    rows = []
+    for n, items in prompts:
+        folder = LINE_DIR_TEMPLATE.format(n)
+        with open(os.path.join(args.output_dir, folder, "answer.txt"), encoding="utf-8") as f:
+            rows.append(json.dumps({"line": n, "prompt": items, "answer": f.read().rstrip("\n"), "folder": folder}))
+    atomic_write_text(os.path.join(args.output_dir, BULK_ANSWERS), "\n".join(rows) + "\n")
+    print(f"Answered {len(prompts)} prompts ({len(prompts) - len(todo)} done before) with {workers.world_size} "
+          f"worker(s): {os.path.join(args.output_dir, BULK_ANSWERS)}")
+    return 0
+
+
 def run_generate(args) -> int:
     model = model_name(args)
+    if args.prompts is not None:
+        if args.items:
+            raise CLIError(f"--prompts: give the prompts in the file or as ITEMs, not both (got ITEMs {args.items[:3]})")
+        return run_bulk(args, model, {**preset_settings(model), **settings_from_args(args)})
     items = args.items or PRESETS.get(model, PRESETS[RANDOM_MODEL])["prompt"]
     prompt = parse_interleaved_items(items, model, args.max_image_pixels)
     check_output_dir(args.output_dir)
@@ -116,6 +252,12 @@ def add_parser(subparsers) -> None:
     add_turn_options(p)
     add_image_limit_option(p)
     p.add_argument("--output-dir", default="gill_outputs", help="where to write the answer (default: %(default)s)")
+    p.add_argument(
+        "--prompts", default=None, metavar="FILE",
+        help="answer every prompt of FILE (one text per line, or .jsonl: a string or a list of items per line) into "
+        "OUTPUT_DIR/line-NNNNNN/ and answers.jsonl; a rerun skips answered lines; split among N workers under "
+        "`accelerate launch --num_processes N -m gill_pipeline generate --prompts FILE ...`",
+    )
     p.add_argument(
         "--temperature", type=positive_float, default=1.0,
         help="sampling temperature (default: 1.0; with --top-p 1 too, decoding is greedy)",

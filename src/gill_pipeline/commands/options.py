@@ -30,6 +30,7 @@ from ..serialization.folder import DTYPE_NAMES, resolve_dtype
 from ..serialization.paths import looks_like_local_path
 from ..serialization.quantization import QUANTIZE_CHOICES, quantization_preset
 from ..testing import build_tiny_gill_pipeline
+from ..utils.distributed import current_workers
 
 logger = logging.getLogger("gill_pipeline.commands")
 
@@ -340,7 +341,9 @@ def load_model(args, progress_bar: bool = False) -> GILLPipeline:
     index = getattr(args, "retrieval_index", None)
     if index and looks_like_local_path(index) and not os.path.isdir(index):
         raise CLIError(f"--retrieval-index: no such folder: {index}")
-    pipe = load_pipeline(model_name(args), args.device, args.dtype, getattr(args, "quantize", "none"))
+    # Under `accelerate launch`, `--device cuda` is each worker's own GPU.
+    device = current_workers().device(args.device)
+    pipe = load_pipeline(model_name(args), device, args.dtype, getattr(args, "quantize", "none"))
     if index:
         pipe.load_retrieval_index(index, allow_urls=args.allow_urls)
     if not progress_bar:

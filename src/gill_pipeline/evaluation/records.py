@@ -3,6 +3,11 @@
 A rerun with the same output folder reads the records back and skips what is done, so a long run that stops (a
 crash, a closed laptop) resumes where it was. The summary is always recomputed from every record, old and new, and
 written as `summary.json` and `summary.md` (a Markdown table, one row per system).
+
+Run as N workers (`accelerate launch --num_processes N -m gill_pipeline evaluate ...`), each worker appends the
+records of its share to `records.part-RANK.jsonl`; worker 0 folds them into `records.jsonl` in example order after
+every worker is done (the file a single process writes, byte for byte) and alone writes the shared files. A part
+left by a killed worker is read back on the rerun, so its examples are not done again.
 """
 
 import json
@@ -12,10 +17,14 @@ from typing import Callable
 
 from diffusers.utils import logging
 
+from ..utils.distributed import Workers, atomic_write_text, current_workers
+
 
 logger = logging.get_logger(__name__)
 
 RECORDS_FILE = "records.jsonl"
+RECORDS_PART_TEMPLATE = "records.part-{:05d}.jsonl"
+RECORDS_PART_PREFIX, RECORDS_PART_SUFFIX = "records.part-", ".jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MARKDOWN = "summary.md"
 IMAGES_DIR = "images"
@@ -34,6 +43,7 @@ class RecordLog:
         fields (`tuple[str, ...]`): the keys every record of this protocol has besides `id` and `system`.
         upgrade (`Callable[[dict], dict]`, *optional*): reads a record written by an older version as it would be
             written now (in memory; the file is left as it was), before it is checked.
+        workers ([`Workers`], *optional*): the workers of this run (default: from `accelerate launch`'s environment).
 
     A line of an earlier run that is not such a record (cut short by a killed run, `{}`, `[1, 2]`, a record without
     its metric) is left out with a warning naming the file and line, and counted in `ignored`: its example is done
@@ -45,24 +55,73 @@ class RecordLog:
     upgrade: Callable[[dict], dict] | None = None
     records: list[dict] = field(default_factory=list)
     ignored: int = 0
+    workers: Workers = field(default_factory=current_workers)
 
     def __post_init__(self):
         os.makedirs(self.output_dir, exist_ok=True)
-        path = self.path
-        if not os.path.isfile(path):
-            return
+        self.reload()
+        if self.records:
+            logger.info(f"Resuming: {len(self.records)} records already in {self.path} (and its parts).")
+
+    def _read_file(self, path: str, skip: set | None = None) -> list[dict]:
+        records = []
         with open(path, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 problem = self._problem(line)
                 if problem is None:
-                    self.records.append(self._read(line))
+                    record = self._read(line)
+                    if skip is None or (record["id"], record["system"]) not in skip:
+                        records.append(record)
                 else:
                     self.ignored += 1
                     logger.warning(f"{path}, line {n}: {problem}; it is ignored and its example done again.")
-        if self.records:
-            logger.info(f"Resuming: {len(self.records)} records already in {path}.")
+        return records
+
+    def part_paths(self) -> list[str]:
+        """The records files of workers not folded into `records.jsonl` yet, by rank."""
+        names = [n for n in os.listdir(self.output_dir) if n.startswith(RECORDS_PART_PREFIX) and n.endswith(RECORDS_PART_SUFFIX)]
+        return [os.path.join(self.output_dir, n) for n in sorted(names)]
+
+    def _part_records(self, done: set) -> list[dict]:
+        records = []
+        for path in self.part_paths():
+            for record in self._read_file(path, skip=done):
+                done.add((record["id"], record["system"]))
+                records.append(record)
+        return records
+
+    def reload(self) -> None:
+        """Reads `records.jsonl` and the workers' parts again (after other workers wrote theirs)."""
+        self.records, self.ignored = [], 0
+        if os.path.isfile(self.path):
+            self.records = self._read_file(self.path)
+        self.records += self._part_records(self.done)
+
+    def fold_parts(self, order: dict[str, int]) -> bool:
+        """Worker 0, while no other writes: appends the records of the parts that `records.jsonl` lacks, in example
+        order (`order`: example id -> place), then removes the parts. Returns whether there were any."""
+        parts = self.part_paths()
+        if not parts:
+            return False
+        done = set()
+        if os.path.isfile(self.path):
+            done = {(r["id"], r["system"]) for r in self._read_file(self.path)}
+        new = self._part_records(done)
+        new.sort(key=lambda r: order.get(r["id"], len(order)))  # stable: other systems' records keep their order
+        self._write(self.path, new)
+        for path in parts:
+            os.remove(path)
+        return True
+
+    @staticmethod
+    def _write(path: str, records: list[dict]) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def _read(self, line: str) -> dict:
         record = json.loads(line)
@@ -95,11 +154,16 @@ class RecordLog:
         return [e for e in examples if (e.id, system) not in done]
 
     def append(self, records: list[dict]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Adds records every worker computed alike; worker 0 writes them."""
+        if self.workers.is_main:
+            self._write(self.path, records)
+        self.records.extend(records)
+
+    def append_share(self, records: list[dict]) -> None:
+        """Adds records of this worker's share: to `records.jsonl` alone, to this worker's part among several."""
+        if not self.workers.distributed:
+            return self.append(records)
+        self._write(os.path.join(self.output_dir, RECORDS_PART_TEMPLATE.format(self.workers.rank)), records)
         self.records.extend(records)
 
     def of(self, system: str) -> list[dict]:
@@ -151,8 +215,8 @@ def check_settings(output_dir: str, settings: dict, read_old: Callable[[dict, di
                 "folder, or delete this one to start again."
             )
         return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
+    if current_workers().is_main:
+        atomic_write_text(path, json.dumps(settings, indent=2))
 
 
 class EmbeddingStore:
@@ -162,9 +226,10 @@ class EmbeddingStore:
     A shard that cannot be read back (cut short, its ids file missing or not matching its rows, another width) is
     left out with a warning and counted in `ignored`; its embeddings are computed again."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, workers: Workers | None = None):
         self.folder = os.path.join(output_dir, EMBEDDINGS_DIR)
         self.ignored = 0
+        self.workers = current_workers() if workers is None else workers
 
     def _read_shard(self, folder: str, name: str):
         """(ids, (n, E) embeddings) of one shard, or raises ValueError saying what is wrong with it."""
@@ -188,17 +253,7 @@ class EmbeddingStore:
             raise ValueError("its ids are not all strings")
         return ids, embeddings
 
-    def compute(self, key: str, ids: list[str], items: list, embed, batch_size: int, progress: bool = True):
-        """`(len(ids), E)` embeddings of `items` (in order), by `embed(list_of_items) -> (n, E)`, reusing shards of
-        an earlier run under the name `key`."""
-        import torch
-        from safetensors.torch import save_file
-        from tqdm.auto import tqdm
-
-        if not ids:
-            raise ValueError(f"Nothing to embed for {key!r}: the evaluated examples are empty.")
-        folder = os.path.join(self.folder, _safe_name(key))
-        os.makedirs(folder, exist_ok=True)
+    def _read_all(self, folder: str) -> dict:
         found, width = {}, None
         for name in sorted(os.listdir(folder)):
             if not name.endswith(".safetensors"):
@@ -214,9 +269,28 @@ class EmbeddingStore:
                 continue
             width = shard.shape[1]
             found.update(zip(shard_ids, shard))
+        return found
+
+    def compute(self, key: str, ids: list[str], items: list, embed, batch_size: int, progress: bool = True):
+        """`(len(ids), E)` embeddings of `items` (in order), by `embed(list_of_items) -> (n, E)`, reusing shards of
+        an earlier run under the name `key`. Among N workers each embeds a contiguous run of the batches; all then
+        read every shard."""
+        import torch
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+
+        if not ids:
+            raise ValueError(f"Nothing to embed for {key!r}: the evaluated examples are empty.")
+        folder = os.path.join(self.folder, _safe_name(key))
+        os.makedirs(folder, exist_ok=True)
+        found = self._read_all(folder)
+        # Every worker has read the same shards before any writes one.
+        self.workers.barrier()
+        width = next(iter(found.values())).shape[0] if found else None
         todo = [i for i, example_id in enumerate(ids) if example_id not in found]
         batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
-        for batch in tqdm(batches, desc=f"embedding {key}", disable=not progress or not batches):
+        mine = [batches[b] for b in self.workers.share(len(batches))]
+        for batch in tqdm(mine, desc=f"embedding {key}", disable=not progress or not mine):
             embeddings = embed([items[i] for i in batch]).float().cpu().contiguous()
             if width is not None and embeddings.shape[1] != width:
                 raise ValueError(
@@ -224,12 +298,16 @@ class EmbeddingStore:
                     "the folder to compute them again."
                 )
             width = embeddings.shape[1]
-            name = f"{len(os.listdir(folder)):06d}"
+            # Named by the rows it holds: workers never pick the same name, and a rerun replaces a broken shard.
+            name = f"rows-{batch[0]:09d}-{len(batch):06d}"
             # The ids first: a shard without its ids file is never read back.
             with open(os.path.join(folder, name + ".json"), "w", encoding="utf-8") as f:
                 json.dump([ids[i] for i in batch], f)
             save_file({"embeddings": embeddings}, os.path.join(folder, name + ".safetensors"))
             found.update(zip((ids[i] for i in batch), embeddings))
+        if self.workers.distributed:
+            self.workers.barrier()
+            found = self._read_all(folder)
         return torch.stack([found[example_id] for example_id in ids])
 
 
@@ -261,8 +339,7 @@ def markdown_table(title: str, rows: dict[str, dict], notes: list[str] | None = 
 def write_summary(output_dir: str, protocol: str, results: dict[str, dict], settings: dict, notes: list[str]) -> dict:
     """Writes `summary.json` and `summary.md`; returns the summary."""
     summary = {"protocol": protocol, "results": results, SETTINGS_KEY: settings, "notes": notes}
-    with open(os.path.join(output_dir, SUMMARY_JSON), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(output_dir, SUMMARY_MARKDOWN), "w", encoding="utf-8") as f:
-        f.write(markdown_table(f"{protocol}", results, notes))
+    if current_workers().is_main:  # every worker computed the same summary
+        atomic_write_text(os.path.join(output_dir, SUMMARY_JSON), json.dumps(summary, indent=2))
+        atomic_write_text(os.path.join(output_dir, SUMMARY_MARKDOWN), markdown_table(f"{protocol}", results, notes))
     return summary

@@ -62,7 +62,11 @@ def run_batches(
 ) -> None:
     """Runs `work(batch, seeds) -> records` over the examples `system` has not done yet, appending each batch's
     records. An example's seed is `seed` plus its place in the whole example list, so it does not depend on which
-    examples a resumed run still had to do."""
+    examples a resumed run still had to do.
+
+    Among N workers (`log.workers`) the batches are cut as one process cuts them, each worker runs a contiguous run
+    of them, and worker 0 folds their records into `records.jsonl` in example order: the same file, images and seeds
+    as one process."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     check_seed(seed, "seed")
@@ -71,13 +75,28 @@ def run_batches(
     place = {example.id: i for i, example in enumerate(examples)}
     if len(place) != len(examples):
         raise ValueError("Example ids must be unique; the data file repeats one.")
+    workers = log.workers
+    # Records a killed worker left in its part: folded in first, so that every worker reads the same state.
+    workers.barrier()
+    folded = log.fold_parts(place) if workers.is_main else False
+    workers.barrier()
+    if folded or workers.distributed:
+        log.reload()
+    workers.barrier()
     todo = log.todo(examples, system)
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc=f"{desc} [{system}]", disable=not progress or not batches):
+    mine = [batches[b] for b in workers.share(len(batches))]
+    for batch in tqdm(mine, desc=f"{desc} [{system}]", disable=not progress or not mine):
         records = work(batch, [seed + place[e.id] for e in batch])
         for record in records:
             record["system"] = system
-        log.append(records)
+        log.append_share(records)
+    if workers.distributed:
+        workers.barrier()
+        if workers.is_main:
+            log.fold_parts(place)
+        workers.barrier()
+        log.reload()
 
 
 def save_image(log: RecordLog, system: str, example_id: str, image: PIL.Image.Image) -> str:

@@ -20,6 +20,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 WEBDATASET_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp")
 WEBDATASET_CAPTION_SUFFIXES = ("txt", "caption")
 TSV_EXTENSIONS = (".tsv",)
+CSV_EXTENSIONS = (".csv",)
 
 
 class ImageFolderSource:
@@ -67,6 +68,8 @@ class CaptionTSVSource:
         `"image"`): Column names in the header.
         image_suffix (`str`, *optional*, defaults to `""`): Appended to each file name (e.g. `".jpg"` when the column
             holds bare names such as `0_1595581236`).
+        delimiter (`str`, *optional*, defaults to a tab): `","` reads the same columns from a CSV file (quoted as
+            Python's `csv` module writes it).
     """
 
     def __init__(
@@ -76,14 +79,17 @@ class CaptionTSVSource:
         caption_column: str = "caption",
         image_column: str = "image",
         image_suffix: str = "",
+        delimiter: str = "\t",
     ):
         self.tsv_path = str(tsv_path)
+        # A TSV is read as CC3M writes it (no quoting); a CSV as the csv module writes it.
+        self._format = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if delimiter == "\t" else dict(delimiter=delimiter)
         if not os.path.isfile(self.tsv_path):
             raise ValueError(f"`tsv_path` must be an existing file, got {self.tsv_path!r}.")
         self.root = str(image_root) if image_root is not None else os.path.dirname(os.path.abspath(self.tsv_path))
         self.caption_column, self.image_column, self.image_suffix = caption_column, image_column, image_suffix
         with open(self.tsv_path, encoding="utf-8", newline="") as f:
-            header = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+            header = next(csv.reader(f, **self._format), [])
         for name, column in (("caption_column", caption_column), ("image_column", image_column)):
             if column not in header:
                 raise ValueError(f"`{name}`={column!r} is not a column of {self.tsv_path}; its header is {header}.")
@@ -96,7 +102,7 @@ class CaptionTSVSource:
     def __iter__(self) -> Iterator[dict]:
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with open(self.tsv_path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            reader = csv.reader(f, **self._format)
             next(reader)
             for row in reader:
                 if len(row) <= max(self._caption_at, self._image_at):
@@ -192,8 +198,11 @@ def as_source(source, **kwargs):
         return WebDatasetSource(path, **kwargs) if has_tars and not has_images else ImageFolderSource(path, **kwargs)
     if path.lower().endswith(TSV_EXTENSIONS):
         return CaptionTSVSource(path, **kwargs)
+    if path.lower().endswith(CSV_EXTENSIONS):
+        return CaptionTSVSource(path, delimiter=",", **kwargs)
     if path.endswith(".tar") or glob.has_magic(path):
         return WebDatasetSource(path, **kwargs)
     raise ValueError(
-        f"`source` must be a folder of images, a CC3M-style .tsv caption file, or webdataset .tar shards; got {path!r}."
+        f"`source` must be a folder of images, a CC3M-style .tsv (or .csv) caption file, or webdataset .tar shards; got "
+        f"{path!r}."
     )
