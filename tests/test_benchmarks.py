@@ -55,7 +55,8 @@ def test_real_size_benchmark_stages_run_on_tiny_configs(tmp_path):
     assert used["images"] == 1 and used["hub"]["identical"] and torch.isfinite(torch.tensor(used["train"]["loss"]))
     report = {"pairing": "tiny", "write": written, "assemble": assembled, "use": used}
     text = "\n".join(bench.table(report))
-    assert "image answer / (text answer + decoder alone)" in text and "identical: yes" in text
+    assert "image answer / (LM alone, same passes + decoder alone)" in text and "identical: yes" in text
+    assert used["lm_same_s"] > 0 and used["image_ratio"] == used["image_s"] / (used["lm_same_s"] + used["decoder_s"])
 
 
 def test_serve_benchmark_runs_and_batched_answers_match(tmp_path):
