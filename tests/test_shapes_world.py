@@ -338,3 +338,38 @@ def test_the_unknown_word_scan_is_each_word_once_in_order_and_linear(bundled):
     sample = "Draw  a red\tsquare , Paint it ?"
     one_by_one = [w for w in sample.split() if processor.tokenizer.unk_token_id in processor.tokenizer(w).input_ids]
     assert processor.unknown_words([[sample]]) == one_by_one == ["Draw", ",", "Paint", "?"]
+
+
+def _unknown_word_warnings(caplog) -> list[str]:
+    return [r.getMessage().split(":")[1].split(".")[0].strip() for r in caplog.records if "does not know" in r.getMessage()]
+
+
+def test_a_conversation_names_each_unknown_word_once_not_at_every_turn(bundled, caplog):
+    # Each turn re-sends the earlier ones: 'Draw' was named again at every later turn (issue 23).
+    from gill_pipeline import GILLConversation
+
+    settings = dict(max_new_tokens=2, max_images=0, output_type="pt")
+    conversation = GILLConversation(bundled, **settings)
+    with caplog.at_level("WARNING"):
+        conversation.send("Draw a blue square .")
+        conversation.send("now make it red :")
+        conversation.send("Paint it Draw :")
+    assert _unknown_word_warnings(caplog) == ["'Draw'", "'Paint'"]
+    caplog.clear()
+    conversation.reset()
+    with caplog.at_level("WARNING"):
+        conversation.send("Draw a blue square .")
+    assert _unknown_word_warnings(caplog) == ["'Draw'"], "a new conversation names its words again"
+
+
+def test_gill_chat_names_an_unknown_word_once_per_conversation(bundled, caplog, tmp_path):
+    import io
+
+    from gill_pipeline.commands.chat import TerminalChat
+
+    stdin = io.StringIO("Draw a blue square\nnow make it red :\n/reset\nDraw a red circle\n")
+    chat = TerminalChat(bundled, dict(max_new_tokens=2, max_images=0), 0, str(tmp_path), stdin=stdin,
+                        stdout=io.StringIO(), stderr=io.StringIO())
+    with caplog.at_level("WARNING"):
+        assert chat.run() == 0
+    assert _unknown_word_warnings(caplog) == ["'Draw'", "'Draw'"]
