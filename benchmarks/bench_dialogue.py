@@ -143,6 +143,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--off-grid", type=int, default=24, help="conversations run again with off-grid start images")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine more threads wait on each other)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--setting", action="append", default=[], metavar="OPTION=VALUE",
+                        help="overrides one option of the preset (e.g. img_logit_scale=1), for recipe experiments")
     parser.add_argument("--label", default="the bundled model", help="what is measured (for the results file)")
     parser.add_argument("--out", default=RESULTS, help="results path without extension")
     args = parser.parse_args(argv)
@@ -168,6 +170,11 @@ def main(argv=None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     classifier = AttributeClassifier.from_pretrained(args.classifier or BUNDLED_CLASSIFIER).eval()
     settings = preset_settings(SHAPES_MODEL)
+    for item in args.setting:
+        option, _, value = item.partition("=")
+        if option not in settings or not value:
+            parser.error(f"--setting must be OPTION=VALUE with OPTION one of {sorted(settings)}, got {item!r}")
+        settings[option] = type(settings[option])(value) if settings[option] is not None else int(value)
 
     conversations = held_out_conversations(args.n)
     on_grid, off_grid, examples = [], [], []

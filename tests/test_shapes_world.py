@@ -166,6 +166,16 @@ def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
     assert drawn and drawn[0] == 1.0
     for name in ("clip", "sd", "lm", "classifier"):
         assert os.path.isdir(tmp_path / "work" / "base" / name)
+    # The LM knows a chat's words (issue 23); the CLIP tokenizer (the SD text encoder's) keeps the world's ids.
+    from transformers import AutoTokenizer
+
+    from training.shapes.dialogue import CHAT_WORDS
+
+    lm_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "work" / "base" / "lm")
+    clip_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "work" / "base" / "clip")
+    assert lm_tokenizer.unk_token_id not in lm_tokenizer("What is this ? please , and", add_special_tokens=False).input_ids
+    assert set(CHAT_WORDS) <= set(lm_tokenizer.get_vocab())
+    assert {w: i for w, i in lm_tokenizer.get_vocab().items() if w in clip_tokenizer.get_vocab()} == clip_tokenizer.get_vocab()
     pipe = GILLPipeline.from_pretrained(tmp_path / "bundle" / "shapes_pipeline", dtype=torch.float32)
     pipe.load_retrieval_index(tmp_path / "bundle" / "shapes_index")  # built from the fp16 round-tripped weights
     results = json.loads((tmp_path / "results.json").read_text())
