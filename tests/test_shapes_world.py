@@ -173,7 +173,7 @@ def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
 
     lm_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "work" / "base" / "lm")
     clip_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "work" / "base" / "clip")
-    assert lm_tokenizer.unk_token_id not in lm_tokenizer("What is this ? please , and", add_special_tokens=False).input_ids
+    assert lm_tokenizer.unk_token_id not in lm_tokenizer("What is this ? please make it red and small", add_special_tokens=False).input_ids
     assert set(CHAT_WORDS) <= set(lm_tokenizer.get_vocab())
     assert {w: i for w, i in lm_tokenizer.get_vocab().items() if w in clip_tokenizer.get_vocab()} == clip_tokenizer.get_vocab()
     pipe = GILLPipeline.from_pretrained(tmp_path / "bundle" / "shapes_pipeline", dtype=torch.float32)
