@@ -158,7 +158,9 @@ def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
     from training.shapes.retrain_all import main
 
     summary = main(["--work", str(tmp_path / "work"), "--scale", "0.002", "--bundle-out", str(tmp_path / "bundle"),
-                    "--results", str(tmp_path / "results"), "--threads", "1", "--context-ratio", "0.5"])
+                    "--results", str(tmp_path / "results"), "--threads", "1", "--context-ratio", "0.5",
+                    # the dialogue recipe's options (issue 23): chat transcripts and chat words, dialogue documents
+                    "--dialogue-corpus", "8000", "--context-kinds", "text,image,dialogue,describe"])
     assert summary["bundle_mb"] < 25
     # GILL read context-chain documents too (steps 1 and 4 of 4 draw documents at this seed and ratio)
     with open(tmp_path / "work" / "gill" / "run" / "metrics.jsonl") as f:

@@ -28,7 +28,8 @@ class WorldSizes:
     lm_width: int = 128
     lm_layers: int = 3
     lm_heads: int = 4
-    lm_context: int = 160  # a five-turn chat (start image, five requests, answers and their images) fits
+    lm_context: int = 96
+    dialogue_lm_context: int = 160  # with chat transcripts: a five-turn chat (start image, requests, answers, images) fits
 
 
 SIZES = WorldSizes()

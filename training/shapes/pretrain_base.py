@@ -13,6 +13,7 @@ text_encoder = CLIP's text tower, tokenizer, scheduler), `lm/` (causal LM + toke
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -175,13 +176,14 @@ def train_unet(vae, text_encoder, tokenizer, steps: int, batch: int, seed: int, 
     return ema.eval(), scheduler, losses
 
 
-def train_lm(tokenizer, steps: int, batch: int, seed: int, phrasings: str = "world", dialogues: int = 0) -> tuple:
+def train_lm(tokenizer, steps: int, batch: int, seed: int, phrasings: str = "world", dialogues: int = 0,
+             sizes=SIZES) -> tuple:
     """The world's causal LM on its corpus (captions and context chains); with `dialogues`, every fourth step is a
     half batch of that many chat transcripts in words (`dialogue.dialogue_corpus`: a start scene, then requests and
     answers as a chat writes them). Transcripts are 3-4 times longer than the corpus' lines: kept in batches of their
     own, they do not pad every batch to their length (the stage stays about as fast as without them)."""
     torch.manual_seed(seed)
-    lm = build_lm(tokenizer)
+    lm = build_lm(tokenizer, sizes)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=2e-3, weight_decay=0.01)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
 
@@ -272,7 +274,9 @@ def main(argv=None) -> dict:
     log = json.load(open(log_path)) if os.path.exists(log_path) else {}
 
     clip_tokenizer = build_tokenizer(clip_style=True, model_max_length=SIZES.text_length)
-    lm_tokenizer = build_tokenizer(clip_style=False, model_max_length=SIZES.lm_context, chat_words=args.dialogue_corpus > 0)
+    dialogue = args.dialogue_corpus > 0
+    lm_sizes = dataclasses.replace(SIZES, lm_context=SIZES.dialogue_lm_context) if dialogue else SIZES
+    lm_tokenizer = build_tokenizer(clip_style=False, model_max_length=lm_sizes.lm_context, chat_words=dialogue)
 
     def stage(name, fn):
         start = time.time()
@@ -313,7 +317,8 @@ def main(argv=None) -> dict:
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-50:]))}
 
     def do_lm():
-        lm, losses = train_lm(lm_tokenizer, steps(1200), batch(64), args.seed, args.phrasings, args.dialogue_corpus)
+        lm, losses = train_lm(lm_tokenizer, steps(1200), batch(64), args.seed, args.phrasings, args.dialogue_corpus,
+                             lm_sizes)
         lm.save_pretrained(os.path.join(args.out, "lm"))
         lm_tokenizer.save_pretrained(os.path.join(args.out, "lm"))
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}

@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     # The defaults are the recipe of the bundled model (docs/shapes_world.md, "Context training").
     parser.add_argument("--context-ratio", type=float, default=0.5,
                         help="GILL's share of context-chain documents (train_world_gill.py; 0: caption pairs only)")
-    parser.add_argument("--context-kinds", default="text,image,describe,text,dialogue,describe,dialogue,text_answer,dialogue",
+    parser.add_argument("--context-kinds", default="text,image,describe,text,image_first,describe,text_answer,image_first_answer",
                         help="train_world_gill.py --context-kinds (a kind listed twice is drawn twice as often)")
     parser.add_argument("--gill-steps", type=int, default=3000, help="train_world_gill.py --steps")
     parser.add_argument("--caption-weight", type=float, default=2.0, help="train_world_gill.py --caption-weight")
@@ -47,9 +47,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--clip-vision-rounds", type=int, default=2, help="pretrain_base.py --clip-vision-rounds")
     parser.add_argument("--phrasings", default="training", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
-    parser.add_argument("--dialogue-corpus", type=int, default=8000,
+    parser.add_argument("--dialogue-corpus", type=int, default=0,
                         help="pretrain_base.py --dialogue-corpus: chat transcripts in the LM's corpus, chat words in its "
-                        "vocabulary (0: neither)")
+                        "vocabulary (0: neither; the dialogue recipe of docs/shapes_world.md uses 8000, not retrained yet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
