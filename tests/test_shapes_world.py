@@ -158,7 +158,9 @@ def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
     from training.shapes.retrain_all import main
 
     summary = main(["--work", str(tmp_path / "work"), "--scale", "0.002", "--bundle-out", str(tmp_path / "bundle"),
-                    "--results", str(tmp_path / "results"), "--threads", "1", "--context-ratio", "0.5"])
+                    "--results", str(tmp_path / "results"), "--threads", "1", "--context-ratio", "0.5",
+                    # the dialogue recipe's options (issue 23): chat transcripts and chat words, dialogue documents
+                    "--dialogue-corpus", "8000", "--context-kinds", "text,image,dialogue,describe"])
     assert summary["bundle_mb"] < 25
     # GILL read context-chain documents too (steps 1 and 4 of 4 draw documents at this seed and ratio)
     with open(tmp_path / "work" / "gill" / "run" / "metrics.jsonl") as f:
@@ -166,6 +168,16 @@ def test_every_world_script_runs_on_a_reduced_setting(tmp_path):
     assert drawn and drawn[0] == 1.0
     for name in ("clip", "sd", "lm", "classifier"):
         assert os.path.isdir(tmp_path / "work" / "base" / name)
+    # The LM knows a chat's words (issue 23); the CLIP tokenizer (the SD text encoder's) keeps the world's ids.
+    from transformers import AutoTokenizer
+
+    from training.shapes.dialogue import CHAT_WORDS
+
+    lm_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "work" / "base" / "lm")
+    clip_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "work" / "base" / "clip")
+    assert lm_tokenizer.unk_token_id not in lm_tokenizer("What is this ? please make it red and small", add_special_tokens=False).input_ids
+    assert set(CHAT_WORDS) <= set(lm_tokenizer.get_vocab())
+    assert {w: i for w, i in lm_tokenizer.get_vocab().items() if w in clip_tokenizer.get_vocab()} == clip_tokenizer.get_vocab()
     pipe = GILLPipeline.from_pretrained(tmp_path / "bundle" / "shapes_pipeline", dtype=torch.float32)
     pipe.load_retrieval_index(tmp_path / "bundle" / "shapes_index")  # built from the fp16 round-tripped weights
     results = json.loads((tmp_path / "results.json").read_text())
@@ -338,3 +350,38 @@ def test_the_unknown_word_scan_is_each_word_once_in_order_and_linear(bundled):
     sample = "Draw  a red\tsquare , Paint it ?"
     one_by_one = [w for w in sample.split() if processor.tokenizer.unk_token_id in processor.tokenizer(w).input_ids]
     assert processor.unknown_words([[sample]]) == one_by_one == ["Draw", ",", "Paint", "?"]
+
+
+def _unknown_word_warnings(caplog) -> list[str]:
+    return [r.getMessage().split(":")[1].split(".")[0].strip() for r in caplog.records if "does not know" in r.getMessage()]
+
+
+def test_a_conversation_names_each_unknown_word_once_not_at_every_turn(bundled, caplog):
+    # Each turn re-sends the earlier ones: 'Draw' was named again at every later turn (issue 23).
+    from gill_pipeline import GILLConversation
+
+    settings = dict(max_new_tokens=2, max_images=0, output_type="pt")
+    conversation = GILLConversation(bundled, **settings)
+    with caplog.at_level("WARNING"):
+        conversation.send("Draw a blue square .")
+        conversation.send("now make it red :")
+        conversation.send("Paint it Draw :")
+    assert _unknown_word_warnings(caplog) == ["'Draw'", "'Paint'"]
+    caplog.clear()
+    conversation.reset()
+    with caplog.at_level("WARNING"):
+        conversation.send("Draw a blue square .")
+    assert _unknown_word_warnings(caplog) == ["'Draw'"], "a new conversation names its words again"
+
+
+def test_gill_chat_names_an_unknown_word_once_per_conversation(bundled, caplog, tmp_path):
+    import io
+
+    from gill_pipeline.commands.chat import TerminalChat
+
+    stdin = io.StringIO("Draw a blue square\nnow make it red :\n/reset\nDraw a red circle\n")
+    chat = TerminalChat(bundled, dict(max_new_tokens=2, max_images=0), 0, str(tmp_path), stdin=stdin,
+                        stdout=io.StringIO(), stderr=io.StringIO())
+    with caplog.at_level("WARNING"):
+        assert chat.run() == 0
+    assert _unknown_word_warnings(caplog) == ["'Draw'", "'Draw'"]

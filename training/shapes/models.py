@@ -5,6 +5,7 @@ import dataclasses
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from .dialogue import CHAT_WORDS
 from .world import vocabulary
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -28,6 +29,7 @@ class WorldSizes:
     lm_layers: int = 3
     lm_heads: int = 4
     lm_context: int = 96
+    dialogue_lm_context: int = 160  # with chat transcripts: a five-turn chat (start image, requests, answers, images) fits
 
 
 SIZES = WorldSizes()
@@ -43,13 +45,15 @@ def normalise_case_and_punctuation(tokenizer: Tokenizer) -> None:
     )
 
 
-def build_tokenizer(clip_style: bool, model_max_length: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(clip_style: bool, model_max_length: int, chat_words: bool = False) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the world's vocabulary.
 
     `clip_style=True` wraps every text in `<s> ... </s>` (what CLIP's text tower reads); the LM's tokenizer adds
-    nothing, because GILLPipeline puts BOS itself.
+    nothing, because GILLPipeline puts BOS itself. `chat_words=True` (the LM's) adds the words a user of a chat types
+    (`dialogue.CHAT_WORDS`: "what", "?", "please", ...) after the world's, so the world's words keep their ids.
     """
-    vocab = {token: i for i, token in enumerate(SPECIALS + vocabulary())}
+    words = vocabulary() + ([w for w in CHAT_WORDS if w not in vocabulary()] if chat_words else [])
+    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     normalise_case_and_punctuation(tokenizer)
     if clip_style:

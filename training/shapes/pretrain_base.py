@@ -13,6 +13,7 @@ text_encoder = CLIP's text tower, tokenizer, scheduler), `lm/` (causal LM + toke
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from .classifier import train_classifier
 from .models import SIZES, build_clip, build_lm, build_scheduler, build_tokenizer, build_unet, build_vae
+from .dialogue import dialogue_corpus
 from .world import all_scenes, corpus, draw, training_scenes
 
 logger = logging.getLogger("shapes.pretrain")
@@ -174,21 +176,32 @@ def train_unet(vae, text_encoder, tokenizer, steps: int, batch: int, seed: int, 
     return ema.eval(), scheduler, losses
 
 
-def train_lm(tokenizer, steps: int, batch: int, seed: int, phrasings: str = "world") -> tuple:
+def train_lm(tokenizer, steps: int, batch: int, seed: int, phrasings: str = "world", dialogues: int = 0,
+             sizes=SIZES) -> tuple:
+    """The world's causal LM on its corpus (captions and context chains); with `dialogues`, every fourth step is a
+    half batch of that many chat transcripts in words (`dialogue.dialogue_corpus`: a start scene, then requests and
+    answers as a chat writes them). Transcripts are 3-4 times longer than the corpus' lines: kept in batches of their
+    own, they do not pad every batch to their length (the stage stays about as fast as without them)."""
     torch.manual_seed(seed)
-    lm = build_lm(tokenizer)
+    lm = build_lm(tokenizer, sizes)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=2e-3, weight_decay=0.01)
-    lines = corpus(20000, seed, phrasings)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    encoded = [[bos] + tokenizer(line, add_special_tokens=False).input_ids + [eos] for line in lines]
+
+    def encode(lines):
+        return [[bos] + tokenizer(line, add_special_tokens=False).input_ids + [eos] for line in lines]
+
+    encoded, transcripts = encode(corpus(20000, seed, phrasings)), encode(dialogue_corpus(dialogues, seed + 7))
     rng = random.Random(seed)
     losses = []
     lm.train()
     for step in range(steps):
-        rows = [rng.choice(encoded) for _ in range(batch)]
+        if transcripts and step % 4 == 3:
+            rows = [rng.choice(transcripts) for _ in range(max(2, batch // 2))]
+        else:
+            rows = [rng.choice(encoded) for _ in range(batch)]
         length = max(len(r) for r in rows)
-        ids = torch.full((batch, length), pad)
-        mask = torch.zeros(batch, length, dtype=torch.long)
+        ids = torch.full((len(rows), length), pad)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
@@ -199,6 +212,8 @@ def train_lm(tokenizer, steps: int, batch: int, seed: int, phrasings: str = "wor
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if step % 200 == 0:
+            logger.info("lm step %d/%d loss %.3f", step, steps, loss.item())
     return lm.eval(), losses
 
 
@@ -239,7 +254,13 @@ def main(argv=None) -> dict:
         "--phrasings", default="world", choices=("world", "training"),
         help="instruction wordings of the LM's context chains (world.TRAINING_PHRASINGS; held-out ones never)",
     )
+    parser.add_argument(
+        "--dialogue-corpus", type=int, default=0,
+        help="chat transcripts added to the LM's corpus, and the chat words in its vocabulary (0: neither)",
+    )
     args = parser.parse_args(argv)
+    if args.dialogue_corpus < 0:
+        parser.error(f"--dialogue-corpus must be 0 or more, got {args.dialogue_corpus}")
     if args.clip_vision_rounds < 1:
         parser.error(f"--clip-vision-rounds must be at least 1 (leave clip_vision out of --stages instead), got "
                      f"{args.clip_vision_rounds}")
@@ -253,7 +274,9 @@ def main(argv=None) -> dict:
     log = json.load(open(log_path)) if os.path.exists(log_path) else {}
 
     clip_tokenizer = build_tokenizer(clip_style=True, model_max_length=SIZES.text_length)
-    lm_tokenizer = build_tokenizer(clip_style=False, model_max_length=SIZES.lm_context)
+    dialogue = args.dialogue_corpus > 0
+    lm_sizes = dataclasses.replace(SIZES, lm_context=SIZES.dialogue_lm_context) if dialogue else SIZES
+    lm_tokenizer = build_tokenizer(clip_style=False, model_max_length=lm_sizes.lm_context, chat_words=dialogue)
 
     def stage(name, fn):
         start = time.time()
@@ -294,7 +317,8 @@ def main(argv=None) -> dict:
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-50:]))}
 
     def do_lm():
-        lm, losses = train_lm(lm_tokenizer, steps(1200), batch(64), args.seed, args.phrasings)
+        lm, losses = train_lm(lm_tokenizer, steps(1200), batch(64), args.seed, args.phrasings, args.dialogue_corpus,
+                             lm_sizes)
         lm.save_pretrained(os.path.join(args.out, "lm"))
         lm_tokenizer.save_pretrained(os.path.join(args.out, "lm"))
         return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}

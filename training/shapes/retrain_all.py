@@ -47,6 +47,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--clip-vision-rounds", type=int, default=2, help="pretrain_base.py --clip-vision-rounds")
     parser.add_argument("--phrasings", default="training", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
+    parser.add_argument("--dialogue-corpus", type=int, default=0,
+                        help="pretrain_base.py --dialogue-corpus: chat transcripts in the LM's corpus, chat words in its "
+                        "vocabulary (0: neither; the dialogue recipe of docs/shapes_world.md uses 8000, not retrained yet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
@@ -58,7 +61,8 @@ def main(argv=None) -> dict:
     if not args.skip_base:
         t = time.time()
         pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads, "--phrasings", args.phrasings,
-                            "--clip-vision-rounds", str(args.clip_vision_rounds)]
+                            "--clip-vision-rounds", str(args.clip_vision_rounds),
+                            "--dialogue-corpus", str(int(args.dialogue_corpus * min(1.0, args.scale * 20)))]
                            + (["--batch-scale", str(max(args.scale * 20, 0.05))] if small else []))
         times["base_models"] = round(time.time() - t, 1)
     t = time.time()

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .dialogue import dialogue_segments, held_out_signatures, training_conversation
 from .models import SIZES
 from .world import context_example, context_text, draw, training_scenes
 
@@ -59,7 +60,7 @@ def write_caption_set(folder: str, name: str, scenes, seed: int) -> str:
     return path
 
 
-CONTEXT_KINDS = ("text", "image", "describe", "image_first", "text_answer", "image_first_answer")
+CONTEXT_KINDS = ("text", "image", "describe", "image_first", "text_answer", "image_first_answer", "dialogue")
 
 
 def write_context_documents(
@@ -81,6 +82,10 @@ def write_context_documents(
       (`... <instruction> : <answer caption> .`): GILL writes its answer, then draws it, as a chat turn does. With a
       LoRA adapter on the LM the prose is learnt too, and without these the adapted LM answers a request with `[IMG]`
       only (its text after `:` drifts).
+    - "dialogue": a chat of 1-5 turns as `GILLConversation` sends it (`dialogue.dialogue_segments`): the start
+      image, then each request followed by its answer (`<caption>` then its image, or `<caption> .` for a question),
+      earlier answers' images given back as input images; the last answer's image is the target. Never one of the
+      dialogue test set's conversations.
     A kind may be listed more than once to weigh it (e.g. "text,image,describe,text,image_first,describe").
     The target image's caption (its generation target) is the answer's caption, so `[IMG]` states after a context
     learn the answer's SD conditioning.
@@ -96,8 +101,12 @@ def write_context_documents(
     os.makedirs(images, exist_ok=True)
     rng = random.Random(seed)
     documents = []
+    excluded = held_out_signatures() if "dialogue" in kinds else frozenset()
     for i in range(count):
         kind = kinds[i % len(kinds)]
+        if kind == "dialogue":
+            documents.append(dialogue_document(folder, name, i, rng, excluded))
+            continue
         first, instruction, target = context_example(rng, phrasings=phrasings)
         if kind == "describe":
             target = first
@@ -122,6 +131,21 @@ def write_context_documents(
     path = os.path.join(folder, f"{name}.jsonl")
     write_documents(path, documents)
     return path
+
+
+def dialogue_document(folder: str, name: str, i: int, rng: random.Random, excluded: frozenset,
+                      max_turns: int = 5) -> dict:
+    """One "dialogue" document (see `write_context_documents`), its images drawn into `folder/images/`."""
+    conv = training_conversation(rng, max_turns, excluded)
+    scenes = [conv.start] + [turn.target for turn in conv.turns]
+    files = []
+    for t, scene in enumerate(scenes):
+        file_name = f"{name}_{i:05d}_{t}.png"
+        if t == 0 or conv.turns[t - 1].wants_image:
+            draw(scene, SIZES.image_size, jitter=1, seed=rng.randrange(1 << 30)).save(
+                os.path.join(folder, "images", file_name))
+        files.append(f"images/{file_name}")
+    return {"id": f"{name}-{i}", "segments": dialogue_segments(conv, files)}
 
 
 def write_index_images(folder: str, seed: int) -> int:
@@ -246,7 +270,8 @@ def main(argv=None) -> dict:
             data, "context", n(4000), args.seed + 4, tuple(args.context_kinds.split(",")), args.context_phrasings
         )
         context_args = ["--interleaved-data", documents, "--interleaved-ratio", str(args.context_ratio),
-                        "--interleaved-max-length", "64",
+                        # a five-turn dialogue document (six images, five requests and answers) fits whole
+                        "--interleaved-max-length", "112" if "dialogue" in args.context_kinds else "64",
                         "--interleaved-retrieval-weight", str(args.document_retrieval_weight),
                         "--interleaved-context-prefix-grad", args.context_prefix_grad]
 

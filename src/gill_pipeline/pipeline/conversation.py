@@ -14,6 +14,7 @@ from diffusers.utils import logging
 
 from .chat import check_message
 from .inputs import is_image
+from .unknown_words import warned_once
 
 
 logger = logging.get_logger(__name__)
@@ -210,6 +211,8 @@ class GILLConversation:
         self.call_defaults = call_defaults
         self.past: GILLPast | None = None
         self.last_output = None
+        # Unknown words already named in this conversation: each turn re-sends the earlier ones, named once only.
+        self.warned_words: set[str] = set()
 
     def send(self, content: Any, streamer=None, **call_kwargs) -> dict:
         """Adds a user turn, answers it, and returns the assistant message (also appended to `messages`)."""
@@ -222,7 +225,8 @@ class GILLConversation:
                 "call `pipe(conversation.messages + [message])`."
             )
         settings = {**self.call_defaults, **call_kwargs}
-        output = self.pipe(self.messages + [message], streamer=streamer, past=self.past, **settings)
+        with warned_once(self.warned_words):
+            output = self.pipe(self.messages + [message], streamer=streamer, past=self.past, **settings)
         answer = output.messages[0]
         self.messages += [message, answer]
         self.past, self.last_output = output.past, output
@@ -233,3 +237,4 @@ class GILLConversation:
         self.messages = check_messages(messages, "messages")
         self.past = None
         self.last_output = None
+        self.warned_words = set()

@@ -53,6 +53,7 @@ from .offload import OffloadMixin
 from .inputs import check_bool, check_generator, check_interleaved_sample, normalize_interleaved_inputs
 from .processor import InterleavedInputsMixin, resolve_img_token_ids
 from .safety import SafetyCheckerMixin
+from .unknown_words import warn_unknown_words
 from .streaming import check_streamer, end_stream, stream_retrieved, stream_tokens, with_progress
 from .pipeline_output import GILLPipelineOutput
 
@@ -507,12 +508,7 @@ class GILLPipeline(
         pieces = [processor.tokenize_interleaved(sample, name, add_bos) for sample, name in zip(batch, names)]
         for p, name in zip(pieces, names):
             processor.check_length(p, name)  # before the unknown-word scan and any model: a long input is refused fast
-        unknown = processor.unknown_words(batch)
-        if unknown:  # once per call: the LM reads these as its unknown token, which silently changes the answer
-            logger.warning(
-                f"The prompt contains words this model's tokenizer does not know: {', '.join(map(repr, unknown))}. "
-                f"The LM reads each as its unknown token {self.tokenizer.unk_token!r}; rephrase with words it knows."
-            )
+        warn_unknown_words(processor.unknown_words(batch), self.tokenizer.unk_token)  # once per call (conversation)
         prompt_embeds = [processor.embed_pieces(p, device, name) for p, name in zip(pieces, names)]
         keys = processor.piece_keys(pieces[0]) if len(batch) == 1 and use_cache else None
         past_cache, past_length = reusable_past(past, keys)
