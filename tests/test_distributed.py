@@ -332,3 +332,12 @@ def test_shares_are_contiguous_and_cover_every_unit_once(world_size):
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
     with pytest.raises(ValueError, match="`rank`=2"):
         Workers(2, 2)
+
+
+def test_index_build_faiss_auto_chooses_saves_and_searches_without_a_rebuild(images, tmp_path):
+    # `--faiss auto`: the index chosen by measured recall@10 on the set's rows, recorded in the set's config and read
+    # back from the saved FAISS files; a set this small (12 rows) is searched exactly.
+    out = str(tmp_path / "set")
+    assert main(["index", "build", images, "--output-dir", out, "--faiss", "auto", *BUILD_OPTIONS]) == 0
+    index = RetrievalIndex.from_pretrained(out, image_root=images)
+    assert index.faiss_settings is not None and index.faiss_settings.factory == "Flat"

@@ -60,7 +60,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default="float16", help="dtype of the stored rows "
                    "(default: %(default)s)")
     b.add_argument("--faiss", default=None, metavar="FACTORY", help="also build a FAISS index from this index_factory "
-                   "string (e.g. 'IVF1024,Flat', 'HNSW32'; needs faiss-cpu), saved with the set")
+                   "string (e.g. 'IVF1024,Flat', 'HNSW32'; or 'auto': chosen by measured recall@10; needs faiss-cpu), "
+                   "saved with the set")
     b.add_argument("--resume", action="store_true", help="finish the build in --output-dir (parts already embedded "
                    "are kept)")
     b.add_argument("--allow-urls", action="store_true", help="download images given as URLs")

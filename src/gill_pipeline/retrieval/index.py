@@ -31,6 +31,7 @@ from .serialization import (  # noqa: E402, F401, I001
 
 
 logger = logging.get_logger(__name__)
+AUTO_MIN_ROWS = 300  # `choose_faiss_params` holds out 200 queries and needs 100 rows more to measure on
 
 # Candidates fetched per [IMG] group before deepening the search; failed loads before giving up on a group.
 DEFAULT_NUM_CANDIDATES = 8
@@ -260,7 +261,8 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             factory (`str`, *optional*, defaults to `"Flat"`): A FAISS `index_factory` string (`"Flat"` is exact;
                 `"IVF4096,PQ32x4fs"`, `"OPQ32,IVF4096,PQ32"`, `"HNSW32"`, ... trade recall for speed and memory),
                 or `"auto"`: [`choose_faiss_params`] measures candidates on this set's own rows and picks the fastest
-                that reaches `target_recall` within `max_bytes_per_image` (what it measured is saved with the set).
+                that reaches `target_recall` within `max_bytes_per_image` (what it measured is saved with the set);
+                a set of fewer than 300 rows is searched exactly (`"Flat"`).
             nprobe (`int`, *optional*): Inverted lists visited per query by IVF indexes (FAISS' default is 1).
             ef_search (`int`, *optional*): Candidate list size of HNSW indexes (FAISS' default is 16).
             rerank (`int`, *optional*, defaults to 1): Fetch `k * rerank` candidates and re-score them exactly on the
@@ -275,7 +277,11 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         Needs `faiss-cpu` (`pip install gill-pipeline[faiss]`).
         """
         self._require_embeddings("building a FAISS index")
-        if factory == "auto":
+        if factory == "auto" and len(self) < AUTO_MIN_ROWS:
+            # Too few rows to hold out queries and measure; exact search over so few rows is also the fastest.
+            logger.info(f"use_faiss('auto'): {len(self)} rows (< {AUTO_MIN_ROWS}) are searched exactly ('Flat').")
+            settings = FaissSettings("Flat", max_rows_per_file=max_rows_per_file)
+        elif factory == "auto":
             sample = self._row_range(0, len(self))
             if len(self) > AUTO_SAMPLE_ROWS:
                 pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:AUTO_SAMPLE_ROWS]

@@ -50,11 +50,15 @@ def _ids_hash(records: list[dict]) -> str:
 
 
 def check_faiss_factory(factory: str, dim: int) -> None:
-    """Raises a ValueError naming `factory` unless FAISS can build an index from it for `dim`-wide rows (an
-    ImportError when FAISS is not installed): checked before anything is embedded."""
+    """Raises a ValueError naming `factory` unless FAISS can build an index from it for `dim`-wide rows, or it is
+    `"auto"` (`use_faiss("auto")`: chosen by measured recall@10); an ImportError when FAISS is not installed. Checked
+    before anything is embedded."""
     faiss = import_faiss()
     if not isinstance(factory, str) or not factory.strip():
-        raise ValueError(f"`faiss_factory` must be a FAISS index_factory string such as 'IVF1024,Flat', got {factory!r}.")
+        raise ValueError(f"`faiss_factory` must be a FAISS index_factory string such as 'IVF1024,Flat' or 'auto', got "
+                         f"{factory!r}.")
+    if factory == "auto":
+        return
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
