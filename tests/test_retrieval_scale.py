@@ -117,12 +117,15 @@ def test_parameter_choice_meets_its_target_on_a_clustered_sample(tmp_path):
     params = choose_faiss_params(rows, target_recall=0.9, max_bytes_per_image=24)
     assert params.met_target and params.recall_at_10 >= 0.9 and params.bytes_per_image <= 24
     assert all(t.get("bytes_per_image", 0) > 24 for t in params.tried if "skipped" in t)
-    # Measured again with the chosen settings on the same split: the recorded recall holds.
+    # Through the index: its choice meets the target too, and is what the saved config records. (Among candidates
+    # that meet the target the fastest wins, so which one is a matter of timing on a shared machine.)
     index = make_index(6000, seed=1).use_faiss("auto", target_recall=0.9, max_bytes_per_image=24)
-    assert index.faiss_settings.factory == params.factory and index.faiss_settings.recall_at_10 == params.recall_at_10
+    chosen = index.faiss_settings
+    assert chosen.recall_at_10 >= 0.9 and chosen.factory in {t["factory"] for t in params.tried}
     index.save_pretrained(tmp_path)
     saved = json.load(open(tmp_path / INDEX_CONFIG_FILE))["faiss"]
-    assert saved["recall_at_10"] == params.recall_at_10 and saved["choice"]["target_recall"] == 0.9
+    assert saved["factory"] == chosen.factory and saved["recall_at_10"] == chosen.recall_at_10
+    assert saved["choice"]["target_recall"] == 0.9
 
 
 @pytest.mark.parametrize("change", ["rows", "factory", "width", "corrupt"])

@@ -114,7 +114,9 @@ class DecoderBaseline:
                 "pass the text encoder of the Stable Diffusion checkpoint GILL decodes through."
             )
         sd = StableDiffusionPipeline(
-            vae=pipe.vae, text_encoder=text_encoder.to(pipe.unet.device), tokenizer=tokenizer, unet=pipe.unet,
+            # The text encoder computes in the UNet's dtype (a pipeline loads in the dtype it was saved in).
+            vae=pipe.vae, text_encoder=text_encoder.to(device=pipe.unet.device, dtype=pipe.unet.dtype),
+            tokenizer=tokenizer, unet=pipe.unet,
             scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         sd.set_progress_bar_config(disable=True)

@@ -156,7 +156,9 @@ def load_record_image(
                 raise ImageLoadError(f"The index entry {record.get('id')!r}: its tar shard {full} does not exist.")
             offset, size = _tar_member_range(record, full)
             data = _read_range(full, offset, size)
-            return decode_image(data, f"{path} (member {record.get('member')!r}, offset {offset})", max_pixels)
+            member = record.get("member")
+            where = f"{path} (member {member!r}, offset {offset})" if member is not None else f"{path} (offset {offset})"
+            return decode_image(data, where, max_pixels)
         with open(full, "rb") as f:
             data = f.read()
     except ImageLoadError:

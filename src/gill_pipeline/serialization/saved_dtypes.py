@@ -15,9 +15,14 @@ from safetensors import safe_open
 _FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def _file_float_dtypes(path: str) -> set:
-    with safe_open(path, framework="pt") as f:
-        return {f.get_slice(name).get_dtype() for name in f.keys()} & set(_FLOATS)
+def _file_float_dtypes(path: str) -> set | None:
+    """The floating dtypes of a safetensors file's tensors; None when its header cannot be read (the loader then
+    names the corrupted file, as without this scan)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {f.get_slice(name).get_dtype() for name in f.keys()} & set(_FLOATS)
+    except Exception:  # a corrupted or truncated file: not this scan's error to raise
+        return None
 
 
 def saved_component_dtypes(folder: str, components) -> dict[str, torch.dtype]:
@@ -34,7 +39,11 @@ def saved_component_dtypes(folder: str, components) -> dict[str, torch.dtype]:
             continue
         dtypes = set()
         for file in files:
-            dtypes |= _file_float_dtypes(os.path.join(subfolder, file))
+            found_in_file = _file_float_dtypes(os.path.join(subfolder, file))
+            if found_in_file is None:
+                dtypes = set()
+                break
+            dtypes |= found_in_file
         if len(dtypes) == 1:
             found[name] = _FLOATS[dtypes.pop()]
     return found
