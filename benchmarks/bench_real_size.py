@@ -456,6 +456,7 @@ def train_step(pipe) -> dict:
     base models: micro-batch 2, 16 caption tokens, precomputed (random) targets of the decoder's layout."""
     from training.model_forward import GILLTrainingModel, total_loss
     from training.params import LossArgs
+    from training.quantized_backward import lean_quantized_backward
 
     from .gpu.bench_gpu import random_targets
 
@@ -472,9 +473,11 @@ def train_step(pipe) -> dict:
              "pixel_values": torch.randn(2, 3, size, size, generator=generator).to(torch.bfloat16),
              "targets": random_targets(gill, 2, generator, torch.device("cpu"))}
     start = time.perf_counter()
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        loss = total_loss(model(batch, concat_caption=False, concat_img=False), LossArgs())
-    loss.backward()
+    # A quantized LM: the backward keeps its int8 weights, not a bf16 copy of every layer (training/quantized_backward.py).
+    with lean_quantized_backward(pipe.llm):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            loss = total_loss(model(batch, concat_caption=False, concat_img=False), LossArgs())
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
