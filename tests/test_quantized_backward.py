@@ -46,7 +46,8 @@ def test_lean_backward_same_gradients_without_a_dense_copy(tmp_path):
     plain_grad, plain_saved, _ = step(model, lean=False)
     lean_grad, lean_saved, routed = step(model, lean=True)
     assert routed == len(quantized) == 14  # q, k, v, o, gate, up, down in each of 2 layers (lm_head stays bf16)
-    torch.testing.assert_close(lean_grad.float(), plain_grad.float(), rtol=2e-2, atol=1e-4)
+    assert plain_grad.abs().max() > 0
+    assert (lean_grad.float() - plain_grad.float()).norm() <= 1e-3 * plain_grad.float().norm()
     # torchao's own backward keeps a bf16 copy of every quantized weight; the lean one none of them.
     assert plain_saved - lean_saved >= 0.95 * dense_bytes
     # Outside the block the layers are as loaded.

@@ -34,9 +34,14 @@ class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (weight,) = ctx.saved_tensors
-        dense = weight.dequantize().to(grad_output.dtype)  # one layer, freed when this returns
-        grad_input = (grad_output @ dense).to(ctx.input_dtype)
-        return grad_input, None, None
+        qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+        if qdata is not None and scale is not None and scale.numel() == qdata.shape[0]:
+            # One scale per output row (W = diag(scale) @ qdata): the forward's own formula, transposed; only this
+            # layer's int8 values are widened, and freed when this returns.
+            grad_input = (grad_output * scale.flatten().to(grad_output.dtype)) @ qdata.to(grad_output.dtype)
+        else:
+            grad_input = grad_output @ weight.dequantize().to(grad_output.dtype)
+        return grad_input.to(ctx.input_dtype), None, None
 
 
 def _lean_forward(module: nn.Linear):
