@@ -16,12 +16,15 @@ random (nothing is downloaded). For each pairing, each stage runs in a FRESH pro
    [, quantization_config])` + `save_pretrained` (the decoder's text encoders are built for this stage only: GILL
    reads the conditioning layout and the empty-prompt negatives from them, then drops them);
    Flux pairings write a whole Flux checkpoint folder (transformer, VAE, CLIP-L text, T5-XXL encoder, tokenizers,
-   scheduler) and split this stage in two fresh processes, so that the T5 encoder (9.5 GB in bf16) and the
-   transformer are never in memory together: 1a reads the conditioning layout from the text encoders alone (the
-   transformer and VAE built on `meta`: only their configs are read), their folders are then deleted, and 1b is
-   `from_base_models(llm_folder, decoder=flux_folder, conditioning_layout=..., negative_conditioning=...,
-   quantization_config=PipelineQuantizationConfig(quant_mapping={"llm": ..., "transformer": ...}))`, which loads the
-   checkpoint without its text encoders and quantizes the LM and the transformer as they load (one tensor at a time);
+   scheduler) and split this stage in fresh processes, so that no two big components are ever in memory together:
+   1a reads the conditioning layout from the text encoders alone (the transformer and VAE built on `meta`: only their
+   configs are read; the T5 encoder is 9.5 GB in bf16), and their folders are then deleted; 1b quantizes each of the
+   LM and the transformer ALONE, each with its entry of the one `PipelineQuantizationConfig(quant_mapping={"llm":
+   transformers.TorchAoConfig(Int8WeightOnlyConfig()), "transformer": diffusers.TorchAoConfig(...)})`, and saves it
+   in place of its bf16 files (the process owns one quantized component: 11.9 GB for the transformer, not the 20.6 GB
+   of both, which `from_base_models(..., quantization_config=...)` would hold at once); 1c is
+   `from_base_models(llm_folder, decoder=flux_folder, conditioning_layout=..., negative_conditioning=...)`, which
+   loads the checkpoint without its text encoders and the quantized files as saved (memory-mapped), and saves;
 2. in one fresh process: `from_pretrained` (peak RSS of the load, RSS after it), a text answer of N forced tokens, an
    answer with one generated image (N forced tokens + `[IMG]`, a reduced size and step count, stated), the stock
    decoder pipeline alone with the same conditioning shape, steps and size, one training step of the learned parts
@@ -100,12 +103,13 @@ PAIRINGS = {
                       vision=real_configs.CLIP_VIT_L_14, decoder="flux",
                       transformer=real_configs.FLUX_SCHNELL_TRANSFORMER, vae=real_configs.FLUX_VAE,
                       scheduler=real_configs.FLUX_SCHNELL_SCHEDULER, text=[real_configs.CLIP_L_TEXT],
-                      t5=real_configs.T5_XXL, quantize="int8", quantized=("llm", "transformer"), size=256, steps=1,
-                      tokens=16),
+                      t5=real_configs.T5_XXL, quantize="int8", quantized=("llm", "transformer"),
+                      quantize_apart=("transformer",), size=256, steps=1, tokens=16),
     "tiny-flux": dict(title="tiny configs of the Flux pairing (smoke run)", lm="qwen2", lm_config=TINY_QWEN,
                       vision=TINY_VISION, decoder="flux", transformer=TINY_FLUX, vae=TINY_FLUX_VAE,
                       scheduler=real_configs.FLUX_SCHNELL_SCHEDULER, text=[TINY_TEXT], t5=TINY_T5, quantize="int8",
-                      quantized=("llm", "transformer"), size=32, steps=1, tokens=4, learned="tiny"),
+                      quantized=("llm", "transformer"), quantize_apart=("transformer",), size=32, steps=1, tokens=4,
+                      learned="tiny"),
     "tiny": dict(title="tiny configs (smoke run)", lm="opt", lm_config=TINY_OPT, vision=TINY_VISION, decoder="sd15",
                  unet=TINY_UNET, vae=TINY_VAE, text=[TINY_TEXT], quantize="none", size=32, steps=2, tokens=4,
                  learned="tiny"),
@@ -327,8 +331,37 @@ def build_decoder(pairing: dict, base: str):
     )
 
 
-def quantization(pairing: dict):
-    """The pairing's `PipelineQuantizationConfig`: the `--quantize` preset's entries for the components it names."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1b (the components in a pairing's `quantize_apart`): a base model quantized alone, in place of its bf16 files
+# ----------------------------------------------------------------------------------------------------------------------
+def stage_quantize(pairing: dict, base: str, name: str) -> dict:
+    """Loads one base model quantized by its entry of the pairing's `PipelineQuantizationConfig` and saves it beside its
+    bf16 folder (`<folder>.quantized`): only this component's quantized copy is ever in this process's own memory."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from gill_pipeline.serialization.quantization import component_quantization, release_freed_memory
+
+    start = time.perf_counter()
+    folder = component_folder(pairing, base, name)
+    config = component_quantization(quantization(pairing), name)
+    if name == "llm":
+        model = lm_class(pairing["lm"])[1].from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
+    else:
+        model_class = FluxTransformer2DModel if name == "transformer" else UNet2DConditionModel
+        model = model_class.from_pretrained(folder, torch_dtype=torch.bfloat16, quantization_config=config)
+    release_freed_memory()
+    loaded = memory()
+    model.save_pretrained(folder + QUANTIZED_SUFFIX)
+    return {"component": name, "seconds": time.perf_counter() - start, "memory_loaded": loaded, "memory": memory(),
+            "bytes": folder_bytes(folder + QUANTIZED_SUFFIX, ".safetensors")}
+
+
+QUANTIZED_SUFFIX = ".quantized"
+
+
+def quantization(pairing: dict, leave_out=()):
+    """The pairing's `PipelineQuantizationConfig`: the `--quantize` preset's entries for the components it names
+    (except those in `leave_out`: quantized apart, loaded as saved)."""
     from diffusers import PipelineQuantizationConfig
 
     from gill_pipeline.serialization.quantization import quantization_preset
@@ -336,8 +369,9 @@ def quantization(pairing: dict):
     config = quantization_preset(pairing["quantize"], decoder=True)
     if config is None:
         return None
-    wanted = pairing.get("quantized", ("llm",))
-    return PipelineQuantizationConfig(quant_mapping={k: v for k, v in config.quant_mapping.items() if k in wanted})
+    wanted = [name for name in pairing.get("quantized", ("llm",)) if name not in leave_out]
+    mapping = {k: v for k, v in config.quant_mapping.items() if k in wanted}
+    return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
 
 
 def flux_decoder_arguments(base: str) -> dict:
@@ -359,6 +393,8 @@ def stage_assemble(pairing: dict, base: str, output: str) -> dict:
     from gill_pipeline.testing import TINY_GILL_SIZES, build_tiny_tokenizer
 
     start = time.perf_counter()
+    # Quantized apart (stage 1b): the folders hold the quantized models, which load as they were saved.
+    config = quantization(pairing, leave_out=pairing.get("quantize_apart", ()))
     if pairing["decoder"] == "flux":
         decoder = flux_decoder_arguments(base)
     else:
@@ -371,7 +407,7 @@ def stage_assemble(pairing: dict, base: str, output: str) -> dict:
         # Random weights: the tokenizer only has to give ids inside the LM's vocabulary.
         tokenizer=build_tiny_tokenizer(),
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        dtype=torch.bfloat16, quantization_config=quantization(pairing), **learned,
+        dtype=torch.bfloat16, quantization_config=config, **learned,
     )
     del decoder
     assembled = time.perf_counter() - start
@@ -533,6 +569,14 @@ def run_pairing(name: str, workdir: str, repeats: int) -> dict:
             print(f"[{name}] read the layout: {json.dumps(report['layout'])}", flush=True)
             for text in FLUX_TEXT:  # not needed again: free their disk before the GILL folder is written
                 shutil.rmtree(os.path.join(base, FLUX_FOLDER, text))
+        if PAIRINGS[name].get("quantize_apart"):
+            for component in PAIRINGS[name]["quantize_apart"]:
+                result = child("quantize", name, base, component)
+                report.setdefault("quantize", {})[component] = result
+                print(f"[{name}] quantized a base model: {json.dumps(result)}", flush=True)
+                folder_of = component_folder(PAIRINGS[name], base, component)
+                shutil.rmtree(folder_of)  # the bf16 files, replaced by the quantized ones
+                os.replace(folder_of + QUANTIZED_SUFFIX, folder_of)
         report["assemble"] = child("assemble", name, base, folder)
         print(f"[{name}] assembled and saved: {json.dumps(report['assemble'])}", flush=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -546,15 +590,19 @@ def run_pairing(name: str, workdir: str, repeats: int) -> dict:
 
 def reports_from_log(path: str) -> list[dict]:
     """The reports of a run, read back from the stage lines it printed (`[pairing] stage: {json}`)."""
-    stages = {"wrote base models": "write", "read the layout": "layout", "assembled and saved": "assemble",
-              "loaded and used": "use"}
+    stages = {"wrote base models": "write", "read the layout": "layout", "quantized a base model": "quantize",
+              "assembled and saved": "assemble", "loaded and used": "use"}
     reports = {}
     with open(path) as f:
         for line in f:
             for label, key in stages.items():
                 if line.startswith("[") and f"] {label}: " in line:
                     name = line[1:line.index("]")]
-                    reports.setdefault(name, {"pairing": name})[key] = json.loads(line.split(f"{label}: ", 1)[1])
+                    result = json.loads(line.split(f"{label}: ", 1)[1])
+                    if key == "quantize":
+                        reports.setdefault(name, {"pairing": name}).setdefault(key, {})[result["component"]] = result
+                    else:
+                        reports.setdefault(name, {"pairing": name})[key] = result
     complete = [r for r in reports.values() if {"write", "assemble", "use"} <= set(r)]
     if not complete:
         raise ValueError(f"`--write-from`: {path!r} holds no complete pairing (its stages were not all printed).")
@@ -568,7 +616,10 @@ def gib(value: float) -> str:
 def quantized_label(pairing: dict) -> str:
     if pairing["quantize"] == "none":
         return ""
-    return f", quantize {pairing['quantize']}: {' + '.join(pairing.get('quantized', ('llm',)))}"
+    apart = pairing.get("quantize_apart", ())
+    here = [name for name in pairing.get("quantized", ("llm",)) if name not in apart]
+    return (f", quantize {pairing['quantize']}: {' + '.join(here)}" if here else "") + (
+        f"; {' + '.join(apart)} {pairing['quantize']} as saved" if apart else "")
 
 
 def table(report: dict) -> list[str]:
@@ -600,6 +651,11 @@ def table(report: dict) -> list[str]:
         f"| read the layout (text encoders alone; transformer, VAE on `meta`) | {report['layout']['seconds']:.1f} s | "
         f"{gib(report['layout']['memory']['peak'])} | {gib(report['layout']['memory']['rss'])} | |",
     ] if "layout" in report else []) + [
+        f"| quantize {component} alone (`from_pretrained(..., quantization_config=<its entry>)` + save) | "
+        f"{result['seconds']:.1f} s | {gib(result['memory']['peak'])} | {gib(result['memory_loaded']['rss'])} "
+        f"({result['memory_loaded']['anon']:.2f} + {result['memory_loaded']['file']:.2f}) after loading | |"
+        for component, result in report.get("quantize", {}).items()
+    ] + [
         f"| `from_base_models` (assemble{quantized_label(pairing)}) "
         f"| {assemble['assemble_s']:.1f} s | {gib(assemble['memory_assembled']['peak'])} | "
         f"{gib(assemble['memory_assembled']['rss'])} ({assemble['memory_assembled']['anon']:.2f} + "
@@ -699,6 +755,8 @@ def main(argv=None):
             result = stage_write(pairing, *paths)
         elif stage == "layout":
             result = stage_layout(pairing, *paths)
+        elif stage == "quantize":
+            result = stage_quantize(pairing, *paths)
         elif stage == "assemble":
             result = stage_assemble(pairing, *paths)
         else:

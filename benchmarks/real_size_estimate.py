@@ -69,7 +69,7 @@ def learned_parts(pairing: dict, models: dict) -> int:
 
 def estimate(pairing: dict, models: dict, shard_bytes: int) -> dict:
     """Disk and memory (bytes) per stage of `pairing`, from its base `models` built on `meta` (see `meta_models`)."""
-    quantized = set(pairing.get("quantized", ("llm",) if pairing["quantize"] != "none" else ()))
+    quantized = list(pairing.get("quantized", ("llm",)) if pairing["quantize"] != "none" else ())
     text = [name for name in models if name.startswith("text_encoder")]
     base = {name: stored_bytes(model, False) for name, model in models.items()}
     kept = {}
@@ -80,33 +80,48 @@ def estimate(pairing: dict, models: dict, shard_bytes: int) -> dict:
         kept[name] = stored_bytes(model, name in quantized, keep)
     learned = learned_parts(pairing, models)
     kept["gill"] = 2 * learned
-    own = sum(kept[name] for name in quantized) + kept["gill"]  # quantized copies live in the process's own memory
+    quantized_bytes = sum(kept[name] for name in quantized)
     mapped = sum(value for name, value in kept.items() if name not in quantized and name != "gill")
-    read_to_quantize = sum(base[name] for name in quantized)
-    largest = max(largest_tensor_bytes(models[name]) for name in quantized) if quantized else 0
+    apart = [name for name in pairing.get("quantize_apart", ()) if name in quantized]
+    here = [name for name in quantized if name not in apart]
+    # What `from_base_models(..., quantization_config=...)` quantizes itself (the rest was quantized apart and saved).
+    own_here = sum(kept[name] for name in here)
+    read_here = sum(base[name] for name in here)
+    largest_here = max((largest_tensor_bytes(models[name]) for name in here), default=0)
     gill_folder = sum(kept.values())
-    disk = {
-        "base": sum(base.values()),
-        "text_encoders": sum(base[name] for name in text),
-        "gill": gill_folder,
-        # The base models stay until the GILL folder is written; the decoder's text encoders are deleted first.
-        "peak": max(sum(base.values()), sum(base.values()) - sum(base[name] for name in text) + gill_folder),
-    }
+    # Disk along the run: the base models written; the decoder's text encoders deleted after the layout; (apart) each
+    # quantized model saved beside its bf16 files, which are then deleted; the GILL folder written beside the base.
+    on_disk = sum(base.values()) - sum(base[name] for name in text)
+    peak = sum(base.values())
+    for name in apart:
+        peak = max(peak, on_disk + kept[name])
+        on_disk += kept[name] - base[name]
+    peak = max(peak, on_disk + gill_folder)
+    disk = {"base": sum(base.values()), "text_encoders": sum(base[name] for name in text), "gill": gill_folder,
+            "peak": peak}
+    activations = 0.5 * GiB  # one small image: the VAE decode at 256 px dominates (measured ~0.3 GiB)
+    training = 16 * learned  # fp32 values, gradients and AdamW's two moments of the learned parts
+    # Per stage, (own, total): own = the process's anonymous memory; total adds the memory-mapped safetensors pages
+    # it touches, which count in RSS but which the kernel drops when memory runs short.
     memory = {
-        # Writing: the shard being filled (`shard_bytes`) and the random block it copies from.
-        "write": INTERPRETER + min(shard_bytes, max(base.values())) + 3 * 2 * 16 * 2**20,
-        # Reading the layout: the text encoders, mapped, and one forward of the empty prompt (small).
-        "layout": INTERPRETER + sum(base[name] for name in text) + 0.5 * GiB,
-        # Assembling and saving: every quantized copy at once plus one bf16 tensor in flight; mapped pages on top.
-        "assemble_own": INTERPRETER + own + largest,
-        "assemble_mapped": mapped + read_to_quantize,
-        # Loading and answering: the kept weights (owned when quantized, mapped otherwise) and the activations of one
-        # small image (VAE decode at 256 px: ~0.5 GiB).
-        "use_own": INTERPRETER + own + 0.5 * GiB,
-        "use_total": INTERPRETER + gill_folder + 0.5 * GiB,
-        # Training: the learned parts in fp32 with their gradients and AdamW's two moments.
-        "train": INTERPRETER + gill_folder + 16 * learned + 0.5 * GiB,
+        # The shard being filled, the random block it copies from; +0.4 GiB measured beyond that (paper: 2.9 GiB).
+        "write": (INTERPRETER + min(shard_bytes, max(base.values())) + 0.4 * GiB,) * 2,
+        "layout": (INTERPRETER + activations, INTERPRETER + activations + sum(base[name] for name in text)),
+        # Every quantized copy at once (anonymous until saved), the learned parts built in fp32, one bf16 tensor in
+        # flight; mapped: the bf16 weights used in place and the bf16 pages the quantizer reads. Quantized apart, the
+        # assembly maps the saved quantized files like the others, and one component's copy is held at a time.
+        "assemble": (INTERPRETER + 2 * kept["gill"] + own_here + largest_here,
+                     INTERPRETER + 2 * kept["gill"] + quantized_bytes + largest_here + read_here + mapped),
+        # A saved folder loads memory-mapped, the int8 weights too (measured at a reduced size of this pairing: the
+        # process's own memory stayed at the interpreter's plus the activations).
+        "use": (INTERPRETER + activations, INTERPRETER + activations + gill_folder),
+        **{f"quantize {name}": (INTERPRETER + kept[name] + largest_tensor_bytes(models[name]),
+                                INTERPRETER + kept[name] + largest_tensor_bytes(models[name]) + base[name])
+           for name in apart},
+        "train": (INTERPRETER + activations + training, INTERPRETER + activations + gill_folder + training),
     }
+    order = ["write", "layout", *(f"quantize {name}" for name in apart), "assemble", "use", "train"]
+    memory = {stage: memory[stage] for stage in order}
     return {"base": base, "kept": kept, "learned_values": learned, "disk": disk, "memory": memory}
 
 
@@ -120,12 +135,10 @@ def describe(name: str, plan: dict) -> str:
     disk, memory = plan["disk"], plan["memory"]
     parts = ", ".join(f"{k} {size(v)}" for k, v in plan["kept"].items())
     text = f" (of which the decoder's text encoders {size(disk['text_encoders'])})" if disk["text_encoders"] else ""
-    layout = f"layout {memory['layout'] / GiB:.1f} (mapped text encoders); " if disk["text_encoders"] else ""
+    stages = [stage for stage in memory if stage != "layout" or disk["text_encoders"]]
+    per_stage = "; ".join(f"{stage} {memory[stage][0] / GiB:.1f} / {memory[stage][1] / GiB:.1f}" for stage in stages)
     return "\n".join([
         f"[{name}] estimate from the configs: base models {size(disk['base'])}{text}, GILL folder "
         f"{size(disk['gill'])} ({parts}); disk needed at the peak {size(disk['peak'])}.",
-        f"[{name}] peak memory per stage (GiB): write {memory['write'] / GiB:.1f}; {layout}assemble own "
-        f"{memory['assemble_own'] / GiB:.1f} + up to {memory['assemble_mapped'] / GiB:.1f} mapped (reclaimable); use "
-        f"own {memory['use_own'] / GiB:.1f}, with the mapped weights {memory['use_total'] / GiB:.1f}; training step "
-        f"{memory['train'] / GiB:.1f}.",
+        f"[{name}] memory per stage, own / with the mapped weights it touches, GiB: {per_stage}.",
     ])

@@ -133,6 +133,12 @@ def test_real_size_benchmark_flux_stages_run_on_tiny_configs(tmp_path):
     assert "prompt_embeds sequence (512, 32)" in layout["layout"] and "pooled_prompt_embeds pooled (32,)" in layout["layout"]
     for text in bench.FLUX_TEXT:
         shutil.rmtree(os.path.join(base, bench.FLUX_FOLDER, text))
+    quantized = {}
+    for component in pairing["quantize_apart"]:  # alone, replacing its bf16 files, as the run does
+        quantized[component] = bench.stage_quantize(pairing, base, component)
+        original = bench.component_folder(pairing, base, component)
+        shutil.rmtree(original)
+        os.replace(original + bench.QUANTIZED_SUFFIX, original)
     assembled = bench.stage_assemble(pairing, base, folder)
     for component in ("llm", "transformer"):
         with open(os.path.join(folder, component, "config.json")) as f:
@@ -151,9 +157,11 @@ def test_real_size_benchmark_flux_stages_run_on_tiny_configs(tmp_path):
     assert plan["disk"]["base"] == sum(written["bytes"].values())
     used = bench.stage_use(pairing, folder, repeats=1)
     assert used["images"] == 1 and used["hub"]["identical"] and torch.isfinite(torch.tensor(used["train"]["loss"]))
-    report = {"pairing": "tiny-flux", "write": written, "layout": layout, "assemble": assembled, "use": used}
+    report = {"pairing": "tiny-flux", "write": written, "layout": layout, "quantize": quantized, "assemble": assembled,
+              "use": used}
     text = "\n".join(bench.table(report))
-    assert "read the layout" in text and "quantize int8: llm + transformer" in text and "identical: yes" in text
+    assert "read the layout" in text and "| quantize transformer alone" in text and "identical: yes" in text
+    assert "quantize int8: llm; transformer int8 as saved" in text
 
 
 def test_real_size_benchmark_refuses_bad_workdirs_before_writing(tmp_path, monkeypatch, capsys):
