@@ -341,6 +341,8 @@ def stage_quantize(pairing: dict, base: str, name: str) -> dict:
 
     from gill_pipeline.serialization.quantization import component_quantization, release_freed_memory
 
+    from .quantized_save import save_quantized_sharded
+
     start = time.perf_counter()
     folder = component_folder(pairing, base, name)
     config = component_quantization(quantization(pairing), name)
@@ -351,7 +353,10 @@ def stage_quantize(pairing: dict, base: str, name: str) -> dict:
         model = model_class.from_pretrained(folder, torch_dtype=torch.bfloat16, quantization_config=config)
     release_freed_memory()
     loaded = memory()
-    model.save_pretrained(folder + QUANTIZED_SUFFIX)
+    if name == "llm":
+        model.save_pretrained(folder + QUANTIZED_SUFFIX)
+    else:  # diffusers' own save would hold a second copy of the int8 weights (benchmarks/quantized_save.py)
+        save_quantized_sharded(model, folder + QUANTIZED_SUFFIX, shard_bytes=SHARD_BYTES // 2)
     return {"component": name, "seconds": time.perf_counter() - start, "memory_loaded": loaded, "memory": memory(),
             "bytes": folder_bytes(folder + QUANTIZED_SUFFIX, ".safetensors")}
 

@@ -110,13 +110,18 @@ def estimate(pairing: dict, models: dict, shard_bytes: int) -> dict:
         # Every quantized copy at once (anonymous until saved), the learned parts built in fp32, one bf16 tensor in
         # flight; mapped: the bf16 weights used in place and the bf16 pages the quantizer reads. Quantized apart, the
         # assembly maps the saved quantized files like the others, and one component's copy is held at a time.
-        "assemble": (INTERPRETER + 2 * kept["gill"] + own_here + largest_here,
-                     INTERPRETER + 2 * kept["gill"] + quantized_bytes + largest_here + read_here + mapped),
+        # Saving a model quantized in memory clones its quantized tensors (torchao's `flatten_tensor_state_dict`, called
+        # on the whole state dict by transformers' and diffusers' `save_pretrained`): twice its int8 bytes meanwhile.
+        "assemble": (INTERPRETER + 2 * kept["gill"] + 2 * own_here + largest_here,
+                     INTERPRETER + 2 * kept["gill"] + quantized_bytes + own_here + largest_here + read_here + mapped),
         # A saved folder loads memory-mapped, the int8 weights too (measured at a reduced size of this pairing: the
         # process's own memory stayed at the interpreter's plus the activations).
         "use": (INTERPRETER + activations, INTERPRETER + activations + gill_folder),
-        **{f"quantize {name}": (INTERPRETER + kept[name] + largest_tensor_bytes(models[name]),
-                                INTERPRETER + kept[name] + largest_tensor_bytes(models[name]) + base[name])
+        # Quantized apart: one component's int8 copy, one bf16 tensor in flight, and (saved shard by shard,
+        # benchmarks/quantized_save.py) one shard's clones.
+        **{f"quantize {name}": (INTERPRETER + kept[name] + largest_tensor_bytes(models[name]) + shard_bytes // 2,
+                                INTERPRETER + kept[name] + largest_tensor_bytes(models[name]) + shard_bytes // 2
+                                + base[name])
            for name in apart},
         "train": (INTERPRETER + activations + training, INTERPRETER + activations + gill_folder + training),
     }
