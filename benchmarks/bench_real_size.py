@@ -600,6 +600,9 @@ def reports_from_log(path: str) -> list[dict]:
     reports = {}
     with open(path) as f:
         for line in f:
+            if line.startswith("[") and ("] estimate from the configs: " in line or "] memory per stage, " in line):
+                report = reports.setdefault(line[1:line.index("]")], {"pairing": line[1:line.index("]")]})
+                report["estimate"] = (report.get("estimate", "") + "\n" + line.rstrip("\n")).lstrip("\n")
             for label, key in stages.items():
                 if line.startswith("[") and f"] {label}: " in line:
                     name = line[1:line.index("]")]
@@ -640,7 +643,7 @@ def table(report: dict) -> list[str]:
         f"{gib(write['memory']['peak'])}; {', '.join(f'{k} {v / 1e9:.2f} GB' for k, v in write['bytes'].items())}). "
         f"GILL's folder: {assemble['bytes'] / 1e9:.2f} GB on disk, of which weights {weights:.2f} GiB. Answers: "
         f"{pairing['tokens']} forced text tokens; the image answer adds `[IMG]` and one image of "
-        f"{pairing['size']}x{pairing['size']} in {pairing['steps']} steps (reduced for the CPU).",
+        f"{pairing['size']}x{pairing['size']} in {pairing['steps']} step{'s' if pairing['steps'] > 1 else ''} (reduced for the CPU).",
         "",
     ] + ([
         "Estimated before the run, from the configs (`benchmarks/real_size_estimate.py`):",
