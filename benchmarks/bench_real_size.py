@@ -3,7 +3,9 @@ process's peak resident memory and the bytes on disk.
 
     python -m benchmarks.bench_real_size                         # the paper's pairing (OPT-6.7B + CLIP-L + SD 1.5)
     python -m benchmarks.bench_real_size --pairing llama3-sdxl   # a Llama-3-8B-shaped LM (int8) + SDXL
+    python -m benchmarks.bench_real_size --pairing qwen-flux     # a Qwen2.5-7B-shaped LM + Flux.1-schnell, both int8
     python -m benchmarks.bench_real_size --pairing tiny          # tiny configs, seconds (the default tests run this)
+    python -m benchmarks.bench_real_size --pairing tiny-flux     # tiny configs of the Flux pairing's classes
 
 Architectures come from the published configs (`benchmarks/gpu/real_configs.py` and the shapes below), the values are
 random (nothing is downloaded). For each pairing, each stage runs in a FRESH process so that its peak RSS is its own:
@@ -13,6 +15,16 @@ random (nothing is downloaded). For each pairing, each stage runs in a FRESH pro
 1. assemble: `GILLPipeline.from_base_models(llm_folder, decoder=..., image_encoder=folder, dtype=bf16
    [, quantization_config])` + `save_pretrained` (the decoder's text encoders are built for this stage only: GILL
    reads the conditioning layout and the empty-prompt negatives from them, then drops them);
+   Flux pairings write a whole Flux checkpoint folder (transformer, VAE, CLIP-L text, T5-XXL encoder, tokenizers,
+   scheduler) and split this stage in fresh processes, so that no two big components are ever in memory together:
+   1a reads the conditioning layout from the text encoders alone (the transformer and VAE built on `meta`: only their
+   configs are read; the T5 encoder is 9.5 GB in bf16), and their folders are then deleted; 1b quantizes each of the
+   LM and the transformer ALONE, each with its entry of the one `PipelineQuantizationConfig(quant_mapping={"llm":
+   transformers.TorchAoConfig(Int8WeightOnlyConfig()), "transformer": diffusers.TorchAoConfig(...)})`, and saves it
+   in place of its bf16 files (the process owns one quantized component: 11.9 GB for the transformer, not the 20.6 GB
+   of both, which `from_base_models(..., quantization_config=...)` would hold at once); 1c is
+   `from_base_models(llm_folder, decoder=flux_folder, conditioning_layout=..., negative_conditioning=...)`, which
+   loads the checkpoint without its text encoders and the quantized files as saved (memory-mapped), and saves;
 2. in one fresh process: `from_pretrained` (peak RSS of the load, RSS after it), a text answer of N forced tokens, an
    answer with one generated image (N forced tokens + `[IMG]`, a reduced size and step count, stated), the stock
    decoder pipeline alone with the same conditioning shape, steps and size, one training step of the learned parts
@@ -22,6 +34,9 @@ random (nothing is downloaded). For each pairing, each stage runs in a FRESH pro
 Targets (issue 18): from_pretrained peak RSS <= 1.10x the bytes of the weights it keeps; RSS after loading <= 1.05x;
 an answer with an image <= 1.10x (LM time for the same tokens + the stock decoder alone, same steps and size).
 Writes "## Section 1: real sizes end to end" of benchmarks/results/real_size.md (other sections left as they are).
+
+Before a pairing starts, its disk and per-stage memory needs are worked out from its configs and printed
+(`benchmarks/real_size_estimate.py`); a `--workdir` with less free disk than the pairing needs is refused.
 """
 
 import argparse
@@ -37,6 +52,7 @@ import time
 
 import torch
 
+from . import real_size_estimate
 from .gpu import real_configs
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "real_size.md")
@@ -60,6 +76,16 @@ TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2
                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)
 TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                  max_position_embeddings=77, projection_dim=32)
+# Tiny configs of the Flux pairing's classes (Qwen2, Flux transformer, 16-channel-style VAE, T5 encoder).
+TINY_QWEN = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+TINY_T5 = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+               relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+TINY_FLUX_VAE = dict(TINY_VAE, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                     shift_factor=0.1159)
+TINY_FLUX = dict(patch_size=1, in_channels=4 * TINY_FLUX_VAE["latent_channels"], num_layers=1, num_single_layers=1,
+                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TINY_T5["d_model"],
+                 pooled_projection_dim=TINY_TEXT["hidden_size"], guidance_embeds=False, axes_dims_rope=(4, 4, 8))
 
 # What each pairing builds, and the reduced answer it measures (CPU: a smaller image and fewer steps than a GPU uses).
 PAIRINGS = {
@@ -72,6 +98,18 @@ PAIRINGS = {
                         unet=real_configs.SDXL_UNET, vae=dict(real_configs.SD_VAE, scaling_factor=0.13025),
                         text=[real_configs.CLIP_L_TEXT, real_configs.CLIP_BIGG_TEXT], quantize="int8", size=256,
                         steps=2, tokens=16),
+    "qwen-flux": dict(title="Qwen2.5-7B-shaped LM + CLIP ViT-L/14 + Flux.1-schnell, LM and transformer torchao int8 "
+                           "weight-only, the rest bf16", lm="qwen2", lm_config=real_configs.QWEN_2_5_7B,
+                      vision=real_configs.CLIP_VIT_L_14, decoder="flux",
+                      transformer=real_configs.FLUX_SCHNELL_TRANSFORMER, vae=real_configs.FLUX_VAE,
+                      scheduler=real_configs.FLUX_SCHNELL_SCHEDULER, text=[real_configs.CLIP_L_TEXT],
+                      t5=real_configs.T5_XXL, quantize="int8", quantized=("llm", "transformer"),
+                      quantize_apart=("transformer",), size=256, steps=1, tokens=16),
+    "tiny-flux": dict(title="tiny configs of the Flux pairing (smoke run)", lm="qwen2", lm_config=TINY_QWEN,
+                      vision=TINY_VISION, decoder="flux", transformer=TINY_FLUX, vae=TINY_FLUX_VAE,
+                      scheduler=real_configs.FLUX_SCHNELL_SCHEDULER, text=[TINY_TEXT], t5=TINY_T5, quantize="int8",
+                      quantized=("llm", "transformer"), quantize_apart=("transformer",), size=32, steps=1, tokens=4,
+                      learned="tiny"),
     "tiny": dict(title="tiny configs (smoke run)", lm="opt", lm_config=TINY_OPT, vision=TINY_VISION, decoder="sd15",
                  unet=TINY_UNET, vae=TINY_VAE, text=[TINY_TEXT], quantize="none", size=32, steps=2, tokens=4,
                  learned="tiny"),
@@ -152,30 +190,114 @@ def write_random(model, folder: str, weights_name: str, dtype=torch.bfloat16) ->
 
 
 def lm_class(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    return {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[kind]
+    return {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+
+
+FLUX_FOLDER = "decoder"  # a Flux pairing's decoder: a whole FluxPipeline checkpoint folder under the base folder
+FLUX_TEXT = ("text_encoder", "text_encoder_2")
+
+
+def meta_models(pairing: dict) -> dict:
+    """The pairing's base models on the `meta` device (architecture only: no memory, no values)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel
+
+    config_class, model_class = lm_class(pairing["lm"])
+    with torch.device("meta"):
+        models = {"llm": model_class(config_class(**pairing["lm_config"], dtype=torch.bfloat16)),
+                  "image_encoder": CLIPVisionModel(CLIPVisionConfig(**pairing["vision"], dtype=torch.bfloat16))}
+        if pairing["decoder"] == "flux":
+            models["transformer"] = FluxTransformer2DModel(**pairing["transformer"])
+            models["vae"] = AutoencoderKL(**pairing["vae"])
+            models["text_encoder"] = CLIPTextModel(CLIPTextConfig(**pairing["text"][0], dtype=torch.bfloat16))
+            models["text_encoder_2"] = T5EncoderModel(T5Config(**pairing["t5"], dtype=torch.bfloat16))
+        else:
+            models["unet"] = UNet2DConditionModel(**pairing["unet"])
+            models["vae"] = AutoencoderKL(**pairing["vae"])
+    return models
+
+
+def plan(pairing: dict) -> dict:
+    """Disk and per-stage memory the pairing needs, from its configs (`benchmarks/real_size_estimate.py`)."""
+    return real_size_estimate.estimate(pairing, meta_models(pairing), SHARD_BYTES)
+
+
+def component_folder(pairing: dict, base: str, name: str) -> str:
+    if pairing["decoder"] == "flux" and name not in ("llm", "image_encoder"):
+        return os.path.join(base, FLUX_FOLDER, name)
+    return os.path.join(base, name)
+
+
+def write_flux_checkpoint_files(pairing: dict, models: dict, folder: str) -> None:
+    """What a FluxPipeline folder holds besides weights: `model_index.json` (diffusers' own, from a pipeline over the
+    `meta` models), the scheduler and the two tokenizers (tiny ones: random weights only need ids in the vocabularies)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from gill_pipeline.testing import build_tiny_clip_tokenizer
+    from gill_pipeline.testing.tiny_decoders import build_tiny_t5_tokenizer
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**pairing["scheduler"])
+    tokenizer, tokenizer_2 = build_tiny_clip_tokenizer(model_max_length=77), build_tiny_t5_tokenizer()
+    pipe = FluxPipeline(scheduler=scheduler, vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
+                        text_encoder_2=models["text_encoder_2"], tokenizer_2=tokenizer_2,
+                        transformer=models["transformer"])
+    pipe.save_config(folder)
+    scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    tokenizer_2.save_pretrained(os.path.join(folder, "tokenizer_2"))
 
 
 def stage_write(pairing: dict, base: str) -> dict:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import PreTrainedModel
 
     start = time.perf_counter()
-    config_class, model_class = lm_class(pairing["lm"])
+    models = meta_models(pairing)
     written = {}
-    with torch.device("meta"):
-        llm = model_class(config_class(**pairing["lm_config"], dtype=torch.bfloat16))
-        vision = CLIPVisionModel(CLIPVisionConfig(**pairing["vision"], dtype=torch.bfloat16))
-        unet = UNet2DConditionModel(**pairing["unet"])
-        vae = AutoencoderKL(**pairing["vae"])
-    for name, model, weights in (("llm", llm, "model.safetensors"), ("image_encoder", vision, "model.safetensors")):
-        model.config.save_pretrained(os.path.join(base, name))
-        written[name] = write_random(model, os.path.join(base, name), weights)
-    for name, model in (("unet", unet), ("vae", vae)):
-        model.save_config(os.path.join(base, name))
-        written[name] = write_random(model, os.path.join(base, name), "diffusion_pytorch_model.safetensors")
+    for name, model in models.items():
+        folder = component_folder(pairing, base, name)
+        if isinstance(model, PreTrainedModel):
+            model.config.save_pretrained(folder)
+            written[name] = write_random(model, folder, "model.safetensors")
+        else:
+            model.save_config(folder)
+            written[name] = write_random(model, folder, "diffusion_pytorch_model.safetensors")
+    if pairing["decoder"] == "flux":
+        write_flux_checkpoint_files(pairing, models, os.path.join(base, FLUX_FOLDER))
     return {"seconds": time.perf_counter() - start, "bytes": written, "memory": memory()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1a (Flux): the conditioning layout, read from the text encoders alone
+# ----------------------------------------------------------------------------------------------------------------------
+LAYOUT_FILE, NEGATIVES_FILE = "layout.json", "negatives.safetensors"
+
+
+def stage_layout(pairing: dict, base: str) -> dict:
+    """Loads the Flux checkpoint's text encoders (memory-mapped, bf16) with its transformer and VAE built on `meta`
+    (GILL reads only their configs: widths to check, guidance, latent space), reads the layout and the default
+    negatives, and writes them next to the checkpoint for the assembly stage."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from gill_pipeline.decoders import default_negative_conditioning, load_decoder, read_conditioning_layout
+
+    start = time.perf_counter()
+    folder = os.path.join(base, FLUX_FOLDER)
+    with torch.device("meta"):
+        config_only = {name: cls.from_config(cls.load_config(os.path.join(folder, name)))
+                       for name, cls in (("transformer", FluxTransformer2DModel), ("vae", AutoencoderKL))}
+    decoder = load_decoder(folder, family="flux", text_encoders=True, torch_dtype=torch.bfloat16, **config_only)
+    decoder.set_progress_bar_config(disable=True)
+    layout = read_conditioning_layout(decoder)
+    negatives = default_negative_conditioning(decoder) if layout.has_negatives else {}
+    with open(os.path.join(base, LAYOUT_FILE), "w") as f:
+        f.write(layout.to_json_string())
+    if negatives:
+        save_file({k: v.contiguous() for k, v in negatives.items()}, os.path.join(base, NEGATIVES_FILE))
+    return {"seconds": time.perf_counter() - start, "layout": layout.describe(), "memory": memory()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,24 +331,88 @@ def build_decoder(pairing: dict, base: str):
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1b (the components in a pairing's `quantize_apart`): a base model quantized alone, in place of its bf16 files
+# ----------------------------------------------------------------------------------------------------------------------
+def stage_quantize(pairing: dict, base: str, name: str) -> dict:
+    """Loads one base model quantized by its entry of the pairing's `PipelineQuantizationConfig` and saves it beside its
+    bf16 folder (`<folder>.quantized`): only this component's quantized copy is ever in this process's own memory."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from gill_pipeline.serialization.quantization import component_quantization, release_freed_memory
+
+    from .quantized_save import save_quantized_sharded
+
+    start = time.perf_counter()
+    folder = component_folder(pairing, base, name)
+    config = component_quantization(quantization(pairing), name)
+    if name == "llm":
+        model = lm_class(pairing["lm"])[1].from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
+    else:
+        model_class = FluxTransformer2DModel if name == "transformer" else UNet2DConditionModel
+        model = model_class.from_pretrained(folder, torch_dtype=torch.bfloat16, quantization_config=config)
+    release_freed_memory()
+    loaded = memory()
+    if name == "llm":
+        model.save_pretrained(folder + QUANTIZED_SUFFIX)
+    else:  # diffusers' own save would hold a second copy of the int8 weights (benchmarks/quantized_save.py)
+        save_quantized_sharded(model, folder + QUANTIZED_SUFFIX, shard_bytes=SHARD_BYTES // 2)
+    return {"component": name, "seconds": time.perf_counter() - start, "memory_loaded": loaded, "memory": memory(),
+            "bytes": folder_bytes(folder + QUANTIZED_SUFFIX, ".safetensors")}
+
+
+QUANTIZED_SUFFIX = ".quantized"
+
+
+def quantization(pairing: dict, leave_out=()):
+    """The pairing's `PipelineQuantizationConfig`: the `--quantize` preset's entries for the components it names
+    (except those in `leave_out`: quantized apart, loaded as saved)."""
+    from diffusers import PipelineQuantizationConfig
+
+    from gill_pipeline.serialization.quantization import quantization_preset
+
+    config = quantization_preset(pairing["quantize"], decoder=True)
+    if config is None:
+        return None
+    wanted = [name for name in pairing.get("quantized", ("llm",)) if name not in leave_out]
+    mapping = {k: v for k, v in config.quant_mapping.items() if k in wanted}
+    return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
+
+
+def flux_decoder_arguments(base: str) -> dict:
+    """The Flux checkpoint folder and the layout and negatives stage 1a read: `from_base_models` then loads the
+    checkpoint without its text encoders."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(base, LAYOUT_FILE)) as f:
+        layout = json.load(f)
+    negatives = os.path.join(base, NEGATIVES_FILE)
+    return {"decoder": os.path.join(base, FLUX_FOLDER), "conditioning_layout": layout,
+            "negative_conditioning": load_file(negatives) if os.path.exists(negatives) else {}}
+
+
 def stage_assemble(pairing: dict, base: str, output: str) -> dict:
     from transformers import CLIPImageProcessor
 
     from gill_pipeline import GILLPipeline
-    from gill_pipeline.serialization.quantization import quantization_preset
     from gill_pipeline.testing import TINY_GILL_SIZES, build_tiny_tokenizer
 
     start = time.perf_counter()
-    decoder = build_decoder(pairing, base)
+    # Quantized apart (stage 1b): the folders hold the quantized models, which load as they were saved.
+    config = quantization(pairing, leave_out=pairing.get("quantize_apart", ()))
+    if pairing["decoder"] == "flux":
+        decoder = flux_decoder_arguments(base)
+    else:
+        decoder = {"decoder": build_decoder(pairing, base)}
     # GILL's reference sizes of the learned parts (the library's defaults); tiny ones for the smoke run.
     learned = TINY_GILL_SIZES if pairing.get("learned") == "tiny" else {}
     size = pairing["vision"]["image_size"]
     pipe = GILLPipeline.from_base_models(
-        os.path.join(base, "llm"), decoder=decoder, image_encoder=os.path.join(base, "image_encoder"),
+        os.path.join(base, "llm"), **decoder, image_encoder=os.path.join(base, "image_encoder"),
         # Random weights: the tokenizer only has to give ids inside the LM's vocabulary.
         tokenizer=build_tiny_tokenizer(),
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        dtype=torch.bfloat16, quantization_config=quantization_preset(pairing["quantize"]), **learned,
+        dtype=torch.bfloat16, quantization_config=config, **learned,
     )
     del decoder
     assembled = time.perf_counter() - start
@@ -281,7 +467,9 @@ def stage_use(pairing: dict, folder: str, repeats: int) -> dict:
 
     result = {"memory_before": memory()}
     start = time.perf_counter()
-    pipe = GILLPipeline.from_pretrained(folder)
+    # dtype given as a user gives it: without it, a saved int8 LM / transformer loads its unquantized tensors
+    # (embeddings, norms, biases) in fp32 (diffusers' and transformers' default), twice their bytes on disk.
+    pipe = GILLPipeline.from_pretrained(folder, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     result["load_s"] = time.perf_counter() - start
     result["memory_loaded"] = memory()
@@ -307,7 +495,7 @@ def stage_use(pairing: dict, folder: str, repeats: int) -> dict:
     with torch.no_grad():
         cond = pipe.gill.map_to_conditioning(hidden)
     negatives = pipe.gill.negative_conditioning() or None
-    parts = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler}
+    parts = {denoiser_name(pipe): getattr(pipe, denoiser_name(pipe)), "vae": pipe.vae, "scheduler": pipe.scheduler}
     result["decoder_s"], _ = timed(lambda: run_decoder(
         parts, cond, negatives, layout=layout, height=size, width=size, num_inference_steps=steps,
         generator=torch.Generator().manual_seed(0), output_type="pt", progress_bar_config={"disable": True},
@@ -321,11 +509,16 @@ def stage_use(pairing: dict, folder: str, repeats: int) -> dict:
     return result
 
 
+def denoiser_name(pipe) -> str:
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
 def train_step(pipe) -> dict:
     """One optimizer step of the learned parts (fp32, under bf16 autocast as training/ runs them) against the frozen
     base models: micro-batch 2, 16 caption tokens, precomputed (random) targets of the decoder's layout."""
     from training.model_forward import GILLTrainingModel, total_loss
     from training.params import LossArgs
+    from training.quantized_backward import lean_quantized_backward
 
     from .gpu.bench_gpu import random_targets
 
@@ -342,14 +535,16 @@ def train_step(pipe) -> dict:
              "pixel_values": torch.randn(2, 3, size, size, generator=generator).to(torch.bfloat16),
              "targets": random_targets(gill, 2, generator, torch.device("cpu"))}
     start = time.perf_counter()
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        loss = total_loss(model(batch, concat_caption=False, concat_img=False), LossArgs())
-    loss.backward()
+    # A quantized LM: the backward keeps its int8 weights, not a bf16 copy of every layer (training/quantized_backward.py).
+    with lean_quantized_backward(pipe.llm):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            loss = total_loss(model(batch, concat_caption=False, concat_img=False), LossArgs())
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     gill.eval().to(torch.bfloat16)
-    return {"seconds": seconds, "loss": float(loss), "memory": memory(),
+    return {"seconds": seconds, "loss": float(loss.detach()), "memory": memory(),
             "trainable": sum(p.numel() for p in gill.parameters() if p.requires_grad)}
 
 
@@ -366,8 +561,8 @@ def push_and_pull(pipe) -> dict:
         pushed = time.perf_counter() - start
         uploaded = sum(len(data) for data in hub.files("bench/gill-real-size").values())
         pulled = GILLPipeline.from_pretrained(
-            "bench/gill-real-size", cache_dir=cache, llm=pipe.llm, image_encoder=pipe.image_encoder, unet=pipe.unet,
-            vae=pipe.vae, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, feature_extractor=pipe.feature_extractor,
+            "bench/gill-real-size", cache_dir=cache, llm=pipe.llm, image_encoder=pipe.image_encoder,
+            **{denoiser_name(pipe): getattr(pipe, denoiser_name(pipe))}, vae=pipe.vae, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, feature_extractor=pipe.feature_extractor,
         )
         pull_s = time.perf_counter() - start - pushed
         mine, theirs = pipe.gill.state_dict(), pulled.gill.state_dict()
@@ -390,10 +585,24 @@ def child(stage: str, pairing_name: str, *paths: str, repeats: int = 1) -> dict:
 
 def run_pairing(name: str, workdir: str, repeats: int) -> dict:
     base, folder = os.path.join(workdir, "base"), os.path.join(workdir, "gill")
-    report = {"pairing": name, "free_disk_gb": shutil.disk_usage(workdir).free / 1e9}
+    report = {"pairing": name, "free_disk_gb": shutil.disk_usage(workdir).free / 1e9,
+              "estimate": real_size_estimate.describe(name, plan(PAIRINGS[name]))}
     try:
         report["write"] = child("write", name, base)
         print(f"[{name}] wrote base models: {json.dumps(report['write'])}", flush=True)
+        if PAIRINGS[name]["decoder"] == "flux":
+            report["layout"] = child("layout", name, base)
+            print(f"[{name}] read the layout: {json.dumps(report['layout'])}", flush=True)
+            for text in FLUX_TEXT:  # not needed again: free their disk before the GILL folder is written
+                shutil.rmtree(os.path.join(base, FLUX_FOLDER, text))
+        if PAIRINGS[name].get("quantize_apart"):
+            for component in PAIRINGS[name]["quantize_apart"]:
+                result = child("quantize", name, base, component)
+                report.setdefault("quantize", {})[component] = result
+                print(f"[{name}] quantized a base model: {json.dumps(result)}", flush=True)
+                folder_of = component_folder(PAIRINGS[name], base, component)
+                shutil.rmtree(folder_of)  # the bf16 files, replaced by the quantized ones
+                os.replace(folder_of + QUANTIZED_SUFFIX, folder_of)
         report["assemble"] = child("assemble", name, base, folder)
         print(f"[{name}] assembled and saved: {json.dumps(report['assemble'])}", flush=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -407,14 +616,22 @@ def run_pairing(name: str, workdir: str, repeats: int) -> dict:
 
 def reports_from_log(path: str) -> list[dict]:
     """The reports of a run, read back from the stage lines it printed (`[pairing] stage: {json}`)."""
-    stages = {"wrote base models": "write", "assembled and saved": "assemble", "loaded and used": "use"}
+    stages = {"wrote base models": "write", "read the layout": "layout", "quantized a base model": "quantize",
+              "assembled and saved": "assemble", "loaded and used": "use"}
     reports = {}
     with open(path) as f:
         for line in f:
+            if line.startswith("[") and ("] estimate from the configs: " in line or "] memory per stage, " in line):
+                report = reports.setdefault(line[1:line.index("]")], {"pairing": line[1:line.index("]")]})
+                report["estimate"] = (report.get("estimate", "") + "\n" + line.rstrip("\n")).lstrip("\n")
             for label, key in stages.items():
                 if line.startswith("[") and f"] {label}: " in line:
                     name = line[1:line.index("]")]
-                    reports.setdefault(name, {"pairing": name})[key] = json.loads(line.split(f"{label}: ", 1)[1])
+                    result = json.loads(line.split(f"{label}: ", 1)[1])
+                    if key == "quantize":
+                        reports.setdefault(name, {"pairing": name}).setdefault(key, {})[result["component"]] = result
+                    else:
+                        reports.setdefault(name, {"pairing": name})[key] = result
     complete = [r for r in reports.values() if {"write", "assemble", "use"} <= set(r)]
     if not complete:
         raise ValueError(f"`--write-from`: {path!r} holds no complete pairing (its stages were not all printed).")
@@ -423,6 +640,15 @@ def reports_from_log(path: str) -> list[dict]:
 
 def gib(value: float) -> str:
     return f"{value:.2f} GiB"
+
+
+def quantized_label(pairing: dict) -> str:
+    if pairing["quantize"] == "none":
+        return ""
+    apart = pairing.get("quantize_apart", ())
+    here = [name for name in pairing.get("quantized", ("llm",)) if name not in apart]
+    return (f", quantize {pairing['quantize']}: {' + '.join(here)}" if here else "") + (
+        f"; {' + '.join(apart)} {pairing['quantize']} as saved" if apart else "")
 
 
 def table(report: dict) -> list[str]:
@@ -438,11 +664,28 @@ def table(report: dict) -> list[str]:
         f"{gib(write['memory']['peak'])}; {', '.join(f'{k} {v / 1e9:.2f} GB' for k, v in write['bytes'].items())}). "
         f"GILL's folder: {assemble['bytes'] / 1e9:.2f} GB on disk, of which weights {weights:.2f} GiB. Answers: "
         f"{pairing['tokens']} forced text tokens; the image answer adds `[IMG]` and one image of "
-        f"{pairing['size']}x{pairing['size']} in {pairing['steps']} steps (reduced for the CPU).",
+        f"{pairing['size']}x{pairing['size']} in {pairing['steps']} step{'s' if pairing['steps'] > 1 else ''} (reduced for the CPU).",
         "",
+    ] + ([
+        "Estimated before the run, from the configs (`benchmarks/real_size_estimate.py`):",
+        "",
+        "```",
+        report["estimate"],
+        "```",
+        "",
+    ] if "estimate" in report else []) + [
         "| stage | time | peak RSS of the process | RSS at its end (anon + file) | target |",
         "| --- | --- | --- | --- | --- |",
-        f"| `from_base_models` (assemble{', quantize ' + pairing['quantize'] if pairing['quantize'] != 'none' else ''}) "
+    ] + ([
+        f"| read the layout (text encoders alone; transformer, VAE on `meta`) | {report['layout']['seconds']:.1f} s | "
+        f"{gib(report['layout']['memory']['peak'])} | {gib(report['layout']['memory']['rss'])} | |",
+    ] if "layout" in report else []) + [
+        f"| quantize {component} alone (`from_pretrained(..., quantization_config=<its entry>)` + save) | "
+        f"{result['seconds']:.1f} s | {gib(result['memory']['peak'])} | {gib(result['memory_loaded']['rss'])} "
+        f"({result['memory_loaded']['anon']:.2f} + {result['memory_loaded']['file']:.2f}) after loading | |"
+        for component, result in report.get("quantize", {}).items()
+    ] + [
+        f"| `from_base_models` (assemble{quantized_label(pairing)}) "
         f"| {assemble['assemble_s']:.1f} s | {gib(assemble['memory_assembled']['peak'])} | "
         f"{gib(assemble['memory_assembled']['rss'])} ({assemble['memory_assembled']['anon']:.2f} + "
         f"{assemble['memory_assembled']['file']:.2f}) | |",
@@ -505,6 +748,25 @@ def write_results(reports: list[dict], argv: list[str]) -> None:
     print(f"wrote {RESULTS}")
 
 
+DISK_MARGIN = 1.05  # shard rounding, configs, tokenizers, and the learned weights pushed to the in-process Hub
+
+
+def check_disk(parser, names: list[str], workdir: str) -> None:
+    """Prints each pairing's estimate and refuses (before writing anything) when `workdir` has too little free disk
+    for the largest of them (pairings run one after the other, each deleting its folders)."""
+    free = shutil.disk_usage(workdir).free
+    for name in names:
+        needed = plan(PAIRINGS[name])
+        print(real_size_estimate.describe(name, needed), flush=True)
+        need = needed["disk"]["peak"] * DISK_MARGIN
+        if need > free:
+            parser.error(
+                f"argument --workdir: {workdir!r} has {free / 1e9:.1f} GB free, but the {name!r} pairing needs "
+                f"{need / 1e9:.1f} GB at its peak (base models and the GILL folder on disk together); pass a "
+                f"--workdir on a disk with more room"
+            )
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -527,12 +789,21 @@ def main(argv=None):
         torch.manual_seed(0)
         if stage == "write":
             result = stage_write(pairing, *paths)
+        elif stage == "layout":
+            result = stage_layout(pairing, *paths)
+        elif stage == "quantize":
+            result = stage_quantize(pairing, *paths)
         elif stage == "assemble":
             result = stage_assemble(pairing, *paths)
         else:
             result = stage_use(pairing, *paths, repeats=args.repeats)
         print("RESULT " + json.dumps(result), flush=True)
         return None
+    if args.repeats < 1:
+        parser.error(f"argument --repeats: must be at least 1, got {args.repeats}")
+    if args.workdir is not None and not os.path.isdir(args.workdir):
+        parser.error(f"argument --workdir: no such folder {args.workdir!r}")
+    check_disk(parser, names, args.workdir or tempfile.gettempdir())
     reports = []
     for name in names:
         workdir = tempfile.mkdtemp(prefix=f"gill_real_size_{name}_", dir=args.workdir)

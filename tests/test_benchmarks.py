@@ -112,3 +112,75 @@ def test_cpu_decode_benchmark_runs_and_compares_alike():
     assert rows["fp32"]["same_ids_as_fp32"] and rows["fp32"]["vs_reference"] > 0
     assert all(r["bound_ms"] > 0 and r["per_token_ms"] > 0 for r in rows.values())
     assert "| 1 | bf16 |" in report["markdown"]
+
+
+def test_real_size_benchmark_flux_stages_run_on_tiny_configs(tmp_path):
+    # The Flux pairing's stages on tiny configs of the same classes: the layout read from the text encoders alone,
+    # their folders deleted, then assembly from the checkpoint folder (which must not load them) with the LM and the
+    # transformer quantized int8 by one `PipelineQuantizationConfig`, the answers, a training step, the Hub round trip.
+    import json
+    import os
+    import shutil
+
+    from safetensors import safe_open
+
+    bench = load("bench_real_size")
+    pairing = bench.PAIRINGS["tiny-flux"]
+    base, folder = str(tmp_path / "base"), str(tmp_path / "gill")
+    written = bench.stage_write(pairing, base)
+    assert set(written["bytes"]) == {"llm", "image_encoder", "transformer", "vae", "text_encoder", "text_encoder_2"}
+    layout = bench.stage_layout(pairing, base)
+    assert layout["layout"].startswith("FluxPipeline (flux, guidance none")
+    assert "prompt_embeds sequence (512, 32)" in layout["layout"] and "pooled_prompt_embeds pooled (32,)" in layout["layout"]
+    for text in bench.FLUX_TEXT:
+        shutil.rmtree(os.path.join(base, bench.FLUX_FOLDER, text))
+    quantized = {}
+    for component in pairing["quantize_apart"]:  # alone, replacing its bf16 files, as the run does
+        quantized[component] = bench.stage_quantize(pairing, base, component)
+        original = bench.component_folder(pairing, base, component)
+        shutil.rmtree(original)
+        os.replace(original + bench.QUANTIZED_SUFFIX, original)
+    assembled = bench.stage_assemble(pairing, base, folder)
+    for component in ("llm", "transformer"):
+        with open(os.path.join(folder, component, "config.json")) as f:
+            assert "quantization_config" in json.load(f), component
+    # The estimate made from the configs before a run: the bytes of the tensors each component writes (headers
+    # aside, which only tiny models notice).
+    plan = bench.plan(pairing)
+    for component, expected in plan["kept"].items():
+        stored = 0
+        for root, _, files in os.walk(os.path.join(folder, component)):
+            for name in (f for f in files if f.endswith(".safetensors")):
+                with safe_open(os.path.join(root, name), "pt") as f:
+                    for key in f.keys():
+                        stored += f.get_tensor(key).nbytes
+        assert abs(stored - expected) <= 0.03 * stored, (component, stored, expected)
+    assert plan["disk"]["base"] == sum(written["bytes"].values())
+    used = bench.stage_use(pairing, folder, repeats=1)
+    assert used["images"] == 1 and used["hub"]["identical"] and torch.isfinite(torch.tensor(used["train"]["loss"]))
+    report = {"pairing": "tiny-flux", "write": written, "layout": layout, "quantize": quantized, "assemble": assembled,
+              "use": used}
+    text = "\n".join(bench.table(report))
+    assert "read the layout" in text and "| quantize transformer alone" in text and "identical: yes" in text
+    assert "quantize int8: llm; transformer int8 as saved" in text
+
+
+def test_real_size_benchmark_refuses_bad_workdirs_before_writing(tmp_path, monkeypatch, capsys):
+    import collections
+    import shutil
+
+    import pytest
+
+    bench = load("bench_real_size")
+    with pytest.raises(SystemExit):
+        bench.main(["--pairing", "tiny", "--workdir", str(tmp_path / "missing"), "--no-write"])
+    assert "argument --workdir: no such folder" in capsys.readouterr().err
+    # A disk with 1 GB free: the Qwen + Flux pairing needs tens of GB (estimated from its configs, printed first).
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**9, 10**9))
+    with pytest.raises(SystemExit):
+        bench.main(["--pairing", "qwen-flux", "--workdir", str(tmp_path), "--no-write"])
+    out, err = capsys.readouterr()
+    assert "[qwen-flux] estimate from the configs" in out and "disk needed at the peak" in out
+    assert f"argument --workdir: {str(tmp_path)!r} has 1.0 GB free, but the 'qwen-flux' pairing needs" in err
+    assert list(tmp_path.iterdir()) == []

@@ -65,6 +65,9 @@ SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                         guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# black-forest-labs/FLUX.1-schnell transformer (timestep-distilled: no guidance embedding) and scheduler; same VAE
+FLUX_SCHNELL_TRANSFORMER = dict(FLUX_TRANSFORMER, guidance_embeds=False)
+FLUX_SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 FLUX_VAE = dict(SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
                 scaling_factor=0.3611, shift_factor=0.1159)
 
@@ -177,3 +180,8 @@ LLAMA_3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, 
 LLAMA_3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                    num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                    rms_norm_eps=1e-5, tie_word_embeddings=False)
+# Qwen/Qwen2.5-7B (grouped-query attention with q/k/v biases, untied embeddings; max_position_embeddings 131072 in
+# the published config, 32768 here: the rotary cache does not depend on it and nothing here reads that far)
+QWEN_2_5_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                   num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
+                   rms_norm_eps=1e-6, tie_word_embeddings=False)

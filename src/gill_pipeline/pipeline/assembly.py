@@ -81,9 +81,11 @@ def _load_lm(language_model, tokenizer, load_kwargs):
     return language_model, tokenizer
 
 
-def _load_sd(stable_diffusion, load_kwargs):
+def _load_sd(stable_diffusion, load_kwargs, text_encoders: bool = True):
     """A decoder checkpoint of any supported family WITH its text encoders (needed once, to read the layout and
-    store the negatives); the family is read from its `model_index.json`, an unsupported class is refused."""
+    store the negatives); the family is read from its `model_index.json`, an unsupported class is refused.
+    `text_encoders=False` (the layout and negatives given) skips them for families other than SD 1.x/2.x: Flux's T5
+    is 9.5 GB in bf16, never needed in memory together with the denoiser."""
     if not isinstance(stable_diffusion, str):
         return stable_diffusion
     config = StableDiffusionPipeline.load_config(
@@ -97,7 +99,16 @@ def _load_sd(stable_diffusion, load_kwargs):
             # post-processing); the pipeline's optional check is `GILLPipeline.set_safety_checker`.
             stable_diffusion, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **load_kwargs
         )
-    return load_decoder(stable_diffusion, family=family, text_encoders=True, **load_kwargs)
+    return load_decoder(stable_diffusion, family=family, text_encoders=text_encoders, **load_kwargs)
+
+
+def _needs_text_encoders(conditioning_layout, negative_conditioning) -> bool:
+    """Whether a decoder given by name must be loaded with its text encoders: only to read what was not given."""
+    if conditioning_layout is None:
+        return True
+    if isinstance(conditioning_layout, dict):
+        conditioning_layout = ConditioningLayout.from_dict(conditioning_layout)
+    return negative_conditioning is None and conditioning_layout.has_negatives
 
 
 def _decoder_conditioning(sd, family, conditioning_layout, negative_conditioning):
@@ -212,7 +223,9 @@ def assemble_gill_pipeline(
             Learned queries of the mapper; None (default) gives one per output position. See docs/decoders.md.
         conditioning_layout ([`ConditioningLayout`] or `dict`, *optional*), negative_conditioning (`dict`, *optional*):
             The decoder's layout and default negatives, for a `decoder` given without its text encoders;
-            read from the text encoders otherwise.
+            read from the text encoders otherwise. With them given (negatives only where the family has some), a
+            `decoder` checkpoint other than SD 1.x/2.x is loaded WITHOUT its text encoders (Flux's T5 and the
+            quantized transformer are then never in memory together; see docs/quantization.md).
         seed (`int`, *optional*, defaults to 0):
             Seed for the initial weights of the learned parts.
         dtype (`torch.dtype` or `str`, *optional*):
@@ -263,7 +276,10 @@ def assemble_gill_pipeline(
         return {"quantization_config": config} if config is not None else {}
 
     llm, tokenizer = _load_lm(language_model, tokenizer, {**load_kwargs, **quantized("llm")})
-    sd = _load_sd(stable_diffusion, {**load_kwargs, **decoder_quantization(quantization)})
+    sd = _load_sd(
+        stable_diffusion, {**load_kwargs, **decoder_quantization(quantization)},
+        text_encoders=_needs_text_encoders(conditioning_layout, negative_conditioning),
+    )
     image_encoder, feature_extractor = _load_vision(
         image_encoder, feature_extractor, {**load_kwargs, **quantized("image_encoder")}
     )
