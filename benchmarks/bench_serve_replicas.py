@@ -105,8 +105,10 @@ class Replicas:
                 port = free_port()
                 log = tempfile.TemporaryFile()  # not a pipe: a pipe nobody reads would block the server once full
                 self.logs.append(log)
-                self.processes.append(subprocess.Popen(self.command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                       stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO))
+                self.processes.append(subprocess.Popen(
+                    self.command(port), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, cwd=REPO,
+                ))
                 self.urls.append(f"http://127.0.0.1:{port}")
             self.wait_healthy()
         except BaseException:
@@ -218,7 +220,9 @@ def bench(replicas: Replicas, kinds, clients, per_client, steps, rounds, api_key
             for used in order:
                 urls = replicas.urls[:used]
                 cpu_before, (calls_before, jobs_before) = replicas.cpu_seconds(), batch_counts(replicas.health())
+                driver_before = time.process_time()
                 tally, wall = asyncio.run(drive(urls, kind, clients, requests, steps, pngs, replicas.model, api_key))
+                driver = (time.process_time() - driver_before) / wall
                 cpu_after, (calls_after, jobs_after) = replicas.cpu_seconds(), batch_counts(replicas.health())
                 calls = calls_after - calls_before
                 rows.append(dict(
@@ -227,11 +231,13 @@ def bench(replicas: Replicas, kinds, clients, per_client, steps, rounds, api_key
                     ttft50=percentile(tally.ttft, 50), errors=len(tally.errors), full=tally.full,
                     batch=(jobs_after - jobs_before) / calls if calls else 0.0,
                     cores=(sum(cpu_after) - sum(cpu_before)) / wall,  # cores busy on average, servers only
+                    driver=driver,  # cores the clients (this process) kept busy
                     load=os.getloadavg()[0],
                 ))
                 logger.warning(f"{kind:5} {used} replica(s), round {round_ + 1}: {rows[-1]['rps']:.2f} req/s, "
                                f"p50 {rows[-1]['p50']:.2f} s, p99 {rows[-1]['p99']:.2f} s, mean batch "
-                               f"{rows[-1]['batch']:.1f}, cores used {rows[-1]['cores']:.2f}, errors {len(tally.errors)}")
+                               f"{rows[-1]['batch']:.1f}, server cores {rows[-1]['cores']:.2f}, client cores "
+                               f"{rows[-1]['driver']:.2f}, errors {len(tally.errors)}")
                 for error in tally.errors[:3]:
                     logger.warning(f"   error: {error}")
                 if used == 1 and kind not in reference:
@@ -274,17 +280,18 @@ def report(rows, checked, mismatched, args, minutes, load_start, load_end) -> li
         "world as a `data:` URL, GILL's options as extra fields), each client one request after the other, "
         "spread round-robin over the replicas used (the role of a load balancer). `text`: a sampled description "
         "(`max_images=0`, 8 tokens); `image`: the description then an image, retrieved and generated "
-        f"(`image_mode='both'`, {args.steps} denoising steps). Cores used: the servers' CPU seconds over the wall "
-        "time (at most the machine's cores, shared with the other jobs).",
+        f"(`image_mode='both'`, {args.steps} denoising steps). Server cores: the servers' CPU seconds over the wall "
+        "time; client cores: the same for the clients (this script's process). Both share the machine's cores with "
+        "the other jobs (the load average).",
         "",
         "| answer | replicas | round | requests | req/s | p50 latency (s) | p99 latency (s) | p50 TTFT (s) | mean batch | "
-        "cores used | load avg | 429/503 | errors |",
-        "|" + " --- |" * 13,
+        "server cores | client cores | load avg | 429/503 | errors |",
+        "|" + " --- |" * 14,
     ]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['replicas']} | {r['round']} | {r['requests']} | {r['rps']:.2f} | "
                      f"{r['p50']:.2f} | {r['p99']:.2f} | {r['ttft50']:.2f} | {r['batch']:.1f} | {r['cores']:.2f} | "
-                     f"{r['load']:.1f} | {r['full']} | {r['errors']} |")
+                     f"{r['driver']:.2f} | {r['load']:.1f} | {r['full']} | {r['errors']} |")
     lines += ["", "| answer | round | replicas / 1 replica (req/s) |", "| --- | --- | --- |"]
     lines += [f"| {kind} | {round_} | {used}: {ratio:.2f}x |" for kind, round_, used, ratio in ratios(rows)]
     lines += [
@@ -338,7 +345,8 @@ def main(argv=None):
     started, load_start = time.time(), os.getloadavg()[0]
     try:
         serve_args = ["--max-batch-size", str(args.max_batch_size), "--max-queue", str(4 * args.clients)]
-        with Replicas(args.replicas, args.model, args.threads, serve_args, start_timeout=args.start_timeout) as replicas:
+        replicas = Replicas(args.replicas, args.model, args.threads, serve_args, start_timeout=args.start_timeout)
+        with replicas:
             logger.warning(f"{args.replicas} replicas up: {', '.join(replicas.urls)}")
             pids = replicas.pids
             rows, checked, mismatched = bench(replicas, kinds, args.clients, args.requests_per_client, args.steps,
