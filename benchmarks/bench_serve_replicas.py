@@ -12,7 +12,7 @@ request (texts equal, images within one 8-bit level).
 The servers are always stopped: SIGTERM (a graceful shutdown), then SIGKILL to their process group after
 `--stop-timeout` seconds; on an error, on Ctrl+C and on SIGTERM to this script too.
 
-    python -m benchmarks.bench_serve_replicas [--replicas 2] [--clients 16] [--requests-per-client 6] [--steps 4]
+    python -m benchmarks.bench_serve_replicas [--replicas 2] [--clients 16[,32]] [--requests-per-client 30] [--steps 4]
 
 Writes the "Several replicas" section of benchmarks/results/serve.md (the rest of the file is left as it is).
 """
@@ -204,60 +204,62 @@ def batch_counts(health: list[dict]) -> tuple[float, float]:
     return calls, jobs
 
 
-def bench(replicas: Replicas, kinds, clients, per_client, steps, rounds, api_key=None):
-    """Rows of (kind, replicas used, round) side by side, and the check of every answer against the reference."""
+def bench(replicas: Replicas, kinds, levels, per_client, steps, rounds, api_key=None):
+    """Rows of (kind, clients, replicas used, round) side by side, and the check of every answer against the first
+    one-replica answer to the same request."""
     pngs = world_pngs()
-    requests = clients * per_client
-    rows, reference, checked, mismatched = [], {}, 0, []
+    rows, reference, checked, mismatched = [], {kind: {} for kind in kinds}, 0, []
     for url in replicas.urls:  # warm-up: each server's first call of each kind pays one-off costs
         for kind in kinds:
             tally, _ = asyncio.run(drive([url], kind, 1, 1, steps, pngs, replicas.model, api_key))
             if tally.errors:
                 raise RuntimeError(f"warm-up request to {url} failed: {tally.errors[0]}")
-    for kind in kinds:
-        for round_ in range(rounds):
-            order = (1, replicas.count) if round_ % 2 == 0 else (replicas.count, 1)
-            for used in order:
-                urls = replicas.urls[:used]
-                cpu_before, (calls_before, jobs_before) = replicas.cpu_seconds(), batch_counts(replicas.health())
-                driver_before = time.process_time()
-                tally, wall = asyncio.run(drive(urls, kind, clients, requests, steps, pngs, replicas.model, api_key))
-                driver = (time.process_time() - driver_before) / wall
-                cpu_after, (calls_after, jobs_after) = replicas.cpu_seconds(), batch_counts(replicas.health())
-                calls = calls_after - calls_before
-                rows.append(dict(
-                    kind=kind, replicas=used, round=round_ + 1, requests=requests, rps=len(tally.latency) / wall,
-                    p50=percentile(tally.latency, 50), p99=percentile(tally.latency, 99),
-                    ttft50=percentile(tally.ttft, 50), errors=len(tally.errors), full=tally.full,
-                    batch=(jobs_after - jobs_before) / calls if calls else 0.0,
-                    cores=(sum(cpu_after) - sum(cpu_before)) / wall,  # cores busy on average, servers only
-                    driver=driver,  # cores the clients (this process) kept busy
-                    load=os.getloadavg()[0],
-                ))
-                logger.warning(f"{kind:5} {used} replica(s), round {round_ + 1}: {rows[-1]['rps']:.2f} req/s, "
-                               f"p50 {rows[-1]['p50']:.2f} s, p99 {rows[-1]['p99']:.2f} s, mean batch "
-                               f"{rows[-1]['batch']:.1f}, server cores {rows[-1]['cores']:.2f}, client cores "
-                               f"{rows[-1]['driver']:.2f}, errors {len(tally.errors)}")
-                for error in tally.errors[:3]:
-                    logger.warning(f"   error: {error}")
-                if used == 1 and kind not in reference:
-                    reference[kind] = {i: decoded_answer(a) for i, a in tally.answers.items()}
+    for kind, clients, round_ in itertools.product(kinds, levels, range(rounds)):
+        requests = clients * per_client
+        order = (1, replicas.count) if round_ % 2 == 0 else (replicas.count, 1)
+        for used in order:
+            urls = replicas.urls[:used]
+            cpu_before, (calls_before, jobs_before) = replicas.cpu_seconds(), batch_counts(replicas.health())
+            driver_before = time.process_time()
+            tally, wall = asyncio.run(drive(urls, kind, clients, requests, steps, pngs, replicas.model, api_key))
+            driver = (time.process_time() - driver_before) / wall
+            cpu_after, (calls_after, jobs_after) = replicas.cpu_seconds(), batch_counts(replicas.health())
+            calls = calls_after - calls_before
+            rows.append(dict(
+                kind=kind, clients=clients, replicas=used, round=round_ + 1, requests=requests,
+                rps=len(tally.latency) / wall,
+                p50=percentile(tally.latency, 50), p99=percentile(tally.latency, 99),
+                ttft50=percentile(tally.ttft, 50), errors=len(tally.errors), full=tally.full,
+                batch=(jobs_after - jobs_before) / calls if calls else 0.0,
+                cores=(sum(cpu_after) - sum(cpu_before)) / wall,  # cores busy on average, servers only
+                driver=driver,  # cores the clients (this process) kept busy
+                load=os.getloadavg()[0],
+            ))
+            logger.warning(f"{kind:5} {clients} clients, {used} replica(s), round {round_ + 1}: "
+                           f"{rows[-1]['rps']:.2f} req/s, "
+                           f"p50 {rows[-1]['p50']:.2f} s, p99 {rows[-1]['p99']:.2f} s, mean batch "
+                           f"{rows[-1]['batch']:.1f}, server cores {rows[-1]['cores']:.2f}, client cores "
+                           f"{rows[-1]['driver']:.2f}, errors {len(tally.errors)}")
+            for error in tally.errors[:3]:
+                logger.warning(f"   error: {error}")
+            for i, answer in tally.answers.items():
+                if i not in reference[kind] and used == 1:  # the first one-replica answer to request i
+                    reference[kind][i] = decoded_answer(answer)
                     continue
-                for i, answer in tally.answers.items():
-                    checked += 1
-                    if i not in reference[kind] or not same_answer(decoded_answer(answer), reference[kind][i]):
-                        mismatched.append((kind, used, round_ + 1, i))
+                checked += 1
+                if i not in reference[kind] or not same_answer(decoded_answer(answer), reference[kind][i]):
+                    mismatched.append((kind, clients, used, round_ + 1, i))
     return rows, checked, mismatched
 
 
-def ratios(rows) -> list[tuple[str, int, int, float]]:
-    """(kind, round, replicas, N replicas / 1 replica in req/s)."""
-    by = {(r["kind"], r["round"], r["replicas"]): r["rps"] for r in rows}
+def ratios(rows) -> list[tuple[str, int, int, int, float]]:
+    """(kind, clients, round, replicas, N replicas / 1 replica in req/s)."""
+    by = {(r["kind"], r["clients"], r["round"], r["replicas"]): r["rps"] for r in rows}
     out = []
-    for kind, round_, used in sorted(k for k in by if k[2] > 1):
-        one = by.get((kind, round_, 1))
+    for kind, clients, round_, used in sorted(k for k in by if k[3] > 1):
+        one = by.get((kind, clients, round_, 1))
         if one:
-            out.append((kind, round_, used, by[(kind, round_, used)] / one))
+            out.append((kind, clients, round_, used, by[(kind, clients, round_, used)] / one))
     return out
 
 
@@ -276,7 +278,8 @@ def report(rows, checked, mismatched, args, minutes, load_start, load_end) -> li
         f"{args.kinds} --threads {args.threads}`",
         "",
         "This is also the load run over HTTP against real `gill serve` processes (the issue's section 3): "
-        f"{args.clients} asyncio + httpx clients send OpenAI streamed chat completions (`stream=true`, an image of the "
+        f"{args.clients} asyncio + httpx clients (each number of clients in turn) send OpenAI streamed chat "
+        "completions (`stream=true`, an image of the "
         "world as a `data:` URL, GILL's options as extra fields), each client one request after the other, "
         "spread round-robin over the replicas used (the role of a load balancer). `text`: a sampled description "
         "(`max_images=0`, 8 tokens); `image`: the description then an image, retrieved and generated "
@@ -284,16 +287,18 @@ def report(rows, checked, mismatched, args, minutes, load_start, load_end) -> li
         "time; client cores: the same for the clients (this script's process). Both share the machine's cores with "
         "the other jobs (the load average).",
         "",
-        "| answer | replicas | round | requests | req/s | p50 latency (s) | p99 latency (s) | p50 TTFT (s) | mean batch | "
-        "server cores | client cores | load avg | 429/503 | errors |",
-        "|" + " --- |" * 14,
+        "| answer | clients | replicas | round | requests | req/s | p50 latency (s) | p99 latency (s) | p50 TTFT (s) | "
+        "mean batch | server cores | client cores | load avg | 429/503 | errors |",
+        "|" + " --- |" * 15,
     ]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['replicas']} | {r['round']} | {r['requests']} | {r['rps']:.2f} | "
+        lines.append(f"| {r['kind']} | {r['clients']} | {r['replicas']} | {r['round']} | {r['requests']} | "
+                     f"{r['rps']:.2f} | "
                      f"{r['p50']:.2f} | {r['p99']:.2f} | {r['ttft50']:.2f} | {r['batch']:.1f} | {r['cores']:.2f} | "
                      f"{r['driver']:.2f} | {r['load']:.1f} | {r['full']} | {r['errors']} |")
-    lines += ["", "| answer | round | replicas / 1 replica (req/s) |", "| --- | --- | --- |"]
-    lines += [f"| {kind} | {round_} | {used}: {ratio:.2f}x |" for kind, round_, used, ratio in ratios(rows)]
+    lines += ["", "| answer | clients | round | replicas / 1 replica (req/s) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {kind} | {clients} | {round_} | {used}: {ratio:.2f}x |"
+              for kind, clients, round_, used, ratio in ratios(rows)]
     lines += [
         "",
         f"Every answer of the other runs against the first one-replica answer to the same request (same seed; texts "
@@ -304,10 +309,16 @@ def report(rows, checked, mismatched, args, minutes, load_start, load_end) -> li
 
 
 def check_args(parser, args) -> None:
-    for name in ("replicas", "clients", "requests_per_client", "steps", "rounds", "threads", "max_batch_size"):
+    for name in ("replicas", "requests_per_client", "steps", "rounds", "threads", "max_batch_size"):
         value = getattr(args, name)
         if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    try:
+        args.levels = [int(x) for x in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients takes numbers of clients separated by commas, got {args.clients!r}")
+    if not args.levels or min(args.levels) < 1:
+        parser.error(f"--clients takes positive numbers of clients, got {args.clients!r}")
     if args.replicas < 2:
         parser.error(f"--replicas must be at least 2 (one replica is measured in the same run), got {args.replicas}")
     bad = [k for k in args.kinds.split(",") if k not in ("text", "image")]
@@ -330,8 +341,9 @@ def main(argv=None):
     parser.add_argument("--replicas", type=int, default=2, help="servers started; 1 and all of them are measured")
     parser.add_argument("--model", default="shapes-world", help="the --model of every server")
     parser.add_argument("--kinds", default="text,image", help="text: max_images=0; image: text then an image")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
-    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--clients", default="16", help="concurrent clients; several numbers, comma-separated, are "
+                        "measured in turn")
+    parser.add_argument("--requests-per-client", type=int, default=30)
     parser.add_argument("--steps", type=int, default=4, help="denoising steps of the image answers")
     parser.add_argument("--rounds", type=int, default=2, help="1 replica then all, repeated (order alternated)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
@@ -344,12 +356,12 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if threading_main() else None
     started, load_start = time.time(), os.getloadavg()[0]
     try:
-        serve_args = ["--max-batch-size", str(args.max_batch_size), "--max-queue", str(4 * args.clients)]
+        serve_args = ["--max-batch-size", str(args.max_batch_size), "--max-queue", str(4 * max(args.levels))]
         replicas = Replicas(args.replicas, args.model, args.threads, serve_args, start_timeout=args.start_timeout)
         with replicas:
             logger.warning(f"{args.replicas} replicas up: {', '.join(replicas.urls)}")
             pids = replicas.pids
-            rows, checked, mismatched = bench(replicas, kinds, args.clients, args.requests_per_client, args.steps,
+            rows, checked, mismatched = bench(replicas, kinds, args.levels, args.requests_per_client, args.steps,
                                               args.rounds)
     finally:
         if previous is not None:

@@ -25,7 +25,7 @@ def test_two_replicas_answer_over_http_as_one_and_leave_no_process(tmp_path):
     assert not any(bench.process_alive(pid) for pid in results["pids"])
     assert children_of_this_process() <= before
     rows = results["rows"]
-    assert [(r["replicas"], r["requests"], r["errors"]) for r in rows] == [(1, 4, 0), (2, 4, 0)]
+    assert [(r["clients"], r["replicas"], r["requests"], r["errors"]) for r in rows] == [(2, 1, 4, 0), (2, 2, 4, 0)]
     assert rows[1]["batch"] > 0  # both replicas' engines ran calls
     assert results["checked"] == 4 and results["mismatched"] == []  # two replicas answer as one does
     text = output.read_text()
@@ -61,6 +61,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_log_and_the_others_stop
 @pytest.mark.parametrize("argv, words", [
     (["--replicas", "1"], ["--replicas", "at least 2", "1"]),
     (["--clients", "0"], ["--clients", "0"]),
+    (["--clients", "16,x"], ["--clients", "16,x"]),
     (["--kinds", "text,video"], ["--kinds", "video"]),
 ])
 def test_bad_arguments_are_refused_before_any_server_starts(argv, words, capsys, monkeypatch):
