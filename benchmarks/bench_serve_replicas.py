@@ -263,6 +263,11 @@ def ratios(rows) -> list[tuple[str, int, int, int, float]]:
     return out
 
 
+def per_core(row) -> float:
+    """Requests per second per core the servers kept busy: what the replicas made of the cores they got."""
+    return row["rps"] / row["cores"] if row["cores"] > 0 else float("nan")
+
+
 def report(rows, checked, mismatched, args, minutes, load_start, load_end) -> list[str]:
     lines = [
         REPLICAS_HEADING,
@@ -288,17 +293,22 @@ def report(rows, checked, mismatched, args, minutes, load_start, load_end) -> li
         "the other jobs (the load average).",
         "",
         "| answer | clients | replicas | round | requests | req/s | p50 latency (s) | p99 latency (s) | p50 TTFT (s) | "
-        "mean batch | server cores | client cores | load avg | 429/503 | errors |",
-        "|" + " --- |" * 15,
+        "mean batch | server cores | req/s per server core | client cores | load avg | 429/503 | errors |",
+        "|" + " --- |" * 16,
     ]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['clients']} | {r['replicas']} | {r['round']} | {r['requests']} | "
                      f"{r['rps']:.2f} | "
                      f"{r['p50']:.2f} | {r['p99']:.2f} | {r['ttft50']:.2f} | {r['batch']:.1f} | {r['cores']:.2f} | "
-                     f"{r['driver']:.2f} | {r['load']:.1f} | {r['full']} | {r['errors']} |")
-    lines += ["", "| answer | clients | round | replicas / 1 replica (req/s) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {kind} | {clients} | {round_} | {used}: {ratio:.2f}x |"
-              for kind, clients, round_, used, ratio in ratios(rows)]
+                     f"{per_core(r):.1f} | {r['driver']:.2f} | {r['load']:.1f} | {r['full']} | {r['errors']} |")
+    lines += ["", "| answer | clients | round | replicas / 1 replica (req/s) | server cores, N / 1 | req/s per server "
+              "core, N / 1 |", "| --- | --- | --- | --- | --- | --- |"]
+    by = {(r["kind"], r["clients"], r["round"], r["replicas"]): r for r in rows}
+    for kind, clients, round_, used, ratio in ratios(rows):
+        one, many = by[(kind, clients, round_, 1)], by[(kind, clients, round_, used)]
+        cores = many["cores"] / one["cores"] if one["cores"] else float("nan")
+        efficiency = per_core(many) / per_core(one) if per_core(one) else float("nan")
+        lines.append(f"| {kind} | {clients} | {round_} | {used}: {ratio:.2f}x | {cores:.2f}x | {efficiency:.2f}x |")
     lines += [
         "",
         f"Every answer of the other runs against the first one-replica answer to the same request (same seed; texts "
