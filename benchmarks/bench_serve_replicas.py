@@ -283,7 +283,7 @@ def report(rows, checked, mismatched, args, minutes, load_start, load_end) -> li
         f"{args.kinds} --threads {args.threads}`",
         "",
         "This is also the load run over HTTP against real `gill serve` processes (the issue's section 3): "
-        f"{args.clients} asyncio + httpx clients (each number of clients in turn) send OpenAI streamed chat "
+        f"asyncio + httpx clients ({', then '.join(map(str, args.levels))} at once) send OpenAI streamed chat "
         "completions (`stream=true`, an image of the "
         "world as a `data:` URL, GILL's options as extra fields), each client one request after the other, "
         "spread round-robin over the replicas used (the role of a load balancer). `text`: a sampled description "
