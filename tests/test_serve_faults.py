@@ -214,8 +214,12 @@ def test_full_queue_answers_429_with_retry_after(server):
 
 
 def test_timeout_cancels_the_request(opt_pipe):
+    # An answer that cannot end within the timeout: the tiny LM's greedy text ends (EOS) after ~125 tokens, fast on an
+    # idle machine, so the answer opens with a forced image of 200 denoising steps instead.
+    slow = {**GOOD, "max_tokens": 3000, "max_images": 1, "img_logit_scale": 1e9, "min_text_tokens": 0,
+            "image_mode": "generate", "num_inference_steps": 200}
     with served(opt_pipe, request_timeout_s=0.3, max_tokens_cap=3000) as server:
-        response = post(server, {**GOOD, "max_tokens": 3000}, headers={})
+        response = post(server, slow, headers={})
         assert_error(response, 504, None, "--request-timeout")
         wait_until(lambda: server.engine.stats()["active"] == 0, what="the job to stop")
         assert server.engine.stats()["cancelled"] == 1
