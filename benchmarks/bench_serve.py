@@ -34,6 +34,8 @@ from gill_pipeline.serving.engine import GILLEngine
 from gill_pipeline.serving.jobs import ChatJob, Finished, ImageReady, QueueFull, TextDelta
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "serve.md")
+# benchmarks/bench_serve_replicas.py writes this section of the same results file; a run of this script keeps it.
+REPLICAS_HEADING = "## Several replicas over HTTP (benchmarks/bench_serve_replicas.py)"
 DIALOGUE_TURNS = ["", "make it blue", "now the same shape in green"]
 
 
@@ -47,6 +49,16 @@ def world_images():
     ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
            Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE]
     return [image if op is None else image.transpose(op) for op in ops]
+
+
+def world_pngs() -> list[bytes]:
+    """`world_images()` as PNG files, as an HTTP client sends them."""
+    pngs = []
+    for image in world_images():
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return pngs
 
 
 def answer_options(kind: str, steps: int) -> dict:
@@ -263,10 +275,10 @@ async def bench_memory(pipe, requests, clients=16, max_batch_size=8):
 # ----------------------------------------------------------------------------------------------------------------
 # The same load through the HTTP API (OpenAI's chat completions, streamed), for a running `gill serve`.
 # ----------------------------------------------------------------------------------------------------------------
-def http_body(i, kind, steps, image_png: bytes) -> dict:
+def http_body(i, kind, steps, image_png: bytes, model: str = "shapes-world") -> dict:
     options = answer_options(kind, steps)
     body = {
-        "model": "shapes-world",
+        "model": model,
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image_png).decode()}},
         ]}],
@@ -280,13 +292,17 @@ def http_body(i, kind, steps, image_png: bytes) -> dict:
     return body
 
 
-async def http_client(http, url, indices, kind, steps, pngs, tally: Tally, api_key=None):
+async def http_client(http, next_url, indices, kind, steps, pngs, tally: Tally, api_key=None, model="shapes-world"):
+    """Sends its requests one after the other to `next_url()` (a fixed server, or the next replica: the role of a load
+    balancer); a 429/503 is retried after its Retry-After. Keeps each answer as `(text, image parts)` in
+    `tally.answers` (the images still PNG `data:` URLs, decoded only when answers are compared)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     for i in indices:
         while True:
-            start, first = time.perf_counter(), None
+            start, first, text, images, failed = time.perf_counter(), None, [], [], None
             try:
-                body = http_body(i, kind, steps, pngs[i % len(pngs)])
+                body = http_body(i, kind, steps, pngs[i % len(pngs)], model)
+                url = next_url()
                 async with http.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
                     if response.status_code in (429, 503):
                         tally.full += 1
@@ -300,16 +316,41 @@ async def http_client(http, url, indices, kind, steps, pngs, tally: Tally, api_k
                         if not line.startswith("data:") or line.strip() == "data: [DONE]":
                             continue
                         chunk = json.loads(line[5:])
+                        if "error" in chunk:  # an error after the stream started
+                            failed = f"stream error: {chunk['error'].get('message')}"
+                            continue
                         delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
-                        if first is None and delta.get("content"):
+                        if first is None and (delta.get("content") or delta.get("image")):
                             first = time.perf_counter() - start
+                        text.append(delta.get("content") or "")
+                        if delta.get("image"):
+                            images.append(delta["image"])
             except Exception as error:
                 tally.errors.append(f"{type(error).__name__}: {error}")
+                break
+            if failed:
+                tally.errors.append(failed)
                 break
             elapsed = time.perf_counter() - start
             tally.latency.append(elapsed)
             tally.ttft.append(first if first is not None else elapsed)
+            tally.answers[i] = ("".join(text), images)
             break
+
+
+def decoded_answer(answer) -> list:
+    """An HTTP answer `(text, image parts)` -> `fingerprint`'s form: the text, then each image (and its alternatives,
+    with `image_mode="both"`) as an int16 array, so `same_answer` compares it."""
+    from PIL import Image
+
+    text, parts = answer
+    arrays = []
+    for part in parts:
+        for image in [part, *part.get("gill", {}).get("alternatives", [])]:
+            data = base64.b64decode(image["image_url"]["url"].split(",", 1)[1])
+            with Image.open(io.BytesIO(data)) as png:
+                arrays.append(np.asarray(png.convert("RGB"), dtype=np.int16))
+    return [text, *arrays]
 
 
 async def bench_http(url, kinds, levels, per_client, steps, api_key=None, transport=None):
@@ -317,11 +358,7 @@ async def bench_http(url, kinds, levels, per_client, steps, api_key=None, transp
     tests)."""
     import httpx
 
-    pngs = []
-    for image in world_images():
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
+    pngs = world_pngs()
     rows = []
     limits = httpx.Limits(max_connections=256)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, transport=transport) as http:
@@ -330,7 +367,8 @@ async def bench_http(url, kinds, levels, per_client, steps, api_key=None, transp
                 tally, requests = Tally(), max(clients * per_client, 8)
                 start = time.perf_counter()
                 await asyncio.gather(*[
-                    http_client(http, url.rstrip("/"), range(c, requests, clients), kind, steps, pngs, tally, api_key)
+                    http_client(http, lambda: url.rstrip("/"), range(c, requests, clients), kind, steps, pngs, tally,
+                                api_key)
                     for c in range(clients)
                 ])
                 wall = time.perf_counter() - start
@@ -366,6 +404,36 @@ def speedups(rows) -> list[str]:
         if one and batched:
             lines.append(f"| {kind} | {clients} | {batched / one:.2f}x |")
     return lines
+
+
+def read_text(path) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def section(text: str, heading: str) -> list[str]:
+    """The lines of `text` from the line `heading` to the next `## ` heading (or the end); [] when absent."""
+    lines = text.splitlines()
+    if heading not in lines:
+        return []
+    start = lines.index(heading)
+    end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+def replace_section(text: str, heading: str, new: list[str]) -> str:
+    """`text` with its section `heading` replaced by the lines `new` (which start with `heading`), or with `new`
+    appended when it has no such section."""
+    lines, old = text.splitlines(), section(text, heading)
+    if old:
+        start = lines.index(heading)
+        lines[start:start + len(old)] = new + ([""] if start + len(old) < len(lines) else [])
+    else:
+        lines += ([""] if lines else []) + new
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv=None):
@@ -494,8 +562,9 @@ def main(argv=None):
             f"RSS start {samples[0][1]:.0f} MiB, end {samples[-1][1]:.0f} MiB "
             f"({samples[-1][1] - samples[0][1]:+.0f} MiB).",
         ]
+    kept = section(read_text(args.output), REPLICAS_HEADING)
     with open(args.output, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines + ([""] + kept if kept else [])) + "\n")
     print(f"wrote {args.output}")
     return {"levels": level_rows, "identity": identity, "queue": queue, "dialogues": dialogue_rows,
             "dialogue_same": dialogue_same, "memory": memory}

@@ -62,6 +62,7 @@ def test_real_size_benchmark_stages_run_on_tiny_configs(tmp_path):
 def test_serve_benchmark_runs_and_batched_answers_match(tmp_path):
     bench = load("bench_serve")
     output = tmp_path / "serve.md"
+    output.write_text(f"# old results\n\n{bench.REPLICAS_HEADING}\n\nthe replicas' figures\n")
     results = bench.main([
         "--levels", "2", "--kinds", "text", "--requests-per-client", "2", "--queue-clients", "4", "--dialogues", "0",
         "--leak-requests", "8", "--output", str(output),
@@ -69,7 +70,9 @@ def test_serve_benchmark_runs_and_batched_answers_match(tmp_path):
     assert results["identity"]["text"][1] == 0 and results["identity"]["text"][0] >= 4
     assert all(row["errors"] == 0 for row in results["levels"])
     assert results["queue"]["errors"] == 0 and results["queue"]["served"] == results["queue"]["requests"]
-    assert "## Throughput and latency" in output.read_text()
+    text = output.read_text()
+    assert "## Throughput and latency" in text and "# old results" not in text
+    assert text.endswith(f"{bench.REPLICAS_HEADING}\n\nthe replicas' figures\n")  # bench_serve_replicas' section kept
 
 
 def test_serve_benchmark_http_driver_reads_sse_and_retries_429():

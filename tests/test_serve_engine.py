@@ -185,6 +185,93 @@ def test_a_stream_cancelled_mid_batch_leaves_the_others_exact(pipe):
     assert_same_answer(third[-1].result, reference[2])
 
 
+def test_a_row_cancelled_while_its_batch_decodes_stops_and_gets_no_image(pipe, monkeypatch):
+    """Three jobs in one call; the second one is cancelled as its row decodes its first word: that row stops at its
+    next choice and no image is made for it (the batch generates two images, not three); the other two answer as
+    one at a time."""
+    from gill_pipeline.pipeline.decoding import GILLDecoder
+
+    jobs = jobs_for(IMAGE_OPTIONS, 3)
+    decoded, generated = [], []
+    original_call = GILLDecoder.__call__
+
+    def decoder_call(self, prompt_embeds, settings, generator=None, **kwargs):
+        inner = kwargs.get("on_token")
+
+        def on_token(row, token):
+            if len(prompt_embeds) == 3 and row == 1:
+                jobs[1].cancelled.set()  # the client goes away as its row decodes
+            if inner is not None:
+                inner(row, token)
+
+        rows = original_call(self, prompt_embeds, settings, generator, **{**kwargs, "on_token": on_token})
+        decoded.append(rows)
+        return rows
+
+    original_generate = pipe.generate_for_groups
+
+    def generate_for_groups(img_hidden, requests, to_generate, *args, **kwargs):
+        generated.append(len(to_generate))
+        return original_generate(img_hidden, requests, to_generate, *args, **kwargs)
+
+    monkeypatch.setattr(GILLDecoder, "__call__", decoder_call)
+    monkeypatch.setattr(pipe, "generate_for_groups", generate_for_groups)
+
+    async def scenario():
+        engine = GILLEngine(pipe, max_batch_size=3, batch_wait_ms=500, prefix_cache_bytes=0)
+        try:
+            results = await asyncio.gather(*[engine.submit(job) for job in jobs], return_exceptions=True)
+            return results, engine.stats()
+        finally:
+            await engine.shutdown(grace_s=5)
+
+    (first, cancelled, third), stats = run(scenario())
+    assert isinstance(cancelled, JobCancelled), cancelled
+    assert stats["batches_run"] == 1 and stats["jobs_cancelled"] == 1 and stats["jobs_completed"] == 2
+    (rows,) = decoded
+    assert rows[1].num_text_tokens == 1 and len(rows[1].token_ids) == 1 and rows[1].img_starts == []
+    assert all(len(rows[b].img_starts) == 1 for b in (0, 2))
+    assert generated == [2]  # the cancelled row's image is never made
+    monkeypatch.undo()
+    reference, _ = run(answer_all(pipe, jobs_for(IMAGE_OPTIONS, 3), max_batch_size=1, prefix_cache_bytes=0))
+    assert_same_answer(first, reference[0])
+    assert_same_answer(third, reference[2])
+
+
+def test_decoder_stops_one_row_and_leaves_the_others_exact(pipe, monkeypatch):
+    """`should_stop(row)` at the decoder: the stopped row ends at its next choice with its [IMG] group dropped; the
+    other rows decode exactly as with no row stopped (same tokens, same hidden states)."""
+    from gill_pipeline.pipeline.decoding import GILLDecoder
+
+    jobs = jobs_for(IMAGE_OPTIONS, 3)
+    generators = lambda: [torch.Generator().manual_seed(job.seed) for job in jobs]  # noqa: E731
+    seen = {}
+    original_call = GILLDecoder.__call__
+
+    def decoder_call(self, prompt_embeds, settings, generator=None, **kwargs):
+        seen.update(embeds=prompt_embeds, settings=settings)
+        return original_call(self, prompt_embeds, settings, generator, **kwargs)
+
+    monkeypatch.setattr(GILLDecoder, "__call__", decoder_call)
+    pipe([job.messages for job in jobs], generator=generators(), output_type="pt", **IMAGE_OPTIONS)
+    monkeypatch.undo()
+    embeds, settings = seen["embeds"], seen["settings"]
+    full = pipe.decode(embeds, settings, generators())
+    chosen = {0: 0, 1: 0, 2: 0}
+
+    def should_stop(row):
+        chosen[row] += 1
+        return row == 1 and chosen[row] > 4  # row 1 stops after its text and its [IMG] group
+
+    stopped = pipe.decode(embeds, settings, generators(), should_stop=should_stop)
+    assert len(full[1].img_starts) == 1 and stopped[1].img_starts == []
+    assert stopped[1].token_ids == full[1].token_ids[: full[1].img_starts[0]]
+    assert len(stopped[1].hidden_states) == len(stopped[1].token_ids)
+    for b in (0, 2):
+        assert stopped[b].token_ids == full[b].token_ids and stopped[b].img_starts == full[b].img_starts
+        torch.testing.assert_close(torch.stack(stopped[b].hidden_states), torch.stack(full[b].hidden_states))
+
+
 def test_batched_images_within_1e5_of_alone_before_rounding(pipe):
     """What the engine's batched call does (one call, a generator per job) gives images within 1e-5 of the jobs'
     calls alone, before they are rounded to 8 bits."""

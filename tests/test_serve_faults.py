@@ -214,8 +214,12 @@ def test_full_queue_answers_429_with_retry_after(server):
 
 
 def test_timeout_cancels_the_request(opt_pipe):
+    # An answer that cannot end within the timeout: the tiny LM's greedy text ends (EOS) after ~125 tokens, fast on an
+    # idle machine, so the answer opens with a forced image of 200 denoising steps instead.
+    slow = {**GOOD, "max_tokens": 3000, "max_images": 1, "img_logit_scale": 1e9, "min_text_tokens": 0,
+            "image_mode": "generate", "num_inference_steps": 200}
     with served(opt_pipe, request_timeout_s=0.3, max_tokens_cap=3000) as server:
-        response = post(server, {**GOOD, "max_tokens": 3000}, headers={})
+        response = post(server, slow, headers={})
         assert_error(response, 504, None, "--request-timeout")
         wait_until(lambda: server.engine.stats()["active"] == 0, what="the job to stop")
         assert server.engine.stats()["cancelled"] == 1
@@ -302,6 +306,8 @@ def test_serve_help(capsys):
     (["--engine", "turbo"], ["--engine", "'turbo'"]),
     (["--image-mode", "sometimes"], ["--image-mode", "'sometimes'"]),
     (["--api-key", " "], ["api_key"]),
+    (["--threads", "0"], ["--threads", "'0'"]),
+    (["--threads", "two"], ["--threads", "'two'"]),
 ])
 def test_bad_command_line_values(argv, words, capsys, monkeypatch):
     monkeypatch.setattr(serve_command, "load_model", lambda args: pytest.fail("the model must not load"))
@@ -343,6 +349,30 @@ def test_serve_warns_when_exposed_without_a_key_and_serves_the_app(caplog, monke
     assert settings.host == "0.0.0.0" and settings.api_key is None and settings.model_id == "tiny-random"
     assert settings.defaults["num_inference_steps"] == 1 and settings.defaults["img_logit_scale"] == 100.0  # preset
     assert ran["app"].state.gill.engine.stats()["engine"] == "serial"
+
+
+def test_threads_are_set_before_the_model_loads(monkeypatch, opt_pipe):
+    """`--threads N`: torch runs N intra-op threads in the server (one per replica when replicas share the cores)."""
+    import torch
+
+    import gill_pipeline.serving.server as server_module
+
+    seen = {}
+
+    def load(args):
+        seen["at_load"] = torch.get_num_threads()
+        return opt_pipe
+
+    monkeypatch.setattr(server_module, "serve_forever", lambda app, settings, sock, log_level: None)
+    monkeypatch.setattr(serve_command, "load_model", load)
+    before = torch.get_num_threads()
+    target = 2 if before != 2 else 3
+    try:
+        assert main(["serve", "--model", "tiny-random", "--engine", "serial", "--port", str(free_port()),
+                     "--threads", str(target)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen["at_load"] == target
 
 
 def test_api_key_from_the_environment(monkeypatch, opt_pipe):

@@ -71,6 +71,20 @@ def serve_settings(args):
     )
 
 
+def set_threads(threads: int | None) -> None:
+    """`--threads`: torch's intra-op threads in this process. Several replicas on one machine each take their share of
+    the cores (one thread each on a 2-core machine); unset, torch takes one per core, and two replicas would fight
+    over them."""
+    if threads is None:
+        return
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        logger.warning(f"--threads {threads} is more than this machine's {cores} cores: the threads will take turns.")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_serve(args) -> int:
     try:  # the optional extra, checked before anything is loaded
         import fastapi  # noqa: F401
@@ -91,6 +105,7 @@ def run_serve(args) -> int:
                 f"Serving on {settings.host}, reachable from other machines, WITHOUT an API key: anyone who reaches "
                 f"port {settings.port} can use the model. Set --api-key or ${API_KEY_ENV} (docs/serve.md, Security)."
             )
+        set_threads(args.threads)
         pipe = load_model(args)
         engine = build_engine(args.engine, pipe, settings)
         app = create_app(engine, settings)
@@ -147,6 +162,9 @@ def add_parser(subparsers) -> None:
                    help="how long the batched engine waits for more requests to join a batch (default: %(default)s)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting beyond those running; more get 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads of this server; with several replicas on one machine, give each its share of "
+                   "the cores (default: torch's choice, one per core)")
     p.add_argument("--shutdown-grace", type=non_negative_float, default=10.0,
                    help="on SIGINT/SIGTERM, seconds running requests may finish (default: %(default)s)")
     defaults = call_defaults()

@@ -142,6 +142,19 @@ def _call_for_row(on_token, row: int, _: int, token_id: int) -> None:
     on_token(row, token_id)
 
 
+def _ask_for_row(should_stop, row: int, _: int) -> bool:
+    return should_stop(row)
+
+
+def _drop_images(row: DecodedSequence) -> None:
+    """A stopped row keeps its text before its first `[IMG]` group and loses the groups (no image is made for it)."""
+    if row.img_starts:
+        cut = row.img_starts[0]
+        del row.token_ids[cut:]
+        del row.hidden_states[cut:]
+        row.img_starts.clear()
+
+
 def _only_recurrent(cache) -> bool:
     """Whether every layer of this cache is a recurrent / state-space one (no attention over past keys)."""
     return isinstance(cache, Cache) and len(cache.is_linear) > 0 and all(cache.is_linear)
@@ -206,12 +219,16 @@ class GILLDecoder:
         past_cache=None,
         past_length: int = 0,
         on_token: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
     ) -> list[DecodedSequence]:
         """Decodes every prompt; `self.last_cache` then holds the cache (every token fed so far).
 
         `past_cache` (one prompt only, with `use_cache`): a cache that already holds `past_length` positions the
         prompt continues (an earlier turn of a conversation); only the prompt's own embeddings are run.
         `on_token(row, token_id)` is called for every text token as it is chosen (streaming).
+        `should_stop(row)` is asked before each of a row's choices: true means nobody wants that row's answer any more
+        (a server's client went away). The row stops choosing (the other rows decode exactly as before: rows never
+        see each other), and its `[IMG]` groups are dropped, so no image is retrieved or generated for it.
         """
         batch_size = len(prompt_embeds)
         device, dtype = prompt_embeds[0].device, prompt_embeds[0].dtype
@@ -244,7 +261,7 @@ class GILLDecoder:
             # An LM that returns no `Cache` (RWKV, RecurrentGemma, ...) may also ignore the attention mask, and one
             # with attention that takes no position ids may start a padded row at the wrong position: left padding
             # could change their answers. (State-space LMs need no positions and mask their padding.)
-            return self._rows_alone(prompt_embeds, settings, generator, on_token)
+            return self._rows_alone(prompt_embeds, settings, generator, on_token, should_stop)
         next_logits = logits[:, -1]
         # An LM that returns no cache (one that keeps its state elsewhere, e.g. RecurrentGemma) is re-run in full.
         use_cache = settings.use_cache and cache is not None
@@ -263,8 +280,11 @@ class GILLDecoder:
             choosing = []
             for b, row in enumerate(rows):
                 if done[b] or queues[b]:
-                    continue
-                if choices[b] >= settings.max_new_tokens:
+                    continue  # a row feeding an [IMG] group finishes it first: a group is never cut in two
+                if should_stop is not None and should_stop(b):
+                    _drop_images(row)
+                    done[b] = True
+                elif choices[b] >= settings.max_new_tokens:
                     done[b] = True
                 elif room[b] < 1:
                     row.finished = done[b] = True  # the LM's context is full
@@ -334,13 +354,14 @@ class GILLDecoder:
         else:
             queues[b] = chunk
 
-    def _rows_alone(self, prompt_embeds, settings, generator, on_token) -> list[DecodedSequence]:
+    def _rows_alone(self, prompt_embeds, settings, generator, on_token, should_stop=None) -> list[DecodedSequence]:
         """Decodes each prompt on its own (for LMs that left padding could change)."""
         rows = []
         for b, row_embeds in enumerate(prompt_embeds):
             row_generator = [generator[b]] if isinstance(generator, list) else generator
             row_on_token = None if on_token is None else functools.partial(_call_for_row, on_token, b)
-            rows += self([row_embeds], settings, row_generator, on_token=row_on_token)
+            row_should_stop = None if should_stop is None else functools.partial(_ask_for_row, should_stop, b)
+            rows += self([row_embeds], settings, row_generator, on_token=row_on_token, should_stop=row_should_stop)
         return rows
 
     def _forward(self, embeds, mask, positions, cache, history, use_cache):

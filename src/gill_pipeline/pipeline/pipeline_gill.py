@@ -530,12 +530,14 @@ class GILLPipeline(
         past_cache=None,
         past_length: int = 0,
         on_token=None,
+        should_stop=None,
         return_cache: bool = False,
     ):
         """Step 4: GILL's decoding loop on prompts given as LM input embeddings (one `(T, D)` tensor each).
 
         `stop_token_ids` end a row besides the LM's EOS (e.g. a chat template's end of turn); `past_cache` /
-        `past_length` continue a cached prefix (one prompt); `on_token(row, id)` sees each text token as it is chosen.
+        `past_length` continue a cached prefix (one prompt); `on_token(row, id)` sees each text token as it is chosen;
+        `should_stop(row)` true stops that row alone, its `[IMG]` groups dropped (`GILLDecoder`).
         Returns the decoded rows, and the cache after decoding with `return_cache=True`.
         """
         decoder = GILLDecoder(
@@ -550,7 +552,8 @@ class GILLPipeline(
             max_positions=self._lm_context_length(),
         )
         rows = decoder(
-            prompt_embeds, settings, generator, past_cache=past_cache, past_length=past_length, on_token=on_token
+            prompt_embeds, settings, generator, past_cache=past_cache, past_length=past_length, on_token=on_token,
+            should_stop=should_stop,
         )
         return (rows, decoder.last_cache) if return_cache else rows
 

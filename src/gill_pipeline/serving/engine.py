@@ -167,7 +167,7 @@ class _EventStreamer(GILLStreamer):
         self.token_cache, self.print_len = [], 0
 
     def put_token(self, token: int) -> None:
-        """One token of a batched row (a cancelled row is not stopped alone: its batch runs on)."""
+        """One token of a batched row (a cancelled row stops at its next choice: `GILLEngine._call`)."""
         super().put(torch.tensor([token], dtype=torch.long))
 
     def on_denoising_step(self, step: int, total: int) -> None:
@@ -514,9 +514,17 @@ class GILLEngine:
         # The decoded rows say how many tokens each answer took and why it stopped (OpenAI's `usage` and
         # `finish_reason`), which the output does not carry: the call's own `decode` step (`GILLPipeline.decode`)
         # is wrapped, and given `on_token` for the streamed rows of a batch (the pipeline streams one input only).
+        def should_stop(row: int) -> bool:
+            if all(item.stopped() is not None for item in items):
+                raise JobCancelled("Every job of this batch was cancelled.")
+            return items[row].stopped() is not None
+
         def recording_decode(*args, **kwargs):
             if row_streamers is not None and kwargs.get("on_token") is None:
                 kwargs["on_token"] = on_token
+            if len(items) > 1 and kwargs.get("should_stop") is None:
+                # A cancelled row of a batch stops at its next token and gets no image; the others run on, exact.
+                kwargs["should_stop"] = should_stop
             result = decode(*args, **kwargs)
             decoded.append(result[0] if isinstance(result, tuple) else result)
             return result
