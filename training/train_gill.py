@@ -42,6 +42,7 @@ from training.evaluate import evaluate
 from training.interleaved import InterleavedCollator, InterleavedDataset
 from training.model_forward import GILLTrainingModel, empty_on_any_process, total_loss
 from training.params import TrainConfig, parse_config
+from training.quantized_backward import lean_quantized_backward
 from training.setup_models import attach_image_decoder, cast_frozen, load_models
 from training.sharding import (
     average_replicated_gradients,
@@ -367,90 +368,99 @@ def train(config: TrainConfig, accelerator) -> dict:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=optim.max_steps, initial=state["step"], desc="train", dynamic_ncols=True)
-    while state["step"] < stop_at:
-        step = state["step"]
-        # micro-steps: forward, backward (gradients synchronised on the last one only)
-        sums = {}
-        finite = True
-        for micro in range(optim.grad_accum_steps):
-            interleaved = documents is not None and interleaved_draw(run.seed, step, micro, config.data.interleaved_ratio)
-            if interleaved:
-                batch = next_nonempty_batch(documents, state, accelerator, skips, position="interleaved_")
+    # Backpropagating through a torchao-quantized frozen LM saves its quantized weights, not a dense copy of every
+    # layer (training/quantized_backward.py); nothing changes for an unquantized LM.
+    with lean_quantized_backward(pipe.llm) as routed:
+        if routed:
+            logger.info("Backward through %d quantized LM layers without dense copies.", routed)
+        while state["step"] < stop_at:
+            step = state["step"]
+            # micro-steps: forward, backward (gradients synchronised on the last one only)
+            sums = {}
+            finite = True
+            for micro in range(optim.grad_accum_steps):
+                interleaved = documents is not None and interleaved_draw(
+                    run.seed, step, micro, config.data.interleaved_ratio
+                )
+                if interleaved:
+                    batch = next_nonempty_batch(documents, state, accelerator, skips, position="interleaved_")
+                else:
+                    batch = next_nonempty_batch(batches, state, accelerator, skips)
+                sums["interleaved"] = sums.get("interleaved", 0.0) + float(interleaved) / optim.grad_accum_steps
+                batch = prepare_batch(batch)
+                state["samples"] += len(batch["keys"]) * accelerator.num_processes
+                concat_caption, concat_img = concat_draws(run.seed, step, micro, config.loss.concat_prob)
+                last = micro == optim.grad_accum_steps - 1
+                with accelerator.no_sync(model) if not last else _nullcontext():
+                    out = model(batch, concat_caption=concat_caption, concat_img=concat_img)
+                    loss = total_loss(out, config.loss, interleaved=interleaved)
+                    accelerator.backward(loss / optim.grad_accum_steps)
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                for name in LOSS_NAMES + ("total",):
+                    value = loss if name == "total" else out.get(name)
+                    if value is not None:
+                        sums[name] = sums.get(name, 0.0) + value.item() / optim.grad_accum_steps
+                sums["global_batch"] = float(out["retrieval_logits"].shape[1])
+            average_replicated_gradients(replicated, accelerator)
+            # clip (an infinite bound only measures the norm), watch, step, schedule
+            grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
+            # With fp16 loss scaling, non-finite gradients are the scaler's business (it skips the step, lowers the
+            # scale).
+            finite = finite and (accelerator.scaler is not None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
+            if all_finite(finite, accelerator):
+                optimizer.step()
+                state["nonfinite_streak"] = 0
+                if config.loss.rescale_img_rows:
+                    rescale_img_rows(gill, *row_norms)
             else:
-                batch = next_nonempty_batch(batches, state, accelerator, skips)
-            sums["interleaved"] = sums.get("interleaved", 0.0) + float(interleaved) / optim.grad_accum_steps
-            batch = prepare_batch(batch)
-            state["samples"] += len(batch["keys"]) * accelerator.num_processes
-            concat_caption, concat_img = concat_draws(run.seed, step, micro, config.loss.concat_prob)
-            last = micro == optim.grad_accum_steps - 1
-            with accelerator.no_sync(model) if not last else _nullcontext():
-                out = model(batch, concat_caption=concat_caption, concat_img=concat_img)
-                loss = total_loss(out, config.loss, interleaved=interleaved)
-                accelerator.backward(loss / optim.grad_accum_steps)
-            finite = finite and bool(torch.isfinite(loss.detach()))
-            for name in LOSS_NAMES + ("total",):
-                value = loss if name == "total" else out.get(name)
-                if value is not None:
-                    sums[name] = sums.get(name, 0.0) + value.item() / optim.grad_accum_steps
-            sums["global_batch"] = float(out["retrieval_logits"].shape[1])
-        average_replicated_gradients(replicated, accelerator)
-        # clip (an infinite bound only measures the norm), watch, step, schedule
-        grad_norm = accelerator.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
-        # With fp16 loss scaling, non-finite gradients are the scaler's business (it skips the step, lowers the scale).
-        finite = finite and (accelerator.scaler is not None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
-        if all_finite(finite, accelerator):
-            optimizer.step()
-            state["nonfinite_streak"] = 0
-            if config.loss.rescale_img_rows:
-                rescale_img_rows(gill, *row_norms)
-        else:
-            skip_nonfinite_step(state, run, accelerator, sums, grad_norm)
-        with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        # log
-        record = {f"train/{k}_loss" if k in LOSS_NAMES + ("total",) else f"train/{k}": v for k, v in sums.items()}
-        record.update({"train/lr": scheduler.get_last_lr()[0], "train/logit_scale": gill.logit_scale.exp().item()})
-        record["data/skipped_total"] = float(state["skipped"])
-        record["data/skipped_images_total"] = float(state["skipped_images"])
-        record["data/malformed_rows_total"] = float(state["malformed_rows"])
-        record["data/skipped_batches_total"] = float(state["skipped_batches"])
-        record["train/nonfinite_steps_total"] = float(state["nonfinite_steps"])
-        record["train/grad_norm"] = float(grad_norm)
-        history.append(record)
-        if state["step"] % run.log_every == 0 or state["step"] == 1:
-            log_metrics(accelerator, run.output_dir, record, state["step"])
-            if state["skipped"]:
-                logger.info("Skipped %d examples so far (%d images missing or unreadable, %d malformed rows).",
-                            state["skipped"], state["skipped_images"], state["malformed_rows"])
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{sums['total']:.3f}")
-        # validate, checkpoint
-        done = state["step"] == stop_at
-        validate = (run.val_every and state["step"] % run.val_every == 0) or state["step"] == optim.max_steps
-        if validate and (val_set is not None or interleaved_val_set is not None):
-            val_metrics = {}
-            if val_set is not None:
-                val_metrics.update(
-                    run_validation(model, val_set, collator, config, accelerator, prepare_batch, gill, pipe)
+                skip_nonfinite_step(state, run, accelerator, sums, grad_norm)
+            with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            # log
+            record = {f"train/{k}_loss" if k in LOSS_NAMES + ("total",) else f"train/{k}": v for k, v in sums.items()}
+            record.update({"train/lr": scheduler.get_last_lr()[0], "train/logit_scale": gill.logit_scale.exp().item()})
+            record["data/skipped_total"] = float(state["skipped"])
+            record["data/skipped_images_total"] = float(state["skipped_images"])
+            record["data/malformed_rows_total"] = float(state["malformed_rows"])
+            record["data/skipped_batches_total"] = float(state["skipped_batches"])
+            record["train/nonfinite_steps_total"] = float(state["nonfinite_steps"])
+            record["train/grad_norm"] = float(grad_norm)
+            history.append(record)
+            if state["step"] % run.log_every == 0 or state["step"] == 1:
+                log_metrics(accelerator, run.output_dir, record, state["step"])
+                if state["skipped"]:
+                    logger.info("Skipped %d examples so far (%d images missing or unreadable, %d malformed rows).",
+                                state["skipped"], state["skipped_images"], state["malformed_rows"])
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{sums['total']:.3f}")
+            # validate, checkpoint
+            done = state["step"] == stop_at
+            validate = (run.val_every and state["step"] % run.val_every == 0) or state["step"] == optim.max_steps
+            if validate and (val_set is not None or interleaved_val_set is not None):
+                val_metrics = {}
+                if val_set is not None:
+                    val_metrics.update(
+                        run_validation(model, val_set, collator, config, accelerator, prepare_batch, gill, pipe)
+                    )
+                if interleaved_val_set is not None:  # the same metrics at every image of held-out documents
+                    documents_metrics = run_validation(
+                        model, interleaved_val_set, interleaved_collator, config, accelerator, prepare_batch, gill, pipe
+                    )
+                    val_metrics.update(
+                        {k.replace("val/", INTERLEAVED_VAL_PREFIX, 1): v for k, v in documents_metrics.items()}
+                    )
+                log_metrics(accelerator, run.output_dir, val_metrics, state["step"])
+                logger.info("step %d validation: %s", state["step"], {k: round(v, 4) for k, v in val_metrics.items()})
+            periodic = run.checkpoint_every and state["step"] % run.checkpoint_every == 0
+            if periodic or (done and state["step"] < optim.max_steps):
+                save_checkpoint(
+                    accelerator, run.output_dir, model, optimizer, scheduler, dict(state), run.keep_checkpoints,
+                    skips=skips.state_dict(),
                 )
-            if interleaved_val_set is not None:  # the same metrics at every image of held-out documents
-                documents_metrics = run_validation(
-                    model, interleaved_val_set, interleaved_collator, config, accelerator, prepare_batch, gill, pipe
-                )
-                val_metrics.update(
-                    {k.replace("val/", INTERLEAVED_VAL_PREFIX, 1): v for k, v in documents_metrics.items()}
-                )
-            log_metrics(accelerator, run.output_dir, val_metrics, state["step"])
-            logger.info("step %d validation: %s", state["step"], {k: round(v, 4) for k, v in val_metrics.items()})
-        if (run.checkpoint_every and state["step"] % run.checkpoint_every == 0) or (done and state["step"] < optim.max_steps):
-            save_checkpoint(
-                accelerator, run.output_dir, model, optimizer, scheduler, dict(state), run.keep_checkpoints,
-                skips=skips.state_dict(),
-            )
     if progress is not None:
         progress.close()
     if state["skipped"]:
