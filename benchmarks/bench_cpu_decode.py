@@ -28,6 +28,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -38,6 +39,19 @@ from gill_pipeline import DecodingSettings
 from benchmarks.bench_pipeline import build_pipeline
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "real_size.md")
+HEADING = "## Section 4: CPU decoding at the bound"
+
+
+def write_section(text: str) -> None:
+    """Replaces (or appends) this benchmark's section of real_size.md, leaving the other sections as they are."""
+    old = open(RESULTS).read() if os.path.isfile(RESULTS) else "# Real sizes within real memory\n\n"
+    if HEADING in old:
+        start = old.index(HEADING)
+        rest = old[start + len(HEADING):]
+        end = rest.find("\n## ")
+        old = old[:start] + (rest[end + 1:] if end >= 0 else "")
+    with open(RESULTS, "w") as f:
+        f.write(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 HEADING = "## Section 4: CPU decoding at the bound"
 SHAPES = {
     "opt-125m": dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12),
@@ -256,12 +270,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer width-32 LM (keeps the script tested)")
     parser.add_argument("--label", default="Run")
+    parser.add_argument("--write", action="store_true", help=f"write '{HEADING}' of benchmarks/results/real_size.md")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     report = measure(args)
+    report["load"] = (load_before,)
     summary = summarize(report)
     text = markdown(report, summary, args.label)
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
     print(text)
+    if args.write:
+        write_section(f"{HEADING}\n\nOne run of `python -m benchmarks.bench_cpu_decode "
+                      f"{' '.join(argv if argv is not None else sys.argv[1:])}` on {platform.machine()}, "
+                      f"{os.cpu_count()} cores, torch {torch.__version__}; load average before / after: "
+                      f"{report['load'][0]:.2f} / {os.getloadavg()[0]:.2f}.\n\n{text}")
     report["summary"] = summary
     report["markdown"] = text
     return report

@@ -106,10 +106,15 @@ def test_serve_benchmark_http_driver_reads_sse_and_retries_429():
     assert len(seen) == 9 and row["ttft50"] <= row["p50"]
 
 
-def test_cpu_decode_benchmark_runs_and_compares_alike():
+def test_cpu_decode_benchmark_runs_and_compares_alike(tmp_path):
     """Every way of decoding in the benchmark gives the same ids (checked inside); the report has every column."""
     bench = load("bench_cpu_decode")
-    report = bench.main(["--tiny", "--rounds", "1", "--tokens", "4", "--threads", "1"])
+    results = tmp_path / "real_size.md"
+    results.write_text("# Real sizes\n\n## Section 1: kept\n\nrow\n\n## Section 4: CPU decoding at the bound\n\nold\n")
+    bench.RESULTS = str(results)
+    report = bench.main(["--tiny", "--rounds", "1", "--tokens", "4", "--threads", "1", "--write"])
+    written = results.read_text()
+    assert "## Section 1: kept\n\nrow" in written and "\nold\n" not in written and written.count("## Section 4") == 1
     rows = report["summary"][1]["rows"]
     assert set(rows) == {"fp32", "bf16", "fp16"}
     assert rows["fp32"]["same_ids_as_fp32"] and rows["fp32"]["vs_reference"] > 0

@@ -187,12 +187,17 @@ def test_index_build_bad_inputs_are_named_before_any_embedding(images, one_worke
     users = tmp_path / "users"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    assert "is not empty (notes.txt)" in error_of(capsys, build + [images, "--output-dir", str(users), *BUILD_OPTIONS])
-    assert (users / "notes.txt").read_text() == "mine" and os.listdir(users) == ["notes.txt"]
+    from gill_pipeline.commands import index as index_command
 
-    # A finished set: refused without --resume; with it, checked to be this build's, and nothing is embedded.
-    before = files_of(one_worker_set)
-    assert "already holds a retrieval set" in error_of(capsys, build + [images, "--output-dir", one_worker_set, *BUILD_OPTIONS])
+    with monkeypatch.context() as patched:  # these are refused before the model loads
+        patched.setattr(index_command, "load_pipeline", never)
+        assert "is not empty (notes.txt)" in error_of(capsys, build + [images, "--output-dir", str(users), *BUILD_OPTIONS])
+        assert (users / "notes.txt").read_text() == "mine" and os.listdir(users) == ["notes.txt"]
+        before = files_of(one_worker_set)
+        err = error_of(capsys, build + [images, "--output-dir", one_worker_set, *BUILD_OPTIONS])
+        assert "already holds a retrieval set" in err and "--resume" in err
+
+    # A finished set: refused without --resume (above); with it, checked to be this build's, and nothing is embedded.
     assert main(build + [images, "--output-dir", one_worker_set, "--resume", *BUILD_OPTIONS]) == 0
     assert files_of(one_worker_set) == before
     # A set made with other weights.

@@ -8,7 +8,8 @@ the folder before the model loads.
 import logging
 import os
 
-from ..retrieval.parallel_build import DEFAULT_PART_ROWS, build_retrieval_set
+from ..retrieval.parallel_build import BUILD_DIR, DEFAULT_PART_ROWS, build_retrieval_set
+from ..retrieval.serialization import INDEX_CONFIG_FILE
 from ..retrieval.sources import as_source
 from ..serialization.folder import resolve_dtype
 from ..utils.distributed import current_workers
@@ -19,14 +20,31 @@ logger = logging.getLogger("gill_pipeline.commands")
 STORAGE_DTYPES = ("float16", "float32")
 
 
+def check_output_dir_before_loading(output_dir: str, resume: bool) -> None:
+    """What can be said of --output-dir without the model (the rest, against this build's plan, is checked by
+    `check_output_dir` before any image is embedded): a file, a folder of other files, or a build or set there
+    without --resume is refused before the model loads."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise CLIError(f"--output-dir: {output_dir} exists and is not a folder")
+    entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    ours = {BUILD_DIR, INDEX_CONFIG_FILE}
+    if not ours & set(entries) and entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise CLIError(f"--output-dir: {output_dir} is not empty ({shown}): a build writes only into a new or empty "
+                       "folder, so that none of your files is overwritten")
+    if ours & set(entries) and not resume:
+        what = "a retrieval set" if INDEX_CONFIG_FILE in entries else "an unfinished build"
+        raise CLIError(f"--output-dir: {output_dir} already holds {what}: pass --resume to finish or check it, or "
+                       "another folder")
+
+
 def run_build(args) -> int:
     workers = current_workers()
     try:
         source = as_source(args.source)
     except ValueError as error:
         raise CLIError(f"SOURCE: {error}") from None
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise CLIError(f"--output-dir: {args.output_dir} exists and is not a folder")
+    check_output_dir_before_loading(args.output_dir, args.resume)
     pipe = load_pipeline(args.model, workers.device(args.device), args.dtype)
     pipe.set_progress_bar_config(disable=True)
     index = build_retrieval_set(

@@ -63,9 +63,12 @@ def token_embedder(llm, gill, img_token_ids):
     offload hooks must not be added or removed between its calls. Gives the same tensors as `embed_tokens`."""
     table = llm.get_input_embeddings()
     vocab = _unwrapped(table).weight.shape[0]
-    # Looked up where the table computes (its offload hook's device; `meta` weights are no place for ids).
-    lookup_device = compute_device(_unwrapped(table))
-    group = disk_group_holding(llm, _unwrapped(table))
+    # Looked up where the table computes: its own offload hook's or group's device (fixed while offloading is), else
+    # where its weight is at each call (model offload moves the whole LM between calls and within one: the weight is
+    # on the CPU before the first LM pass of an answer and on the accelerator after it); `meta` is no place for ids.
+    weight_owner = _unwrapped(table)
+    hook_device = compute_device(weight_owner, weights=False)
+    group = disk_group_holding(llm, weight_owner)
     img_ids = list(img_token_ids)
 
     def embed(ids: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,9 @@ def token_embedder(llm, gill, img_token_ids):
         is_img = matches.any(-1)
         safe_ids = torch.where(is_img | (ids < 0) | (ids >= vocab), torch.zeros_like(ids), ids)
         with onloaded(group):
-            embeds = table(safe_ids.to(lookup_device or ids.device)).to(ids.device)
+            weight = weight_owner.weight
+            lookup_device = hook_device or (weight.device if weight.device.type != "meta" else ids.device)
+            embeds = table(safe_ids.to(lookup_device)).to(ids.device)
         if not is_img.any():
             return embeds
         scale = input_embedding_scale(llm)

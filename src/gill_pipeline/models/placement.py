@@ -21,10 +21,10 @@ def _hook_execution_device(module: torch.nn.Module) -> torch.device | None:
     return None
 
 
-def compute_device(module: torch.nn.Module) -> torch.device | None:
+def compute_device(module: torch.nn.Module, weights: bool = True) -> torch.device | None:
     """The device `module` computes on: the onload device of diffusers' group offloading, else the execution device
-    of an accelerate hook on it or on any submodule, else its weights' device; `None` when its weights are on `meta`
-    and no hook says (the caller then leaves its inputs where they are)."""
+    of an accelerate hook on it or on any submodule, else (with `weights=True`) its weights' device; `None` when its
+    weights are on `meta` and no hook says (the caller then leaves its inputs where they are)."""
     try:
         from diffusers.hooks.group_offloading import _get_group_onload_device
 
@@ -35,6 +35,8 @@ def compute_device(module: torch.nn.Module) -> torch.device | None:
         device = _hook_execution_device(submodule)
         if device is not None:
             return device
+    if not weights:
+        return None
     parameter = next(module.parameters(), None)
     if parameter is None or parameter.device.type == "meta":
         return None

@@ -473,6 +473,8 @@ def _mmap_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
+            if header_size > os.path.getsize(path) - 8:
+                raise ValueError(f"a header of {header_size} bytes in a file of {os.path.getsize(path)}")
             header = json.loads(f.read(header_size))
         out = {}
         for name, info in header.items():
