@@ -320,6 +320,22 @@ def test_bulk_generate_resumes_and_refuses_what_it_would_overwrite(tmp_path, cap
     assert "bad.jsonl, line 3: not JSON" in error_of(capsys, argv[:-3] + [str(bad), "--output-dir", str(tmp_path / "o3")])
     bad.write_text('["a photo", "missing.png"]\n')
     assert "image file not found" in error_of(capsys, argv[:-3] + [str(bad), "--output-dir", str(tmp_path / "o3")])
+    # Every image of the file is checked before the model loads: one that cannot be read, one above the pixel limit.
+    from gill_pipeline.commands import generate as generate_command
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    write_image(tmp_path / "big.png", seed=0)
+    bad.write_text('["a photo", "big.png"]\n"fine"\n["and", "broken.png"]\n')
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(generate_command, "load_model", never)
+        err = error_of(capsys, argv[:-3] + [str(bad), "--output-dir", str(tmp_path / "o3")])
+        assert "bad.jsonl, line 3: cannot read image" in err and "broken.png" in err
+        err = error_of(capsys, argv[:-3] + [str(bad), "--output-dir", str(tmp_path / "o3"), "--max-image-pixels", "16"])
+        assert "bad.jsonl, line 1: the image" in err and "above the limit of 16" in err
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "holiday.png").write_bytes(b"precious")

@@ -86,10 +86,26 @@ BULK_ANSWERS = "answers.jsonl"
 LINE_DIR_TEMPLATE = "line-{:06d}"
 
 
-def read_prompts_file(path: str) -> list[tuple[int, list[str]]]:
+def check_image_header(path: str, max_pixels: int) -> None:
+    """Raises a ValueError unless `path` is an image whose header can be read and whose size is within `max_pixels`
+    (the pixels are not decoded: a bulk run checks every image of its file before the model loads)."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    if width * height > max_pixels:
+        raise ValueError(f"the image {path} is {width}x{height} pixels ({width * height:,}), above the limit of "
+                         f"{max_pixels:,} (--max-image-pixels)")
+
+
+def read_prompts_file(path: str, max_pixels: int | None = None) -> list[tuple[int, list[str]]]:
     """`(line number, items)` for every prompt of `path`: a `.jsonl` file holds one JSON value per line (a string, a
     list of items (text, or image paths relative to the file's folder), or `{"prompt": one of those}`); any other
-    file one text prompt per line. Blank lines are skipped (the numbers stay those of the file)."""
+    file one text prompt per line. Blank lines are skipped (the numbers stay those of the file). With `max_pixels`,
+    every image's header is read and its size checked now, before any model loads."""
     if not os.path.isfile(path):
         raise CLIError(f"--prompts: no such file: {path}")
     try:
@@ -121,6 +137,11 @@ def read_prompts_file(path: str) -> list[tuple[int, list[str]]]:
                 item = item if os.path.isabs(item) else os.path.join(folder, item)
                 if not os.path.isfile(item):
                     raise CLIError(f"--prompts: {path}, line {n}: image file not found: {item}")
+                if max_pixels is not None:
+                    try:
+                        check_image_header(item, max_pixels)
+                    except ValueError as error:
+                        raise CLIError(f"--prompts: {path}, line {n}: {error}") from None
             resolved.append(item)
         prompts.append((n, resolved))
     if not prompts:
@@ -153,7 +174,7 @@ def _check_bulk_output_dir(output_dir: str, manifest: dict) -> None:
 def run_bulk(args, model: str, settings: dict) -> int:
     """`gill generate --prompts FILE`: every prompt into `line-NNNNNN/`, done ones skipped, split among workers."""
     workers = current_workers()
-    prompts = read_prompts_file(args.prompts)
+    prompts = read_prompts_file(args.prompts, args.max_image_pixels)
     with open(args.prompts, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     manifest = dict(
