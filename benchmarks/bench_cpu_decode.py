@@ -37,21 +37,9 @@ from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 from gill_pipeline import DecodingSettings
 from benchmarks.bench_pipeline import build_pipeline
+from benchmarks.results_file import replace_section
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "real_size.md")
-HEADING = "## Section 4: CPU decoding at the bound"
-
-
-def write_section(text: str) -> None:
-    """Replaces (or appends) this benchmark's section of real_size.md, leaving the other sections as they are."""
-    old = open(RESULTS).read() if os.path.isfile(RESULTS) else "# Real sizes within real memory\n\n"
-    if HEADING in old:
-        start = old.index(HEADING)
-        rest = old[start + len(HEADING):]
-        end = rest.find("\n## ")
-        old = old[:start] + (rest[end + 1:] if end >= 0 else "")
-    with open(RESULTS, "w") as f:
-        f.write(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 HEADING = "## Section 4: CPU decoding at the bound"
 SHAPES = {
     "opt-125m": dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12),
@@ -280,7 +268,7 @@ def main(argv=None) -> dict:
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
     print(text)
     if args.write:
-        write_section(f"{HEADING}\n\nOne run of `python -m benchmarks.bench_cpu_decode "
+        replace_section(RESULTS, HEADING, f"{HEADING}\n\nOne run of `python -m benchmarks.bench_cpu_decode "
                       f"{' '.join(argv if argv is not None else sys.argv[1:])}` on {platform.machine()}, "
                       f"{os.cpu_count()} cores, torch {torch.__version__}; load average before / after: "
                       f"{report['load'][0]:.2f} / {os.getloadavg()[0]:.2f}.\n\n{text}")

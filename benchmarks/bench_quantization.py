@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from benchmarks.results_file import replace_section
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "real_size.md")
 HEADING = "## Section 2: quantization"
 SHAPES = {
@@ -227,15 +229,7 @@ def markdown(report: dict) -> str:
 
 
 def write_section(text: str) -> None:
-    old = open(RESULTS).read() if os.path.isfile(RESULTS) else "# Real sizes, measured on this machine\n\n"
-    if HEADING in old:
-        start = old.index(HEADING)
-        rest = old[start + len(HEADING):]
-        end = rest.find("\n## ")
-        old = old[:start] + (rest[end + 1:] if end >= 0 else "")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(old.rstrip("\n") + "\n\n" + text)
+    replace_section(RESULTS, HEADING, text, title="# Real sizes, measured on this machine\n\n")
 
 
 def main(argv=None) -> dict:
