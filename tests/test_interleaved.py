@@ -375,3 +375,42 @@ def test_context_prefix_grad_decides_what_trains_the_visual_prefix(tiny, tmp_pat
     # Captioning trains it either way.
     caption_grads = torch.autograd.grad(out["caption"], params, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in caption_grads)
+
+
+def test_length_buckets_give_the_losses_and_gradients_of_one_forward(tiny, tmp_path):
+    """Documents of different lengths run through the LM in groups of similar length: each row still sees exactly its
+    own tokens, so every loss and gradient is that of one forward over the padded batch."""
+    path = make_documents(tmp_path, count=4)
+    documents = [story(i) for i in range(4)]
+    documents[1]["segments"] = documents[1]["segments"][:2]  # a short document beside long ones
+    documents[2]["segments"] = documents[2]["segments"][:5]
+    write_documents(path, documents)
+    batch = collated(tiny, path)
+    lengths = [len(row) for row in training_model(tiny.pipe).interleaved_img_rows(batch["documents"])[0]]
+    assert len(set(lengths)) > 2  # the buckets really cut the rows to different lengths
+    params = [p for p in tiny.pipe.gill.parameters() if p.requires_grad]
+    results = []
+    for buckets in (1, 3):
+        model = training_model(tiny.pipe)
+        model.length_buckets = buckets
+        out = model(batch)
+        total = out["caption"] + out["img_token"] + out["retrieval"] + out["generation"]
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        results.append((out, grads))
+    (one, one_grads), (bucketed, bucketed_grads) = results
+    for key in ("caption", "img_token", "retrieval", "generation", "caption_correct", "img_token_count"):
+        torch.testing.assert_close(bucketed[key], one[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bucketed["img_hidden"], one["img_hidden"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(bucketed_grads, one_grads):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_interleaved_length_buckets_are_checked_before_anything_loads():
+    from training.params import LossArgs
+
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(ValueError, match=f"`interleaved_length_buckets`.*{bad!r}"):
+            LossArgs(interleaved_length_buckets=bad)

@@ -49,6 +49,7 @@ class GILLTrainingModel(nn.Module):
         accelerator=None,
         chat: ChatWrapping | None = None,
         context_prefix_grad: bool = True,
+        length_buckets: int = 1,
     ):
         super().__init__()
         # With a chat template (`training/chat_format.py`), caption pairs are user/assistant exchanges.
@@ -64,6 +65,10 @@ class GILLTrainingModel(nn.Module):
         # False: the [IMG] rows of interleaved documents read the context images' prefixes detached, so only the
         # captioning loss trains the visual-prefix projection (`LossArgs.interleaved_context_prefix_grad`).
         self.context_prefix_grad = bool(context_prefix_grad)
+        # Interleaved documents vary in length (a one-image story next to a five-turn chat): their rows are run
+        # through the LM in this many groups of similar length, each padded only to its own longest row
+        # (`run_lm_in_buckets`; same losses, less padding). 1: the whole batch in one forward.
+        self.length_buckets = int(length_buckets)
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -91,6 +96,29 @@ class GILLTrainingModel(nn.Module):
             self.llm, self.gill, self.img_token_ids.tolist(), embeds.to(dtype), attention_mask=mask, use_cache=False
         )
         return logits, hidden
+
+    def run_lm_in_buckets(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run_lm` over right-padded rows (`_pad`'s layout), sorted by length and split into `length_buckets`
+        groups, each cut to its own longest row; outputs are padded back with zeros and returned in the rows' order.
+
+        Each row sees exactly its own tokens either way (causal attention, right padding), so losses and gradients
+        are those of one forward over the whole batch, up to float rounding; what changes is the compute spent on
+        padding (2.65x the real tokens for the shapes world's mix of short documents and five-turn chats).
+        """
+        groups = min(self.length_buckets, embeds.shape[0])
+        if groups <= 1:
+            return self.run_lm(embeds, mask)
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        total = embeds.shape[1]
+        logits, hidden = [], []
+        for rows in torch.chunk(order, groups):
+            length = max(1, int(lengths[rows].max()))
+            group_logits, group_hidden = self.run_lm(embeds[rows, :length], mask[rows, :length])
+            logits.append(nn.functional.pad(group_logits, (0, 0, 0, total - length)))
+            hidden.append(nn.functional.pad(group_hidden, (0, 0, 0, total - length)))
+        inverse = torch.argsort(order)
+        return torch.cat(logits)[inverse], torch.cat(hidden)[inverse]
 
     @torch.no_grad()
     def image_features(self, batch: dict) -> torch.Tensor:
@@ -280,14 +308,14 @@ class GILLTrainingModel(nn.Module):
         features = self.image_features(batch)
         prefix = self.gill.encode_visual_prefix(features)
         embeds, labels, mask = self._embed_rows(*self.interleaved_caption_rows(documents), prefix)
-        logits, _ = self.run_lm(embeds, mask)
+        logits, _ = self.run_lm_in_buckets(embeds, mask)
         cap, cap_correct, cap_count = next_token_loss(logits, labels)
         out = {"caption": cap, "caption_correct": cap_correct, "caption_count": cap_count}
 
         rows, labels, slots, where = self.interleaved_img_rows(documents)
         context_prefix = prefix if self.context_prefix_grad else prefix.detach()
         embeds, labels, mask = self._embed_rows(rows, labels, slots, context_prefix)
-        logits, hidden = self.run_lm(embeds, mask)
+        logits, hidden = self.run_lm_in_buckets(embeds, mask)
         ce, correct, count = next_token_loss(logits, labels)
         r = self.img_token_ids.numel()
         locations = torch.tensor(where, device=hidden.device)

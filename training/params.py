@@ -258,6 +258,12 @@ class LossArgs:
                   "through the context images' prefixes (False: only captioning trains it, so document losses "
                   "cannot pull it away from what captioning needs)."},
     )
+    interleaved_length_buckets: int = field(
+        default=4,
+        metadata={"help": "Interleaved-document rows run through the LM in this many groups of similar length, each "
+                  "padded to its own longest row (same losses, less padding; 1: one forward for the whole batch). "
+                  "Runs that shard the LM (FSDP, DeepSpeed) use 1, so every process runs the same forwards."},
+    )
     concat_prob: float = field(
         default=0.5, metadata={"help": "Probability that a batch's examples are concatenated in pairs (reference: 0.5)."}
     )
@@ -272,6 +278,11 @@ class LossArgs:
             "caption_weight", "img_token_weight", "retrieval_weight", "generation_weight", "interleaved_retrieval_weight"
         ):
             _positive(name, getattr(self, name), allow_zero=True)
+        if isinstance(self.interleaved_length_buckets, bool) or not isinstance(self.interleaved_length_buckets, int) \
+                or self.interleaved_length_buckets < 1:
+            raise ValueError(
+                f"`interleaved_length_buckets` must be a whole number >= 1, got {self.interleaved_length_buckets!r}."
+            )
         if not 0 <= self.concat_prob <= 1:
             raise ValueError(f"`concat_prob` must be in [0, 1], got {self.concat_prob!r}.")
 

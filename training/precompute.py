@@ -200,7 +200,8 @@ def build_parser():
                         help="Decoder family of the tiny random models (with --tiny-random).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the tiny random models.")
     parser.add_argument("--image-features", action="store_true", help="Also store the vision encoder's features.")
-    parser.add_argument("--image-encoder", default=None, help="CLIP vision encoder id or path (with --image-features).")
+    parser.add_argument("--image-encoder", default=None,
+                        help="CLIP vision encoder id or path, or a saved GILL pipeline folder (with --image-features).")
     parser.add_argument("--cond-length", type=int, default=None, help="Target length (default: the SD tokenizer's).")
     parser.add_argument("--output", required=True, help="Output folder.")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -208,6 +209,20 @@ def build_parser():
     parser.add_argument("--dtype", default="float16", choices=sorted(STORE_DTYPES), help="Storage dtype of targets.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
+
+
+def load_image_encoder(source: str):
+    """A CLIP vision encoder and its image processor, from a CLIP checkpoint (id or folder) or from a saved GILL
+    pipeline folder (its `image_encoder` and `feature_extractor`: the features are then exactly the pipeline's)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    if os.path.isfile(os.path.join(source, "model_index.json")):
+        for sub in ("image_encoder", "feature_extractor"):
+            if not os.path.isdir(os.path.join(source, sub)):
+                raise ValueError(f"`--image-encoder`={source!r} is a pipeline folder without a {sub!r} folder.")
+        return (CLIPVisionModel.from_pretrained(source, subfolder="image_encoder"),
+                CLIPImageProcessor.from_pretrained(source, subfolder="feature_extractor"))
+    return CLIPVisionModel.from_pretrained(source), CLIPImageProcessor.from_pretrained(source)
 
 
 def main(argv=None) -> dict:
@@ -239,10 +254,7 @@ def main(argv=None) -> dict:
         if args.image_features:
             if args.image_encoder is None:
                 raise ValueError("`--image-features` needs `--image-encoder` (the CLIP vision encoder of the pipeline).")
-            from transformers import CLIPImageProcessor, CLIPVisionModel
-
-            image_encoder = CLIPVisionModel.from_pretrained(args.image_encoder)
-            image_processor = CLIPImageProcessor.from_pretrained(args.image_encoder)
+            image_encoder, image_processor = load_image_encoder(args.image_encoder)
         image_size = image_encoder.config.image_size if image_encoder is not None else 224
     if decoder is not None:
         if args.cond_length is not None:

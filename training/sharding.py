@@ -218,6 +218,14 @@ def configure_deepspeed(accelerator, micro_batch: int, accumulation: int) -> Non
     config["train_batch_size"] = micro_batch * accumulation * accelerator.num_processes
 
 
+def lm_sharded(accelerator) -> bool:
+    """Whether this run shards the LM across processes (FSDP, DeepSpeed): every process must then run the same
+    sequence of LM forwards, as each one gathers the layers' shards."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def lm_values_per_process(accelerator, llm) -> tuple[list[int], int]:
     """How many of the LM's values each process stores (a list, one per process), and the LM's total."""
     from accelerate.utils import gather_object

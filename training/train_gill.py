@@ -53,6 +53,7 @@ from training.sharding import (
     fsdp_mixed_precision,
     is_sharded,
     keep_learned_parts_whole,
+    lm_sharded,
     lm_values_per_process,
     quiet_view_warning,
     resolve_sharding,
@@ -313,6 +314,8 @@ def train(config: TrainConfig, accelerator) -> dict:
             else None
         ),
         context_prefix_grad=config.loss.interleaved_context_prefix_grad,
+        # A sharded LM gathers its layers at every forward: each process must run the same number of them.
+        length_buckets=1 if lm_sharded(accelerator) else config.loss.interleaved_length_buckets,
     )
     optimizer, scheduler = build_optimizer(params, optim)
     # FSDP shards the LM (each decoder layer a unit) and keeps the learned parts whole on every process (see

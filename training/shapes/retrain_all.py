@@ -33,23 +33,25 @@ def main(argv=None) -> dict:
     # The defaults are the recipe of the bundled model (docs/shapes_world.md, "Context training").
     parser.add_argument("--context-ratio", type=float, default=0.5,
                         help="GILL's share of context-chain documents (train_world_gill.py; 0: caption pairs only)")
-    parser.add_argument("--context-kinds", default="text,image,describe,text,image_first,describe,text_answer,image_first_answer",
+    parser.add_argument("--context-kinds", default="text,image,describe,text,dialogue,describe,dialogue,text_answer,dialogue",
                         help="train_world_gill.py --context-kinds (a kind listed twice is drawn twice as often)")
-    parser.add_argument("--gill-steps", type=int, default=3000, help="train_world_gill.py --steps")
+    parser.add_argument("--gill-steps", type=int, default=2400, help="train_world_gill.py --steps")
+    parser.add_argument("--gill-batch-size", type=int, default=32, help="train_world_gill.py --batch-size")
     parser.add_argument("--caption-weight", type=float, default=2.0, help="train_world_gill.py --caption-weight")
     parser.add_argument("--document-retrieval-weight", type=float, default=1.0,
                         help="train_world_gill.py --document-retrieval-weight")
     parser.add_argument("--context-prefix-grad", default="true", choices=("true", "false"),
                         help="train_world_gill.py --context-prefix-grad")
-    parser.add_argument("--gill-seed", type=int, default=0, help="train_world_gill.py --seed (GILL's data and init)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (base models, GILL's data and init)")
+    parser.add_argument("--gill-seed", type=int, default=None, help="train_world_gill.py --seed (default: --seed)")
     parser.add_argument("--lora-rank", type=int, default=8,
                         help="train_world_gill.py --lora-rank: a LoRA adapter on the LM trains with GILL (0: LM frozen)")
     parser.add_argument("--clip-vision-rounds", type=int, default=2, help="pretrain_base.py --clip-vision-rounds")
     parser.add_argument("--phrasings", default="training", choices=("world", "training"),
                         help="instruction wordings in the LM's corpus and GILL's context documents (world.py)")
-    parser.add_argument("--dialogue-corpus", type=int, default=0,
+    parser.add_argument("--dialogue-corpus", type=int, default=8000,
                         help="pretrain_base.py --dialogue-corpus: chat transcripts in the LM's corpus, chat words in its "
-                        "vocabulary (0: neither; the dialogue recipe of docs/shapes_world.md uses 8000, not retrained yet)")
+                        "vocabulary (0: neither)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
@@ -60,7 +62,7 @@ def main(argv=None) -> dict:
     small = args.scale < 1.0
     if not args.skip_base:
         t = time.time()
-        pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads, "--phrasings", args.phrasings,
+        pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads, "--seed", str(args.seed), "--phrasings", args.phrasings,
                             "--clip-vision-rounds", str(args.clip_vision_rounds),
                             "--dialogue-corpus", str(int(args.dialogue_corpus * min(1.0, args.scale * 20)))]
                            + (["--batch-scale", str(max(args.scale * 20, 0.05))] if small else []))
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
     t = time.time()
     train_world_gill.main(["--base", base, "--out", gill, "--scale", str(args.scale), *threads,
                            "--context-ratio", str(args.context_ratio), "--context-kinds", args.context_kinds,
-                           "--context-phrasings", args.phrasings, "--steps", str(args.gill_steps), "--seed", str(args.gill_seed),
+                           "--context-phrasings", args.phrasings, "--steps", str(args.gill_steps), "--batch-size", str(args.gill_batch_size), "--seed", str(args.seed if args.gill_seed is None else args.gill_seed),
                            "--context-prefix-grad", args.context_prefix_grad,
                            "--caption-weight", str(args.caption_weight),
                            "--document-retrieval-weight", str(args.document_retrieval_weight),

@@ -211,6 +211,26 @@ def assemble(base: str, out: str, seed: int) -> str:
     return folder
 
 
+def precompute_stores(args, assembled: str, data: str, train_tsv: str, val_tsv: str, context_args: list) -> list:
+    """SD text-encoder targets and CLIP image features of every training image, once, in float32 (the values
+    `train_gill.py` would compute at every step: its frozen encoders are the assembled pipeline's and the world's
+    SD). -> train_gill.py's `--*-targets` arguments."""
+    from training.precompute import main as precompute
+
+    stores = os.path.join(args.out, "targets")
+    common = ["--stable-diffusion", os.path.join(args.base, "sd"), "--image-features", "--image-encoder", assembled,
+              "--dtype", "float32", "--device", "cpu"]
+    sets = [("train", train_tsv, "tsv", os.path.join(data, "images")), ("val", val_tsv, "tsv", os.path.join(data, "images"))]
+    if context_args:
+        sets.append(("interleaved", context_args[context_args.index("--interleaved-data") + 1], "interleaved", data))
+    out = []
+    for name, path, data_type, images in sets:
+        folder = os.path.join(stores, name)
+        precompute(["--data", path, "--data-type", data_type, "--image-folder", images, "--output", folder, *common])
+        out += [f"--{name}-targets", folder]
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="folder written by training.shapes.pretrain_base")
@@ -223,7 +243,8 @@ def main(argv=None) -> dict:
         help="fraction of GILL's micro-batches drawn from context-chain documents (0: caption pairs only, as the "
         "bundled model was trained)",
     )
-    parser.add_argument("--steps", type=int, default=1500, help="GILL's training steps (batch 64), before --scale")
+    parser.add_argument("--steps", type=int, default=1500, help="GILL's training steps, before --scale")
+    parser.add_argument("--batch-size", type=int, default=64, help="GILL's micro-batch (pairs or documents)")
     parser.add_argument("--caption-weight", type=float, default=1.0, help="train_gill.py --caption-weight")
     parser.add_argument(
         "--context-prefix-grad", default="true", choices=("true", "false"),
@@ -240,6 +261,11 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--lora-rank", type=int, default=0,
         help="train_gill.py --lora-rank: a LoRA adapter of this rank on the LM's linear layers trains too (0: LM frozen)",
+    )
+    parser.add_argument(
+        "--precompute", default="true", choices=("true", "false"),
+        help="compute the frozen encoders' outputs (SD text-encoder targets, CLIP image features) once with "
+        "training/precompute.py instead of at every step (same values; false: on the fly)",
     )
     parser.add_argument(
         "--context-kinds", default="text,image",
@@ -278,9 +304,10 @@ def main(argv=None) -> dict:
     # 2. A new, untrained GILL on the world's frozen base models
     assembled = assemble(args.base, args.out, args.seed)
 
-    # 3. GILL's learned parts, with the package's training script
+    # 3. GILL's learned parts, with the package's training script; the frozen encoders' outputs computed once
     from training.train_gill import main as train_gill
 
+    target_args = precompute_stores(args, assembled, data, train_tsv, val_tsv, context_args) if args.precompute == "true" else []
     run_dir = os.path.join(args.out, "run")
     steps = max(4, int(args.steps * args.scale))
     metrics = train_gill(
@@ -299,7 +326,7 @@ def main(argv=None) -> dict:
             "--warmup-steps", str(max(1, steps // 15)),
             "--decay-every", str(max(2, int(steps * 0.7))),
             "--decay-gamma", "0.1",
-            "--batch-size", str(min(64, n(64))),
+            "--batch-size", str(min(args.batch_size, n(args.batch_size))),
             "--max-steps", str(steps),
             "--output-dir", run_dir,
             "--seed", str(args.seed),
@@ -312,6 +339,7 @@ def main(argv=None) -> dict:
             "--progress-bar", "false",
             "--caption-weight", str(args.caption_weight),
             *context_args,
+            *target_args,
             *(["--lora", "true", "--lora-rank", str(args.lora_rank), "--lora-alpha", str(2.0 * args.lora_rank)]
               if args.lora_rank > 0 else []),
         ]
