@@ -230,31 +230,38 @@ def test_a_user_error_in_a_turn_is_one_line_and_any_other_ends_the_chat(opt_pipe
 
 @pytest.mark.skipif(not bundle_available(), reason="the bundled shapes-world model is not installed")
 def test_chat_cli_on_the_bundled_model(tmp_path, monkeypatch, capsys):
-    example = tmp_path / "example.png"
-    example_image(SHAPES_MODEL).save(example)
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{example} now the same shape in blue :\nnow a triangle :\n"))
-    assert chat_main(["--steps", "20", "--output-dir", str(tmp_path / "out")]) == 0
-    out, err = capsys.readouterr()
-    assert "error" not in err, err
-    # The shapes world answers with a caption, then (image mode "both") the decision head's pick and the other one;
-    # the second turn keeps the colour asked for in the first.
-    # The shapes world answers a request with an image at once (its documents put [IMG] right after the request; see
-    # docs/shapes_world.md): the decision head's pick and, as the alternative, the other kind. The image shown in each
-    # turn must be the answer, judged by the world's classifier: the second turn keeps the colour asked in the first.
-    assert len(re.findall(r"^gill> ", out, re.M)) == 2, out
-    written = IMAGE_LINE.findall(out)
-    assert len(written) == 4 and {source for _, source, _, _ in written} == {"generated", "retrieved"}
-    assert all(os.path.isfile(path) for path, *_ in written)
-    shown = [path for path, *_ in written if "alternative" not in os.path.basename(path)]
-    assert len(shown) == 2, written
+    """The README's example conversation through `gill chat`: every turn's words are exactly the answer's caption and
+    the image shown is the answer, judged by the world's classifier; the last turn asks for words only."""
     from gill_pipeline.bundled import BUNDLED_CLASSIFIER
     from training.shapes.classifier import AttributeClassifier
     from training.shapes.world import Scene
 
+    example = tmp_path / "example.png"
+    example_image(SHAPES_MODEL).save(example)
+    turns = [
+        ("now the same shape in blue :", Scene("circle", "blue", "left", "small")),
+        ("now make it large :", Scene("circle", "blue", "left", "large")),
+        ("now a triangle :", Scene("triangle", "blue", "left", "large")),
+        ("what is it now ?", None),  # words only: the scene of the turn before
+    ]
+    lines = [f"{example} {turns[0][0]}"] + [text for text, _ in turns[1:]]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert chat_main(["--steps", "20", "--output-dir", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "error" not in err, err
+    answers = [line[len("gill> "):].strip() for line in out.splitlines() if line.startswith("gill> ")]
+    targets = [scene or turns[i - 1][1] for i, (_, scene) in enumerate(turns)]
+    assert [a.removesuffix(" .") for a in answers] == [t.caption() for t in targets], out
+    # Image mode "both": the decision head's pick and, as the alternative, the other kind, for the three requests;
+    # none for the question.
+    written = IMAGE_LINE.findall(out)
+    assert len(written) == 6 and {source for _, source, _, _ in written} == {"generated", "retrieved"}, out
+    assert all(os.path.isfile(path) for path, *_ in written)
+    shown = [path for path, *_ in written if "alternative" not in os.path.basename(path)]
+    assert len(shown) == 3, written
     classifier = AttributeClassifier.from_pretrained(BUNDLED_CLASSIFIER).eval()
     pixels = torch.stack([torch.from_numpy(np.asarray(PIL.Image.open(p).convert("RGB").resize((32, 32)), dtype=np.float32)).permute(2, 0, 1) / 255 for p in shown])
-    expected = [list(Scene("circle", "blue", "left", "small").labels()), list(Scene("triangle", "blue", "left", "small").labels())]
-    assert classifier.predict(pixels).tolist() == expected, (shown, out)
+    assert classifier.predict(pixels).tolist() == [list(t.labels()) for t in targets[:3]], (shown, out)
     assert "\n\n" not in out
 
 

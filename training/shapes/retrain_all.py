@@ -35,8 +35,8 @@ def main(argv=None) -> dict:
                         help="GILL's share of context-chain documents (train_world_gill.py; 0: caption pairs only)")
     parser.add_argument("--context-kinds", default="text,image,describe,text,dialogue,describe,dialogue,text_answer,dialogue",
                         help="train_world_gill.py --context-kinds (a kind listed twice is drawn twice as often)")
-    parser.add_argument("--gill-steps", type=int, default=2400, help="train_world_gill.py --steps")
-    parser.add_argument("--gill-batch-size", type=int, default=32, help="train_world_gill.py --batch-size")
+    parser.add_argument("--gill-steps", type=int, default=3000, help="train_world_gill.py --steps")
+    parser.add_argument("--gill-batch-size", type=int, default=64, help="train_world_gill.py --batch-size")
     parser.add_argument("--caption-weight", type=float, default=2.0, help="train_world_gill.py --caption-weight")
     parser.add_argument("--document-retrieval-weight", type=float, default=1.0,
                         help="train_world_gill.py --document-retrieval-weight")
