@@ -1,17 +1,10 @@
-"""scripts/dialogue_transcript.py: the README's example conversation on the bundled model, as a PNG strip."""
-
-import os
-import sys
+"""tools/dialogue_transcript.py: the README's example conversation on the bundled model, as a PNG strip."""
 
 import PIL.Image
 import pytest
 
 from gill_pipeline.bundled import bundle_available
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import dialogue_transcript  # noqa: E402
+from tools import dialogue_transcript
 
 
 @pytest.mark.skipif(not bundle_available(), reason="the bundled shapes-world model is not installed")

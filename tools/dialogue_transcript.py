@@ -1,8 +1,8 @@
 """Runs the README's example conversation on the bundled shapes-world GILL (or another shapes-world pipeline) the way
 `gill chat` does, judges every answer, and writes the transcript as one PNG strip plus its Markdown.
 
-    python scripts/dialogue_transcript.py                       # -> docs/dialogue.png, docs/dialogue.md
-    python scripts/dialogue_transcript.py --pipeline DIR/bundle/shapes_pipeline --index DIR/bundle/shapes_index \
+    python -m tools.dialogue_transcript                       # -> docs/dialogue.png, docs/dialogue.md
+    python -m tools.dialogue_transcript --pipeline DIR/bundle/shapes_pipeline --index DIR/bundle/shapes_index \
         --png /tmp/d.png --md /tmp/d.md
 
 Each turn goes through `GILLConversation` with the model's CLI preset and one seed, as `gill chat` sends it; the answer's words are right only when they are exactly the target caption, its image
@@ -13,17 +13,15 @@ judges).
 import argparse
 import logging
 import os
-import sys
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the repository's training/ and benchmarks/ (this script is not part of the package)
+from benchmarks.bench_dialogue import image_right
+from training.shapes.dialogue import Conversation, Turn, answer_parts, words_exact
+from training.shapes.world import Scene
 
-from benchmarks.bench_dialogue import image_right  # noqa: E402
-from training.shapes.dialogue import Conversation, Turn, answer_parts, words_exact  # noqa: E402
-from training.shapes.world import Scene  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 logger = logging.getLogger("dialogue_transcript")
 
@@ -141,7 +139,7 @@ def main(argv=None) -> list[dict]:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     strip(records).save(args.png)
     with open(args.md, "w", encoding="utf-8") as f:
-        f.write(markdown(records, args.png, "python scripts/dialogue_transcript.py"))
+        f.write(markdown(records, args.png, "python -m tools.dialogue_transcript"))
     logger.info("wrote %s and %s", args.png, args.md)
     return records
 
