@@ -17,7 +17,7 @@ from .image_loading import ImageLoadError, load_record_image
 from .faiss_params import choose_faiss_params
 from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, ShardedFaissSearcher
 from .files import RetrievalIndexError as _RetrievalIndexError
-from .search import ExactSearcher, FaissSearcher, SearchResult
+from .search import ExactSearcher, FaissSearcher, SearchResult, gather_rows
 from .serialization import RetrievalIndexSerializationMixin, check_records, dtype_name
 
 # Names that moved out of this module, importable from here as before.
@@ -178,17 +178,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
 
     def _rows_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The stored embeddings of the given rows, float32 on the CPU (for re-ranking FAISS candidates)."""
-        blocks = [b for b in self._blocks if b.shape[0]]
-        if len(blocks) == 1:
-            return blocks[0][rows.to(blocks[0].device)].float().cpu()
-        ends = torch.tensor([b.shape[0] for b in blocks]).cumsum(0)
-        which = torch.searchsorted(ends, rows, right=True)
-        out = torch.empty(rows.shape[0], self.dim)
-        for b in which.unique().tolist():
-            mask = which == b
-            start = int(ends[b]) - blocks[b].shape[0]
-            out[mask] = blocks[b][(rows[mask] - start).to(blocks[b].device)].float().cpu()
-        return out
+        return gather_rows(self._blocks, rows)
 
     @property
     def ids(self) -> list[str]:
@@ -230,7 +220,9 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             dtype_name(dtype)
             if dtype != self.dtype:
                 self._saved = None  # every stored row changed: the next save writes them all
-        self._blocks = [self.embeddings.to(device=device, dtype=dtype)]
+        self._require_embeddings("moving its embeddings")
+        # Block by block: a memory-mapped set stays in its blocks (a block already where it should be is not copied).
+        self._blocks = [block.to(device=device, dtype=dtype) for block in self._blocks]
         if self._searcher_factory is ExactSearcher:
             self._searcher = None
         return self
@@ -313,14 +305,20 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         return self
 
     def _current_searcher(self):
+        # Never `self.embeddings`: exact search reads the stored blocks one at a time (a memory-mapped set of 100M
+        # rows is never joined into one tensor in memory).
+        exact = self._searcher_factory is ExactSearcher
+        if exact:
+            self._require_embeddings("exact search")
         if self._searcher is None:
-            self._searcher = self._searcher_factory(self.embeddings)
+            self._searcher = ExactSearcher(self._blocks) if exact else self._searcher_factory(
+                self._row_range(0, len(self)))
         elif self._searcher_rows != len(self):
             if isinstance(self._searcher, ShardedFaissSearcher):
                 start = self._searcher.ntotal
                 self._searcher.add(self._row_range(start, len(self)), first_row=start)
             else:
-                self._searcher.add(self.embeddings)
+                self._searcher.add(self._blocks)
         self._searcher_rows = len(self)
         return self._searcher
 
