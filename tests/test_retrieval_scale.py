@@ -275,3 +275,66 @@ def test_add_faiss_index_streams_a_saved_set(tmp_path, queries, monkeypatch):
     assert torch.equal(loaded.search(queries, k=10).rows, index.search(queries, k=10).rows)
     with pytest.raises(ValueError, match="`sample_rows`"):
         add_faiss_index(tmp_path, "Flat", sample_rows=0)
+
+
+def _faiss_files(folder) -> dict[str, bytes]:
+    config = json.load(open(os.path.join(folder, INDEX_CONFIG_FILE)))["faiss"]
+    names = [f["file"] for f in config["files"]] + [config["trained_file"]]
+    return {name: open(os.path.join(folder, name), "rb").read() for name in names}
+
+
+def test_a_set_with_a_faiss_index_loads_and_saves_where_faiss_cannot_be_imported(tmp_path, queries, monkeypatch,
+                                                                                 caplog):
+    import logging as std_logging
+    import sys
+
+    from diffusers.utils import logging as diffusers_logging
+
+    index = make_index().use_faiss("IVF16,Flat", nprobe=4, max_rows_per_file=2000)
+    approximate = index.search(queries, k=10)
+    index.save_pretrained(tmp_path / "set", max_shard_rows=1000)
+    make_index().use_faiss("Flat").save_pretrained(tmp_path / "codes", save_embeddings=False)
+    # Another set with FAISS files of the same names where the copy goes: they must not be written over.
+    make_index(500, seed=3).use_faiss("Flat").save_pretrained(tmp_path / "busy")
+    original, busy = _faiss_files(tmp_path / "set"), _faiss_files(tmp_path / "busy")
+    exact = make_index().search(queries, k=10)
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    library = std_logging.getLogger("gill_pipeline")
+    library.addHandler(caplog.handler)
+    diffusers_logging.enable_propagation()
+    try:
+        loaded = load(tmp_path / "set", mmap=True)
+    finally:
+        library.removeHandler(caplog.handler)
+        diffusers_logging.disable_propagation()
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "FAISS index" in message and "ignored" in message and "exact search" in message
+    assert "faiss cannot be imported" in message
+    assert loaded.search_backend == "exact" and torch.equal(loaded.search(queries, k=10).rows, exact.rows)
+    with pytest.raises(RetrievalIndexError, match=r"codes.*without its embeddings.*pip install \"gill_pipeline\[faiss\]\""):
+        load(tmp_path / "codes")
+
+    # Saves copy the FAISS files through: into the same folder (shards written again), another, one in use.
+    loaded.to(dtype=torch.float16).save_pretrained(tmp_path / "set", max_shard_rows=700)  # every shard again
+    loaded.save_pretrained(tmp_path / "copy")
+    loaded.save_pretrained(tmp_path / "busy")
+    loaded.save_pretrained(tmp_path / "codes_copy", save_embeddings=False)
+    for folder in ("set", "copy", "busy", "codes_copy"):
+        assert sorted(_faiss_files(tmp_path / folder).values()) == sorted(original.values()), folder
+    assert set(_faiss_files(tmp_path / "busy")).isdisjoint(busy)  # new names; the old files removed after
+    assert not [f for f in os.listdir(tmp_path / "busy") if f.endswith(".tmp") or f in busy]
+    # Rows added since the load: the FAISS index cannot take them without faiss; refused before anything is written.
+    grown = load(tmp_path / "copy")
+    grown.add_embeddings(queries[:1], [{"id": "new", "path": "new.png"}])
+    with pytest.raises(ValueError, match=r"drop_faiss_index\(\)"):
+        grown.save_pretrained(tmp_path / "grown")
+    assert not os.path.exists(tmp_path / "grown")
+    grown.drop_faiss_index().save_pretrained(tmp_path / "grown")
+    assert "faiss" not in json.load(open(tmp_path / "grown" / INDEX_CONFIG_FILE))
+
+    monkeypatch.undo()  # faiss importable again: every copy searches with the same FAISS index
+    for folder in ("set", "copy", "busy", "codes_copy"):
+        again = load(tmp_path / folder)
+        assert again.search_backend == "faiss:IVF16,Flat", folder
+        assert torch.equal(again.search(queries, k=10).rows, approximate.rows), folder

@@ -353,7 +353,8 @@ def faiss_files(block: dict | None) -> set[str]:
     return names | ({block["trained_file"]} if isinstance((block or {}).get("trained_file"), str) else set())
 
 
-def _check_block(block: dict, where: str) -> None:
+def check_faiss_block(block: dict, where: str) -> None:
+    """Raises [`RetrievalIndexError`] unless `block` is a `"faiss"` entry naming plain files (needs no faiss)."""
     if not isinstance(block, dict) or not isinstance(block.get("factory"), str) or not isinstance(
             block.get("files"), list):
         raise RetrievalIndexError(f"{where}: the `faiss` entry must name a `factory` and list its `files`, got "
@@ -373,7 +374,7 @@ def read_faiss_files(folder: str, block: dict, where: str, num_rows: int | None 
     disk and are paged in as searches touch them). Nothing is trained or rebuilt. A file whose width, row count or
     structure is not what the block and its factory string say is refused with an error naming the file."""
     faiss = import_faiss()
-    _check_block(block, where)
+    check_faiss_block(block, where)
     settings = FaissSettings(
         factory=block["factory"], nprobe=block.get("nprobe"), ef_search=block.get("efSearch"),
         rerank=block.get("rerank") or 1, max_rows_per_file=block.get("max_rows_per_file"),

@@ -112,6 +112,8 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         self._searcher_factory = ExactSearcher
         # False for a set loaded from a folder saved without its embeddings: it searches with its FAISS index only.
         self.has_embeddings = True
+        # The FAISS index of a set loaded where faiss could not be imported: searched exactly, its files kept for saves.
+        self._unread_faiss = None
         self.add_embeddings(embeddings, records)
 
     @property
@@ -292,6 +294,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         make.name = f"faiss:{settings.factory}"
         self._searcher, self._searcher_rows = make(self._row_range(0, len(self))), len(self)
         self._searcher_factory = make
+        self._unread_faiss = None  # replaced by the one just built
         return self
 
     @property
@@ -303,6 +306,12 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         """Searches exactly (chunked matrix product) from now on; the default."""
         self._searcher_factory, self._searcher = ExactSearcher, None
         return self
+
+    def drop_faiss_index(self):
+        """Searches exactly from now on and forgets the FAISS index: the next `save_pretrained` writes none (not even
+        the files of a set loaded where faiss could not be imported, which a save otherwise copies through)."""
+        self._unread_faiss = None
+        return self.use_exact()
 
     def _current_searcher(self):
         # Never `self.embeddings`: exact search reads the stored blocks one at a time (a memory-mapped set of 100M
