@@ -121,11 +121,15 @@ def test_parameter_choice_meets_its_target_on_a_clustered_sample(tmp_path):
     # that meet the target the fastest wins, so which one is a matter of timing on a shared machine.)
     index = make_index(6000, seed=1).use_faiss("auto", target_recall=0.9, max_bytes_per_image=24)
     chosen = index.faiss_settings
-    assert chosen.recall_at_10 >= 0.9 and chosen.factory in {t["factory"] for t in params.tried}
+    assert chosen.choice["tuning_recall_at_10"] >= 0.9 and chosen.factory in {t["factory"] for t in params.tried}
+    # The recall recorded is measured on the full index built (all 6000 rows), not taken from the tuning sample.
+    assert chosen.recall_measurement["rows"] == 6000 and chosen.recall_measurement["queries"] == 200
+    assert 0.8 <= chosen.recall_at_10 <= 1
     index.save_pretrained(tmp_path)
     saved = json.load(open(tmp_path / INDEX_CONFIG_FILE))["faiss"]
     assert saved["factory"] == chosen.factory and saved["recall_at_10"] == chosen.recall_at_10
-    assert saved["choice"]["target_recall"] == 0.9
+    assert saved["choice"]["target_recall"] == 0.9 and saved["recall_measurement"] == chosen.recall_measurement
+    assert load(tmp_path).faiss_settings.recall_measurement == chosen.recall_measurement
 
 
 @pytest.mark.parametrize("change", ["rows", "factory", "width", "corrupt"])
@@ -338,3 +342,47 @@ def test_a_set_with_a_faiss_index_loads_and_saves_where_faiss_cannot_be_imported
         again = load(tmp_path / folder)
         assert again.search_backend == "faiss:IVF16,Flat", folder
         assert torch.equal(again.search(queries, k=10).rows, approximate.rows), folder
+
+
+def _full_recall(folder, rows: torch.Tensor, k: int = 10) -> float:
+    """Recall@k of the set's saved FAISS index over every row of the set as a query (its own row left out)."""
+    loaded = load(folder, mmap=True)
+    found = loaded.search(rows, k=k + 1).rows.tolist()
+    truth = (rows @ rows.t()).fill_diagonal_(-2).topk(k, dim=1).indices.tolist()
+    return float(np.mean([len({r for r in f if r != q}.intersection(t[:k])) / k
+                          for q, (f, t) in enumerate(zip(found, truth))]))
+
+
+def test_add_faiss_index_records_the_recall_of_the_full_index_not_of_its_tuning_sample(tmp_path, monkeypatch):
+    from gill_pipeline.retrieval import FaissParams, add_faiss_index
+    from gill_pipeline.retrieval import faiss_build
+
+    index = make_index(4000, seed=2)
+    index.save_pretrained(tmp_path, max_shard_rows=900)
+    # A tuning sample of 400 rows whose measurement says 0.123: what the config must not record as the set's recall.
+    tuning = []
+
+    def fake_choice(sample, **kwargs):
+        tuning.append(sample.shape[0])
+        return FaissParams("IVF16,PQ8x4fs", nprobe=2, rerank=1, recall_at_10=0.123, bytes_per_image=12.0,
+                           ms_per_query=0.1, met_target=False, sample_rows=sample.shape[0] - 200)
+
+    monkeypatch.setattr(faiss_build, "choose_faiss_params", fake_choice)
+    monkeypatch.setattr(faiss_build, "DEFAULT_SAMPLE_ROWS", 400)
+    settings = add_faiss_index(tmp_path, "auto", max_rows_per_file=1500)
+    assert tuning == [400]
+    saved = json.load(open(tmp_path / INDEX_CONFIG_FILE))["faiss"]
+    assert saved["choice"]["tuning_recall_at_10"] == 0.123 and saved["choice"]["tuning_sample_rows"] == 200
+    measurement = saved["recall_measurement"]
+    assert measurement == {"rows": 4000, "queries": 200, "queries_outside_tuning_sample": True,
+                           "tuning_sample_rows": 400}
+    assert saved["recall_at_10"] == settings.recall_at_10 != 0.123
+    # What was recorded agrees with the recall of the saved index over every row of the set (200 of 4000 queries:
+    # a sampling error of about 0.02).
+    assert abs(saved["recall_at_10"] - _full_recall(tmp_path, index.embeddings)) < 0.08
+    # A hand-given factory is measured the same way; a FAISS "Flat" index finds everything exact search finds.
+    flat = add_faiss_index(tmp_path, "Flat", sample_rows=500, recall_queries=50)
+    assert flat.recall_at_10 == 1.0 and flat.recall_measurement["queries"] == 50
+    assert add_faiss_index(tmp_path, "Flat", sample_rows=500, recall_queries=0).recall_at_10 is None
+    with pytest.raises(ValueError, match="`recall_queries`"):
+        add_faiss_index(tmp_path, "Flat", recall_queries=-1)

@@ -114,8 +114,10 @@ class FaissSettings:
     """How the FAISS index of a set was made and is searched; saved as the `"faiss"` block of the set's config.
 
     `rerank`: candidates fetched per wanted result (`k * rerank`) and re-scored exactly on the stored rows when the set
-    has them (1: no re-ranking). `recall_at_10`: measured by [`choose_faiss_params`] on held-out rows of the set
-    (`None` when the parameters were given by hand); `choice`: what that measurement tried and found.
+    has them (1: no re-ranking). `recall_at_10`: measured by [`measure_recall`] on the full index that was built and
+    saved (rows of the set as queries, exact search over every row as the truth; `None` when not measured), with
+    `recall_measurement` saying on what; `choice`: what [`choose_faiss_params`] tried and found on its tuning sample
+    (its own `tuning_recall_at_10` there, on `tuning_sample_rows` rows).
     """
 
     factory: str
@@ -125,6 +127,7 @@ class FaissSettings:
     max_rows_per_file: int | None = None
     recall_at_10: float | None = None
     choice: dict | None = None
+    recall_measurement: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.rerank, int) or isinstance(self.rerank, bool) or self.rerank < 1:
@@ -331,6 +334,7 @@ def faiss_block(settings: FaissSettings, dim: int, files: list[dict], trained_fi
         "rerank": settings.rerank,
         "max_rows_per_file": settings.max_rows_per_file,
         "recall_at_10": settings.recall_at_10,
+        "recall_measurement": settings.recall_measurement,
         "choice": settings.choice,
         "faiss_version": import_faiss().__version__,
         "trained_file": trained_file,
@@ -379,6 +383,7 @@ def read_faiss_files(folder: str, block: dict, where: str, num_rows: int | None 
         factory=block["factory"], nprobe=block.get("nprobe"), ef_search=block.get("efSearch"),
         rerank=block.get("rerank") or 1, max_rows_per_file=block.get("max_rows_per_file"),
         recall_at_10=block.get("recall_at_10"), choice=block.get("choice"),
+        recall_measurement=block.get("recall_measurement"),
     )
     dim = block.get("dim")
     expected = describe_index(make_index(dim, settings.factory)) if isinstance(dim, int) and dim > 0 else None

@@ -14,7 +14,7 @@ from diffusers.utils import logging
 from .calibration import check_min_similarity
 from .fingerprint import check_same_weights, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, load_record_image
-from .faiss_params import choose_faiss_params
+from .faiss_params import choose_faiss_params, measure_recall
 from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, ShardedFaissSearcher
 from .files import RetrievalIndexError as _RetrievalIndexError
 from .search import ExactSearcher, FaissSearcher, SearchResult, gather_rows
@@ -292,7 +292,13 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
                                               rows_of=self._rows_of)
 
         make.name = f"faiss:{settings.factory}"
-        self._searcher, self._searcher_rows = make(self._row_range(0, len(self))), len(self)
+        searcher = make(self._row_range(0, len(self)))
+        if factory == "auto" and len(self) >= AUTO_MIN_ROWS:
+            # The recall recorded is that of the full index just built, not the tuning sample's (kept in `choice`).
+            measured = measure_recall(searcher, self._blocks, seed=seed)
+            settings.recall_at_10 = measured.pop("recall_at_10")
+            settings.recall_measurement = {**measured, "tuning_sample_rows": min(len(self), AUTO_SAMPLE_ROWS)}
+        self._searcher, self._searcher_rows = searcher, len(self)
         self._searcher_factory = make
         self._unread_faiss = None  # replaced by the one just built
         return self
