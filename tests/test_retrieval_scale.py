@@ -386,3 +386,21 @@ def test_add_faiss_index_records_the_recall_of_the_full_index_not_of_its_tuning_
     assert add_faiss_index(tmp_path, "Flat", sample_rows=500, recall_queries=0).recall_at_10 is None
     with pytest.raises(ValueError, match="`recall_queries`"):
         add_faiss_index(tmp_path, "Flat", recall_queries=-1)
+
+
+def test_use_faiss_on_a_memory_mapped_set_reads_it_block_by_block(tmp_path, queries, monkeypatch):
+    in_memory = make_index()
+    expected = in_memory.use_faiss("IVF16,PQ8x4fs", nprobe=4, train_size=1000).search(queries, k=10)
+    make_index().save_pretrained(tmp_path, max_shard_rows=700)
+    loaded = load(tmp_path, mmap=True)
+
+    def joined(*args):
+        raise AssertionError("the FAISS build joined the blocks into one tensor")
+
+    monkeypatch.setattr(RetrievalIndex, "embeddings", property(joined))
+    monkeypatch.setattr(RetrievalIndex, "_row_range", joined)
+    # The same training rows (drawn from the blocks as from one tensor) and every row added: the same index.
+    got = loaded.use_faiss("IVF16,PQ8x4fs", nprobe=4, train_size=1000).search(queries, k=10)
+    assert torch.equal(got.rows, expected.rows)
+    torch.testing.assert_close(got.scores, expected.scores)
+    assert len([b for b in loaded._blocks if b.shape[0]]) == 5

@@ -16,7 +16,7 @@ import torch
 from diffusers.utils import logging
 
 from .files import RetrievalIndexError, atomic_write
-from .search import SearchResult, _check_k, _check_queries, import_faiss
+from .search import SearchResult, _check_k, _check_queries, gather_rows, import_faiss
 
 
 logger = logging.get_logger(__name__)
@@ -163,11 +163,28 @@ class ShardedFaissSearcher:
     @classmethod
     def build(cls, embeddings, settings: FaissSettings, train_size: int = DEFAULT_TRAIN_SIZE, seed: int = 0,
               rows_of=None) -> "ShardedFaissSearcher":
-        """Trains once on a sample of `embeddings` and adds every row, `settings.max_rows_per_file` rows per shard."""
-        dim = embeddings.shape[1]
-        trained = train_index(dim, settings.factory, embeddings, train_size=train_size, seed=seed)
+        """Trains once on a sample of `embeddings` and adds every row, `settings.max_rows_per_file` rows per shard.
+        `embeddings` may be a list of blocks laid end to end (e.g. a memory-mapped set's shards): only the training
+        sample and one block at a time are then in memory as float32."""
+        blocks = [embeddings] if not isinstance(embeddings, (list, tuple)) else list(embeddings)
+        blocks = [b for b in blocks if b.shape[0]] or blocks[:1]
+        dim, num_rows = blocks[0].shape[1], sum(int(b.shape[0]) for b in blocks)
+        # The rows `train_index` would sample from all the rows joined, read from the blocks.
+        needs = make_index(dim, settings.factory)
+        wanted = max(train_size, 39 * getattr(_ivf_of(needs), "nlist", 0)) if not needs.is_trained else 0
+        if len(blocks) == 1 or num_rows <= wanted:
+            sample = blocks[0] if len(blocks) == 1 else torch.cat([torch.as_tensor(b) for b in blocks])
+        elif wanted:
+            pick = np.sort(np.random.default_rng(seed).choice(num_rows, wanted, replace=False))
+            sample = gather_rows([torch.as_tensor(b) for b in blocks], torch.from_numpy(pick))
+        else:
+            sample = blocks[0][:0]
+        trained = train_index(dim, settings.factory, sample, train_size=train_size, seed=seed)
         searcher = cls([], [], settings, trained=trained, rows_of=rows_of)
-        searcher.add(embeddings)
+        first = 0
+        for block in blocks:
+            searcher.add(block, first_row=first)
+            first += int(block.shape[0])
         return searcher
 
     @property

@@ -292,7 +292,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
                                               rows_of=self._rows_of)
 
         make.name = f"faiss:{settings.factory}"
-        searcher = make(self._row_range(0, len(self)))
+        searcher = make(self._blocks)
         if factory == "auto" and len(self) >= AUTO_MIN_ROWS:
             # The recall recorded is that of the full index just built, not the tuning sample's (kept in `choice`).
             measured = measure_recall(searcher, self._blocks, seed=seed)
@@ -326,8 +326,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         if exact:
             self._require_embeddings("exact search")
         if self._searcher is None:
-            self._searcher = ExactSearcher(self._blocks) if exact else self._searcher_factory(
-                self._row_range(0, len(self)))
+            self._searcher = (ExactSearcher if exact else self._searcher_factory)(self._blocks)
         elif self._searcher_rows != len(self):
             if isinstance(self._searcher, ShardedFaissSearcher):
                 start = self._searcher.ntotal
