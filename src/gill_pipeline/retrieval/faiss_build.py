@@ -109,7 +109,7 @@ def add_faiss_index(
             writer.add(block[start : start + ADD_CHUNK_ROWS].float())
         logger.info(f"FAISS index of {folder}: {writer.rows} of {num_rows} rows added.")
     block = writer.close()
-    if recall_queries:
+    if recall_queries and num_rows >= 2:  # a row's neighbours other than itself: none in a set of one
         # On the full index as saved (memory-mapped), never the tuning sample's recall.
         searcher = read_faiss_files(folder, block, config_path, num_rows=num_rows,
                                     rows_of=lambda rows: gather_rows(blocks, rows))

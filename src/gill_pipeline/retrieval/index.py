@@ -276,10 +276,13 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             logger.info(f"use_faiss('auto'): {len(self)} rows (< {AUTO_MIN_ROWS}) are searched exactly ('Flat').")
             settings = FaissSettings("Flat", max_rows_per_file=max_rows_per_file)
         elif factory == "auto":
-            sample = self._row_range(0, len(self))
+            tuning_rows = None  # every row
             if len(self) > AUTO_SAMPLE_ROWS:
                 pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:AUTO_SAMPLE_ROWS]
-                sample = self._rows_of(pick.sort().values)
+                tuning_rows = pick.sort().values
+                sample = self._rows_of(tuning_rows)
+            else:
+                sample = self._row_range(0, len(self))
             params = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
                                          seed=seed)
             settings = params.settings(max_rows_per_file=max_rows_per_file)
@@ -295,7 +298,8 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         searcher = make(self._blocks)
         if factory == "auto" and len(self) >= AUTO_MIN_ROWS:
             # The recall recorded is that of the full index just built, not the tuning sample's (kept in `choice`).
-            measured = measure_recall(searcher, self._blocks, seed=seed)
+            avoid = None if tuning_rows is None else tuning_rows.numpy()
+            measured = measure_recall(searcher, self._blocks, avoid_rows=avoid, seed=seed)
             settings.recall_at_10 = measured.pop("recall_at_10")
             settings.recall_measurement = {**measured, "tuning_sample_rows": min(len(self), AUTO_SAMPLE_ROWS)}
         self._searcher, self._searcher_rows = searcher, len(self)
