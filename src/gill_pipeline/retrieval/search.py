@@ -74,20 +74,25 @@ def _top_in_order(scores: torch.Tensor, rows: torch.Tensor | None, keep: int) ->
     answer whatever order the candidates came in and however the rows were split into chunks or blocks, ties
     included (`topk` alone keeps an arbitrary one of equal scores). `rows=None`: the rows are the columns."""
     keep = min(keep, scores.shape[1])
-    top = scores.topk(keep, dim=1)
-    # Ties at the cut: a query with more candidates at its k-th score than it keeps is ordered fully.
-    tied = (scores >= top.values[:, -1:]).sum(dim=1) > keep
-    values, picked = top.values, top.indices if rows is None else rows.gather(1, top.indices)
+    # One more than kept: a query whose next candidate scores as its last kept one has a tie at the cut.
+    top = scores.topk(min(keep + 1, scores.shape[1]), dim=1)
+    values, indices = top.values[:, :keep], top.indices[:, :keep]
+    picked = indices if rows is None else rows.gather(1, indices)
+    if top.values.shape[1] > keep:
+        tied = top.values[:, keep] >= values[:, -1]
+    else:
+        tied = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    # Such a query gets all its candidates at least that score (a few, not its whole row), ordered by row before the
+    # cut below.
     if tied.any():
-        if rows is None:
-            tied_rows = torch.arange(scores.shape[1], device=scores.device).expand(int(tied.sum()), -1)
-        else:
-            tied_rows = rows[tied]
-        by_row = tied_rows.sort(dim=1, stable=True)
-        tied_scores = scores[tied].gather(1, by_row.indices)
-        order = tied_scores.sort(dim=1, descending=True, stable=True).indices[:, :keep]
+        counts = (scores[tied] >= values[tied][:, -1:]).sum(dim=1)
+        wide = scores[tied].topk(int(counts.max()), dim=1)
+        wide_rows = wide.indices if rows is None else rows[tied].gather(1, wide.indices)
+        by_row = wide_rows.sort(dim=1, stable=True)
+        wide_scores = wide.values.gather(1, by_row.indices)
+        order = wide_scores.sort(dim=1, descending=True, stable=True).indices[:, :keep]
         values, picked = values.clone(), picked.clone()
-        values[tied], picked[tied] = tied_scores.gather(1, order), by_row.values.gather(1, order)
+        values[tied], picked[tied] = wide_scores.gather(1, order), by_row.values.gather(1, order)
     by_row = picked.sort(dim=1, stable=True)
     values = values.gather(1, by_row.indices)
     order = values.sort(dim=1, descending=True, stable=True).indices
