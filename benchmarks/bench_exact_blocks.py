@@ -38,7 +38,8 @@ def rss_anon_mib() -> float:
 def make_set(folder: str, rows: int, dim: int, shard_rows: int) -> None:
     from gill_pipeline.retrieval import RetrievalIndex
 
-    embeddings = torch.nn.functional.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator), dim=-1)
     records = [{"id": f"r{i}", "path": f"{i}.png"} for i in range(rows)]
     index = RetrievalIndex(embeddings.half(), records, {"retrieval_dim": dim}, {})
     index.save_pretrained(folder, max_shard_rows=shard_rows)
@@ -48,7 +49,8 @@ def measure(folder: str, way: str, queries: int) -> dict:
     from gill_pipeline.retrieval import ExactSearcher, RetrievalIndex
 
     index = RetrievalIndex.from_pretrained(folder, mmap=way != "block-wise, read into memory", image_root=folder)
-    q = torch.nn.functional.normalize(torch.randn(queries, index.dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    generator = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(queries, index.dim, generator=generator), dim=-1)
     before = rss_anon_mib()
     if way == "joined":
         searcher = ExactSearcher(index.embeddings)  # the rows joined into one tensor, as the search did before
@@ -105,7 +107,8 @@ def main(argv=None) -> None:
     ]
     for way, r in out.items():
         lines.append(f"| {way} | {r['rss_anon_added_mib']:.0f} MiB | {r['ms']:.0f} ms | {r['ms'] / joined_ms:.2f}x |")
-    lines += ["", f"Same rows every way: {same}. The set's rows are {args.rows * args.dim * 2 / 2**20:.0f} MiB. The last "
+    size_mib = args.rows * args.dim * 2 / 2**20
+    lines += ["", f"Same rows every way: {same}. The set's rows are {size_mib:.0f} MiB. The last "
               "way loads the shards with `mmap=False` (their memory is taken at load, before the first search): "
               "it separates the cost of searching memory-mapped pages from that of going block by block."]
     text = "\n".join(lines) + "\n"

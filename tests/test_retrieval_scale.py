@@ -316,7 +316,8 @@ def test_a_set_with_a_faiss_index_loads_and_saves_where_faiss_cannot_be_imported
     assert "FAISS index" in message and "ignored" in message and "exact search" in message
     assert "faiss cannot be imported" in message
     assert loaded.search_backend == "exact" and torch.equal(loaded.search(queries, k=10).rows, exact.rows)
-    with pytest.raises(RetrievalIndexError, match=r"codes.*without its embeddings.*pip install \"gill_pipeline\[faiss\]\""):
+    hint = r"codes.*without its embeddings.*pip install \"gill_pipeline\[faiss\]\""
+    with pytest.raises(RetrievalIndexError, match=hint):
         load(tmp_path / "codes")
 
     # Saves copy the FAISS files through: into the same folder (shards written again), another, one in use.

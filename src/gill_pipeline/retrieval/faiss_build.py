@@ -18,8 +18,8 @@ from .faiss_shards import (
     read_faiss_files,
     train_index,
 )
-from .search import gather_rows
 from .files import RetrievalIndexError, atomic_write
+from .search import gather_rows
 from .serialization import (
     EMBEDDINGS_KEY,
     INDEX_CONFIG_FILE,

@@ -445,8 +445,8 @@ class RetrievalIndexSerializationMixin:
         if faiss_error is not None:
             index._unread_faiss = UnreadFaiss.of(folder, config["faiss"])
             logger.warning(
-                f"The FAISS index saved with the retrieval set in {folder} is ignored and exact search is used instead, "
-                f"because faiss cannot be imported ({faiss_error}); {FAISS_EXTRA_HINT} to search with it. Its files "
+                f"The FAISS index saved with the retrieval set in {folder} is ignored and exact search is used "
+                f"instead, because faiss cannot be imported ({faiss_error}); {FAISS_EXTRA_HINT} to search with it. Its files "
                 "are kept: `save_pretrained` copies them through unchanged."
             )
         elif config.get("faiss") is not None:
