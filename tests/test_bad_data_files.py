@@ -7,9 +7,11 @@ Each case starts from a good file in its dataset's format (training/shapes/proto
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import header_bomb_png
 from gill_pipeline.commands import evaluate as evaluate_command
@@ -254,13 +256,13 @@ def test_truncated_embedding_shards_are_ignored_counted_and_recomputed(tmp_path)
     store = EmbeddingStore(str(tmp_path))
     first = store.compute("gill_images", ["a", "b", "c"], [1, 2, 3], embed, batch_size=2, progress=False)
     folder = os.path.join(tmp_path, EMBEDDINGS_DIR, "gill_images")
-    # Shards are named by the rows they hold (first row, count).
-    shard = os.path.join(folder, "rows-000000000-000002.safetensors")
+    # Shards are named by the ids of the rows they hold.
+    shard = os.path.join(folder, EmbeddingStore.shard_name(["a", "b"]) + ".safetensors")
     with open(shard, "rb") as f:
         data = f.read()
     with open(shard, "wb") as f:
         f.write(data[: len(data) // 2])  # cut short
-    os.remove(os.path.join(folder, "rows-000000002-000001.json"))  # a shard without its ids
+    os.remove(os.path.join(folder, EmbeddingStore.shard_name(["c"]) + ".json"))  # a shard without its ids
     calls.clear()
     again = EmbeddingStore(str(tmp_path))
     second = again.compute("gill_images", ["a", "b", "c"], [1, 2, 3], embed, batch_size=2, progress=False)
@@ -268,3 +270,70 @@ def test_truncated_embedding_shards_are_ignored_counted_and_recomputed(tmp_path)
     torch.testing.assert_close(first, second)
     with pytest.raises(ValueError, match="Nothing to embed"):
         again.compute("gill_images", [], [], embed, batch_size=2, progress=False)
+
+
+def _embed_counting(calls):
+    def embed(items):
+        calls.append(list(items))
+        return torch.tensor([[float(i), 1.0, -float(i)] for i in items])
+
+    return embed
+
+
+def test_embedding_shards_are_reused_only_for_the_rows_they_were_made_for(tmp_path):
+    ids, items = ["a", "b", "c", "d", "e"], [1, 2, 3, 4, 5]
+    clean = EmbeddingStore(str(tmp_path / "clean")).compute("k", ids, items, _embed_counting([]), 2, progress=False)
+    store = EmbeddingStore(str(tmp_path / "run"))
+    store.compute("k", ids, items, _embed_counting([]), batch_size=2, progress=False)
+    folder = tmp_path / "run" / EMBEDDINGS_DIR / "k"
+    ab, cd, e = (EmbeddingStore.shard_name(x) for x in (["a", "b"], ["c", "d"], ["e"]))
+    assert sorted(os.listdir(folder)) == sorted(f"{n}.{x}" for n in (ab, cd, e) for x in ("json", "safetensors"))
+    # A json cut short; a shard whose embeddings are another shard's (same row count: what a reuse of a name by
+    # position could leave); a shard of an older version (a bare list of ids, no commit marker); a worker's leftover.
+    (folder / f"{ab}.json").write_text((folder / f"{ab}.json").read_text()[:20])
+    other = EmbeddingStore(str(tmp_path / "other"))
+    other.compute("k", ["x", "y"], [8, 9], _embed_counting([]), batch_size=2, progress=False)
+    xy = EmbeddingStore.shard_name(["x", "y"])
+    shutil.copyfile(tmp_path / "other" / EMBEDDINGS_DIR / "k" / f"{xy}.safetensors", folder / f"{cd}.safetensors")
+    save_file({"embeddings": torch.zeros(1, 3)}, str(folder / "rows-000000004-000001.safetensors"))
+    (folder / "rows-000000004-000001.json").write_text(json.dumps(["e"]))
+    (folder / f"{e}.safetensors.tmp123").write_bytes(b"half")
+    calls = []
+    again = EmbeddingStore(str(tmp_path / "run"))
+    # Another order: the shards still serve the ids they were made for, and only those.
+    order = [4, 3, 2, 1, 0]
+    result = again.compute("k", [ids[i] for i in order], [items[i] for i in order], _embed_counting(calls), 2,
+                           progress=False)
+    assert again.ignored == 3
+    assert sorted(sum(calls, [])) == [1, 2, 3, 4]  # "e" came from its shard; a..d were computed again
+    torch.testing.assert_close(result, clean[order], atol=0, rtol=0)
+    calls.clear()
+    third = EmbeddingStore(str(tmp_path / "run"))
+    torch.testing.assert_close(third.compute("k", ids, items, _embed_counting(calls), 2, progress=False), clean)
+    # The shards written for (d, c) and (b, a) serve this order too; the three broken ones are still left out.
+    assert calls == [] and third.ignored == 3
+
+
+def test_a_worker_killed_between_the_embeddings_and_their_ids_leaves_no_shard(tmp_path, monkeypatch):
+    from gill_pipeline.evaluation import records
+
+    ids, items = ["a", "b", "c"], [1, 2, 3]
+    clean = EmbeddingStore(str(tmp_path / "clean")).compute("k", ids, items, _embed_counting([]), 1, progress=False)
+    real_write, written = records.atomic_write_text, []
+
+    def killed(path, text):
+        if written:
+            raise KeyboardInterrupt  # killed after the second shard's embeddings, before its ids file
+        written.append(path)
+        real_write(path, text)
+
+    monkeypatch.setattr(records, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddingStore(str(tmp_path / "run")).compute("k", ids, items, _embed_counting([]), 1, progress=False)
+    monkeypatch.setattr(records, "atomic_write_text", real_write)
+    folder = tmp_path / "run" / EMBEDDINGS_DIR / "k"
+    assert not [f for f in os.listdir(folder) if ".tmp" in f]
+    calls = []
+    store = EmbeddingStore(str(tmp_path / "run"))
+    torch.testing.assert_close(store.compute("k", ids, items, _embed_counting(calls), 1, progress=False), clean)
+    assert calls == [[2], [3]] and store.ignored == 1

@@ -754,3 +754,34 @@ def test_a_streamed_answer_shows_only_the_generated_image_below_the_floor(with_i
         index.min_similarity = None
     assert arrivals and set(arrivals) == {"generated"}  # the overruled retrieved images are not streamed
     assert [image.source for image in out.gill_images[0]] == arrivals
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_exact_search_of_a_memory_mapped_set_goes_block_by_block(tmp_path, monkeypatch, dtype):
+    rows = random_unit_rows(2000, 32, 3)
+    rows[1500:1600] = rows[:100]  # equal rows in different blocks: ties ordered by row, whatever the blocks
+    rows[1234] = rows[7]
+    queries = torch.cat([random_unit_rows(5, 32, 4), rows[[7, 42]]])
+    records = [{"id": f"r{i}", "path": f"{i}.png"} for i in range(len(rows))]
+    in_memory = RetrievalIndex(rows.to(dtype), records, {"retrieval_dim": 32}, {})
+    expected = in_memory.search(queries, k=20)
+    assert expected.rows[5, :2].tolist() == [7, 1234] and expected.rows[6, :2].tolist() == [42, 1542]
+    in_memory.save_pretrained(tmp_path, max_shard_rows=300)  # 7 shards, the last one short
+    loaded = RetrievalIndex.from_pretrained(tmp_path, image_root=str(tmp_path), mmap=True)
+    blocks = [id(b) for b in loaded._blocks if b.shape[0]]
+    assert len(blocks) == 7
+
+    def joined(self):
+        raise AssertionError("the search joined the blocks into one tensor")
+
+    monkeypatch.setattr(RetrievalIndex, "embeddings", property(joined))
+    for k in (1, 20, 2000, 2500):
+        got, want = loaded.search(queries, k=k), in_memory.search(queries, k=k)
+        assert torch.equal(got.rows, want.rows), k
+        assert torch.equal(got.scores, want.scores), k
+    # Small chunks cross the block edges: the same answer again.
+    loaded._current_searcher().max_scores_in_memory = 7 * 113
+    assert torch.equal(loaded.search(queries, k=20).rows, expected.rows)
+    assert [id(b) for b in loaded._blocks if b.shape[0]] == blocks  # still the memory-mapped blocks, not joined
+    monkeypatch.undo()
+    torch.testing.assert_close(loaded.embeddings.float(), rows.to(dtype).float())  # for callers that need one

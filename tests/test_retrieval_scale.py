@@ -121,11 +121,15 @@ def test_parameter_choice_meets_its_target_on_a_clustered_sample(tmp_path):
     # that meet the target the fastest wins, so which one is a matter of timing on a shared machine.)
     index = make_index(6000, seed=1).use_faiss("auto", target_recall=0.9, max_bytes_per_image=24)
     chosen = index.faiss_settings
-    assert chosen.recall_at_10 >= 0.9 and chosen.factory in {t["factory"] for t in params.tried}
+    assert chosen.choice["tuning_recall_at_10"] >= 0.9 and chosen.factory in {t["factory"] for t in params.tried}
+    # The recall recorded is measured on the full index built (all 6000 rows), not taken from the tuning sample.
+    assert chosen.recall_measurement["rows"] == 6000 and chosen.recall_measurement["queries"] == 200
+    assert 0.8 <= chosen.recall_at_10 <= 1
     index.save_pretrained(tmp_path)
     saved = json.load(open(tmp_path / INDEX_CONFIG_FILE))["faiss"]
     assert saved["factory"] == chosen.factory and saved["recall_at_10"] == chosen.recall_at_10
-    assert saved["choice"]["target_recall"] == 0.9
+    assert saved["choice"]["target_recall"] == 0.9 and saved["recall_measurement"] == chosen.recall_measurement
+    assert load(tmp_path).faiss_settings.recall_measurement == chosen.recall_measurement
 
 
 @pytest.mark.parametrize("change", ["rows", "factory", "width", "corrupt"])
@@ -275,3 +279,129 @@ def test_add_faiss_index_streams_a_saved_set(tmp_path, queries, monkeypatch):
     assert torch.equal(loaded.search(queries, k=10).rows, index.search(queries, k=10).rows)
     with pytest.raises(ValueError, match="`sample_rows`"):
         add_faiss_index(tmp_path, "Flat", sample_rows=0)
+
+
+def _faiss_files(folder) -> dict[str, bytes]:
+    config = json.load(open(os.path.join(folder, INDEX_CONFIG_FILE)))["faiss"]
+    names = [f["file"] for f in config["files"]] + [config["trained_file"]]
+    return {name: open(os.path.join(folder, name), "rb").read() for name in names}
+
+
+def test_a_set_with_a_faiss_index_loads_and_saves_where_faiss_cannot_be_imported(tmp_path, queries, monkeypatch,
+                                                                                 caplog):
+    import logging as std_logging
+    import sys
+
+    from diffusers.utils import logging as diffusers_logging
+
+    index = make_index().use_faiss("IVF16,Flat", nprobe=4, max_rows_per_file=2000)
+    approximate = index.search(queries, k=10)
+    index.save_pretrained(tmp_path / "set", max_shard_rows=1000)
+    make_index().use_faiss("Flat").save_pretrained(tmp_path / "codes", save_embeddings=False)
+    # Another set with FAISS files of the same names where the copy goes: they must not be written over.
+    make_index(500, seed=3).use_faiss("Flat").save_pretrained(tmp_path / "busy")
+    original, busy = _faiss_files(tmp_path / "set"), _faiss_files(tmp_path / "busy")
+    exact = make_index().search(queries, k=10)
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    library = std_logging.getLogger("gill_pipeline")
+    library.addHandler(caplog.handler)
+    diffusers_logging.enable_propagation()
+    try:
+        loaded = load(tmp_path / "set", mmap=True)
+    finally:
+        library.removeHandler(caplog.handler)
+        diffusers_logging.disable_propagation()
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "FAISS index" in message and "ignored" in message and "exact search" in message
+    assert "faiss cannot be imported" in message
+    assert loaded.search_backend == "exact" and torch.equal(loaded.search(queries, k=10).rows, exact.rows)
+    hint = r"codes.*without its embeddings.*pip install \"gill_pipeline\[faiss\]\""
+    with pytest.raises(RetrievalIndexError, match=hint):
+        load(tmp_path / "codes")
+
+    # Saves copy the FAISS files through: into the same folder (shards written again), another, one in use.
+    loaded.to(dtype=torch.float16).save_pretrained(tmp_path / "set", max_shard_rows=700)  # every shard again
+    loaded.save_pretrained(tmp_path / "copy")
+    loaded.save_pretrained(tmp_path / "busy")
+    loaded.save_pretrained(tmp_path / "codes_copy", save_embeddings=False)
+    for folder in ("set", "copy", "busy", "codes_copy"):
+        assert sorted(_faiss_files(tmp_path / folder).values()) == sorted(original.values()), folder
+    assert set(_faiss_files(tmp_path / "busy")).isdisjoint(busy)  # new names; the old files removed after
+    assert not [f for f in os.listdir(tmp_path / "busy") if f.endswith(".tmp") or f in busy]
+    # Rows added since the load: the FAISS index cannot take them without faiss; refused before anything is written.
+    grown = load(tmp_path / "copy")
+    grown.add_embeddings(queries[:1], [{"id": "new", "path": "new.png"}])
+    with pytest.raises(ValueError, match=r"drop_faiss_index\(\)"):
+        grown.save_pretrained(tmp_path / "grown")
+    assert not os.path.exists(tmp_path / "grown")
+    grown.drop_faiss_index().save_pretrained(tmp_path / "grown")
+    assert "faiss" not in json.load(open(tmp_path / "grown" / INDEX_CONFIG_FILE))
+
+    monkeypatch.undo()  # faiss importable again: every copy searches with the same FAISS index
+    for folder in ("set", "copy", "busy", "codes_copy"):
+        again = load(tmp_path / folder)
+        assert again.search_backend == "faiss:IVF16,Flat", folder
+        assert torch.equal(again.search(queries, k=10).rows, approximate.rows), folder
+
+
+def _full_recall(folder, rows: torch.Tensor, k: int = 10) -> float:
+    """Recall@k of the set's saved FAISS index over every row of the set as a query (its own row left out)."""
+    loaded = load(folder, mmap=True)
+    found = loaded.search(rows, k=k + 1).rows.tolist()
+    truth = (rows @ rows.t()).fill_diagonal_(-2).topk(k, dim=1).indices.tolist()
+    return float(np.mean([len({r for r in f if r != q}.intersection(t[:k])) / k
+                          for q, (f, t) in enumerate(zip(found, truth))]))
+
+
+def test_add_faiss_index_records_the_recall_of_the_full_index_not_of_its_tuning_sample(tmp_path, monkeypatch):
+    from gill_pipeline.retrieval import FaissParams, add_faiss_index
+    from gill_pipeline.retrieval import faiss_build
+
+    index = make_index(4000, seed=2)
+    index.save_pretrained(tmp_path, max_shard_rows=900)
+    # A tuning sample of 400 rows whose measurement says 0.123: what the config must not record as the set's recall.
+    tuning = []
+
+    def fake_choice(sample, **kwargs):
+        tuning.append(sample.shape[0])
+        return FaissParams("IVF16,PQ8x4fs", nprobe=2, rerank=1, recall_at_10=0.123, bytes_per_image=12.0,
+                           ms_per_query=0.1, met_target=False, sample_rows=sample.shape[0] - 200)
+
+    monkeypatch.setattr(faiss_build, "choose_faiss_params", fake_choice)
+    monkeypatch.setattr(faiss_build, "DEFAULT_SAMPLE_ROWS", 400)
+    settings = add_faiss_index(tmp_path, "auto", max_rows_per_file=1500)
+    assert tuning == [400]
+    saved = json.load(open(tmp_path / INDEX_CONFIG_FILE))["faiss"]
+    assert saved["choice"]["tuning_recall_at_10"] == 0.123 and saved["choice"]["tuning_sample_rows"] == 200
+    measurement = saved["recall_measurement"]
+    assert measurement == {"rows": 4000, "queries": 200, "queries_outside_tuning_sample": True,
+                           "tuning_sample_rows": 400}
+    assert saved["recall_at_10"] == settings.recall_at_10 != 0.123
+    # What was recorded agrees with the recall of the saved index over every row of the set (200 of 4000 queries:
+    # a sampling error of about 0.02).
+    assert abs(saved["recall_at_10"] - _full_recall(tmp_path, index.embeddings)) < 0.08
+    # A hand-given factory is measured the same way; a FAISS "Flat" index finds everything exact search finds.
+    flat = add_faiss_index(tmp_path, "Flat", sample_rows=500, recall_queries=50)
+    assert flat.recall_at_10 == 1.0 and flat.recall_measurement["queries"] == 50
+    assert add_faiss_index(tmp_path, "Flat", sample_rows=500, recall_queries=0).recall_at_10 is None
+    with pytest.raises(ValueError, match="`recall_queries`"):
+        add_faiss_index(tmp_path, "Flat", recall_queries=-1)
+
+
+def test_use_faiss_on_a_memory_mapped_set_reads_it_block_by_block(tmp_path, queries, monkeypatch):
+    in_memory = make_index()
+    expected = in_memory.use_faiss("IVF16,PQ8x4fs", nprobe=4, train_size=1000).search(queries, k=10)
+    make_index().save_pretrained(tmp_path, max_shard_rows=700)
+    loaded = load(tmp_path, mmap=True)
+
+    def joined(*args):
+        raise AssertionError("the FAISS build joined the blocks into one tensor")
+
+    monkeypatch.setattr(RetrievalIndex, "embeddings", property(joined))
+    monkeypatch.setattr(RetrievalIndex, "_row_range", joined)
+    # The same training rows (drawn from the blocks as from one tensor) and every row added: the same index.
+    got = loaded.use_faiss("IVF16,PQ8x4fs", nprobe=4, train_size=1000).search(queries, k=10)
+    assert torch.equal(got.rows, expected.rows)
+    torch.testing.assert_close(got.scores, expected.scores)
+    assert len([b for b in loaded._blocks if b.shape[0]]) == 5

@@ -10,6 +10,7 @@ every worker is done (the file a single process writes, byte for byte) and alone
 left by a killed worker is read back on the rerun, so its examples are not done again.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ IMAGES_DIR = "images"
 EMBEDDINGS_DIR = "embeddings"
 SETTINGS_FILE = "settings.json"
 SETTINGS_KEY = "settings"
+# Embedding shards: `ids-<first characters of the SHA-256 of their ids>-<rows>.safetensors` + `.json`.
+EMBEDDING_SHARD_PREFIX = "ids-"
+EMBEDDING_SHARD_HASH_CHARS = 20
 
 
 @dataclass
@@ -219,17 +223,39 @@ def check_settings(output_dir: str, settings: dict, read_old: Callable[[dict, di
         atomic_write_text(path, json.dumps(settings, indent=2))
 
 
+def _ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class EmbeddingStore:
     """Embeddings computed batch by batch and saved as safetensors shards under `output_dir/embeddings/`, so a
     retrieval run that stops resumes at the batch it was in (the ranking needs every embedding at the end).
 
-    A shard that cannot be read back (cut short, its ids file missing or not matching its rows, another width) is
-    left out with a warning and counted in `ignored`; its embeddings are computed again."""
+    A shard is named by a hash of the ids of the rows it holds (`ids-<hash>-<rows>`), so a run over the examples in
+    another order or another batching never writes over a shard of other rows. Its `.safetensors` file is written
+    first (under a temporary name, then renamed), its `.json` last, the same way, as the commit marker: the ids, their
+    hash, and the SHA-256 of the `.safetensors` file it goes with. A shard is read back only when all three agree; one
+    that does not (cut short, its json missing or unreadable, its embeddings not the ones its json was written for,
+    another width, a shard of an older version without a commit marker) is left out with a warning and counted in
+    `ignored`, and its embeddings are computed again."""
 
     def __init__(self, output_dir: str, workers: Workers | None = None):
         self.folder = os.path.join(output_dir, EMBEDDINGS_DIR)
         self.ignored = 0
         self.workers = current_workers() if workers is None else workers
+
+    @staticmethod
+    def shard_name(ids: list[str]) -> str:
+        """The name (without extension) of the shard holding the rows of `ids`, in this order."""
+        return f"{EMBEDDING_SHARD_PREFIX}{_ids_digest(ids)[:EMBEDDING_SHARD_HASH_CHARS]}-{len(ids):06d}"
 
     def _read_shard(self, folder: str, name: str):
         """(ids, (n, E) embeddings) of one shard, or raises ValueError saying what is wrong with it."""
@@ -238,19 +264,28 @@ class EmbeddingStore:
 
         path = os.path.join(folder, name)
         try:
-            embeddings = load_file(path)["embeddings"]
-        except (SafetensorError, OSError, KeyError, ValueError) as error:
-            raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
-        try:
             with open(path[: -len(".safetensors")] + ".json", encoding="utf-8") as f:
-                ids = json.load(f)
+                marker = json.load(f)
         except (OSError, ValueError) as error:
             raise ValueError(f"its ids file is missing or unreadable ({error})") from None
-        if embeddings.ndim != 2 or not isinstance(ids, list) or len(ids) != embeddings.shape[0]:
-            raise ValueError(f"{embeddings.ndim}-D embeddings of {embeddings.shape[0] if embeddings.ndim else 0} rows "
-                             f"for {len(ids) if isinstance(ids, list) else 'no list of'} ids")
+        if isinstance(marker, list):
+            raise ValueError("it was written by an older version, without a commit marker")
+        if not isinstance(marker, dict) or not isinstance(marker.get("ids"), list):
+            raise ValueError("its ids file is not a JSON object with a list of `ids`")
+        ids = marker["ids"]
         if not all(isinstance(i, str) for i in ids):
             raise ValueError("its ids are not all strings")
+        if marker.get("ids_sha256") != _ids_digest(ids) or name != self.shard_name(ids) + ".safetensors":
+            raise ValueError("its ids are not the ones its name and hash were made for")
+        try:
+            if marker.get("embeddings_sha256") != _file_digest(path):
+                raise ValueError("its embeddings are not the ones its ids file was written for")
+            embeddings = load_file(path)["embeddings"]
+        except (SafetensorError, OSError, KeyError) as error:
+            raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
+        if embeddings.ndim != 2 or len(ids) != embeddings.shape[0]:
+            raise ValueError(f"{embeddings.ndim}-D embeddings of {embeddings.shape[0] if embeddings.ndim else 0} rows "
+                             f"for {len(ids)} ids")
         return ids, embeddings
 
     def _read_all(self, folder: str) -> dict:
@@ -271,12 +306,30 @@ class EmbeddingStore:
             found.update(zip(shard_ids, shard))
         return found
 
+    def _write_shard(self, folder: str, ids: list[str], embeddings) -> None:
+        """The embeddings first, then the ids file that commits them; each under a temporary name and renamed, so
+        a killed worker leaves either no shard or a whole one."""
+        from safetensors.torch import save_file
+
+        name = self.shard_name(ids)
+        path = os.path.join(folder, name + ".safetensors")
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            save_file({"embeddings": embeddings}, tmp)
+            digest = _file_digest(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        marker = {"ids": list(ids), "ids_sha256": _ids_digest(ids), "embeddings_sha256": digest}
+        atomic_write_text(os.path.join(folder, name + ".json"), json.dumps(marker))
+
     def compute(self, key: str, ids: list[str], items: list, embed, batch_size: int, progress: bool = True):
         """`(len(ids), E)` embeddings of `items` (in order), by `embed(list_of_items) -> (n, E)`, reusing shards of
-        an earlier run under the name `key`. Among N workers each embeds a contiguous run of the batches; all then
-        read every shard."""
+        an earlier run under the name `key` (only for the ids they were made for). Among N workers each embeds a
+        contiguous run of the batches; all then read every shard."""
         import torch
-        from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
         if not ids:
@@ -298,13 +351,9 @@ class EmbeddingStore:
                     "the folder to compute them again."
                 )
             width = embeddings.shape[1]
-            # Named by the rows it holds: workers never pick the same name, and a rerun replaces a broken shard.
-            name = f"rows-{batch[0]:09d}-{len(batch):06d}"
-            # The ids first: a shard without its ids file is never read back.
-            with open(os.path.join(folder, name + ".json"), "w", encoding="utf-8") as f:
-                json.dump([ids[i] for i in batch], f)
-            save_file({"embeddings": embeddings}, os.path.join(folder, name + ".safetensors"))
-            found.update(zip((ids[i] for i in batch), embeddings))
+            batch_ids = [ids[i] for i in batch]
+            self._write_shard(folder, batch_ids, embeddings)
+            found.update(zip(batch_ids, embeddings))
         if self.workers.distributed:
             self.workers.barrier()
             found = self._read_all(folder)

@@ -16,7 +16,7 @@ from .image_loading import ImageLoadError, UnsafeImagePathError, load_record_ima
 from .calibration import calibrate_min_similarity
 from .index import RETRIEVAL_ID_INFO_KEY, RetrievalIndex, RetrievedImage
 from .faiss_build import add_faiss_index
-from .faiss_params import FaissParams, choose_faiss_params
+from .faiss_params import FaissParams, choose_faiss_params, measure_recall
 from .faiss_shards import FaissSettings, ShardedFaissSearcher, read_faiss_files
 from .search import ExactSearcher, FaissSearcher, SearchResult
 from .serialization import RetrievalIndexError
@@ -38,6 +38,7 @@ __all__ = [
     "FaissSettings",
     "FaissParams",
     "choose_faiss_params",
+    "measure_recall",
     "add_faiss_index",
     "read_faiss_files",
     "SearchResult",

@@ -9,9 +9,17 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
-from .faiss_params import choose_faiss_params
-from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, FaissShardWriter, faiss_files, train_index
+from .faiss_params import DEFAULT_RECALL_QUERIES, choose_faiss_params, measure_recall
+from .faiss_shards import (
+    DEFAULT_TRAIN_SIZE,
+    FaissSettings,
+    FaissShardWriter,
+    faiss_files,
+    read_faiss_files,
+    train_index,
+)
 from .files import RetrievalIndexError, atomic_write
+from .search import gather_rows
 from .serialization import (
     EMBEDDINGS_KEY,
     INDEX_CONFIG_FILE,
@@ -26,6 +34,8 @@ logger = logging.get_logger(__name__)
 # Rows read from the memory-mapped shards per FAISS `add` call.
 ADD_CHUNK_ROWS = 250_000
 DEFAULT_MAX_ROWS_PER_FILE = 10_000_000
+# Random rows of the set read to choose the index's parameters and to train it.
+DEFAULT_SAMPLE_ROWS = 200_000
 
 
 def add_faiss_index(
@@ -37,8 +47,9 @@ def add_faiss_index(
     target_recall: float = 0.95,
     max_bytes_per_image: float = 64,
     max_rows_per_file: int | None = DEFAULT_MAX_ROWS_PER_FILE,
-    sample_rows: int = 200_000,
+    sample_rows: int | None = None,
     train_size: int = DEFAULT_TRAIN_SIZE,
+    recall_queries: int | None = DEFAULT_RECALL_QUERIES,
     seed: int = 0,
 ) -> FaissSettings:
     r"""
@@ -55,7 +66,12 @@ def add_faiss_index(
         nprobe, ef_search, rerank: As in [`~RetrievalIndex.use_faiss`] (ignored with `"auto"`, which chooses them).
         max_rows_per_file (`int`, *optional*, defaults to 10M): Rows per FAISS file (several files are searched
             together and merged).
-        sample_rows (`int`, *optional*, defaults to 200,000): Random rows read for choosing and training.
+        sample_rows (`int`, *optional*, defaults to 200,000 (`DEFAULT_SAMPLE_ROWS`)): Random rows read for choosing
+            and training.
+        recall_queries (`int`, *optional*, defaults to 200): Rows of the set, outside that sample, searched with the
+            full index once it is written and with exact search over every row (streamed block by block) to measure
+            the recall@10 recorded in the config (`recall_at_10`, with `recall_measurement`); what `"auto"` measured
+            on the sample is kept apart as `choice.tuning_recall_at_10`. `None` or 0: not measured (`null`).
     """
     folder = str(folder)
     config = RetrievalIndexSerializationMixin._read_config(folder)
@@ -63,8 +79,12 @@ def add_faiss_index(
     shards = config.get("shards", [])
     if not shards or any(shard.get("embeddings") is None for shard in shards):
         raise RetrievalIndexError(f"{config_path}: `add_faiss_index` needs a set saved with its embeddings.")
-    if not isinstance(sample_rows, int) or sample_rows <= 0:
+    sample_rows = DEFAULT_SAMPLE_ROWS if sample_rows is None else sample_rows
+    if not isinstance(sample_rows, int) or isinstance(sample_rows, bool) or sample_rows <= 0:
         raise ValueError(f"`sample_rows` must be a positive integer, got {sample_rows!r}.")
+    if recall_queries is not None and (not isinstance(recall_queries, int) or isinstance(recall_queries, bool)
+                                       or recall_queries < 0):
+        raise ValueError(f"`recall_queries` must be a non-negative integer or None, got {recall_queries!r}.")
     blocks = [_mmap_safetensors(os.path.join(folder, shard["embeddings"]))[EMBEDDINGS_KEY] for shard in shards]
     sizes = np.array([b.shape[0] for b in blocks])
     num_rows = int(sizes.sum())
@@ -88,7 +108,19 @@ def add_faiss_index(
         for start in range(0, block.shape[0], ADD_CHUNK_ROWS):
             writer.add(block[start : start + ADD_CHUNK_ROWS].float())
         logger.info(f"FAISS index of {folder}: {writer.rows} of {num_rows} rows added.")
-    config["faiss"] = writer.close()
+    block = writer.close()
+    if recall_queries and num_rows >= 2:  # a row's neighbours other than itself: none in a set of one
+        # On the full index as saved (memory-mapped), never the tuning sample's recall.
+        searcher = read_faiss_files(folder, block, config_path, num_rows=num_rows,
+                                    rows_of=lambda rows: gather_rows(blocks, rows))
+        measured = measure_recall(searcher, blocks, num_queries=recall_queries, avoid_rows=picked, seed=seed)
+        settings.recall_at_10 = measured.pop("recall_at_10")
+        settings.recall_measurement = {**measured, "tuning_sample_rows": int(picked.shape[0])}
+        block["recall_at_10"], block["recall_measurement"] = settings.recall_at_10, settings.recall_measurement
+        logger.info(f"FAISS index of {folder}: recall@10 {settings.recall_at_10:.3f} on the full set "
+                    f"({measured['queries']} queries, {num_rows} rows).")
+        del searcher
+    config["faiss"] = block
 
     def write_config(path):
         with open(path, "w", encoding="utf-8") as f:

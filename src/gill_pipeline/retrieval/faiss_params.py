@@ -11,7 +11,7 @@ import torch
 from diffusers.utils import logging
 
 from .faiss_shards import FaissSettings, ShardedFaissSearcher, _as_numpy, make_index
-from .search import import_faiss
+from .search import ExactSearcher, gather_rows, import_faiss
 
 
 logger = logging.get_logger(__name__)
@@ -24,6 +24,10 @@ RERANK_CANDIDATES = (1, 4, 10)
 # the fastest PQ search on CPUs and trains in seconds (8-bit PQ codebooks take minutes on a loaded 2-core machine);
 # pass `factories=` to try others (8-bit PQ, OPQ, HNSW).
 CODE_CANDIDATES = ("PQ{m16}x4fs", "PQ{m8}x4fs", "PQ{m4}x4fs", "PQ{m2}x4fs")
+# Rows of the set used as queries when the recall of a built index is measured on the full set.
+DEFAULT_RECALL_QUERIES = 200
+# Below this many rows the rows outside the tuning sample are listed; above, drawn at random and the sample's rejected.
+LIST_FREE_ROWS_BELOW = 4_000_000
 
 
 @dataclass
@@ -44,9 +48,13 @@ class FaissParams:
     max_bytes_per_image: float = 64
 
     def settings(self, max_rows_per_file: int | None = None) -> FaissSettings:
-        choice = {k: v for k, v in asdict(self).items() if k not in ("factory", "nprobe", "rerank")}
-        return FaissSettings(self.factory, nprobe=self.nprobe, rerank=self.rerank, recall_at_10=self.recall_at_10,
-                             max_rows_per_file=max_rows_per_file, choice=choice)
+        """The settings to build the chosen index with. What was measured on the tuning sample goes in `choice`
+        (`tuning_recall_at_10`, `tuning_sample_rows`); the settings' own `recall_at_10` stays `None` until
+        [`measure_recall`] measures it on the full index that is built."""
+        renamed = {"recall_at_10": "tuning_recall_at_10", "sample_rows": "tuning_sample_rows"}
+        choice = {renamed.get(k, k): v for k, v in asdict(self).items() if k not in ("factory", "nprobe", "rerank")}
+        return FaissSettings(self.factory, nprobe=self.nprobe, rerank=self.rerank, max_rows_per_file=max_rows_per_file,
+                             choice=choice)
 
 
 def default_nlist(num_rows: int) -> int:
@@ -206,3 +214,64 @@ def _ms_per_query(searcher, queries: np.ndarray, k: int, repeats: int = 3) -> fl
     finally:
         faiss.omp_set_num_threads(threads)
     return float(np.median(times) * 1e3)
+
+
+def _query_rows(num_rows: int, num_queries: int, avoid: np.ndarray | None, rng) -> tuple[np.ndarray, bool]:
+    """`num_queries` distinct rows of `range(num_rows)` outside `avoid` (the tuning sample) when there are enough of
+    them, else from all rows; and whether they are outside it."""
+    avoid = np.unique(np.asarray([] if avoid is None else avoid, dtype=np.int64))
+    free = num_rows - avoid.shape[0]
+    if avoid.shape[0] and free >= num_queries:
+        if num_rows < LIST_FREE_ROWS_BELOW or free < 4 * num_queries:
+            return np.sort(rng.choice(np.setdiff1d(np.arange(num_rows), avoid), num_queries, replace=False)), True
+        picked = np.empty(0, dtype=np.int64)
+        while picked.shape[0] < num_queries:  # most draws are outside a sample much smaller than the set
+            draw = rng.integers(0, num_rows, size=2 * num_queries)
+            picked = np.unique(np.concatenate([picked, draw[~np.isin(draw, avoid)]]))
+        return np.sort(rng.choice(picked, num_queries, replace=False)), True
+    return np.sort(rng.choice(num_rows, min(num_queries, num_rows), replace=False)), False
+
+
+def _without(rows: torch.Tensor, own: np.ndarray, k: int) -> list[set]:
+    """Per query, its first `k` rows other than the query's own row (and missing ones)."""
+    out = []
+    for q, found in enumerate(rows.tolist()):
+        kept = [r for r in found if r >= 0 and r != own[q]]
+        out.append(set(kept[:k]))
+    return out
+
+
+@torch.no_grad()
+def measure_recall(searcher, blocks: list, k: int = 10, num_queries: int = DEFAULT_RECALL_QUERIES,
+                   avoid_rows=None, seed: int = 0) -> dict:
+    r"""
+    Recall@`k` of a built FAISS index over the full set it holds: `num_queries` rows of the set (outside
+    `avoid_rows`, the tuning sample, when there are enough) are searched with it and with exact search over every row
+    (block by block: the rows may be memory-mapped shards far larger than memory), each query's own row left out of
+    both answers; recall is the fraction of the exact top-`k` that the index found.
+
+    Args:
+        searcher ([`ShardedFaissSearcher`]): The index as it is searched (with its `nprobe` and re-ranking).
+        blocks (`list[torch.Tensor]`): The set's rows, in the index's order, as blocks laid end to end.
+        k (`int`, *optional*, defaults to 10): The `k` of recall@`k`.
+        num_queries (`int`, *optional*, defaults to 200): Rows used as queries.
+        avoid_rows (*optional*): Rows the queries should not be drawn from (those the index was chosen or trained on).
+        seed (`int`, *optional*, defaults to 0): Seed of the draw.
+
+    Returns a dict: `recall_at_10` (for `k=10`; `recall_at_k` and `k` otherwise), `rows`, `queries`,
+    `queries_outside_tuning_sample`.
+    """
+    if not isinstance(num_queries, int) or isinstance(num_queries, bool) or num_queries <= 0:
+        raise ValueError(f"`num_queries` must be a positive integer, got {num_queries!r}.")
+    num_rows = sum(int(b.shape[0]) for b in blocks)
+    if num_rows < 2:
+        raise ValueError(f"Measuring recall needs at least 2 rows, the set has {num_rows}.")
+    rows, outside = _query_rows(num_rows, num_queries, avoid_rows, np.random.default_rng(seed))
+    queries = gather_rows(blocks, torch.from_numpy(rows))
+    want = min(k + 1, num_rows)
+    truth = _without(ExactSearcher(blocks).search(queries, want).rows, rows, k)
+    found = _without(searcher.search(queries, want).rows, rows, k)
+    recall = float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found, truth)]))
+    key = "recall_at_10" if k == 10 else "recall_at_k"
+    out = {key: recall, "rows": num_rows, "queries": int(rows.shape[0]), "queries_outside_tuning_sample": outside}
+    return out if k == 10 else {**out, "k": k}

@@ -16,7 +16,7 @@ import torch
 from diffusers.utils import logging
 
 from .files import RetrievalIndexError, atomic_write
-from .search import SearchResult, _check_k, _check_queries, import_faiss
+from .search import SearchResult, _check_k, _check_queries, gather_rows, import_faiss
 
 
 logger = logging.get_logger(__name__)
@@ -114,8 +114,10 @@ class FaissSettings:
     """How the FAISS index of a set was made and is searched; saved as the `"faiss"` block of the set's config.
 
     `rerank`: candidates fetched per wanted result (`k * rerank`) and re-scored exactly on the stored rows when the set
-    has them (1: no re-ranking). `recall_at_10`: measured by [`choose_faiss_params`] on held-out rows of the set
-    (`None` when the parameters were given by hand); `choice`: what that measurement tried and found.
+    has them (1: no re-ranking). `recall_at_10`: measured by [`measure_recall`] on the full index that was built and
+    saved (rows of the set as queries, exact search over every row as the truth; `None` when not measured), with
+    `recall_measurement` saying on what; `choice`: what [`choose_faiss_params`] tried and found on its tuning sample
+    (its own `tuning_recall_at_10` there, on `tuning_sample_rows` rows).
     """
 
     factory: str
@@ -125,6 +127,7 @@ class FaissSettings:
     max_rows_per_file: int | None = None
     recall_at_10: float | None = None
     choice: dict | None = None
+    recall_measurement: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.rerank, int) or isinstance(self.rerank, bool) or self.rerank < 1:
@@ -160,11 +163,28 @@ class ShardedFaissSearcher:
     @classmethod
     def build(cls, embeddings, settings: FaissSettings, train_size: int = DEFAULT_TRAIN_SIZE, seed: int = 0,
               rows_of=None) -> "ShardedFaissSearcher":
-        """Trains once on a sample of `embeddings` and adds every row, `settings.max_rows_per_file` rows per shard."""
-        dim = embeddings.shape[1]
-        trained = train_index(dim, settings.factory, embeddings, train_size=train_size, seed=seed)
+        """Trains once on a sample of `embeddings` and adds every row, `settings.max_rows_per_file` rows per shard.
+        `embeddings` may be a list of blocks laid end to end (e.g. a memory-mapped set's shards): only the training
+        sample and one block at a time are then in memory as float32."""
+        blocks = [embeddings] if not isinstance(embeddings, (list, tuple)) else list(embeddings)
+        blocks = [b for b in blocks if b.shape[0]] or blocks[:1]
+        dim, num_rows = blocks[0].shape[1], sum(int(b.shape[0]) for b in blocks)
+        # The rows `train_index` would sample from all the rows joined, read from the blocks.
+        needs = make_index(dim, settings.factory)
+        wanted = max(train_size, 39 * getattr(_ivf_of(needs), "nlist", 0)) if not needs.is_trained else 0
+        if len(blocks) == 1 or num_rows <= wanted:
+            sample = blocks[0] if len(blocks) == 1 else torch.cat([torch.as_tensor(b) for b in blocks])
+        elif wanted:
+            pick = np.sort(np.random.default_rng(seed).choice(num_rows, wanted, replace=False))
+            sample = gather_rows([torch.as_tensor(b) for b in blocks], torch.from_numpy(pick))
+        else:
+            sample = blocks[0][:0]
+        trained = train_index(dim, settings.factory, sample, train_size=train_size, seed=seed)
         searcher = cls([], [], settings, trained=trained, rows_of=rows_of)
-        searcher.add(embeddings)
+        first = 0
+        for block in blocks:
+            searcher.add(block, first_row=first)
+            first += int(block.shape[0])
         return searcher
 
     @property
@@ -331,6 +351,7 @@ def faiss_block(settings: FaissSettings, dim: int, files: list[dict], trained_fi
         "rerank": settings.rerank,
         "max_rows_per_file": settings.max_rows_per_file,
         "recall_at_10": settings.recall_at_10,
+        "recall_measurement": settings.recall_measurement,
         "choice": settings.choice,
         "faiss_version": import_faiss().__version__,
         "trained_file": trained_file,
@@ -353,7 +374,8 @@ def faiss_files(block: dict | None) -> set[str]:
     return names | ({block["trained_file"]} if isinstance((block or {}).get("trained_file"), str) else set())
 
 
-def _check_block(block: dict, where: str) -> None:
+def check_faiss_block(block: dict, where: str) -> None:
+    """Raises [`RetrievalIndexError`] unless `block` is a `"faiss"` entry naming plain files (needs no faiss)."""
     if not isinstance(block, dict) or not isinstance(block.get("factory"), str) or not isinstance(
             block.get("files"), list):
         raise RetrievalIndexError(f"{where}: the `faiss` entry must name a `factory` and list its `files`, got "
@@ -373,11 +395,12 @@ def read_faiss_files(folder: str, block: dict, where: str, num_rows: int | None 
     disk and are paged in as searches touch them). Nothing is trained or rebuilt. A file whose width, row count or
     structure is not what the block and its factory string say is refused with an error naming the file."""
     faiss = import_faiss()
-    _check_block(block, where)
+    check_faiss_block(block, where)
     settings = FaissSettings(
         factory=block["factory"], nprobe=block.get("nprobe"), ef_search=block.get("efSearch"),
         rerank=block.get("rerank") or 1, max_rows_per_file=block.get("max_rows_per_file"),
         recall_at_10=block.get("recall_at_10"), choice=block.get("choice"),
+        recall_measurement=block.get("recall_measurement"),
     )
     dim = block.get("dim")
     expected = describe_index(make_index(dim, settings.factory)) if isinstance(dim, int) and dim > 0 else None

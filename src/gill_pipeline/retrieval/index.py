@@ -14,10 +14,10 @@ from diffusers.utils import logging
 from .calibration import check_min_similarity
 from .fingerprint import check_same_weights, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, load_record_image
-from .faiss_params import choose_faiss_params
+from .faiss_params import choose_faiss_params, measure_recall
 from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, ShardedFaissSearcher
 from .files import RetrievalIndexError as _RetrievalIndexError
-from .search import ExactSearcher, FaissSearcher, SearchResult
+from .search import ExactSearcher, FaissSearcher, SearchResult, gather_rows
 from .serialization import RetrievalIndexSerializationMixin, check_records, dtype_name
 
 # Names that moved out of this module, importable from here as before.
@@ -112,6 +112,8 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         self._searcher_factory = ExactSearcher
         # False for a set loaded from a folder saved without its embeddings: it searches with its FAISS index only.
         self.has_embeddings = True
+        # The FAISS index of a set loaded where faiss could not be imported: searched exactly, its files kept for saves.
+        self._unread_faiss = None
         self.add_embeddings(embeddings, records)
 
     @property
@@ -178,17 +180,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
 
     def _rows_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The stored embeddings of the given rows, float32 on the CPU (for re-ranking FAISS candidates)."""
-        blocks = [b for b in self._blocks if b.shape[0]]
-        if len(blocks) == 1:
-            return blocks[0][rows.to(blocks[0].device)].float().cpu()
-        ends = torch.tensor([b.shape[0] for b in blocks]).cumsum(0)
-        which = torch.searchsorted(ends, rows, right=True)
-        out = torch.empty(rows.shape[0], self.dim)
-        for b in which.unique().tolist():
-            mask = which == b
-            start = int(ends[b]) - blocks[b].shape[0]
-            out[mask] = blocks[b][(rows[mask] - start).to(blocks[b].device)].float().cpu()
-        return out
+        return gather_rows(self._blocks, rows)
 
     @property
     def ids(self) -> list[str]:
@@ -230,7 +222,9 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             dtype_name(dtype)
             if dtype != self.dtype:
                 self._saved = None  # every stored row changed: the next save writes them all
-        self._blocks = [self.embeddings.to(device=device, dtype=dtype)]
+        self._require_embeddings("moving its embeddings")
+        # Block by block: a memory-mapped set stays in its blocks (a block already where it should be is not copied).
+        self._blocks = [block.to(device=device, dtype=dtype) for block in self._blocks]
         if self._searcher_factory is ExactSearcher:
             self._searcher = None
         return self
@@ -282,10 +276,13 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             logger.info(f"use_faiss('auto'): {len(self)} rows (< {AUTO_MIN_ROWS}) are searched exactly ('Flat').")
             settings = FaissSettings("Flat", max_rows_per_file=max_rows_per_file)
         elif factory == "auto":
-            sample = self._row_range(0, len(self))
+            tuning_rows = None  # every row
             if len(self) > AUTO_SAMPLE_ROWS:
                 pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:AUTO_SAMPLE_ROWS]
-                sample = self._rows_of(pick.sort().values)
+                tuning_rows = pick.sort().values
+                sample = self._rows_of(tuning_rows)
+            else:
+                sample = self._row_range(0, len(self))
             params = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
                                          seed=seed)
             settings = params.settings(max_rows_per_file=max_rows_per_file)
@@ -298,8 +295,16 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
                                               rows_of=self._rows_of)
 
         make.name = f"faiss:{settings.factory}"
-        self._searcher, self._searcher_rows = make(self._row_range(0, len(self))), len(self)
+        searcher = make(self._blocks)
+        if factory == "auto" and len(self) >= AUTO_MIN_ROWS:
+            # The recall recorded is that of the full index just built, not the tuning sample's (kept in `choice`).
+            avoid = None if tuning_rows is None else tuning_rows.numpy()
+            measured = measure_recall(searcher, self._blocks, avoid_rows=avoid, seed=seed)
+            settings.recall_at_10 = measured.pop("recall_at_10")
+            settings.recall_measurement = {**measured, "tuning_sample_rows": min(len(self), AUTO_SAMPLE_ROWS)}
+        self._searcher, self._searcher_rows = searcher, len(self)
         self._searcher_factory = make
+        self._unread_faiss = None  # replaced by the one just built
         return self
 
     @property
@@ -312,15 +317,26 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         self._searcher_factory, self._searcher = ExactSearcher, None
         return self
 
+    def drop_faiss_index(self):
+        """Searches exactly from now on and forgets the FAISS index: the next `save_pretrained` writes none (not even
+        the files of a set loaded where faiss could not be imported, which a save otherwise copies through)."""
+        self._unread_faiss = None
+        return self.use_exact()
+
     def _current_searcher(self):
+        # Never `self.embeddings`: exact search reads the stored blocks one at a time (a memory-mapped set of 100M
+        # rows is never joined into one tensor in memory).
+        exact = self._searcher_factory is ExactSearcher
+        if exact:
+            self._require_embeddings("exact search")
         if self._searcher is None:
-            self._searcher = self._searcher_factory(self.embeddings)
+            self._searcher = (ExactSearcher if exact else self._searcher_factory)(self._blocks)
         elif self._searcher_rows != len(self):
             if isinstance(self._searcher, ShardedFaissSearcher):
                 start = self._searcher.ntotal
                 self._searcher.add(self._row_range(start, len(self)), first_row=start)
             else:
-                self._searcher.add(self.embeddings)
+                self._searcher.add(self._blocks)
         self._searcher_rows = len(self)
         return self._searcher
 

@@ -24,9 +24,17 @@ from ..serialization.hub import HUB_KWARGS
 from ..serialization.folder import PipelineFolderError, read_json_object
 from ..serialization.paths import looks_like_local_path, missing_folder_reason, name_or_path
 from .calibration import check_min_similarity
-from .faiss_shards import ShardedFaissSearcher, faiss_files, read_faiss_files
+from .faiss_shards import (
+    FAISS_TRAINED_FILE,
+    ShardedFaissSearcher,
+    check_faiss_block,
+    faiss_files,
+    free_faiss_file_name,
+    read_faiss_files,
+)
 from .files import RetrievalIndexError, atomic_write as _atomic_write
 from .image_loading import is_url, resolve_local_path
+from .search import import_faiss
 
 
 logger = logging.get_logger(__name__)
@@ -101,6 +109,68 @@ def _config_identity(folder: str) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
+FAISS_EXTRA_HINT = 'pip install "gill_pipeline[faiss]"'
+
+
+@dataclass(frozen=True)
+class UnreadFaiss:
+    """The FAISS index of a set loaded where faiss could not be imported: its `"faiss"` block, the folder its files
+    are in and what they were at load (size, mtime), so that a save copies them through unchanged, never loses them."""
+
+    folder: str
+    block: dict
+    stats: dict
+
+    @classmethod
+    def of(cls, folder: str, block: dict) -> "UnreadFaiss":
+        stats = {}
+        for name in sorted(faiss_files(block)):
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
+            stat = os.stat(path)
+            stats[name] = (stat.st_size, stat.st_mtime_ns)
+        return cls(os.path.realpath(folder), json.loads(json.dumps(block)), stats)
+
+    def check_unchanged(self, num_rows: int) -> None:
+        """Raises ValueError (before a save writes anything) when the files cannot be copied through as they are."""
+        if self.block.get("num_rows") != num_rows:
+            raise ValueError(
+                f"This set was loaded from {self.folder} where faiss could not be imported, so its FAISS index "
+                f"({self.block.get('num_rows')} rows) could not take the rows added since (now {num_rows}): install "
+                f"faiss ({FAISS_EXTRA_HINT}) and load it again, or call `drop_faiss_index()` to save it without one."
+            )
+        for name, stat in self.stats.items():
+            path = os.path.join(self.folder, name)
+            now = os.stat(path) if os.path.isfile(path) else None
+            if now is None or (now.st_size, now.st_mtime_ns) != stat:
+                raise ValueError(
+                    f"The FAISS file {path} of this set (loaded where faiss could not be imported) is gone or was "
+                    f"changed since the load, so it cannot be copied through: install faiss ({FAISS_EXTRA_HINT}) "
+                    "and load the set again, or call `drop_faiss_index()` to save it without one."
+                )
+
+    def copy_to(self, folder: str, in_use: set[str]) -> "UnreadFaiss":
+        """The files copied (unchanged, each atomically) into `folder` under names its current config does not read
+        (in the folder they came from: kept as they are); the copy there."""
+        if os.path.realpath(folder) == self.folder:
+            return self
+        block = json.loads(json.dumps(self.block))
+        taken = set(in_use)
+        for i, entry in enumerate(block["files"]):
+            entry["file"] = self._copy(entry["file"], folder, free_faiss_file_name(i, taken))
+            taken.add(entry["file"])
+        trained = FAISS_TRAINED_FILE if FAISS_TRAINED_FILE not in taken else FAISS_TRAINED_FILE.replace(
+            ".index", "-r1.index")
+        block["trained_file"] = self._copy(block["trained_file"], folder, trained)
+        return UnreadFaiss.of(folder, block)
+
+    def _copy(self, name: str, folder: str, target: str) -> str:
+        _atomic_write(os.path.join(folder, target),
+                      lambda p: shutil.copyfile(os.path.join(self.folder, name), p))
+        return target
+
+
 @dataclass(frozen=True)
 class SavedCopy:
     """What the folder an index was last saved to or loaded from holds: an incremental save appends to it only
@@ -171,7 +241,11 @@ class RetrievalIndexSerializationMixin:
         if not isinstance(max_shard_rows, int) or max_shard_rows <= 0:
             raise ValueError(f"`max_shard_rows` must be a positive integer, got {max_shard_rows!r}.")
         searcher = self._current_searcher() if self.search_backend.startswith("faiss") else None
-        if not isinstance(searcher, ShardedFaissSearcher) and not save_embeddings:
+        # A FAISS index loaded where faiss could not be imported: its files are copied through, never lost.
+        unread = getattr(self, "_unread_faiss", None) if searcher is None else None
+        if unread is not None:
+            unread.check_unchanged(len(self))
+        if not isinstance(searcher, ShardedFaissSearcher) and unread is None and not save_embeddings:
             raise ValueError("`save_embeddings=False` needs a FAISS index to search with: call `use_faiss(...)` first.")
         if save_embeddings and not self.has_embeddings:
             raise ValueError("This set has no embeddings to save (it was loaded from a copy saved without them): pass "
@@ -231,6 +305,9 @@ class RetrievalIndexSerializationMixin:
         }
         if searcher is not None:
             config["faiss"] = searcher.write_files(folder, in_use)
+        elif unread is not None:
+            unread = unread.copy_to(folder, in_use)
+            config["faiss"] = unread.block
 
         def write_config(path):
             with open(path, "w", encoding="utf-8") as f:
@@ -243,6 +320,8 @@ class RetrievalIndexSerializationMixin:
             if SHARD_FILE_PATTERN.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
         self._saved = SavedCopy.of(folder, config)
+        if unread is not None:
+            self._unread_faiss = unread
 
     @classmethod
     def from_pretrained(
@@ -302,6 +381,18 @@ class RetrievalIndexSerializationMixin:
             raise RetrievalIndexError(f"{os.path.join(folder, INDEX_CONFIG_FILE)}: every shard must have embeddings, "
                                       "or none and a `faiss` index to search with.")
         has_embeddings = has_embeddings != {False}
+        faiss_error = None
+        if config.get("faiss") is not None:
+            try:
+                import_faiss()
+            except ImportError as error:
+                faiss_error = error.__cause__ or error
+                if not has_embeddings:
+                    raise RetrievalIndexError(
+                        f"The retrieval set in {folder} was saved without its embeddings and searches with its FAISS "
+                        f"index only, but faiss cannot be imported ({faiss_error}): {FAISS_EXTRA_HINT}."
+                    ) from error
+                check_faiss_block(config["faiss"], os.path.join(folder, INDEX_CONFIG_FILE))
         for shard in config["shards"]:
             shard_records = cls._read_jsonl(os.path.join(folder, shard["metadata"]))
             if len(shard_records) != shard["num_rows"]:
@@ -351,7 +442,14 @@ class RetrievalIndexSerializationMixin:
                 row_of_id[record["id"]] = row
             index.records, index._row_of_id = records, row_of_id
         index._link_root = link_root
-        if config.get("faiss") is not None:
+        if faiss_error is not None:
+            index._unread_faiss = UnreadFaiss.of(folder, config["faiss"])
+            logger.warning(
+                f"The FAISS index saved with the retrieval set in {folder} is ignored and exact search is used "
+                f"instead, because faiss cannot be imported ({faiss_error}); {FAISS_EXTRA_HINT} to search with it. Its files "
+                "are kept: `save_pretrained` copies them through unchanged."
+            )
+        elif config.get("faiss") is not None:
             searcher = read_faiss_files(folder, config["faiss"], os.path.join(folder, INDEX_CONFIG_FILE),
                                         num_rows=len(records), rows_of=index._rows_of if has_embeddings else None)
             index._searcher, index._searcher_rows = searcher, len(records)
