@@ -44,6 +44,22 @@ def image_right(classifier, image, target) -> bool:
     return bool((predicted == torch.tensor(target.labels())).all())
 
 
+def load_judged_pipeline(pipeline: str | None, index: str | None, classifier: str | None):
+    """A shapes-world pipeline (default: the bundled one, with its retrieval set) and the world's classifier that
+    judges its images (default: the bundled one)."""
+    from gill_pipeline import GILLPipeline
+    from gill_pipeline.bundled import BUNDLED_CLASSIFIER, BUNDLED_INDEX, load_bundled_pipeline
+
+    if pipeline is None:
+        pipe, index = load_bundled_pipeline(with_index=False), index or BUNDLED_INDEX
+    else:
+        pipe = GILLPipeline.from_pretrained(pipeline, dtype=torch.float32)
+    if index:
+        pipe.load_retrieval_index(index)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, AttributeClassifier.from_pretrained(classifier or BUNDLED_CLASSIFIER).eval()
+
+
 def run_conversation(pipe, classifier, conv, first_image, settings, seed: int) -> list[dict]:
     from gill_pipeline import GILLConversation
     from gill_pipeline.demo.settings import call_kwargs
@@ -156,19 +172,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.time()
 
-    from gill_pipeline import GILLPipeline
-    from gill_pipeline.bundled import BUNDLED_CLASSIFIER, BUNDLED_INDEX, load_bundled_pipeline
     from gill_pipeline.bundled.presets import SHAPES_MODEL
     from gill_pipeline.demo.settings import preset_settings
 
-    if args.pipeline is None:
-        pipe, index = load_bundled_pipeline(with_index=False), args.index or BUNDLED_INDEX
-    else:
-        pipe, index = GILLPipeline.from_pretrained(args.pipeline, dtype=torch.float32), args.index
-    if index:
-        pipe.load_retrieval_index(index)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = AttributeClassifier.from_pretrained(args.classifier or BUNDLED_CLASSIFIER).eval()
+    pipe, classifier = load_judged_pipeline(args.pipeline, args.index, args.classifier)
     settings = preset_settings(SHAPES_MODEL)
     for item in args.setting:
         option, _, value = item.partition("=")

@@ -14,10 +14,9 @@ import argparse
 import logging
 import os
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from benchmarks.bench_dialogue import image_right
+from benchmarks.bench_dialogue import image_right, load_judged_pipeline
 from training.shapes.dialogue import Conversation, Turn, answer_parts, words_exact
 from training.shapes.world import Scene
 
@@ -120,20 +119,10 @@ def main(argv=None) -> list[dict]:
             parser.error(f"--{name} must be a folder, got {value!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from gill_pipeline import GILLPipeline
-    from gill_pipeline.bundled import BUNDLED_CLASSIFIER, BUNDLED_INDEX, load_bundled_pipeline
     from gill_pipeline.bundled.presets import SHAPES_MODEL, example_image
     from gill_pipeline.demo.settings import preset_settings
-    from training.shapes.classifier import AttributeClassifier
 
-    if args.pipeline is None:
-        pipe, index = load_bundled_pipeline(with_index=False), args.index or BUNDLED_INDEX
-    else:
-        pipe, index = GILLPipeline.from_pretrained(args.pipeline, dtype=torch.float32), args.index
-    if index:
-        pipe.load_retrieval_index(index)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = AttributeClassifier.from_pretrained(args.classifier or BUNDLED_CLASSIFIER).eval()
+    pipe, classifier = load_judged_pipeline(args.pipeline, args.index, args.classifier)
     records = run(pipe, classifier, example_image(SHAPES_MODEL), preset_settings(SHAPES_MODEL), args.seed)
     for path in (args.png, args.md):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
