@@ -76,6 +76,38 @@ def test_training_dialogues_never_repeat_a_test_conversation_nor_its_held_out_wo
         assert "now it is" not in line and "what is the shape" not in line and line.endswith(" .")
 
 
+def test_reworded_training_changes_keep_the_target_and_never_use_a_held_out_wording():
+    from training.shapes.dialogue import HELD_OUT_PHRASINGS, PLEASE_PHRASINGS, single_templates
+
+    excluded = held_out_signatures()
+    rng, plain = random.Random(5), random.Random(5)
+    assert training_conversation(random.Random(5), 5, excluded) == training_conversation(plain, 5, excluded, 0.0)
+    held_out_templates = [t for ts in (*HELD_OUT_PHRASINGS.values(), *PLEASE_PHRASINGS["held_out"].values(),
+                                       TWO_CHANGE_PHRASINGS["held_out"]) for t in ts]
+    tails = {" ".join(t.split("{")[0].split()[i:]) for t in held_out_templates for i in range(len(t.split("{")[0].split()))}
+    templated_leads = {t.split("{")[0].strip() for a in HELD_OUT_PHRASINGS for t in single_templates(a, "training")}
+    templated_leads |= {t.split("{")[0].strip() for t in TWO_CHANGE_PHRASINGS["training"]}
+    reworded = 0
+    for _ in range(300):
+        conv = training_conversation(rng, 5, excluded, reword_rate=0.5)
+        scene = conv.start
+        for turn in conv.turns:
+            for name in changed(scene, turn.target):  # still names every new value, and only changes what it names
+                assert getattr(turn.target, name) in turn.text
+            lead = turn.text.rsplit(" :", 1)[0]
+            if turn.wants_image and not any(lead.startswith(t) for t in templated_leads):
+                reworded += 1
+                words = lead.split()
+                # the filler is what comes before the first value word; never a held-out lead nor a tail of one
+                first_value = min(i for i, w in enumerate(words) if w in {getattr(turn.target, n) for n in ATTRIBUTES}
+                                  or w in ("a", "on", "at", "in"))
+                assert " ".join(words[:first_value]) not in tails
+            scene = turn.target
+    assert reworded > 100
+    with pytest.raises(ValueError, match="reword_rate"):
+        conversation(random.Random(0), 2, "training", reword_rate=1.5)
+
+
 def test_dialogue_documents_give_earlier_answers_images_back_and_target_the_last():
     rng = random.Random(1)
     conv = conversation(rng, 4, "training")

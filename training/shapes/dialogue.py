@@ -62,6 +62,17 @@ PLEASE_PHRASINGS = {
     },
 }
 PHRASING_SETS = ("training", "held_out")
+# Reworded changes (training documents only, `reword_rate`): the value words of a change after 1-4 filler words drawn
+# from the training phrasings' own words, so that the model learns that the value words carry a change whatever the
+# words around them. A filler that is the lead of a held-out phrasing, or any tail of one ("it is", "the shape"), is
+# drawn again: no held-out instruction, nor its last words, is ever a training turn.
+FILLER_WORDS = ("now", "make", "it", "the", "shape", "please", "is", "same")
+HELD_OUT_FILLERS = frozenset(
+    " ".join(lead[i:])
+    for templates in (*HELD_OUT_PHRASINGS.values(), *PLEASE_PHRASINGS["held_out"].values(), TWO_CHANGE_PHRASINGS["held_out"])
+    for lead in (template.split("{")[0].split() for template in templates)
+    for i in range(len(lead))
+)
 # The words a user of a chat about shapes types beyond the world's captions and instructions.
 CHAT_WORDS = ("what", "this", "and", "please", "?")
 
@@ -103,10 +114,19 @@ def check_phrasings(phrasings: str) -> None:
         raise ValueError(f"`phrasings` must be one of {PHRASING_SETS + ('mixed',)}, got {phrasings!r}")
 
 
+def filler(rng: random.Random) -> str:
+    """1-4 words of FILLER_WORDS, never the lead of a held-out phrasing."""
+    while True:
+        words = " ".join(rng.choices(FILLER_WORDS, k=rng.randint(1, 4)))
+        if words not in HELD_OUT_FILLERS:
+            return words
+
+
 def next_turn(rng: random.Random, scene: Scene, phrasings: str, kinds=(("change", 6), ("two_changes", 2), ("ask", 2)),
-              include_held_out: bool = False) -> Turn:
+              include_held_out: bool = False, reword_rate: float = 0.0) -> Turn:
     """A turn from `scene`: a change of one or two attributes, or a question; its target never a held-out
-    combination unless `include_held_out`."""
+    combination unless `include_held_out`. With `reword_rate` (training phrasings only), that share of changes is
+    worded as `filler(rng)` + the value words instead of a template."""
     names, weights = zip(*kinds)
     kind = rng.choices(names, weights)[0]
     phrasing = phrasings if phrasings != "mixed" else rng.choice(PHRASING_SETS)
@@ -119,6 +139,9 @@ def next_turn(rng: random.Random, scene: Scene, phrasings: str, kinds=(("change"
         target = scene.replace(**dict(zip(attributes, values)))
         if target.held_out and not include_held_out:
             continue
+        if reword_rate and phrasing == "training" and rng.random() < reword_rate:
+            words = " and ".join(value_words(a, v) for a, v in zip(attributes, values))
+            return Turn(f"{filler(rng)} {words} :", target, kind, phrasing)
         if count == 1:
             text = change_instruction(attributes[0], values[0], rng.choice(single_templates(attributes[0], phrasing)))
         else:
@@ -127,12 +150,15 @@ def next_turn(rng: random.Random, scene: Scene, phrasings: str, kinds=(("change"
         return Turn(f"{text} :", target, kind, phrasing)
 
 
-def conversation(rng: random.Random, turns: int, phrasings: str = "training", include_held_out: bool = False) -> Conversation:
+def conversation(rng: random.Random, turns: int, phrasings: str = "training", include_held_out: bool = False,
+                 reword_rate: float = 0.0) -> Conversation:
     check_phrasings(phrasings)
+    if not 0.0 <= reword_rate <= 1.0:
+        raise ValueError(f"`reword_rate` must be in [0, 1], got {reword_rate!r}")
     start = rng.choice(all_scenes(include_held_out))
     scene, made = start, []
     for _ in range(turns):
-        turn = next_turn(rng, scene, phrasings, include_held_out=include_held_out)
+        turn = next_turn(rng, scene, phrasings, include_held_out=include_held_out, reword_rate=reword_rate)
         made.append(turn)
         scene = turn.target
     return Conversation(start, tuple(made))
@@ -241,12 +267,12 @@ def dialogue_segments(conv: Conversation, image_files: list[str]) -> list[dict]:
     return segments
 
 
-def training_conversation(rng: random.Random, max_turns: int, excluded: frozenset) -> Conversation:
-    """A training conversation (training phrasings, no held-out combination, never one of the test set), whose last
-    turn asks for an image."""
+def training_conversation(rng: random.Random, max_turns: int, excluded: frozenset, reword_rate: float = 0.0) -> Conversation:
+    """A training conversation (training phrasings, `reword_rate` of its changes reworded, no held-out combination,
+    never one of the test set), whose last turn asks for an image."""
     while True:
         turns = rng.randint(1, max_turns)
-        conv = conversation(rng, turns, "training")
+        conv = conversation(rng, turns, "training", reword_rate=reword_rate)
         if conv.turns[-1].wants_image and not repeats_a_test(conv, excluded):
             return conv
 

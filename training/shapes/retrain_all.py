@@ -52,6 +52,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dialogue-corpus", type=int, default=8000,
                         help="pretrain_base.py --dialogue-corpus: chat transcripts in the LM's corpus, chat words in its "
                         "vocabulary (0: neither)")
+    parser.add_argument("--dialogue-reword", type=float, default=0.0,
+                        help="train_world_gill.py --dialogue-reword (share of dialogue changes reworded)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
@@ -74,7 +76,7 @@ def main(argv=None) -> dict:
                            "--context-prefix-grad", args.context_prefix_grad,
                            "--caption-weight", str(args.caption_weight),
                            "--document-retrieval-weight", str(args.document_retrieval_weight),
-                           "--lora-rank", str(args.lora_rank)])
+                           "--lora-rank", str(args.lora_rank), "--dialogue-reword", str(args.dialogue_reword)])
     times["gill"] = round(time.time() - t, 1)
     t = time.time()
     bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",

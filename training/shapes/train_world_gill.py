@@ -64,7 +64,8 @@ CONTEXT_KINDS = ("text", "image", "describe", "image_first", "text_answer", "ima
 
 
 def write_context_documents(
-    folder: str, name: str, count: int, seed: int, kinds=("text", "image"), phrasings: str = "world"
+    folder: str, name: str, count: int, seed: int, kinds=("text", "image"), phrasings: str = "world",
+    dialogue_reword: float = 0.0,
 ) -> str:
     """Interleaved training documents (`training/interleaved.py`) of the world's context chains, written to
     `folder/<name>.jsonl` with their images in `folder/images/`; held-out combinations never appear, and neither do
@@ -105,7 +106,7 @@ def write_context_documents(
     for i in range(count):
         kind = kinds[i % len(kinds)]
         if kind == "dialogue":
-            documents.append(dialogue_document(folder, name, i, rng, excluded))
+            documents.append(dialogue_document(folder, name, i, rng, excluded, reword_rate=dialogue_reword))
             continue
         first, instruction, target = context_example(rng, phrasings=phrasings)
         if kind == "describe":
@@ -134,9 +135,10 @@ def write_context_documents(
 
 
 def dialogue_document(folder: str, name: str, i: int, rng: random.Random, excluded: frozenset,
-                      max_turns: int = 5) -> dict:
-    """One "dialogue" document (see `write_context_documents`), its images drawn into `folder/images/`."""
-    conv = training_conversation(rng, max_turns, excluded)
+                      max_turns: int = 5, reword_rate: float = 0.0) -> dict:
+    """One "dialogue" document (see `write_context_documents`), its images drawn into `folder/images/`;
+    `reword_rate` of its changes reworded (`dialogue.next_turn`)."""
+    conv = training_conversation(rng, max_turns, excluded, reword_rate)
     scenes = [conv.start] + [turn.target for turn in conv.turns]
     files = []
     for t, scene in enumerate(scenes):
@@ -275,7 +277,13 @@ def main(argv=None) -> dict:
         "--context-phrasings", default="world", choices=("world", "training"),
         help="instruction wordings of the context documents (world.TRAINING_PHRASINGS; held-out ones never)",
     )
+    parser.add_argument(
+        "--dialogue-reword", type=float, default=0.0,
+        help="share of the dialogue documents' changes worded as filler words + the value words (dialogue.next_turn)",
+    )
     args = parser.parse_args(argv)
+    if not 0.0 <= args.dialogue_reword <= 1.0:
+        parser.error(f"--dialogue-reword must be in [0, 1], got {args.dialogue_reword}")
     if args.lora_rank < 0:
         parser.error(f"--lora-rank must be 0 (no adapter) or a positive rank, got {args.lora_rank}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -293,7 +301,8 @@ def main(argv=None) -> dict:
     context_args = []
     if args.context_ratio > 0:
         documents = write_context_documents(
-            data, "context", n(4000), args.seed + 4, tuple(args.context_kinds.split(",")), args.context_phrasings
+            data, "context", n(4000), args.seed + 4, tuple(args.context_kinds.split(",")), args.context_phrasings,
+            dialogue_reword=args.dialogue_reword,
         )
         context_args = ["--interleaved-data", documents, "--interleaved-ratio", str(args.context_ratio),
                         # a five-turn dialogue document (six images, five requests and answers) fits whole
