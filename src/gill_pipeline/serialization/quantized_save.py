@@ -18,6 +18,7 @@ tensor, as the libraries write it), and tied weights written once. Each library'
 quantized. Components quantized otherwise (bitsandbytes, GGUF) are saved by their library as before.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -31,7 +32,8 @@ from .quantization import quantization_summary
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_MAX_SHARD_SIZE = "10GB"  # both libraries' default
+# The libraries' default is 10GB, which would leave a 7B int8 LM in one shard: one shard's copy would be all of it.
+DEFAULT_MAX_SHARD_SIZE = "2GB"
 # Weight file stems of each library (`<stem>.safetensors`, `<stem>-00001-of-00002.safetensors`, `<stem>.safetensors.index.json`).
 TRANSFORMERS_WEIGHTS = "model"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
@@ -44,12 +46,16 @@ def is_torchao_quantized(model) -> bool:
     return summary is not None and summary.get("quant_method") == "torchao"
 
 
-def _max_bytes(max_shard_size) -> int:
+def max_shard_bytes(max_shard_size) -> int:
+    """`max_shard_size` (bytes, or a size such as "2GB" or "500MB") in bytes; a clear error for anything else."""
     from huggingface_hub.serialization._base import parse_size_to_int
 
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
         raise TypeError(f"`max_shard_size` must be a number of bytes or a size such as '5GB', got {max_shard_size!r}.")
-    size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    try:
+        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    except ValueError as error:
+        raise ValueError(f"`max_shard_size` must be a number of bytes or a size such as '5GB', got {max_shard_size!r} ({error}).") from None
     if size <= 0:
         raise ValueError(f"`max_shard_size` must be positive, got {max_shard_size!r}.")
     return size
@@ -162,7 +168,7 @@ def save_quantized_component(model, folder: str | os.PathLike, max_shard_size: i
             f"`model` ({type(model).__name__}) is not quantized with torchao (its quantization: "
             f"{quantization_summary(model)}); save it with its own `save_pretrained`."
         )
-    max_bytes = _max_bytes(max_shard_size)
+    max_bytes = max_shard_bytes(max_shard_size)
     folder = os.fspath(folder)
     transformers_model = isinstance(model, PreTrainedModel)
     if transformers_model and _renames_weights_on_save(model):
@@ -210,3 +216,34 @@ def _write_shard(shard: dict, path: str, metadata: dict, flatten, weight_map: di
     save_file(data, path, metadata=metadata)
     weight_map.update({name: os.path.basename(path) for name in data})
     return sum(tensor.numel() * tensor.element_size() for tensor in data.values())
+
+
+@contextlib.contextmanager
+def saving_quantized_components(pipe):
+    """While a pipeline is saved, its torchao-quantized components are written by [`save_quantized_component`]
+    instead of their library's `save_pretrained` (which diffusers' pipeline save calls for each component).
+
+    With `variant=` or `safe_serialization=False` (file names or formats this writer does not produce) the library's
+    own save is used.
+    """
+    patched = []
+    for name, module in pipe.components.items():
+        module = getattr(module, "_orig_mod", module)  # a compiled module is saved through its original
+        if not isinstance(module, (PreTrainedModel, ModelMixin)) or not is_torchao_quantized(module):
+            continue
+        own_save = module.save_pretrained
+
+        def save(save_directory, safe_serialization=True, variant=None, max_shard_size=None, _model=module,
+                 _own=own_save, **kwargs):
+            if variant is not None or not safe_serialization or kwargs:
+                return _own(save_directory, safe_serialization=safe_serialization, variant=variant,
+                            **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}), **kwargs)
+            save_quantized_component(_model, save_directory, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+
+        module.__dict__["save_pretrained"] = save  # this instance only; the class's method is left alone
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("save_pretrained", None)

@@ -1,0 +1,67 @@
+"""Saving into a folder so that a failed save leaves what was there: written beside it first, then moved in.
+
+`GILLPipeline.save_pretrained` writes into a new sibling folder; only when every component is written are its
+entries moved into the target, each replacing the entry of the same name (a component folder is replaced whole, so
+no stale shard of an earlier save is left in it). Entries of the target that the save does not write (a retrieval
+set, a README) stay. If writing fails, the target is untouched and the partial copy is deleted. Replacing by renaming
+also keeps a pipeline loaded from the same folder working: its memory-mapped files are unlinked, not overwritten.
+The cost: while saving, the disk holds the old and the new copy.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def _move_in(staging: str, target: str, backup: str) -> None:
+    """Moves every entry of `staging` into `target`, the replaced ones into `backup`; undoes it all on failure."""
+    moved = []
+    try:
+        for entry in sorted(os.listdir(staging)):
+            destination = os.path.join(target, entry)
+            replaced = os.path.lexists(destination)
+            if replaced:
+                os.replace(destination, os.path.join(backup, entry))
+            moved.append((entry, replaced))
+            os.replace(os.path.join(staging, entry), destination)
+    except BaseException:
+        for entry, replaced in reversed(moved):
+            destination = os.path.join(target, entry)
+            if os.path.lexists(destination) and not os.path.lexists(os.path.join(staging, entry)):
+                os.replace(destination, os.path.join(staging, entry))
+            if replaced:
+                os.replace(os.path.join(backup, entry), destination)
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(save_directory: str | os.PathLike):
+    """Yields a new empty folder beside `save_directory` to write into; on success its entries replace those of
+    `save_directory` (created if needed), on failure it is deleted and `save_directory` is left as it was."""
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"`save_directory` {os.fspath(save_directory)!r} is a file, not a folder.")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    try:
+        yield staging
+        os.makedirs(target, exist_ok=True)
+        backup = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+        try:
+            _move_in(staging, target, backup)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(backup)  # empty once the replaced entries are moved back; kept (and named) otherwise
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        logger.info("Saving to %s failed: nothing there was changed.", target)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
