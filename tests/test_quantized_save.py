@@ -199,7 +199,7 @@ def _digest(folder) -> dict:
     return found
 
 
-def test_a_failed_save_leaves_the_folder_as_it_was(saved, quantized, tmp_path, monkeypatch):
+def test_a_failed_save_leaves_the_folder_as_it_was(quantized, tmp_path, monkeypatch):
     folder = tmp_path / "pipe"
     quantized.save_pretrained(folder, max_shard_size=SHARD)
     (folder / "notes.txt").write_text("mine")

@@ -43,7 +43,7 @@ def _move_in(staging: str, target: str, backup: str) -> None:
 def staged_folder(save_directory: str | os.PathLike):
     """Yields a new empty folder beside `save_directory` to write into; on success its entries replace those of
     `save_directory` (created if needed), on failure it is deleted and `save_directory` is left as it was."""
-    target = os.path.abspath(os.fspath(save_directory))
+    target = os.path.realpath(os.fspath(save_directory))  # beside the real folder: renames stay on one disk
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"`save_directory` {os.fspath(save_directory)!r} is a file, not a folder.")
     parent, name = os.path.split(target)
