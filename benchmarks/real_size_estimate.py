@@ -101,7 +101,7 @@ def estimate(pairing: dict, models: dict, shard_bytes: int) -> dict:
     peak = max(peak, on_disk + gill_folder)
     disk = {"base": sum(base.values()), "text_encoders": sum(base[name] for name in text), "gill": gill_folder,
             "peak": peak}
-    save_shard = max_shard_bytes(DEFAULT_MAX_SHARD_SIZE)  # the shard `GILLPipeline.save_pretrained` writes quantized parts in
+    save_shard = max_shard_bytes(DEFAULT_MAX_SHARD_SIZE)  # `GILLPipeline.save_pretrained`'s shard of quantized parts
     activations = 0.5 * GiB  # one small image: the VAE decode at 256 px dominates (measured ~0.3 GiB)
     training = 16 * learned  # fp32 values, gradients and AdamW's two moments of the learned parts
     # Per stage, (own, total): own = the process's anonymous memory; total adds the memory-mapped safetensors pages

@@ -224,6 +224,40 @@ def test_a_failed_save_leaves_the_folder_as_it_was(quantized, tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
 
 
+def test_a_failed_move_puts_back_what_was_there(tmp_path, monkeypatch):
+    from gill_pipeline.serialization import staged_folder as staging
+
+    target = tmp_path / "pipe"
+    for name in ("a", "b", "c"):
+        (target / name).mkdir(parents=True)
+        (target / name / "old").write_text(name)
+    renames = []
+
+    def replace(source, destination):
+        renames.append(source)
+        if len(renames) == 4:  # `a` replaced (two renames), `b`'s old entry moved aside, then moving `b` in fails
+            raise OSError("Input/output error")
+        os.replace(source, destination)
+
+    monkeypatch.setattr(staging.os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output"):
+        with staging.staged_folder(target) as folder:
+            for name in ("a", "b", "c"):
+                os.makedirs(os.path.join(folder, name))
+                with open(os.path.join(folder, name, "new"), "w") as f:
+                    f.write(name)
+    monkeypatch.undo()
+    assert {name: sorted(os.listdir(target / name)) for name in ("a", "b", "c")} == {n: ["old"] for n in "abc"}
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+def test_variants_are_saved_by_the_library(quantized, tmp_path):
+    quantized.save_pretrained(tmp_path / "pipe", variant="v1")
+    assert "model.v1.safetensors" in os.listdir(tmp_path / "pipe" / "llm")
+    assert "diffusion_pytorch_model.v1.safetensors" in os.listdir(tmp_path / "pipe" / "unet")
+    assert "save_pretrained" not in vars(quantized.llm) and "save_pretrained" not in vars(quantized.unet)  # put back
+
+
 def test_saving_over_the_folder_it_was_loaded_from(saved, tmp_path):
     # The loaded tensors are memory-mapped from the files a save replaces: replaced by renaming, they stay readable.
     folder, (logits, _) = saved

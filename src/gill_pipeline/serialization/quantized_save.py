@@ -19,6 +19,7 @@ quantized. Components quantized otherwise (bitsandbytes, GGUF) are saved by thei
 """
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -34,7 +35,8 @@ logger = logging.get_logger(__name__)
 
 # The libraries' default is 10GB, which would leave a 7B int8 LM in one shard: one shard's copy would be all of it.
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-# Weight file stems of each library (`<stem>.safetensors`, `<stem>-00001-of-00002.safetensors`, `<stem>.safetensors.index.json`).
+# Weight file stems of each library: `<stem>.safetensors`, or `<stem>-00001-of-00002.safetensors`, ... and
+# `<stem>.safetensors.index.json`.
 TRANSFORMERS_WEIGHTS = "model"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 _PLAIN_TENSOR_METADATA = json.dumps({"_type": "Tensor"})
@@ -55,7 +57,9 @@ def max_shard_bytes(max_shard_size) -> int:
     try:
         size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     except ValueError as error:
-        raise ValueError(f"`max_shard_size` must be a number of bytes or a size such as '5GB', got {max_shard_size!r} ({error}).") from None
+        raise ValueError(
+            f"`max_shard_size` must be a number of bytes or a size such as '5GB', got {max_shard_size!r} ({error})."
+        ) from None
     if size <= 0:
         raise ValueError(f"`max_shard_size` must be positive, got {max_shard_size!r}.")
     return size
@@ -125,7 +129,8 @@ def _renames_weights_on_save(model: PreTrainedModel) -> bool:
 
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:  # as transformers' `revert_weight_conversion` decides for a model not loaded from files
-        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
     torchao_ops = "transformers.integrations.torchao"
     return any(
         not any(type(op).__module__ == torchao_ops for op in getattr(conversion, "operations", []) or [])
@@ -153,7 +158,9 @@ def _write_config(model, folder: str) -> None:
         model.save_config(folder)
 
 
-def save_quantized_component(model, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> int:
+def save_quantized_component(
+    model, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> int:
     """Writes a torchao-quantized transformers or diffusers `model` to `folder` in its library's format, flattening one
     shard at a time (peak extra memory: one shard's copies, at most `max_shard_size` bytes unless one tensor is
     larger); returns the bytes of tensors written.
@@ -190,7 +197,8 @@ def save_quantized_component(model, folder: str | os.PathLike, max_shard_size: i
     groups = _shards(state, max_bytes)
     weight_map, total, written = {}, 0, set()
     for index, names in enumerate(groups):
-        file_name = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        suffix = "" if len(groups) == 1 else f"-{index + 1:05d}-of-{len(groups):05d}"
+        file_name = f"{stem}{suffix}.safetensors"
         total += _write_shard({name: state[name] for name in names}, os.path.join(folder, file_name), metadata,
                               flatten_tensor_state_dict, weight_map)
         written.add(file_name)
@@ -218,6 +226,26 @@ def _write_shard(shard: dict, path: str, metadata: dict, flatten, weight_map: di
     return sum(tensor.numel() * tensor.element_size() for tensor in data.values())
 
 
+# Arguments diffusers' pipeline save may pass a component's `save_pretrained` that this writer follows or may ignore.
+_HANDLED_ARGUMENTS = ("max_shard_size", "safe_serialization", "variant", "save_peft_format")
+
+
+def _save_method(model, own_save):
+    """A `save_pretrained` for one quantized component: this module's writer, or `own_save` for what it does not do.
+
+    It shows `own_save`'s signature, so diffusers passes it exactly the arguments it would pass the library's method.
+    """
+
+    def save(save_directory, **kwargs):
+        variant, safe = kwargs.get("variant"), kwargs.get("safe_serialization", True)
+        if variant is not None or not safe or set(kwargs) - set(_HANDLED_ARGUMENTS):
+            return own_save(save_directory, **kwargs)  # file names or formats this writer does not produce
+        save_quantized_component(model, save_directory, kwargs.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE)
+
+    save.__signature__ = inspect.signature(own_save)
+    return save
+
+
 @contextlib.contextmanager
 def saving_quantized_components(pipe):
     """While a pipeline is saved, its torchao-quantized components are written by [`save_quantized_component`]
@@ -227,20 +255,12 @@ def saving_quantized_components(pipe):
     own save is used.
     """
     patched = []
-    for name, module in pipe.components.items():
+    for module in pipe.components.values():
         module = getattr(module, "_orig_mod", module)  # a compiled module is saved through its original
         if not isinstance(module, (PreTrainedModel, ModelMixin)) or not is_torchao_quantized(module):
             continue
-        own_save = module.save_pretrained
-
-        def save(save_directory, safe_serialization=True, variant=None, max_shard_size=None, _model=module,
-                 _own=own_save, **kwargs):
-            if variant is not None or not safe_serialization or kwargs:
-                return _own(save_directory, safe_serialization=safe_serialization, variant=variant,
-                            **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}), **kwargs)
-            save_quantized_component(_model, save_directory, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
-
-        module.__dict__["save_pretrained"] = save  # this instance only; the class's method is left alone
+        # On this instance only (the class's method is left alone), for the length of the save.
+        module.__dict__["save_pretrained"] = _save_method(module, module.save_pretrained)
         patched.append(module)
     try:
         yield
