@@ -214,13 +214,17 @@ def test_a_failed_save_leaves_the_folder_as_it_was(quantized, tmp_path, monkeypa
     monkeypatch.setattr(type(quantized.vae), "save_pretrained", fail)
     with pytest.raises(OSError, match="No space left"):
         quantized.save_pretrained(folder)  # the components before the VAE are written, then it fails
-    assert _digest(folder) == before
-    assert sorted(os.listdir(tmp_path)) == ["pipe"]  # no partial copy left beside it
+    assert _digest(folder) == before  # hidden files too: no partial copy is left in it
     monkeypatch.undo()
     # A save that succeeds replaces the components whole (no stale shard left) and keeps what it does not write.
     quantized.save_pretrained(folder)
     assert (folder / "notes.txt").read_text() == "mine"
     assert sorted(f for f in os.listdir(folder / "llm") if f.endswith(".safetensors")) == ["model.safetensors"]
+    assert not [name for name in os.listdir(folder) if name.startswith(".")]
+    # A failed save into a new folder leaves no folder.
+    monkeypatch.setattr(type(quantized.vae), "save_pretrained", fail)
+    with pytest.raises(OSError, match="No space left"):
+        quantized.save_pretrained(tmp_path / "new")
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
 
 
@@ -248,7 +252,7 @@ def test_a_failed_move_puts_back_what_was_there(tmp_path, monkeypatch):
                     f.write(name)
     monkeypatch.undo()
     assert {name: sorted(os.listdir(target / name)) for name in ("a", "b", "c")} == {n: ["old"] for n in "abc"}
-    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+    assert sorted(os.listdir(target)) == ["a", "b", "c"]
 
 
 def test_variants_are_saved_by_the_library(quantized, tmp_path):

@@ -1,11 +1,12 @@
-"""Saving into a folder so that a failed save leaves what was there: written beside it first, then moved in.
+"""Saving into a folder so that a failed save leaves what was there: written aside first, then moved in.
 
-`GILLPipeline.save_pretrained` writes into a new sibling folder; only when every component is written are its
+`GILLPipeline.save_pretrained` writes into a new hidden folder inside the target (`.saving-*`: same disk, so the moves
+are renames, and no write access to the target's parent is needed); only when every component is written are its
 entries moved into the target, each replacing the entry of the same name (a component folder is replaced whole, so
 no stale shard of an earlier save is left in it). Entries of the target that the save does not write (a retrieval
-set, a README) stay. If writing fails, the target is untouched and the partial copy is deleted. Replacing by renaming
-also keeps a pipeline loaded from the same folder working: its memory-mapped files are unlinked, not overwritten.
-The cost: while saving, the disk holds the old and the new copy.
+set, a README) stay. If writing or moving fails, the target is left as it was (a target the save created is removed).
+Replacing by renaming also keeps a pipeline loaded from the same folder working: its memory-mapped files are
+unlinked, not overwritten. The cost: while saving, the disk holds the old and the new copy.
 """
 
 import contextlib
@@ -16,6 +17,9 @@ import tempfile
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+STAGING_PREFIX = ".saving-"
+REPLACED_PREFIX = ".replaced-"
 
 
 def _move_in(staging: str, target: str, backup: str) -> None:
@@ -41,23 +45,22 @@ def _move_in(staging: str, target: str, backup: str) -> None:
 
 @contextlib.contextmanager
 def staged_folder(save_directory: str | os.PathLike):
-    """Yields a new empty folder beside `save_directory` to write into; on success its entries replace those of
-    `save_directory` (created if needed), on failure it is deleted and `save_directory` is left as it was."""
-    target = os.path.realpath(os.fspath(save_directory))  # beside the real folder: renames stay on one disk
+    """Yields a new empty folder to write into; on success its entries replace those of `save_directory` (created
+    if needed), on failure it is deleted and `save_directory` is left as it was."""
+    target = os.fspath(save_directory)
     if os.path.exists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(f"`save_directory` {os.fspath(save_directory)!r} is a file, not a folder.")
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+        raise NotADirectoryError(f"`save_directory` {target!r} is a file, not a folder.")
+    created = not os.path.exists(target)
+    os.makedirs(target, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target)
     try:
         yield staging
-        os.makedirs(target, exist_ok=True)
-        backup = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+        backup = tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=target)
         try:
             _move_in(staging, target, backup)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.rmdir(backup)  # empty once the replaced entries are moved back; kept (and named) otherwise
+                os.rmdir(backup)  # empty once the replaced entries are moved back; kept otherwise
             raise
         shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
@@ -65,3 +68,5 @@ def staged_folder(save_directory: str | os.PathLike):
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)  # a failed save into a new folder leaves no empty folder behind

@@ -70,8 +70,8 @@ class GILLLoaderMixin:
         """Saves every component (the LM without its LoRA adapter, which goes to `llm_lora/`); accepts diffusers'
         `save_pretrained` arguments (`max_shard_size`, `variant`, ...).
 
-        Everything is written beside `save_directory` first and moved in when complete: a failed save leaves the
-        folder as it was (see `gill_pipeline.serialization.staged_folder`). torchao-quantized components are written
+        Everything is written to a hidden folder inside `save_directory` first and moved in when complete: a failed
+        save leaves the folder as it was (see `gill_pipeline.serialization.staged_folder`). torchao-quantized components are written
         one shard at a time, in their library's format (see `gill_pipeline.serialization.quantized_save`): saving holds
         one shard's copy of their weights, not a whole one, and an LM loaded from a quantized folder can be saved again.
         """
