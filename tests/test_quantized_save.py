@@ -284,3 +284,24 @@ def test_bad_arguments_are_refused_before_writing(quantized, tmp_path):
         save_quantized_component(quantized.vae, tmp_path / "vae")
     with pytest.raises(TypeError, match="transformers or diffusers model"):
         save_quantized_component(torch.nn.Linear(2, 2), tmp_path / "linear")
+
+
+def test_a_quantized_dit_transformer_saves_in_shards_and_reloads_as_saved(tmp_path):
+    from gill_pipeline.testing import build_tiny_gill_pipeline_with_decoder
+
+    flux, _ = build_tiny_gill_pipeline_with_decoder("flux-dev")
+    flux.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": diffusers.TorchAoConfig(Int8WeightOnlyConfig())})
+    quantized = GILLPipeline.from_pretrained(tmp_path / "bf16", quantization_config=config)
+    quantized.set_progress_bar_config(disable=True)
+    assert "Int8Tensor" in weight_kinds(quantized.transformer)
+    logits, image = answer(quantized)
+    quantized.save_pretrained(tmp_path / "int8", max_shard_size=SHARD)
+    assert len([f for f in os.listdir(tmp_path / "int8" / "transformer") if f.endswith(".safetensors")]) > 1
+    again = GILLPipeline.from_pretrained(tmp_path / "int8")
+    assert "Int8Tensor" in weight_kinds(again.transformer)
+    assert plain_dtypes(again.transformer) == {torch.bfloat16}
+    again.set_progress_bar_config(disable=True)
+    got_logits, got_image = answer(again)
+    torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(got_image, image, rtol=0, atol=0)
