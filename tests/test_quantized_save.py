@@ -305,3 +305,28 @@ def test_a_quantized_dit_transformer_saves_in_shards_and_reloads_as_saved(tmp_pa
     got_logits, got_image = answer(again)
     torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
     torch.testing.assert_close(got_image, image, rtol=0, atol=0)
+
+
+def test_an_int8_lm_with_a_lora_adapter_saves_and_a_later_save_without_drops_it(saved, tmp_path):
+    """After training (a LoRA adapter on the int8 LM loaded from a quantized folder): `llm/` is the int8 base,
+    `llm_lora/` the adapter. A later save of a pipeline without an adapter into the same folder removes the old one,
+    which would otherwise be applied to the LM saved then."""
+    from peft import LoraConfig, get_peft_model
+
+    folder, (logits, _) = saved
+    pipe = GILLPipeline.from_pretrained(folder)
+    pipe.register_modules(llm=get_peft_model(pipe.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    with torch.no_grad():
+        for name, parameter in pipe.llm.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(0.01)  # a trained adapter changes the answers
+    trained = pipe.llm(IDS).logits
+    assert not torch.allclose(trained, logits)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "pipe" / "llm_lora"))
+    again = GILLPipeline.from_pretrained(tmp_path / "pipe")
+    assert weight_kinds(again.llm.base_model.model.model.decoder.layers) >= {"Int8Tensor"}
+    torch.testing.assert_close(again.llm(IDS).logits, trained, rtol=0, atol=0)
+    GILLPipeline.from_pretrained(folder).save_pretrained(tmp_path / "pipe")
+    assert "llm_lora" not in os.listdir(tmp_path / "pipe")
+    torch.testing.assert_close(GILLPipeline.from_pretrained(tmp_path / "pipe").llm(IDS).logits, logits, rtol=0, atol=0)

@@ -22,17 +22,20 @@ STAGING_PREFIX = ".saving-"
 REPLACED_PREFIX = ".replaced-"
 
 
-def _move_in(staging: str, target: str, backup: str) -> None:
-    """Moves every entry of `staging` into `target`, the replaced ones into `backup`; undoes it all on failure."""
+def _move_in(staging: str, target: str, backup: str, owned=()) -> None:
+    """Moves every entry of `staging` into `target`, the replaced ones (and those of `owned` that `staging` lacks) into
+    `backup`; undoes it all on failure."""
+    written = sorted(os.listdir(staging))
     moved = []
     try:
-        for entry in sorted(os.listdir(staging)):
+        for entry in written + sorted(set(owned) - set(written)):
             destination = os.path.join(target, entry)
             replaced = os.path.lexists(destination)
             if replaced:
                 os.replace(destination, os.path.join(backup, entry))
             moved.append((entry, replaced))
-            os.replace(os.path.join(staging, entry), destination)
+            if entry in written:
+                os.replace(os.path.join(staging, entry), destination)
     except BaseException:
         for entry, replaced in reversed(moved):
             destination = os.path.join(target, entry)
@@ -44,9 +47,13 @@ def _move_in(staging: str, target: str, backup: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(save_directory: str | os.PathLike):
+def staged_folder(save_directory: str | os.PathLike, owned: tuple[str, ...] = ()):
     """Yields a new empty folder to write into; on success its entries replace those of `save_directory` (created
-    if needed), on failure it is deleted and `save_directory` is left as it was."""
+    if needed), on failure it is deleted and `save_directory` is left as it was.
+
+    `owned`: entries that belong to what is saved even when this save does not write them (the LoRA adapter of an
+    earlier save, which would otherwise be applied to the LM saved now): removed on success.
+    """
     target = os.fspath(save_directory)
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"`save_directory` {target!r} is a file, not a folder.")
@@ -57,7 +64,7 @@ def staged_folder(save_directory: str | os.PathLike):
         yield staging
         backup = tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=target)
         try:
-            _move_in(staging, target, backup)
+            _move_in(staging, target, backup, owned)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.rmdir(backup)  # empty once the replaced entries are moved back; kept otherwise

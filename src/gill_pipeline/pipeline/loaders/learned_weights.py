@@ -7,6 +7,7 @@ The mixin comes FIRST among `GILLPipeline`'s bases: its `from_pretrained`/`save_
 
 import os
 
+from ...constants import LORA_FOLDER
 from ...serialization.hub import HUB_KWARGS, resolve_pipeline_folder
 from ...serialization.learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
 from ...serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
@@ -79,7 +80,7 @@ class GILLLoaderMixin:
             max_shard_bytes(kwargs["max_shard_size"])  # a bad size is refused before anything is written
         if kwargs.get("push_to_hub"):  # diffusers names the repo after the folder written: the target, not the staging
             kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(os.fspath(save_directory))))
-        with staged_folder(save_directory) as staging:
+        with staged_folder(save_directory, owned=(LORA_FOLDER,)) as staging:
             with saving_without_lora(self, staging), saving_quantized_components(self):
                 super().save_pretrained(staging, **kwargs)
 
