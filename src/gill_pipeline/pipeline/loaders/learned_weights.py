@@ -72,9 +72,11 @@ class GILLLoaderMixin:
         `save_pretrained` arguments (`max_shard_size`, `variant`, ...).
 
         Everything is written to a hidden folder inside `save_directory` first and moved in when complete: a failed
-        save leaves the folder as it was (see `gill_pipeline.serialization.staged_folder`). torchao-quantized components are written
-        one shard at a time, in their library's format (see `gill_pipeline.serialization.quantized_save`): saving holds
-        one shard's copy of their weights, not a whole one, and an LM loaded from a quantized folder can be saved again.
+        save leaves the folder as it was, entries the save does not write stay, and an earlier save's `llm_lora/` goes
+        when the LM has no adapter now (see `gill_pipeline.serialization.staged_folder`). torchao-quantized components
+        are written one shard at a time, in their library's format (see `gill_pipeline.serialization.quantized_save`):
+        saving holds one shard's copy of their weights, not a whole one, and an LM loaded from a quantized folder can
+        be saved again.
         """
         if kwargs.get("max_shard_size") is not None:
             max_shard_bytes(kwargs["max_shard_size"])  # a bad size is refused before anything is written
