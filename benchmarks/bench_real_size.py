@@ -340,8 +340,7 @@ def stage_quantize(pairing: dict, base: str, name: str) -> dict:
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     from gill_pipeline.serialization.quantization import component_quantization, release_freed_memory
-
-    from .quantized_save import save_quantized_sharded
+    from gill_pipeline.serialization.quantized_save import save_quantized_component
 
     start = time.perf_counter()
     folder = component_folder(pairing, base, name)
@@ -353,10 +352,8 @@ def stage_quantize(pairing: dict, base: str, name: str) -> dict:
         model = model_class.from_pretrained(folder, torch_dtype=torch.bfloat16, quantization_config=config)
     release_freed_memory()
     loaded = memory()
-    if name == "llm":
-        model.save_pretrained(folder + QUANTIZED_SUFFIX)
-    else:  # diffusers' own save would hold a second copy of the int8 weights (benchmarks/quantized_save.py)
-        save_quantized_sharded(model, folder + QUANTIZED_SUFFIX, shard_bytes=SHARD_BYTES // 2)
+    # The libraries' own save would hold a second copy of the int8 weights (gill_pipeline.serialization.quantized_save).
+    save_quantized_component(model, folder + QUANTIZED_SUFFIX, max_shard_size=SHARD_BYTES // 2)
     return {"component": name, "seconds": time.perf_counter() - start, "memory_loaded": loaded, "memory": memory(),
             "bytes": folder_bytes(folder + QUANTIZED_SUFFIX, ".safetensors")}
 

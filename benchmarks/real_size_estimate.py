@@ -18,6 +18,8 @@ import inspect
 
 import torch
 
+from gill_pipeline.serialization.quantized_save import DEFAULT_MAX_SHARD_SIZE, max_shard_bytes
+
 GiB = 2**30
 # What a fresh Python with torch, transformers and diffusers imported holds, before any model (measured here: ~0.5 GiB).
 INTERPRETER = 0.6 * GiB
@@ -99,6 +101,7 @@ def estimate(pairing: dict, models: dict, shard_bytes: int) -> dict:
     peak = max(peak, on_disk + gill_folder)
     disk = {"base": sum(base.values()), "text_encoders": sum(base[name] for name in text), "gill": gill_folder,
             "peak": peak}
+    save_shard = max_shard_bytes(DEFAULT_MAX_SHARD_SIZE)  # `GILLPipeline.save_pretrained`'s shard of quantized parts
     activations = 0.5 * GiB  # one small image: the VAE decode at 256 px dominates (measured ~0.3 GiB)
     training = 16 * learned  # fp32 values, gradients and AdamW's two moments of the learned parts
     # Per stage, (own, total): own = the process's anonymous memory; total adds the memory-mapped safetensors pages
@@ -110,15 +113,16 @@ def estimate(pairing: dict, models: dict, shard_bytes: int) -> dict:
         # Every quantized copy at once (anonymous until saved), the learned parts built in fp32, one bf16 tensor in
         # flight; mapped: the bf16 weights used in place and the bf16 pages the quantizer reads. Quantized apart, the
         # assembly maps the saved quantized files like the others, and one component's copy is held at a time.
-        # Saving a model quantized in memory clones its quantized tensors (torchao's `flatten_tensor_state_dict`, called
-        # on the whole state dict by transformers' and diffusers' `save_pretrained`): twice its int8 bytes meanwhile.
-        "assemble": (INTERPRETER + 2 * kept["gill"] + 2 * own_here + largest_here,
-                     INTERPRETER + 2 * kept["gill"] + quantized_bytes + own_here + largest_here + read_here + mapped),
+        # Saving a model quantized in memory clones its quantized tensors (torchao's `flatten_tensor_state_dict`); the
+        # pipeline's save does it one shard at a time (gill_pipeline.serialization.quantized_save): one shard's clones.
+        "assemble": (INTERPRETER + 2 * kept["gill"] + own_here + min(own_here, save_shard) + largest_here,
+                     INTERPRETER + 2 * kept["gill"] + quantized_bytes + min(own_here, save_shard) + largest_here
+                     + read_here + mapped),
         # A saved folder loads memory-mapped, the int8 weights too (measured at a reduced size of this pairing: the
         # process's own memory stayed at the interpreter's plus the activations).
         "use": (INTERPRETER + activations, INTERPRETER + activations + gill_folder),
         # Quantized apart: one component's int8 copy, one bf16 tensor in flight, and (saved shard by shard,
-        # benchmarks/quantized_save.py) one shard's clones.
+        # gill_pipeline.serialization.quantized_save) one shard's clones.
         **{f"quantize {name}": (INTERPRETER + kept[name] + largest_tensor_bytes(models[name]) + shard_bytes // 2,
                                 INTERPRETER + kept[name] + largest_tensor_bytes(models[name]) + shard_bytes // 2
                                 + base[name])

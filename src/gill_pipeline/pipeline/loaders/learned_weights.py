@@ -7,6 +7,7 @@ The mixin comes FIRST among `GILLPipeline`'s bases: its `from_pretrained`/`save_
 
 import os
 
+from ...constants import LORA_FOLDER
 from ...serialization.hub import HUB_KWARGS, resolve_pipeline_folder
 from ...serialization.learned_weights import is_learned_weights_folder, load_learned_weights_pipeline, save_learned_weights
 from ...serialization.folder import check_pipeline_parts, prepare_pipeline_load, refuse_remote_code
@@ -14,6 +15,8 @@ from ...serialization.lora import load_llm_lora, saving_without_lora
 from ...serialization.paths import name_or_path
 from ...serialization.push import push_pipeline_to_hub
 from ...serialization.quantization import release_freed_memory, refuse_quantizing_passed, resolve_quantization_config
+from ...serialization.quantized_save import max_shard_bytes, saving_quantized_components
+from ...serialization.staged_folder import staged_folder
 from ..assembly import assemble_gill_pipeline
 from ..safety import pop_safety_checker
 
@@ -65,9 +68,23 @@ class GILLLoaderMixin:
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """Saves every component (the LM without its LoRA adapter, which goes to `llm_lora/`)."""
-        with saving_without_lora(self, str(save_directory)):
-            super().save_pretrained(save_directory, **kwargs)
+        """Saves every component (the LM without its LoRA adapter, which goes to `llm_lora/`); accepts diffusers'
+        `save_pretrained` arguments (`max_shard_size`, `variant`, ...).
+
+        Everything is written to a hidden folder inside `save_directory` first and moved in when complete: a failed
+        save leaves the folder as it was, entries the save does not write stay, and an earlier save's `llm_lora/` goes
+        when the LM has no adapter now (see `gill_pipeline.serialization.staged_folder`). torchao-quantized components
+        are written one shard at a time, in their library's format (see `gill_pipeline.serialization.quantized_save`):
+        saving holds one shard's copy of their weights, not a whole one, and an LM loaded from a quantized folder can
+        be saved again.
+        """
+        if kwargs.get("max_shard_size") is not None:
+            max_shard_bytes(kwargs["max_shard_size"])  # a bad size is refused before anything is written
+        if kwargs.get("push_to_hub"):  # diffusers names the repo after the folder written: the target, not the staging
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(os.fspath(save_directory))))
+        with staged_folder(save_directory, owned=(LORA_FOLDER,)) as staging:
+            with saving_without_lora(self, staging), saving_quantized_components(self):
+                super().save_pretrained(staging, **kwargs)
 
     def save_learned_weights(self, save_directory: str | os.PathLike, base_models: dict | None = None) -> str:
         """Saves only the learned parts (a few MB) and the record of the base models they fit; see
