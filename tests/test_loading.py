@@ -1,6 +1,7 @@
 """Loading says what is wrong, by file, before any weight is read: local paths, dtype names, component configs of
 the wrong kind, parts that do not fit each other (issue 11, section 2)."""
 
+import copy
 import json
 import os
 import shutil
@@ -253,7 +254,7 @@ def test_every_component_loads_in_the_dtype_it_was_saved_in_without_a_copy(opt_p
     # diffusers alone loads the UNet and VAE of a bf16 folder in float32 (a second, wider copy); GILL keeps each
     # component as saved, memory-mapped, like transformers 5 does for the LM. The learned module stays fp32 here:
     # mixed folders load component by component.
-    pipe = GILLPipeline(**opt_pipe.components)
+    pipe = GILLPipeline(**copy.deepcopy(opt_pipe.components))  # the session's shared pipeline stays fp32
     pipe.to(dtype=torch.bfloat16)
     pipe.gill.to(torch.float32)
     pipe.save_pretrained(tmp_path)
