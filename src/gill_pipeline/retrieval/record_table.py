@@ -4,7 +4,7 @@ dicts with an id -> row lookup, for sets of 100M rows.
 A saved set's records stay in its JSON Lines files (the source of truth). Beside each one, a small safetensors file
 (`metadata-XXXXX.rows.safetensors`, the shard's `"row_index"` in `retrieval_index.json`) holds where every line
 starts (uint64 byte offsets) and a 64-bit hash of every id, with the fingerprint of the JSON Lines file it describes
-(size, modification time, SHA-256). Loading memory-maps the offsets and keeps the id hashes sorted, with their rows:
+(size and SHA-256; the file is hashed at load only when it was modified after its row index). Loading memory-maps the offsets and keeps the id hashes sorted, with their rows:
 about 12 bytes per row in memory, against about 600 for a list of dicts and a dict of ids. A record is parsed when
 it is read. A shard without that file (saved by an older version), or whose file no longer matches its JSON Lines
 file, is read once, streamed, to make the same arrays in memory (and checked as it goes); the next `save_pretrained`
@@ -31,6 +31,7 @@ logger = logging.get_logger(__name__)
 ROW_INDEX_SUFFIX = ".rows.safetensors"
 ROW_INDEX_FORMAT = "gill-record-rows"
 ROW_INDEX_VERSION = "1"
+ROW_INDEX_METADATA_KEY = "gill_record_rows"
 RECORD_REQUIRED_KEYS = ("id", "path")
 # Bytes hashed per `update` when checking a JSON Lines file against the SHA-256 its row index recorded.
 HASH_BLOCK_BYTES = 1 << 24
@@ -152,7 +153,7 @@ class JsonlShard:
         if not os.path.isfile(row_index_path):
             return "it is missing"
         with safe_open(row_index_path, framework="np") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get(ROW_INDEX_METADATA_KEY, "{}"))
             keys = set(f.keys())
         if meta.get("format") != ROW_INDEX_FORMAT or meta.get("format_version") != ROW_INDEX_VERSION:
             return f"it is not a {ROW_INDEX_FORMAT} version {ROW_INDEX_VERSION} file"
@@ -161,7 +162,9 @@ class JsonlShard:
         stat = os.stat(path)
         if int(meta["jsonl_size"]) != stat.st_size:
             return f"it describes a file of {meta['jsonl_size']} bytes, {path} has {stat.st_size}: it is stale"
-        if int(meta["jsonl_mtime_ns"]) != stat.st_mtime_ns and _file_sha256(path) != meta["jsonl_sha256"]:
+        # Written after its JSON Lines file: one modified later is checked against the SHA-256 recorded (files
+        # copied or downloaded, whose times say nothing, are checked too).
+        if stat.st_mtime_ns > os.stat(row_index_path).st_mtime_ns and _file_sha256(path) != meta["jsonl_sha256"]:
             return f"{path} changed since it was written (its SHA-256 differs): it is stale"
         arrays = _mmap_safetensors_arrays(row_index_path)
         offsets, hashes = arrays["offsets"], arrays["hashes"]
@@ -169,19 +172,29 @@ class JsonlShard:
         if offsets.dtype != np.uint64 or hashes.dtype != np.uint64 or offsets.shape != (n + 1,) or \
                 hashes.shape != (n,) or int(offsets[-1]) != stat.st_size:
             return f"its arrays ({offsets.dtype} {offsets.shape}, {hashes.dtype} {hashes.shape}) do not fit {n} rows"
-        return cls(path, offsets, hashes, int(meta["num_urls"]), meta["jsonl_sha256"], row_index=row_index_path)
+        shard = cls(path, offsets, hashes, int(meta["num_urls"]), meta["jsonl_sha256"], row_index=row_index_path)
+        # Two records read as a spot check (a row index copied from another file of the same size).
+        for i in sorted({0, n - 1}) if n else ():
+            try:
+                same = id_hashes([shard.record(i)["id"]])[0] == hashes[i]
+            except RetrievalIndexError:
+                same = False
+            if not same:
+                return f"record {i} of {path} is not the one it describes: it is stale"
+        return shard
 
     def write_row_index(self, row_index_path: str) -> None:
-        """Writes this shard's row index file (atomically), with the fingerprint of its JSON Lines file."""
-        stat = os.stat(self.path)
+        """Writes this shard's row index file (atomically), with the fingerprint of its JSON Lines file (size and
+        SHA-256; no time, so that the same records make the same bytes)."""
         meta = {
             "format": ROW_INDEX_FORMAT, "format_version": ROW_INDEX_VERSION, "num_rows": str(len(self)),
-            "num_urls": str(self.num_urls), "jsonl_size": str(stat.st_size),
-            "jsonl_mtime_ns": str(stat.st_mtime_ns), "jsonl_sha256": self.sha256,
+            "num_urls": str(self.num_urls), "jsonl_size": str(int(self.offsets[-1])), "jsonl_sha256": self.sha256,
         }
         arrays = {"offsets": np.ascontiguousarray(self.offsets, dtype=np.uint64),
                   "hashes": np.ascontiguousarray(self.hashes, dtype=np.uint64)}
-        atomic_write(row_index_path, lambda p: save_file(arrays, p, metadata=meta))
+        # One metadata entry (JSON, sorted keys): safetensors writes several in no fixed order.
+        metadata = {ROW_INDEX_METADATA_KEY: json.dumps(meta, sort_keys=True)}
+        atomic_write(row_index_path, lambda p: save_file(arrays, p, metadata=metadata))
         self.row_index = row_index_path
 
 
