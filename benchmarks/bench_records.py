@@ -1,7 +1,8 @@
 """What a retrieval set's records cost to load and hold: the record table (row index files) against the list of dicts
 that earlier versions loaded, side by side in one run.
 
-    python -m benchmarks.bench_records --sizes 1000000 10000000      # about 15 minutes on 2 shared cores
+    python -m benchmarks.bench_records --sizes 1000000 10000000      # about 3 minutes on 2 shared cores
+    python -m benchmarks.bench_records --sizes 1000000 10000000 100000000   # 15 more, 10 GB of disk at 100M
 
 For each size N a saved set is written straight to a folder: N realistic records (`id` + `path`, about 70 bytes of
 JSON each), in shards of 100,000 rows as `save_pretrained` writes them (`write_jsonl_shard` + its row index file),
@@ -9,7 +10,7 @@ and memory-mapped-sized fp16 embeddings 8 wide (unit rows; the loader needs embe
 reads neither into memory). Then, each in a fresh process (RSS measured there, after `import gill_pipeline`):
 - `new`: `RetrievalIndex.from_pretrained(folder, mmap=True)` reading the row index files;
 - `new, no row index`: the same folder without them (as saved by older versions): one streamed pass over the records;
-- `old` (sizes up to `--old-max-rows`): the loader of `--old-ref` (the version before the record table; its package
+- `old` (sizes up to `--old-max-rows`; `new, no row index` up to `--plain-max-rows`): the loader of `--old-ref` (the version before the record table; its package
   exported with `git archive`): a list of dicts and a dict of ids.
 Each then does 1000 random `records[row]` and 1000 random `row_of(id)`. Writes benchmarks/results/records_scale.md.
 """
@@ -149,13 +150,14 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--old-max-rows", type=int, default=1_000_000,
                         help="Measure the old loader (a list of dicts) up to this many rows.")
+    parser.add_argument("--plain-max-rows", type=int, default=10_000_000,
+                        help="Measure this version on the folder without row index files up to this many rows.")
     parser.add_argument("--old-ref", default="b24ff8b", help="The git revision whose loader is the old one.")
     parser.add_argument("--workdir", default=None, help="Where the sets are written (deleted after); a temp folder.")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "records_scale.md"))
     args = parser.parse_args(argv)
-    for name in ("sizes",):
-        if any(v <= 0 for v in getattr(args, name)):
-            parser.error(f"`--{name}` must be positive, got {getattr(args, name)}.")
+    if any(v <= 0 for v in args.sizes):
+        parser.error(f"`--sizes` must be positive, got {args.sizes}.")
     load_before = os.getloadavg()
     work = tempfile.mkdtemp(dir=args.workdir, prefix="bench_records-")
     new_path = os.path.join(REPO, "src")
@@ -167,7 +169,9 @@ def main(argv=None) -> None:
             written = write_set(folder, n)
             plain = folder + "-plain"
             without_row_index(folder, plain)
-            runs = {"new": measure(folder, n, new_path), "new, no row index": measure(plain, n, new_path)}
+            runs = {"new": measure(folder, n, new_path)}
+            if n <= args.plain_max_rows:
+                runs["new, no row index"] = measure(plain, n, new_path)
             if n <= args.old_max_rows:
                 runs["old"] = measure(plain, n, old_path)
                 assert runs["old"]["module"].startswith(old_path), runs["old"]["module"]
