@@ -187,6 +187,13 @@ def test_repeated_ids_across_shards_are_refused_naming_the_id(tmp_path):
         RetrievalIndex.from_pretrained(tmp_path)
 
 
+def test_a_missing_metadata_file_is_named(tmp_path):
+    saved_set(tmp_path)
+    os.remove(tmp_path / "metadata-00001.jsonl")
+    with pytest.raises(RetrievalIndexError, match=f"Missing file of the retrieval index: .*metadata-00001.jsonl"):
+        RetrievalIndex.from_pretrained(tmp_path)
+
+
 def test_a_bad_record_is_named_by_file_and_line(tmp_path):
     saved_set(tmp_path)
     path = tmp_path / "metadata-00001.jsonl"
@@ -212,6 +219,10 @@ def test_ids_sharing_a_hash_are_told_apart_by_their_records(tmp_path, monkeypatc
             os.remove(tmp_path / name)  # made again with the colliding hashes
     loaded = RetrievalIndex.from_pretrained(tmp_path)
     check_same_as_list(loaded.records, records)
+    with pytest.raises(ValueError, match="'r5' is already in the index"):
+        loaded.add_embeddings(unit_rows(1, 2), [{"id": "r5", "path": "x.png"}])
+    loaded.add_embeddings(unit_rows(2, 2), [{"id": "fresh", "path": "x.png"}, {"id": "new", "path": "y.png"}])
+    assert loaded.row_of("fresh") == 23 and loaded.row_of("new") == 24 and loaded.row_of("r22") == 22
     path = tmp_path / "metadata-00003.jsonl"
     path.write_text(path.read_text(encoding="utf-8").replace('"id": "r22"', '"id": "r0"'), encoding="utf-8")
     with pytest.raises(RetrievalIndexError, match="The id 'r0' appears twice"):

@@ -131,6 +131,8 @@ class JsonlShard:
     def read(cls, path: str, row_index_path: str | None) -> "JsonlShard":
         """The shard from its row index file when that file is there and matches the JSON Lines file; else (with a
         warning naming the file) from one streamed pass."""
+        if not os.path.isfile(path):
+            raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
         if row_index_path is not None:
             problem = None
             try:
@@ -148,8 +150,6 @@ class JsonlShard:
     @classmethod
     def _from_row_index(cls, path: str, row_index_path: str) -> "JsonlShard | str":
         """The shard, or why the row index file does not describe the JSON Lines file as it is now."""
-        if not os.path.isfile(path):
-            raise RetrievalIndexError(f"Missing file of the retrieval index: {path}")
         if not os.path.isfile(row_index_path):
             return "it is missing"
         with safe_open(row_index_path, framework="np") as f:
@@ -387,7 +387,10 @@ class RecordTable(Sequence):
                 raise ValueError(f"The id {image_id!r} is already in the index; ids must be unique.")
             seen.add(image_id)
         if len(self._sorted_hashes) and ids:
-            maybe = np.isin(id_hashes(ids), self._sorted_hashes)
+            # Binary search of each new hash (not `np.isin`, which sorts the whole set again for every batch).
+            new = id_hashes(ids)
+            at = np.minimum(np.searchsorted(self._sorted_hashes, new), len(self._sorted_hashes) - 1)
+            maybe = self._sorted_hashes[at] == new
             for image_id in (i for i, m in zip(ids, maybe) if m):
                 if self.get_row(image_id) is not None:
                     raise ValueError(f"The id {image_id!r} is already in the index; ids must be unique.")
