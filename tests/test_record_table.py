@@ -2,9 +2,11 @@
 row index files (offsets + id hashes), the same records, rows and lookups as a list; folders without row index files
 (saved by older versions) load; stale or corrupt row index files are noticed and read past; repeated ids refused."""
 
+import copy
 import json
 import logging as std_logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -87,6 +89,9 @@ def test_a_saved_multi_shard_set_gives_the_records_rows_and_lookups_of_the_list(
     loaded.records[0]["caption"] = "changed"
     index.records[0]["caption"] = "changed"
     assert loaded.records[0] == index.records[0] == records[0]
+    # Copies and pickles (another process) read the same files.
+    check_same_as_list(copy.deepcopy(loaded.records), records)
+    check_same_as_list(pickle.loads(pickle.dumps(loaded.records)), records)
     # Search excludes by id through the table.
     queries = unit_rows(23)[[4, 9]]
     best = loaded.search(queries, k=3, exclude_ids=[{"r4", "nope"}, set()])

@@ -80,10 +80,21 @@ class JsonlShard:
         self.row_index = row_index
         # Mapped now, not at the first read: a save that replaces the file (by renaming another over it) or removes
         # it leaves this set reading the records it was loaded with. No file descriptor stays open.
-        self._map = None
-        if len(hashes):
-            with open(path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._map = self._open_map()
+
+    def _open_map(self) -> mmap.mmap | None:
+        if not len(self.hashes):
+            return None  # an empty file cannot be mapped
+        with open(self.path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __getstate__(self) -> dict:
+        # A copy or a pickle (another process) maps the file again.
+        return {**self.__dict__, "_map": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map = self._open_map()
 
     def __len__(self) -> int:
         return len(self.hashes)
