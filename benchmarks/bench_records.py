@@ -10,9 +10,10 @@ and memory-mapped-sized fp16 embeddings 8 wide (unit rows; the loader needs embe
 reads neither into memory). Then, each in a fresh process (RSS measured there, after `import gill_pipeline`):
 - `new`: `RetrievalIndex.from_pretrained(folder, mmap=True)` reading the row index files;
 - `new, no row index`: the same folder without them (as saved by older versions): one streamed pass over the records;
-- `old` (sizes up to `--old-max-rows`; `new, no row index` up to `--plain-max-rows`): the loader of `--old-ref` (the version before the record table; its package
+- `old` (sizes up to `--old-max-rows`): the loader of `--old-ref` (the version before the record table; its package
   exported with `git archive`): a list of dicts and a dict of ids.
-Each then does 1000 random `records[row]` and 1000 random `row_of(id)`. Writes benchmarks/results/records_scale.md (and the raw figures in records_scale.json).
+(`new, no row index` up to `--plain-max-rows`.) Each then does 1000 random `records[row]` and 1000 random
+`row_of(id)`. Writes benchmarks/results/records_scale.md (and the raw figures in records_scale.json).
 """
 
 import argparse

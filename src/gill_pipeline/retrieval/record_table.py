@@ -4,8 +4,9 @@ dicts with an id -> row lookup, for sets of 100M rows.
 A saved set's records stay in its JSON Lines files (the source of truth). Beside each one, a small safetensors file
 (`metadata-XXXXX.rows.safetensors`, the shard's `"row_index"` in `retrieval_index.json`) holds where every line
 starts (uint64 byte offsets) and a 64-bit hash of every id, with the fingerprint of the JSON Lines file it describes
-(size and SHA-256; the file is hashed at load only when it was modified after its row index). Loading memory-maps the offsets and keeps the id hashes sorted, with their rows:
-about 12 bytes per row in memory, against about 600 for a list of dicts and a dict of ids. A record is parsed when
+(size and SHA-256; the file is hashed at load only when it was modified after its row index). Loading memory-maps
+the offsets and keeps the id hashes sorted, with their rows: about 12 bytes per row in memory, against about 560
+for a list of dicts and a dict of ids (`benchmarks/results/records_scale.md`). A record is parsed when
 it is read. A shard without that file (saved by an older version), or whose file no longer matches its JSON Lines
 file, is read once, streamed, to make the same arrays in memory (and checked as it goes); the next `save_pretrained`
 into that folder writes the missing files. Two ids with one hash are told apart by reading their records.
