@@ -256,7 +256,8 @@ def test_build_resumes_after_an_interruption(pipe, tmp_path, monkeypatch):
 def _folder_files(folder):
     """The files of an index folder, and the ones its config names (shards, config, probes)."""
     config = json.loads(open(os.path.join(folder, INDEX_CONFIG_FILE)).read())
-    named = {INDEX_CONFIG_FILE, PROBE_FILE} | {s[key] for s in config["shards"] for key in ("embeddings", "metadata")}
+    keys = ("embeddings", "metadata", "row_index")
+    named = {INDEX_CONFIG_FILE, PROBE_FILE} | {s[key] for s in config["shards"] for key in keys}
     return set(os.listdir(folder)), named
 
 

@@ -5,7 +5,8 @@
 - `faiss_shards.py`: FAISS indexes saved with a set, read back memory-mapped, in one file or several (shards merged);
   `faiss_params.py`: choosing one by measured recall ([`choose_faiss_params`], `use_faiss("auto")`);
   `faiss_build.py`: [`add_faiss_index`], indexing a saved set of any size streamed from its shards.
-- `serialization.py`: the folder format, `save_pretrained` / `from_pretrained` / `push_to_hub` of a set.
+- `serialization.py`: the folder format, `save_pretrained` / `from_pretrained` / `push_to_hub` of a set;
+  `record_table.py`: its records, read by byte offset from the saved JSON Lines files (`index.records`).
 - `calibration.py`: the similarity floor (`min_similarity`) and `calibrate_min_similarity`.
 - `build.py` + `sources.py`: embedding a folder, a caption TSV or webdataset shards into an index.
 """

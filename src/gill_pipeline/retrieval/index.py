@@ -17,6 +17,7 @@ from .image_loading import ImageLoadError, load_record_image
 from .faiss_params import choose_faiss_params, measure_recall
 from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, ShardedFaissSearcher
 from .files import RetrievalIndexError as _RetrievalIndexError
+from .record_table import RecordTable
 from .search import ExactSearcher, FaissSearcher, SearchResult, gather_rows
 from .serialization import RetrievalIndexSerializationMixin, check_records, dtype_name
 
@@ -105,8 +106,9 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         # Where symbolic links under the image root may point: the repo's Hub cache folder for downloaded indexes.
         self._link_root: str | None = None
         self._blocks: list[torch.Tensor] = [embeddings[:0]]
-        self.records: list[dict] = []
-        self._row_of_id: dict[str, int] = {}
+        # The records, one per row: a list in memory for rows added here, read from the saved files (parsed as
+        # they are read) for a loaded set; see `record_table.py`.
+        self.records = RecordTable()
         self._searcher = None
         self._searcher_rows = 0
         self._searcher_factory = ExactSearcher
@@ -184,15 +186,19 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
 
     @property
     def ids(self) -> list[str]:
-        return [r["id"] for r in self.records]
+        """Every id, in row order (reads every record: for a large set, prefer `row_of` and `in`)."""
+        return list(self.records.ids())
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self._row_of_id
+        return image_id in self.records
 
     def row_of(self, image_id: str) -> int:
-        if image_id not in self._row_of_id:
-            raise KeyError(f"No image with id {image_id!r} in the index.")
-        return self._row_of_id[image_id]
+        return self.records.row_of(image_id)
+
+    def _rows_of_ids(self, ids) -> set[int]:
+        """The rows of those of `ids` that the set has."""
+        rows = (self.records.get_row(i) for i in ids)
+        return {row for row in rows if row is not None}
 
     def add_embeddings(self, embeddings: torch.Tensor, records: list[dict]) -> None:
         """Appends rows (normalised here) and their records. Ids already in the index are an error."""
@@ -203,18 +209,12 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         check_records(records, "`records`")
         if len(records):
             self._require_embeddings("adding images")
-        new_ids = {}
-        for record in records:
-            image_id = record["id"]
-            if image_id in self._row_of_id or image_id in new_ids:
-                raise ValueError(f"The id {image_id!r} is already in the index; ids must be unique.")
-            new_ids[image_id] = len(self.records) + len(new_ids)
+        self.records.check_new(records)
         if not len(records):
             return
         rows = F.normalize(embeddings.detach().float(), dim=-1).to(device=self.device, dtype=self.dtype)
         self._blocks.append(rows)
-        self.records.extend(dict(r) for r in records)
-        self._row_of_id.update(new_ids)
+        self.records.append(records, checked=True)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "RetrievalIndex":
         """Moves (and/or casts) the embeddings, e.g. `index.to("cuda")` for fast exact search on a GPU."""
@@ -361,7 +361,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
                 exclude_ids = [exclude_ids] * queries.shape[0]
             if len(exclude_ids) != queries.shape[0]:
                 raise ValueError(f"`exclude_ids` has {len(exclude_ids)} sets for {queries.shape[0]} queries.")
-            excluded_rows = [{self._row_of_id[i] for i in ids if i in self._row_of_id} for ids in exclude_ids]
+            excluded_rows = [self._rows_of_ids(ids) for ids in exclude_ids]
         extra = max((len(e) for e in excluded_rows), default=0) if excluded_rows else 0
         result = self._current_searcher().search(queries, k + extra)
         if not extra:
@@ -429,7 +429,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             raise ValueError(f"`owners` has {len(owners)} entries for {queries.shape[0]} queries.")
         shown: dict[int, set[int]] = {}
         for owner, ids in (exclude_ids or {}).items():
-            shown[owner] = {self._row_of_id[i] for i in ids if i in self._row_of_id}
+            shown[owner] = self._rows_of_ids(ids)
         per_owner = max(owners.count(o) + len(shown.get(o, ())) for o in set(owners))
         first = self.search(queries, k=min(DEFAULT_NUM_CANDIDATES + per_owner, len(self)))
         results = []

@@ -34,6 +34,7 @@ from .faiss_shards import (
 )
 from .files import RetrievalIndexError, atomic_write as _atomic_write
 from .image_loading import is_url, resolve_local_path
+from .record_table import RECORD_REQUIRED_KEYS, JsonlShard, RecordTable, row_index_file_name, write_jsonl_shard
 from .search import import_faiss
 
 
@@ -50,10 +51,13 @@ DEFAULT_MAX_SHARD_ROWS = 100_000
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # Stored rows must have unit norm up to fp16 rounding.
 NORM_TOLERANCE = 1e-2
-RECORD_REQUIRED_KEYS = ("id", "path")
+# The files of one shard in `retrieval_index.json`: its embeddings (None when saved without them), its records and
+# their row index (`record_table.py`; None in folders saved before it existed).
+SHARD_FILE_KEYS = ("embeddings", "metadata", "row_index")
 # Files a save may remove when its new config no longer reads them (shard `i`, written again `-rN`).
 SHARD_FILE_PATTERN = re.compile(
-    r"embeddings-\d{5}(-r\d+)?\.safetensors|metadata-\d{5}(-r\d+)?\.jsonl|faiss-(\d{5}|trained)(-r\d+)?\.index"
+    r"embeddings-\d{5}(-r\d+)?\.safetensors|metadata-\d{5}(-r\d+)?(\.jsonl|\.rows\.safetensors)"
+    r"|faiss-(\d{5}|trained)(-r\d+)?\.index"
 )
 # With `mmap=True`, rows whose norm is checked at load (first and last of each shard): reading every row would page
 # the whole file in.
@@ -99,7 +103,7 @@ def _free_shard_file_names(i: int, in_use: set[str]) -> tuple[str, str]:
 
 def _shard_files(config: dict | None) -> set[str]:
     """The shard files a config reads."""
-    files = {shard[key] for shard in (config or {}).get("shards", []) for key in ("embeddings", "metadata")}
+    files = {shard.get(key) for shard in (config or {}).get("shards", []) for key in SHARD_FILE_KEYS}
     return (files - {None}) | faiss_files((config or {}).get("faiss"))
 
 
@@ -263,6 +267,8 @@ class RetrievalIndexSerializationMixin:
                         "saved there since it was loaded.")
         in_use = _shard_files(previous)
         shards = [dict(s) for s in self._saved.shards] if append else []
+        if append:
+            self._write_missing_row_indexes(folder, shards)
         start = sum(shard["num_rows"] for shard in shards)
         while start < len(self):
             stop = min(start + max_shard_rows, len(self))
@@ -275,18 +281,15 @@ class RetrievalIndexSerializationMixin:
                 )
             else:
                 embeddings_file = None
-
-            def write_metadata(path, records=self.records[start:stop]):
-                with open(path, "w", encoding="utf-8") as f:
-                    for record in records:
-                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-            _atomic_write(os.path.join(folder, metadata_file), write_metadata)
-            shards.append({"embeddings": embeddings_file, "metadata": metadata_file, "num_rows": stop - start})
+            jsonl = write_jsonl_shard(os.path.join(folder, metadata_file), self.records.lines(start, stop))
+            row_index_file = row_index_file_name(metadata_file)
+            jsonl.write_row_index(os.path.join(folder, row_index_file))
+            shards.append({"embeddings": embeddings_file, "metadata": metadata_file, "row_index": row_index_file,
+                           "num_rows": stop - start})
             start = stop
         _atomic_write(os.path.join(folder, PROBE_FILE), lambda p: save_file(self.probes, p, metadata={"format": "pt"}))
         image_root = self._image_root_for(folder)
-        has_local = any(not is_url(r["path"]) for r in self.records)
+        has_local = self.records.num_urls < len(self)
         if image_root is None and has_local:
             logger.warning(
                 f"The index's images ({self.image_root}) are not inside {folder}: pass `image_root=` when loading it."
@@ -322,6 +325,18 @@ class RetrievalIndexSerializationMixin:
         self._saved = SavedCopy.of(folder, config)
         if unread is not None:
             self._unread_faiss = unread
+
+    def _write_missing_row_indexes(self, folder: str, shards: list[dict]) -> None:
+        """Row index files for the shards kept by an incremental save that lack a valid one (a folder saved by an
+        older version, or whose row index was stale at load): the next load reads them instead of every record."""
+        loaded = {os.path.realpath(s.path): s for s in self.records.shards}
+        for shard in shards:
+            jsonl = loaded.get(os.path.realpath(os.path.join(folder, shard["metadata"])))
+            if jsonl is None or jsonl.row_index is not None and shard.get("row_index") is not None:
+                continue
+            name = row_index_file_name(shard["metadata"])
+            jsonl.write_row_index(os.path.join(folder, name))
+            shard["row_index"] = name
 
     @classmethod
     def from_pretrained(
@@ -375,7 +390,7 @@ class RetrievalIndexSerializationMixin:
         config = cls._read_config(folder)
         probe_path = os.path.join(folder, PROBE_FILE)
         probes = cls._load_safetensors(probe_path)
-        blocks, records = [], []
+        blocks, record_shards = [], []
         has_embeddings = {shard.get("embeddings") is not None for shard in config["shards"]}
         if len(has_embeddings) > 1 or (has_embeddings == {False} and not config.get("faiss")):
             raise RetrievalIndexError(f"{os.path.join(folder, INDEX_CONFIG_FILE)}: every shard must have embeddings, "
@@ -394,13 +409,16 @@ class RetrievalIndexSerializationMixin:
                     ) from error
                 check_faiss_block(config["faiss"], os.path.join(folder, INDEX_CONFIG_FILE))
         for shard in config["shards"]:
-            shard_records = cls._read_jsonl(os.path.join(folder, shard["metadata"]))
+            # The records stay in their file: their offsets and id hashes come from the row index file beside it
+            # (or from one streamed pass over the records when it is missing or stale).
+            row_index = None if shard.get("row_index") is None else os.path.join(folder, shard["row_index"])
+            shard_records = JsonlShard.read(os.path.join(folder, shard["metadata"]), row_index)
             if len(shard_records) != shard["num_rows"]:
                 raise RetrievalIndexError(
                     f"{shard['metadata']} has {len(shard_records)} records but {INDEX_CONFIG_FILE} says "
                     f"{shard['num_rows']} rows."
                 )
-            records.extend(shard_records)
+            record_shards.append(shard_records)
             if not has_embeddings:
                 continue
             emb_path = os.path.join(folder, shard["embeddings"])
@@ -432,15 +450,10 @@ class RetrievalIndexSerializationMixin:
         index = cls(empty, [], config["weights"], probes, image_root=None if image_root is None else str(image_root),
                     allow_urls=allow_urls, min_similarity=min_similarity)
         index.has_embeddings = has_embeddings
-        if records:
+        records = RecordTable.from_shards(record_shards, folder)
+        if len(records):
             index._blocks = [empty] + blocks
-            check_records(records, folder)
-            row_of_id = {}
-            for row, record in enumerate(records):
-                if record["id"] in row_of_id:
-                    raise RetrievalIndexError(f"The id {record['id']!r} appears twice in {folder}.")
-                row_of_id[record["id"]] = row
-            index.records, index._row_of_id = records, row_of_id
+            index.records = records
         index._link_root = link_root
         if faiss_error is not None:
             index._unread_faiss = UnreadFaiss.of(folder, config["faiss"])
@@ -455,7 +468,7 @@ class RetrievalIndexSerializationMixin:
             index._searcher, index._searcher_rows = searcher, len(records)
             index._searcher_factory = _loaded_faiss(searcher)
         index._saved = SavedCopy.of(folder, config)
-        num_urls = sum(is_url(r["path"]) for r in records)
+        num_urls = records.num_urls
         if num_urls and not allow_urls:
             logger.warning(
                 f"{num_urls} of the {len(records)} images of the index are URLs, which will not be downloaded: load it "
@@ -484,10 +497,10 @@ class RetrievalIndexSerializationMixin:
                 f"{path}: `dtype` must be one of {list(STORAGE_DTYPES)}, got {config.get('dtype')!r}."
             )
         for shard in config.get("shards", []):
-            for key in ("embeddings", "metadata"):
+            for key in SHARD_FILE_KEYS:
                 name = shard.get(key)
-                if key == "embeddings" and name is None:
-                    continue  # saved with `save_embeddings=False`
+                if key != "metadata" and name is None:
+                    continue  # saved with `save_embeddings=False`, or before row index files existed
                 # Shard names are plain file names: an index must not read files outside its folder.
                 if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
                     raise RetrievalIndexError(f"{path}: shard file names must be plain file names, got {name!r}.")
