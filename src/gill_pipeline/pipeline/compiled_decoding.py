@@ -114,7 +114,7 @@ class CompiledDecoding:
 
     def continue_cache(self, llm, past_cache: Cache, past_length: int, length: int) -> StaticCache:
         """A conversation's cache as a `StaticCache` of `length` (the same object when it already is one)."""
-        if isinstance(past_cache, StaticCache) and past_cache.max_cache_len == length:
+        if isinstance(past_cache, StaticCache) and past_cache.get_max_length() == length:
             return past_cache
         return copy_cache(past_cache, past_length, llm, length)
 
