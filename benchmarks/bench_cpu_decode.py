@@ -113,13 +113,13 @@ def compiled_decode(pipe, prompt_ids: torch.Tensor, tokens: int) -> list[int]:
 def lean_decode(llm, prompt_ids: torch.Tensor, tokens: int) -> list[int]:
     """transformers' model with a DynamicCache and argmax, nothing else (the floor for the model itself)."""
     cache = DynamicCache(config=llm.config)
-    logits = llm(input_ids=prompt_ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = llm(input_ids=prompt_ids[None], cache=cache, use_cache=True, logits_to_keep=1).logits
     out = []
     for step in range(tokens):
         token = logits[:, -1].float().argmax(-1, keepdim=True)
         out.append(int(token))
         if step + 1 < tokens:
-            logits = llm(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = llm(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits
     return out
 
 
