@@ -196,3 +196,24 @@ def test_fallbacks_decode_eagerly_with_the_same_answer(records, monkeypatch):
     assert isinstance(cache, DynamicCache)
     assert_same_rows(expected, rows)
     assert any("offload hooks" in m for m in records.messages)
+
+
+def test_a_step_torch_cannot_compile_runs_eagerly(records, monkeypatch):
+    """A compilation failure (here: every compiled call raises as a graph break would) leaves the answer unchanged."""
+    pipe = make_pipeline("opt")
+    settings = DecodingSettings(**WITH_IMAGE)
+    expected = pipe.decode(embeds_of(pipe), settings)
+
+    def cannot_compile(function, **kwargs):
+        def compiled(*args, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+    pipe.enable_compiled_decoding()
+    rows, cache = pipe.decode(embeds_of(pipe), settings, return_cache=True)
+    assert isinstance(cache, StaticCache)
+    assert_same_rows(expected, rows)
+    assert sum("could not compile" in m and "no C++ compiler" in m for m in records.messages) == 1
+    assert "forward" not in vars(_last_hidden_module(pipe.llm))

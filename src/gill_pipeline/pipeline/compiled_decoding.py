@@ -93,6 +93,7 @@ class CompiledDecoding:
     def __post_init__(self):
         self._module = None  # weak reference to the base model the function was compiled for
         self._function = None
+        self._failed = False  # torch could not compile it: steps run eagerly from then on
 
     def cache_length(self, needed: int, max_positions: int | None) -> int | None:
         """The static cache length for a call that may fill `needed` positions, or None (decode eagerly)."""
@@ -128,6 +129,23 @@ class CompiledDecoding:
             "not from its base model; its steps run eagerly (with the static cache)."
         )
         return False
+
+    def run_step(self, llm, step):
+        """`step()` with the LM's base model compiled; eagerly when torch cannot compile it (a graph break under
+        `fullgraph=True`, no C++ compiler for inductor, ...), then for every later step, after one warning. Compilation
+        fails before the graph runs, so the static cache is unchanged when the step is run again eagerly."""
+        if self._failed:
+            return step()
+        try:
+            with self.compiled_forward(llm):
+                return step()
+        except torch._dynamo.exc.TorchDynamoException as error:
+            self._failed = True
+            logger.warning(
+                f"Compiled decoding: torch could not compile {type(llm).__name__}'s base model "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); decoding eagerly."
+            )
+            return step()
 
     def compiled_forward(self, llm):
         """A context manager under which the LM's base model runs its compiled `forward` (hooks stay outside it)."""

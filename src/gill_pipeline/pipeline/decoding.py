@@ -398,8 +398,9 @@ class GILLDecoder:
             full = mask.new_ones(mask.shape[0], self._static_length)
             full[:, : mask.shape[1]] = mask
             if self._compiled_steps:
-                with self.static.compiled_forward(self.llm):
-                    logits, hidden, cache = self.lm_forward(embeds, full, positions, cache, True, 1)
+                logits, hidden, cache = self.static.run_step(
+                    self.llm, lambda: self.lm_forward(embeds, full, positions, cache, True, 1)
+                )
             else:
                 logits, hidden, cache = self.lm_forward(embeds, full, positions, cache, True, 1)
             return logits.float(), hidden[:, -embeds.shape[1] :], cache
