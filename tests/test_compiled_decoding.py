@@ -217,3 +217,16 @@ def test_a_step_torch_cannot_compile_runs_eagerly(records, monkeypatch):
     assert_same_rows(expected, rows)
     assert sum("could not compile" in m and "no C++ compiler" in m for m in records.messages) == 1
     assert "forward" not in vars(_last_hidden_module(pipe.llm))
+
+
+def test_cli_compile_decoding_flag_enables_it(tmp_path, monkeypatch):
+    from gill_pipeline.commands import main
+    from gill_pipeline.pipeline import GILLPipeline
+
+    enabled = []
+    original = GILLPipeline.enable_compiled_decoding
+    monkeypatch.setattr(GILLPipeline, "enable_compiled_decoding", lambda pipe, **kw: enabled.append(original(pipe, **kw)))
+    argv = ["generate", "A dog.", "--model", "tiny-random", "--compile-decoding", "--max-new-tokens", "1",
+            "--steps", "1", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0 and len(enabled) == 1
+    assert (tmp_path / "answer.txt").is_file()
