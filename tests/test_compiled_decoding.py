@@ -171,7 +171,7 @@ def test_lms_it_does_not_apply_to_are_named():
     from peft import LoraConfig, get_peft_model
 
     wrapped = get_peft_model(build_tiny_lm("llama", 64), LoraConfig(r=2, target_modules=["q_proj"]))
-    assert "peft" in why_not_compiled(wrapped)
+    assert why_not_compiled(wrapped) is None  # LoRA layers are compiled with the LM (test below)
 
 
 def test_fallbacks_decode_eagerly_with_the_same_answer(records, monkeypatch):
@@ -230,3 +230,15 @@ def test_cli_compile_decoding_flag_enables_it(tmp_path, monkeypatch):
             "--steps", "1", "--output-dir", str(tmp_path)]
     assert main(argv) == 0 and len(enabled) == 1
     assert (tmp_path / "answer.txt").is_file()
+
+
+@pytest.mark.slow
+def test_a_lora_wrapped_lm_compiles_to_the_same_answer():
+    from peft import LoraConfig, get_peft_model
+
+    pipe = make_pipeline("llama")
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # LoRA changes the answer
+    pipe.register_modules(llm=get_peft_model(pipe.llm, config))
+    eager, _, compiled, cache = decode_both(pipe, DecodingSettings(**WITH_IMAGE))
+    assert isinstance(cache, StaticCache)
+    assert_same_rows(eager, compiled)

@@ -12,7 +12,7 @@ own position counter) and explicit position ids.
 
 Where it does not apply, the call decodes as before (a `DynamicCache`, eager) after one warning naming why: LMs whose
 class does not declare `_can_compile_fullgraph`, LMs with non-full-attention layers (sliding windows, recurrent
-states), peft-wrapped LMs, quantized LMs, LMs under offload hooks or a CPU/disk device map, attention implementations
+states), quantized LMs, LMs under offload hooks or a CPU/disk device map, attention implementations
 other than `sdpa` / `eager`, `use_cache=False`, and a call that needs more positions than a fixed `max_cache_len`.
 """
 
@@ -25,7 +25,7 @@ from diffusers.utils import logging
 from transformers import Cache, DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from ..models.lm_bridge import _last_hidden_module, base_model_gives_last_hidden
+from ..models.lm_bridge import _base_model, _last_hidden_module, base_model_gives_last_hidden
 from .inputs import check_int
 
 logger = logging.get_logger(__name__)
@@ -42,14 +42,13 @@ def _text_config(llm):
 
 def why_not_compiled(llm) -> str | None:
     """Why this LM is decoded eagerly even with compiled decoding on, or `None` when it can be compiled."""
-    name = type(llm).__name__
-    if callable(getattr(llm, "get_base_model", None)):
-        return f"{name} is wrapped by peft (adapters are decoded eagerly)"
-    if not getattr(type(llm), "_can_compile_fullgraph", False):
+    model = _base_model(llm)  # the transformers LM under a peft wrapper (LoRA layers are compiled with it)
+    name = type(model).__name__
+    if not getattr(type(model), "_can_compile_fullgraph", False):
         return f"{name} does not declare `_can_compile_fullgraph` (transformers cannot compile it with a static cache)"
-    if getattr(llm, "hf_quantizer", None) is not None or getattr(llm, "is_quantized", False):
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         return f"{name} is quantized (quantized LMs are decoded eagerly)"
-    device_map = getattr(llm, "hf_device_map", None)
+    device_map = getattr(model, "hf_device_map", None)
     if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
         return f"{name} is spread by a device map over {sorted(set(map(str, device_map.values())))}"
     if any(getattr(m, "_hf_hook", None) is not None or getattr(m, "_diffusers_hook", None) is not None
