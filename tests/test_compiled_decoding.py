@@ -92,8 +92,8 @@ def test_compiled_decoding_gives_the_eager_answer_llama():
 
 @pytest.mark.slow
 def test_conversation_with_compiled_decoding_answers_as_eager():
-    """Multi-turn reuse of a StaticCache (copied into a longer one when a turn needs it), and an eager turn that
-    continues a compiled turn's cache."""
+    """Multi-turn reuse of a StaticCache (copied into a longer one when a turn needs it), and eager turns that continue
+    a compiled turn's cache and are continued by one."""
     turn = dict(FAST_CALL, max_new_tokens=8, min_text_tokens=2, img_logit_scale=1e4, max_images=1)
 
     def dialogue(pipe, compiled_turns):
@@ -113,6 +113,10 @@ def test_conversation_with_compiled_decoding_answers_as_eager():
     assert texts == expected
     assert all(isinstance(p.cache, StaticCache) for p in pasts[:2]) and isinstance(pasts[2].cache, DynamicCache)
     assert all(p.reused > 0 for p in pasts[1:])  # every later turn continued the cache
+    # An eager turn between compiled ones: static -> dynamic -> static copies.
+    texts, pasts = dialogue(pipe, [True, False, True])
+    assert texts == expected and [type(p.cache) for p in pasts] == [StaticCache, DynamicCache, StaticCache]
+    assert all(p.reused > 0 for p in pasts[1:])
 
 
 def test_cache_length_is_a_power_of_two_within_the_context():

@@ -115,7 +115,8 @@ class GILLPipeline(
 
     Its parts live where diffusers keeps them: loading, saving, LoRA and Hub pushes in [`GILLLoaderMixin`]
     (`pipeline/loaders/`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`, the
-    interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`, the
+    interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`, opt-in
+    compiled decoding in `pipeline/compiled_decoding.py` ([`~CompiledDecodingMixin.enable_compiled_decoding`]), the
     answers' assembly in `pipeline/answers.py` and the optional safety check in `pipeline/safety.py`.
 
     Args:
