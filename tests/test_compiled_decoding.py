@@ -176,6 +176,15 @@ def test_lms_it_does_not_apply_to_are_named():
 
     wrapped = get_peft_model(build_tiny_lm("llama", 64), LoraConfig(r=2, target_modules=["q_proj"]))
     assert why_not_compiled(wrapped) is None  # LoRA layers are compiled with the LM (test below)
+    quantized = build_tiny_lm("opt", 64)
+    quantized.hf_quantizer = object()
+    assert "is quantized" in why_not_compiled(quantized)
+    spread = build_tiny_lm("opt", 64)
+    spread.hf_device_map = {"model.decoder.layers.0": "cpu", "model.decoder.layers.1": "disk"}
+    assert "device map over ['cpu', 'disk']" in why_not_compiled(spread)
+    flex = build_tiny_lm("opt", 64)
+    flex.config._attn_implementation = "flex_attention"
+    assert "attention implementation 'flex_attention'" in why_not_compiled(flex)
 
 
 def test_fallbacks_decode_eagerly_with_the_same_answer(records, monkeypatch):
