@@ -8,6 +8,9 @@ count and per dtype (fp32, bf16, fp16), side by side in ONE process with interle
 - the bound: bytes of the LM's weights / the better of those two bandwidths;
 - the pipeline's decode (`GILLPipeline.decode`, step 4 of `pipe(...)`): the whole 64-token
   decode, and its steady per-token time `(t(64) - t(1)) / 63` (prefill removed), with its multiple of the bound;
+- the same with `pipe.enable_compiled_decoding()` ("pipeline, compiled": a StaticCache and the LM's base model
+  compiled with static shapes), measured the same way in the same rounds; its first call, which compiles, is timed
+  apart (`--no-compiled` leaves it out);
 - a lean loop over the same transformers model with a `DynamicCache` and argmax (no GILL), as a floor for what the
   model itself costs per token;
 - the reference GILL decode loop, re-implemented here (not imported) from `GILL.generate` in
@@ -16,11 +19,13 @@ count and per dtype (fp32, bf16, fp16), side by side in ONE process with interle
   looks the token up in the input embeddings and concatenates it; in fp32 (the LM as loaded on a CPU; the release's
   `load_gill` casts to bf16 for CUDA). It is the "full re-run" baseline of `benchmarks/bench_pipeline.py` section 1.
 
-Every decode of a dtype must give the same token ids as the pipeline's own decode in that dtype (checked); the
+Every decode of a dtype (the compiled one included) must give the same token ids as the pipeline's own decode in that
+dtype (checked); the
 reference must give the fp32 pipeline's ids (checked). Writes '## Section 4: CPU decoding at the bound' in
 benchmarks/results/real_size.md with `--write`.
 
     python -m benchmarks.bench_cpu_decode [--shape opt-125m|opt-1.3b] [--layers N] [--threads 1 2] [--rounds 3]
+        [--no-compiled]
 """
 
 import argparse
@@ -95,16 +100,26 @@ def pipeline_decode(pipe, prompt_ids: torch.Tensor, tokens: int) -> list[int]:
 
 
 @torch.no_grad()
+def compiled_decode(pipe, prompt_ids: torch.Tensor, tokens: int) -> list[int]:
+    """`pipeline_decode` with `pipe.enable_compiled_decoding()` (compiled graphs are kept by torch between calls)."""
+    pipe.enable_compiled_decoding()
+    try:
+        return pipeline_decode(pipe, prompt_ids, tokens)
+    finally:
+        pipe.disable_compiled_decoding()
+
+
+@torch.no_grad()
 def lean_decode(llm, prompt_ids: torch.Tensor, tokens: int) -> list[int]:
     """transformers' model with a DynamicCache and argmax, nothing else (the floor for the model itself)."""
     cache = DynamicCache(config=llm.config)
-    logits = llm(input_ids=prompt_ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = llm(input_ids=prompt_ids[None], cache=cache, use_cache=True, logits_to_keep=1).logits
     out = []
     for step in range(tokens):
         token = logits[:, -1].float().argmax(-1, keepdim=True)
         out.append(int(token))
         if step + 1 < tokens:
-            logits = llm(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = llm(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits
     return out
 
 
@@ -143,9 +158,18 @@ def measure(args) -> dict:
     report = {"args": vars(args), "threads": {}}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        samples = {name: {"mv": [], "linear": [], "decode": [], "decode1": [], "lean": []} for name in args.dtypes}
+        samples = {name: {"mv": [], "linear": [], "decode": [], "decode1": [], "lean": [], "compiled": [],
+                          "compiled1": []} for name in args.dtypes}
         samples["reference"] = {"decode": []}
         ids = {name: pipeline_decode(pipes[name], prompt_ids, args.tokens) for name in args.dtypes}  # warm-up
+        first_compiled = {}
+        if args.compiled:  # the first compiled calls compile (prefill length, then the 1-token step)
+            for name in args.dtypes:
+                for tokens in (1, args.tokens):
+                    seconds, got = timed(lambda: compiled_decode(pipes[name], prompt_ids, tokens))
+                    first_compiled[name] = first_compiled.get(name, 0.0) + seconds
+                if got != ids[name]:
+                    raise RuntimeError(f"{name}: the compiled pipeline and the pipeline disagree: {got[:8]} vs {ids[name][:8]}")
         for round_ in range(args.rounds):
             print(f'threads {threads}: round {round_ + 1} of {args.rounds}', flush=True)
             for name in args.dtypes:
@@ -161,12 +185,18 @@ def measure(args) -> dict:
                 if got != ids[name]:
                     raise RuntimeError(f"{name}: the lean loop and the pipeline disagree: {got[:8]} vs {ids[name][:8]}")
                 s["lean"].append(seconds)
+                if args.compiled:
+                    seconds, got = timed(lambda: compiled_decode(pipe, prompt_ids, args.tokens))
+                    if got != ids[name]:
+                        raise RuntimeError(f"{name}: the compiled pipeline and the pipeline disagree")
+                    s["compiled"].append(seconds)
+                    s["compiled1"].append(timed(lambda: compiled_decode(pipe, prompt_ids, 1))[0])
             if args.reference and "fp32" in args.dtypes:
                 seconds, got = timed(lambda: reference_decode(pipes["fp32"].llm, prompt_ids, args.tokens))
                 if got != ids["fp32"]:
                     raise RuntimeError("the reference loop and the fp32 pipeline disagree")
                 samples["reference"]["decode"].append(seconds)
-        report["threads"][threads] = {"samples": samples, "same_ids_as_fp32": {
+        report["threads"][threads] = {"samples": samples, "first_compiled_s": first_compiled, "same_ids_as_fp32": {
             name: ids[name] == ids.get("fp32", ids[name]) for name in args.dtypes}}
     report["bytes"] = {name: weight_bytes(pipes[name].llm) for name in args.dtypes}
     report["linear_bytes"] = {name: linear_bytes(pipes[name].llm) for name in args.dtypes}
@@ -192,10 +222,15 @@ def summarize(report: dict) -> dict:
             decode = statistics.median(s["decode"])
             per_token_ms = (decode - statistics.median(s["decode1"])) / (tokens - 1) * 1000
             lean_ms = statistics.median(s["lean"]) / tokens * 1000
+            compiled_ms = None
+            if s["compiled"]:
+                compiled_ms = (statistics.median(s["compiled"]) - statistics.median(s["compiled1"])) / (tokens - 1) * 1000
             rows[name] = dict(
                 mv_gbs=mv_bw, linear_gbs=linear_bw, bound_ms=bound_ms, decode_s=decode, per_token_ms=per_token_ms,
                 x_bound=per_token_ms / bound_ms, lean_ms=lean_ms, same_ids_as_fp32=data["same_ids_as_fp32"][name],
                 vs_reference=reference / decode if reference else None,
+                compiled_ms=compiled_ms, compiled_x_bound=compiled_ms / bound_ms if compiled_ms else None,
+                first_compiled_s=data.get("first_compiled_s", {}).get(name),
             )
         fastest = min(rows, key=lambda n: rows[n]["per_token_ms"])
         for name in rows:
@@ -215,16 +250,22 @@ def markdown(report: dict, summary: dict, run_label: str) -> str:
         "| threads | dtype | weights (MB) | GEMV GB/s: torch.mv | GEMV GB/s: F.linear | bound ms/token | pipeline "
         f"ms/token | x its bound | x fastest dtype's bound | lean HF loop ms/token | pipeline {args['tokens']}-token "
         "decode (s) | "
-        "vs reference | same ids as fp32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "vs reference | same ids as fp32 | pipeline, compiled ms/token | compiled x its bound | compiled / pipeline | "
+        "first compiled calls (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for threads, block in summary.items():
         for name, r in block["rows"].items():
             ref = f"{r['vs_reference']:.1f}x" if r["vs_reference"] else "-"
+            if r["compiled_ms"] is not None:
+                compiled = (f"{r['compiled_ms']:.1f} | {r['compiled_x_bound']:.2f} | "
+                            f"{r['compiled_ms'] / r['per_token_ms']:.2f} | {r['first_compiled_s']:.1f}")
+            else:
+                compiled = "- | - | - | -"
             lines.append(
                 f"| {threads} | {name} | {report['bytes'][name] / 1e6:.0f} | {r['mv_gbs']:.1f} | {r['linear_gbs']:.1f} | "
                 f"{r['bound_ms']:.1f} | {r['per_token_ms']:.1f} | {r['x_bound']:.2f} | {r['x_fastest_bound']:.2f} | "
-                f"{r['lean_ms']:.1f} | {r['decode_s']:.3f} | {ref} | {'yes' if r['same_ids_as_fp32'] else 'no'} |"
+                f"{r['lean_ms']:.1f} | {r['decode_s']:.3f} | {ref} | {'yes' if r['same_ids_as_fp32'] else 'no'} | {compiled} |"
             )
     lines.append("")
     for threads, block in summary.items():
@@ -256,6 +297,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-reference", dest="reference", action="store_false")
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="leave out the 'pipeline, compiled' column (pipe.enable_compiled_decoding(); its first "
+                        "calls compile, about 12 s per dtype at OPT-125m shape on 2 cores)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer width-32 LM (keeps the script tested)")
     parser.add_argument("--label", default="Run")
     parser.add_argument("--write", action="store_true", help=f"write '{HEADING}' of benchmarks/results/real_size.md")

@@ -112,7 +112,7 @@ def test_cpu_decode_benchmark_runs_and_compares_alike(tmp_path):
     results = tmp_path / "real_size.md"
     results.write_text("# Real sizes\n\n## Section 1: kept\n\nrow\n\n## Section 4: CPU decoding at the bound\n\nold\n")
     bench.RESULTS = str(results)
-    report = bench.main(["--tiny", "--rounds", "1", "--tokens", "4", "--threads", "1", "--write"])
+    report = bench.main(["--tiny", "--rounds", "1", "--tokens", "4", "--threads", "1", "--write", "--no-compiled"])
     written = results.read_text()
     assert "## Section 1: kept\n\nrow" in written and "\nold\n" not in written and written.count("## Section 4") == 1
     rows = report["summary"][1]["rows"]
@@ -120,6 +120,17 @@ def test_cpu_decode_benchmark_runs_and_compares_alike(tmp_path):
     assert rows["fp32"]["same_ids_as_fp32"] and rows["fp32"]["vs_reference"] > 0
     assert all(r["bound_ms"] > 0 and r["per_token_ms"] > 0 for r in rows.values())
     assert "| 1 | bf16 |" in report["markdown"]
+    assert rows["fp32"]["compiled_ms"] is None and "| - | - | - | - |" in report["markdown"]
+
+
+def test_cpu_decode_benchmark_compiled_column(tmp_path):
+    """The 'pipeline, compiled' column: the same ids as the eager pipeline (checked inside), a time per token."""
+    bench = load("bench_cpu_decode")
+    bench.RESULTS = str(tmp_path / "real_size.md")
+    report = bench.main(["--tiny", "--rounds", "1", "--tokens", "4", "--threads", "1", "--dtypes", "fp32",
+                         "--no-reference"])
+    row = report["summary"][1]["rows"]["fp32"]
+    assert row["compiled_ms"] is not None and row["compiled_x_bound"] > 0 and row["first_compiled_s"] > 0
 
 
 def test_real_size_benchmark_flux_stages_run_on_tiny_configs(tmp_path):

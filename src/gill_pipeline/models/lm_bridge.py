@@ -233,6 +233,13 @@ def lm_forward_with_img_logits(llm, gill, img_token_ids, inputs_embeds: torch.Te
     return lm_logits.index_copy(-1, ids, img_logits), hidden, output
 
 
+def base_model_gives_last_hidden(llm) -> bool:
+    """Whether GILL reads this LM's last hidden state from its base model's output (checked equal to
+    `hidden_states[-1]` by its first `lm_forward_with_img_logits`), so the base model alone may be swapped for a
+    compiled version of itself (`pipeline/compiled_decoding.py`)."""
+    return _HIDDEN_SOURCES.get(llm) == _BASE_MODEL
+
+
 def _base_model(llm):
     get_base_model = getattr(llm, "get_base_model", None)  # peft
     return get_base_model() if callable(get_base_model) else llm

@@ -185,6 +185,8 @@ class GILLDecoder:
         pad_prompts: whether prompts of different lengths may be left-padded into one batch; `False` for LMs that
             cannot be told where a padded row starts (see `models.lm_bridge.takes_position_ids`): unless they have no
             attention layer at all, they are decoded one row at a time.
+        static: decode with a `StaticCache` and compiled steps (`pipeline.compiled_decoding.CompiledDecoding`, with
+            `llm` the LM it serves), or `None` for a growing cache and eager steps.
     """
 
     def __init__(
@@ -197,6 +199,8 @@ class GILLDecoder:
         new_cache: Callable[[], object] | None = None,
         max_positions: int | None = None,
         pad_prompts: bool = True,
+        static=None,
+        llm=None,
     ):
         self.lm_forward = lm_forward
         self.embed_ids = embed_ids
@@ -206,6 +210,10 @@ class GILLDecoder:
         self.new_cache = new_cache
         self.max_positions = max_positions
         self.pad_prompts = pad_prompts
+        self.static = static
+        self.llm = llm
+        self._static_length = None  # the static cache's length in this call, or None
+        self._compiled_steps = False
         self._on_token = None
         self.last_cache = None
 
@@ -248,7 +256,14 @@ class GILLDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_length:]
         next_position = mask.sum(-1)
 
-        if past_cache is not None:
+        self._static_length = self._static_cache_length(settings, past_length + length)
+        self._compiled_steps = False
+        if self._static_length is not None:
+            if past_cache is not None:
+                cache = self.static.continue_cache(self.llm, past_cache, past_length, self._static_length)
+            else:
+                cache = self.static.new_cache(self.llm, self._static_length)
+        elif past_cache is not None:
             cache = past_cache
         else:
             cache = self.new_cache() if settings.use_cache and self.new_cache is not None else None
@@ -257,6 +272,7 @@ class GILLDecoder:
         prefill_mask = mask[:, past_length:] if _only_recurrent(past_cache) else mask  # see `masks_new_tokens_only`
         # A padded batch's prefill always asks for a cache, to learn whether the LM returns one.
         logits, _, cache = self._forward(embeds, prefill_mask, positions, cache, history, settings.use_cache or padded)
+        self._compiled_steps = self._static_length is not None and self.static.step_ready(self.llm)
         if padded and (cache is None or (not self.pad_prompts and not _only_recurrent(cache))):
             # An LM that returns no `Cache` (RWKV, RecurrentGemma, ...) may also ignore the attention mask, and one
             # with attention that takes no position ids may start a padded row at the wrong position: left padding
@@ -364,8 +380,30 @@ class GILLDecoder:
             rows += self([row_embeds], settings, row_generator, on_token=row_on_token, should_stop=row_should_stop)
         return rows
 
+    def _static_cache_length(self, settings, prompt_positions: int) -> int | None:
+        """The static cache's length for this call (prompt, past and the most positions its answers can feed), or
+        None: no static cache. Every LM pass feeds the same number of tokens from each row still decoding, so the
+        columns fed never exceed one row's most: `max_new_tokens`, plus `r - 1` for each `[IMG]` group allowed."""
+        if self.static is None or not settings.use_cache:
+            return None
+        groups = settings.max_new_tokens if settings.max_images is None else min(settings.max_images, settings.max_new_tokens)
+        needed = prompt_positions + settings.max_new_tokens + (len(self.img_token_ids) - 1) * groups
+        return self.static.cache_length(needed, self.max_positions)
+
     def _forward(self, embeds, mask, positions, cache, history, use_cache):
         """One LM pass over the new tokens; without a cache the whole history is run (the reference's way)."""
+        if self._static_length is not None:
+            # The mask at the cache's full length: future columns are ones (the causal mask excludes them), so each
+            # step's mask has one shape and the compiled graph is reused.
+            full = mask.new_ones(mask.shape[0], self._static_length)
+            full[:, : mask.shape[1]] = mask
+            if self._compiled_steps:
+                logits, hidden, cache = self.static.run_step(
+                    self.llm, lambda: self.lm_forward(embeds, full, positions, cache, True, 1)
+                )
+            else:
+                logits, hidden, cache = self.lm_forward(embeds, full, positions, cache, True, 1)
+            return logits.float(), hidden[:, -embeds.shape[1] :], cache
         if use_cache:
             logits, hidden, cache = self.lm_forward(embeds, mask, positions, cache, True, 1)
         else:

@@ -37,6 +37,7 @@ from ..models.gill_model import GILLModel
 from ..models.lm_bridge import new_cache, takes_position_ids, token_embedder
 from ..models.open_clip_vision import OpenCLIPVisionModel
 from .answers import assemble_answer, merge_group_images
+from .compiled_decoding import CompiledDecodingMixin, eager_past
 from .decoding import DecodedSequence, DecodingSettings, GILLDecoder, LMForwardMixin
 from .chat import (
     answer_to_message,
@@ -100,6 +101,7 @@ class GILLPipeline(
     ImageGenerationMixin,
     InterleavedInputsMixin,
     LMForwardMixin,
+    CompiledDecodingMixin,
     SafetyCheckerMixin,
 ):
     r"""
@@ -113,7 +115,8 @@ class GILLPipeline(
 
     Its parts live where diffusers keeps them: loading, saving, LoRA and Hub pushes in [`GILLLoaderMixin`]
     (`pipeline/loaders/`), retrieval in [`RetrievalMixin`], the decoder bridge in `pipeline/image_generation.py`, the
-    interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`, the
+    interleaved-input processor in `pipeline/processor.py`, multi-turn cache reuse in `pipeline/conversation.py`, opt-in
+    compiled decoding in `pipeline/compiled_decoding.py` ([`~CompiledDecodingMixin.enable_compiled_decoding`]), the
     answers' assembly in `pipeline/answers.py` and the optional safety check in `pipeline/safety.py`.
 
     Args:
@@ -540,6 +543,9 @@ class GILLPipeline(
         `should_stop(row)` true stops that row alone, its `[IMG]` groups dropped (`GILLDecoder`).
         Returns the decoded rows, and the cache after decoding with `return_cache=True`.
         """
+        static = self._static_decoding() if settings.use_cache else None
+        if static is None and past_cache is not None:
+            past_cache = eager_past(self.llm, past_cache, past_length)
         decoder = GILLDecoder(
             lm_forward=self._lm_forward,
             # Placement looked up once per call, not once per token (offload hooks do not change while decoding).
@@ -550,6 +556,8 @@ class GILLPipeline(
             new_cache=lambda: new_cache(self.llm),
             pad_prompts=takes_position_ids(self.llm),
             max_positions=self._lm_context_length(),
+            static=static,
+            llm=self.llm,
         )
         rows = decoder(
             prompt_embeds, settings, generator, past_cache=past_cache, past_length=past_length, on_token=on_token,
