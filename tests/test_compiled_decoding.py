@@ -255,3 +255,18 @@ def test_a_lora_wrapped_lm_compiles_to_the_same_answer():
     eager, _, compiled, cache = decode_both(pipe, DecodingSettings(**WITH_IMAGE))
     assert isinstance(cache, StaticCache)
     assert_same_rows(eager, compiled)
+
+
+def test_the_swapped_forward_puts_back_an_instance_level_forward():
+    from gill_pipeline.pipeline.compiled_decoding import _ForwardSwapped
+
+    layer = torch.nn.Linear(2, 2)
+    own = layer.forward  # e.g. what a hook library set on the instance
+    layer.forward = own
+    with _ForwardSwapped(layer, lambda self, x: x * 0):
+        assert torch.equal(layer(torch.ones(1, 2)), torch.zeros(1, 2))
+    assert layer.__dict__["forward"] is own
+    plain = torch.nn.Linear(2, 2)
+    with _ForwardSwapped(plain, lambda self, x: x):
+        pass
+    assert "forward" not in plain.__dict__

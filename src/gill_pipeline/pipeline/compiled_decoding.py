@@ -158,16 +158,20 @@ class CompiledDecoding:
 
 class _ForwardSwapped:
     """Sets `module.forward` to `function` bound to it for the duration of a `with` block (the module is unchanged
-    after it: the instance attribute is removed again)."""
+    after it: an instance-level `forward` it had is put back, or the attribute removed)."""
 
     def __init__(self, module, function):
         self.module, self.function = module, function
 
     def __enter__(self):
+        self.previous = self.module.__dict__.get("forward")  # an instance-level forward someone set (a hook), if any
         self.module.forward = types.MethodType(self.function, self.module)
 
     def __exit__(self, *exc):
-        del self.module.forward
+        if self.previous is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.previous
         return False
 
 
