@@ -385,3 +385,31 @@ def test_gill_chat_names_an_unknown_word_once_per_conversation(bundled, caplog, 
     with caplog.at_level("WARNING"):
         assert chat.run() == 0
     assert _unknown_word_warnings(caplog) == ["'Draw'", "'Draw'"]
+
+
+def test_varied_given_images_only_at_their_rate_and_never_as_targets(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from training.interleaved import read_documents
+    from training.shapes.train_world_gill import write_context_documents
+    from training.shapes.world import BACKGROUND
+
+    def corners(folder, varied_rate):
+        path = write_context_documents(str(folder), "context", 18, seed=0, kinds=("image", "dialogue", "describe"),
+                                       phrasings="training", vary_rate=varied_rate)
+        given, targets = [], []
+        for _, segments in read_documents(path):
+            for s in segments:
+                if "image" in s:
+                    pixel = Image.open(os.path.join(folder, s["image"])).convert("RGB").getpixel((0, 0))
+                    (targets if s.get("target", True) else given).append(pixel)
+        return path, given, targets
+
+    plain_path, given, targets = corners(tmp_path / "plain", 0.0)
+    assert set(given) == set(targets) == {BACKGROUND}
+    varied_path, given, targets = corners(tmp_path / "varied", 0.6)
+    assert set(targets) == {BACKGROUND}  # what the model writes is always the world's own drawing
+    assert 0 < sum(p != BACKGROUND for p in given) < len(given)
+    assert len(read_documents(varied_path)) == len(read_documents(plain_path)) == 18

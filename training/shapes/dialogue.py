@@ -194,18 +194,19 @@ def repeats_a_test(conv: Conversation, excluded: frozenset) -> bool:
 OFF_GRID_BACKGROUNDS = ((245, 245, 245), (236, 230, 214), (208, 214, 226), (232, 222, 232))
 
 
-def draw_off_grid(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
-    """`scene` drawn off the world's grid: its size scaled by 0.85-1.15, its centre moved by up to 0.06 of the image
-    (each still inside its attribute's range: a small shape stays smaller than any large one, a left one left of
-    centre), on another light background."""
-    scale = 4
-    big = size * scale
-    image = Image.new("RGB", (big, big), rng.choice(OFF_GRID_BACKGROUNDS))
+def draw_off_grid(scene: Scene, rng: random.Random, size: int = 32, scale: tuple = (0.85, 1.15), shift: float = 0.06,
+                  backgrounds: tuple = OFF_GRID_BACKGROUNDS) -> Image.Image:
+    """`scene` drawn off the world's grid: its size scaled by `scale` (0.85-1.15), its centre moved by up to `shift`
+    (0.06) of the image (each still inside its attribute's range: a small shape stays smaller than any large one, a
+    left one left of centre), on another light background (one of `backgrounds`)."""
+    factor = 4
+    big = size * factor
+    image = Image.new("RGB", (big, big), rng.choice(backgrounds))
     canvas = ImageDraw.Draw(image)
     cx, cy = POSITIONS[scene.position]
-    cx = (cx + rng.uniform(-0.06, 0.06)) * big
-    cy = (cy + rng.uniform(-0.06, 0.06)) * big
-    r = SIZES[scene.size] * rng.uniform(0.85, 1.15) * big / 2 * 1.6
+    cx = (cx + rng.uniform(-shift, shift)) * big
+    cy = (cy + rng.uniform(-shift, shift)) * big
+    r = SIZES[scene.size] * rng.uniform(*scale) * big / 2 * 1.6
     colour = COLOURS[scene.colour]
     if scene.shape == "circle":
         canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
@@ -215,6 +216,16 @@ def draw_off_grid(scene: Scene, rng: random.Random, size: int = 32) -> Image.Ima
     else:
         canvas.polygon([(cx, cy - r), (cx - r * 1.05, cy + r * 0.8), (cx + r * 1.05, cy + r * 0.8)], fill=colour)
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+# Varied drawings for training (`vary_rate` of GILL's given images): a narrower variation than the test's off-grid
+# drawings (size 0.9-1.1, centre within 0.04) on backgrounds of their own, so that the off-grid test still shows
+# drawings beyond what training saw.
+TRAINING_BACKGROUNDS = ((255, 255, 255), (250, 248, 240), (228, 236, 228), (242, 230, 230))
+
+
+def draw_varied(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
+    return draw_off_grid(scene, rng, size, scale=(0.9, 1.1), shift=0.04, backgrounds=TRAINING_BACKGROUNDS)
 
 
 def start_image(conv: Conversation, seed: int, off_grid: bool = False, size: int = 32) -> Image.Image:

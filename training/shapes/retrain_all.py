@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
                         "vocabulary (0: neither)")
     parser.add_argument("--dialogue-reword", type=float, default=0.0,
                         help="train_world_gill.py --dialogue-reword (share of dialogue changes reworded)")
+    parser.add_argument("--vary-given-images", type=float, default=0.0,
+                        help="train_world_gill.py --vary-given-images (share of given images drawn varied)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
@@ -76,7 +78,8 @@ def main(argv=None) -> dict:
                            "--context-prefix-grad", args.context_prefix_grad,
                            "--caption-weight", str(args.caption_weight),
                            "--document-retrieval-weight", str(args.document_retrieval_weight),
-                           "--lora-rank", str(args.lora_rank), "--dialogue-reword", str(args.dialogue_reword)])
+                           "--lora-rank", str(args.lora_rank), "--dialogue-reword", str(args.dialogue_reword),
+                           "--vary-given-images", str(args.vary_given_images)])
     times["gill"] = round(time.time() - t, 1)
     t = time.time()
     bundled = bundle.main(["--pipeline", os.path.join(gill, "run", "pipeline"), "--index-images",

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .dialogue import dialogue_segments, held_out_signatures, training_conversation
+from .dialogue import dialogue_segments, draw_varied, held_out_signatures, training_conversation
 from .models import SIZES
 from .world import context_example, context_text, draw, training_scenes
 
@@ -65,7 +65,7 @@ CONTEXT_KINDS = ("text", "image", "describe", "image_first", "text_answer", "ima
 
 def write_context_documents(
     folder: str, name: str, count: int, seed: int, kinds=("text", "image"), phrasings: str = "world",
-    dialogue_reword: float = 0.0,
+    dialogue_reword: float = 0.0, vary_rate: float = 0.0,
 ) -> str:
     """Interleaved training documents (`training/interleaved.py`) of the world's context chains, written to
     `folder/<name>.jsonl` with their images in `folder/images/`; held-out combinations never appear, and neither do
@@ -106,14 +106,18 @@ def write_context_documents(
     for i in range(count):
         kind = kinds[i % len(kinds)]
         if kind == "dialogue":
-            documents.append(dialogue_document(folder, name, i, rng, excluded, reword_rate=dialogue_reword))
+            documents.append(dialogue_document(folder, name, i, rng, excluded, reword_rate=dialogue_reword,
+                                               vary_rate=vary_rate))
             continue
         first, instruction, target = context_example(rng, phrasings=phrasings)
         if kind == "describe":
             target = first
         files = [f"{name}_{i:05d}_first.png", f"{name}_{i:05d}_target.png"]
-        for scene, file_name in zip((first, target), files):
-            draw(scene, SIZES.image_size, jitter=1, seed=rng.randrange(1 << 30)).save(os.path.join(images, file_name))
+        for scene, file_name, given_image in zip((first, target), files, (True, False)):
+            drawing_seed = rng.randrange(1 << 30)
+            drawn = (draw_varied(scene, random.Random(drawing_seed), SIZES.image_size)
+                     if given_image and varied(rng, vary_rate) else draw(scene, SIZES.image_size, jitter=1, seed=drawing_seed))
+            drawn.save(os.path.join(images, file_name))
         answer = {"image": f"images/{files[1]}", "caption": target.caption()}
         given = {"image": f"images/{files[0]}", "caption": first.caption(), "target": False}
         if kind == "text":
@@ -134,18 +138,25 @@ def write_context_documents(
     return path
 
 
+def varied(rng: random.Random, vary_rate: float) -> bool:
+    """Whether a given (input) image is drawn varied (`dialogue.draw_varied`); draws nothing from `rng` at rate 0."""
+    return bool(vary_rate) and rng.random() < vary_rate
+
+
 def dialogue_document(folder: str, name: str, i: int, rng: random.Random, excluded: frozenset,
-                      max_turns: int = 5, reword_rate: float = 0.0) -> dict:
+                      max_turns: int = 5, reword_rate: float = 0.0, vary_rate: float = 0.0) -> dict:
     """One "dialogue" document (see `write_context_documents`), its images drawn into `folder/images/`;
-    `reword_rate` of its changes reworded (`dialogue.next_turn`)."""
+    `reword_rate` of its changes reworded (`dialogue.next_turn`), its start image drawn varied at `vary_rate`."""
     conv = training_conversation(rng, max_turns, excluded, reword_rate)
     scenes = [conv.start] + [turn.target for turn in conv.turns]
     files = []
     for t, scene in enumerate(scenes):
         file_name = f"{name}_{i:05d}_{t}.png"
         if t == 0 or conv.turns[t - 1].wants_image:
-            draw(scene, SIZES.image_size, jitter=1, seed=rng.randrange(1 << 30)).save(
-                os.path.join(folder, "images", file_name))
+            drawing_seed = rng.randrange(1 << 30)
+            drawn = (draw_varied(scene, random.Random(drawing_seed), SIZES.image_size)
+                     if t == 0 and varied(rng, vary_rate) else draw(scene, SIZES.image_size, jitter=1, seed=drawing_seed))
+            drawn.save(os.path.join(folder, "images", file_name))
         files.append(f"images/{file_name}")
     return {"id": f"{name}-{i}", "segments": dialogue_segments(conv, files)}
 
@@ -281,9 +292,15 @@ def main(argv=None) -> dict:
         "--dialogue-reword", type=float, default=0.0,
         help="share of the dialogue documents' changes worded as filler words + the value words (dialogue.next_turn)",
     )
+    parser.add_argument(
+        "--vary-given-images", type=float, default=0.0,
+        help="share of the context documents' given (input) images drawn varied: size, position and background "
+        "(dialogue.draw_varied; a narrower variation than the off-grid test's)",
+    )
     args = parser.parse_args(argv)
-    if not 0.0 <= args.dialogue_reword <= 1.0:
-        parser.error(f"--dialogue-reword must be in [0, 1], got {args.dialogue_reword}")
+    for name in ("dialogue_reword", "vary_given_images"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.lora_rank < 0:
         parser.error(f"--lora-rank must be 0 (no adapter) or a positive rank, got {args.lora_rank}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -302,7 +319,7 @@ def main(argv=None) -> dict:
     if args.context_ratio > 0:
         documents = write_context_documents(
             data, "context", n(4000), args.seed + 4, tuple(args.context_kinds.split(",")), args.context_phrasings,
-            dialogue_reword=args.dialogue_reword,
+            dialogue_reword=args.dialogue_reword, vary_rate=args.vary_given_images,
         )
         context_args = ["--interleaved-data", documents, "--interleaved-ratio", str(args.context_ratio),
                         # a five-turn dialogue document (six images, five requests and answers) fits whole
