@@ -413,3 +413,14 @@ def test_varied_given_images_only_at_their_rate_and_never_as_targets(tmp_path):
     assert set(targets) == {BACKGROUND}  # what the model writes is always the world's own drawing
     assert 0 < sum(p != BACKGROUND for p in given) < len(given)
     assert len(read_documents(varied_path)) == len(read_documents(plain_path)) == 18
+
+
+@pytest.mark.parametrize("option", ["--dialogue-reword", "--vary-given-images"])
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_retrain_refuses_a_bad_share_before_any_stage_runs(tmp_path, option, value, capsys):
+    from training.shapes.retrain_all import main
+
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "work"), option, value])
+    assert f"{option} must be in [0, 1], got {float(value)}" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing was written: the base models never started
