@@ -57,9 +57,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--vary-given-images", type=float, default=0.0,
                         help="train_world_gill.py --vary-given-images (share of given images drawn varied)")
     args = parser.parse_args(argv)
-    for name in ("dialogue_reword", "vary_given_images"):  # checked before the base models train, not 25 minutes in
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    from .train_world_gill import check_shares
+
+    check_shares(parser, args)  # before the base models train, not 25 minutes in
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
 

@@ -114,10 +114,7 @@ def write_context_documents(
             target = first
         files = [f"{name}_{i:05d}_first.png", f"{name}_{i:05d}_target.png"]
         for scene, file_name, given_image in zip((first, target), files, (True, False)):
-            drawing_seed = rng.randrange(1 << 30)
-            drawn = (draw_varied(scene, random.Random(drawing_seed), SIZES.image_size)
-                     if given_image and varied(rng, vary_rate) else draw(scene, SIZES.image_size, jitter=1, seed=drawing_seed))
-            drawn.save(os.path.join(images, file_name))
+            document_image(scene, rng, vary_rate if given_image else 0.0).save(os.path.join(images, file_name))
         answer = {"image": f"images/{files[1]}", "caption": target.caption()}
         given = {"image": f"images/{files[0]}", "caption": first.caption(), "target": False}
         if kind == "text":
@@ -138,9 +135,20 @@ def write_context_documents(
     return path
 
 
-def varied(rng: random.Random, vary_rate: float) -> bool:
-    """Whether a given (input) image is drawn varied (`dialogue.draw_varied`); draws nothing from `rng` at rate 0."""
-    return bool(vary_rate) and rng.random() < vary_rate
+def document_image(scene, rng: random.Random, vary_rate: float = 0.0):
+    """A document's drawing of `scene`: the world's own, or at `vary_rate` a varied one (`dialogue.draw_varied`; for
+    given images only). At rate 0 it draws exactly what it always did from `rng` (one seed)."""
+    seed = rng.randrange(1 << 30)
+    if vary_rate and rng.random() < vary_rate:
+        return draw_varied(scene, random.Random(seed), SIZES.image_size)
+    return draw(scene, SIZES.image_size, jitter=1, seed=seed)
+
+
+def check_shares(parser, args, names=("dialogue_reword", "vary_given_images")) -> None:
+    """Refuses a share option outside [0, 1] (NaN included), naming it."""
+    for name in names:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
 
 
 def dialogue_document(folder: str, name: str, i: int, rng: random.Random, excluded: frozenset,
@@ -153,10 +161,7 @@ def dialogue_document(folder: str, name: str, i: int, rng: random.Random, exclud
     for t, scene in enumerate(scenes):
         file_name = f"{name}_{i:05d}_{t}.png"
         if t == 0 or conv.turns[t - 1].wants_image:
-            drawing_seed = rng.randrange(1 << 30)
-            drawn = (draw_varied(scene, random.Random(drawing_seed), SIZES.image_size)
-                     if t == 0 and varied(rng, vary_rate) else draw(scene, SIZES.image_size, jitter=1, seed=drawing_seed))
-            drawn.save(os.path.join(folder, "images", file_name))
+            document_image(scene, rng, vary_rate if t == 0 else 0.0).save(os.path.join(folder, "images", file_name))
         files.append(f"images/{file_name}")
     return {"id": f"{name}-{i}", "segments": dialogue_segments(conv, files)}
 
@@ -298,9 +303,7 @@ def main(argv=None) -> dict:
         "(dialogue.draw_varied; a narrower variation than the off-grid test's)",
     )
     args = parser.parse_args(argv)
-    for name in ("dialogue_reword", "vary_given_images"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    check_shares(parser, args)
     if args.lora_rank < 0:
         parser.error(f"--lora-rank must be 0 (no adapter) or a positive rank, got {args.lora_rank}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
