@@ -244,3 +244,23 @@ def test_scan_and_row_index_agree(tmp_path):
     read = JsonlShard.read(str(path), str(tmp_path / "m.rows.safetensors"))
     assert read.row_index is not None and np.array_equal(read.offsets, shard.offsets)
     assert RecordTable.from_shards([read], "here") == [{"id": "a", "path": "a.png"}, shard.record(1)]
+
+
+def test_a_set_is_checked_against_a_source_by_id_hash_without_parsing_a_record(tmp_path, monkeypatch):
+    saved_set(tmp_path)
+    loaded = RetrievalIndex.from_pretrained(tmp_path)
+    loaded.records.append([{"id": "added", "path": "a.png"}])  # a row in memory counts too
+    ids = [r["id"] for r in records_of(23)] + ["added"]
+    assert np.array_equal(loaded.records.row_hashes(), id_hashes(ids))
+
+    def no_parsing(*args):
+        raise AssertionError("a record was parsed")
+
+    monkeypatch.setattr(JsonlShard, "record", no_parsing)
+    table = loaded.records
+    assert table.is_ordered_subset_of(ids)
+    assert table.is_ordered_subset_of(ids[:5] + ["unreadable"] + ids[5:])  # images that failed are left out
+    assert not table.is_ordered_subset_of(ids[:-1])  # fewer ids than rows
+    assert not table.is_ordered_subset_of(ids[1:] + ids[:1])  # the same ids in another order
+    assert not table.is_ordered_subset_of(ids[:3] + ["other"] + ids[4:])  # one id differs
+    assert not table.is_ordered_subset_of(ids[:3] + ["other"] + ids[3:5] + ids[6:] + ["more"])

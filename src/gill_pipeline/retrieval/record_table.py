@@ -366,6 +366,23 @@ class RecordTable(Sequence):
         for record in self:
             yield record["id"]
 
+    def row_hashes(self) -> np.ndarray:
+        """The id hash of every row, in row order (the saved rows' from their row indexes: no record is parsed)."""
+        parts = [np.asarray(s.hashes) for s in self._shards]
+        parts.append(id_hashes(r["id"] for r in self._memory))
+        return np.concatenate(parts)
+
+    def is_ordered_subset_of(self, ids: Sequence[str]) -> bool:
+        """Whether the rows' ids are `ids` (unique) with some left out, in their order, compared by id hash (64-bit:
+        a different set compares equal with probability about 2**-64 per row). No record is parsed."""
+        wanted = id_hashes(ids)
+        held = self.row_hashes()
+        if len(held) > len(wanted):
+            return False
+        if len(held) == len(wanted):
+            return bool(np.array_equal(held, wanted))
+        return bool(np.array_equal(wanted[np.isin(wanted, held)], held))
+
     def get_row(self, image_id: str) -> int | None:
         """The row of `image_id`, or None when no record has it."""
         if image_id in self._memory_rows:
