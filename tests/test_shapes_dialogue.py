@@ -140,3 +140,37 @@ def test_off_grid_drawings_stay_inside_each_attributes_range():
         nearest = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - centre[0]) ** 2 + (POSITIONS[p][1] - centre[1]) ** 2)
         assert nearest == scene.position, (scene, centre)
     assert len(CHAT_WORDS) == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0"], "--n must be 1-400"),
+    (["--n", "401"], "--n must be 1-400"),
+    (["--n", "4", "--off-grid", "5"], "--off-grid must be 0-4 (--n), got 5"),
+    (["--off-grid", "-1"], "--off-grid must be 0-192 (--n), got -1"),
+])
+def test_bench_dialogue_refuses_a_bad_set_size_before_loading_a_model(argv, message, tmp_path, capsys, monkeypatch):
+    from benchmarks import bench_dialogue
+
+    monkeypatch.setattr(bench_dialogue, "load_judged_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit):
+        bench_dialogue.main(argv + ["--out", str(tmp_path / "d")])
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_dialogue_judges_every_turn_of_a_small_set_on_the_bundled_model(tmp_path):
+    import json
+
+    from benchmarks import bench_dialogue
+    from gill_pipeline.bundled import bundle_available
+
+    if not bundle_available():
+        pytest.fail("The bundled shapes-world pipeline is missing: run `python -m training.shapes.retrain_all`.")
+    report = bench_dialogue.main(["--n", "3", "--off-grid", "1", "--out", str(tmp_path / "d"), "--label", "test"])
+    conversations = held_out_conversations(3)
+    assert len(report["records"]) == sum(len(c.turns) for c in conversations)
+    assert len(report["off_grid_records"]) == len(conversations[0].turns)
+    for record, turn in zip(report["records"], [t for c in conversations for t in c.turns]):
+        assert record["target"] == turn.target.caption() and record["words"] == words_exact(record["text"], turn.target)
+    assert json.loads((tmp_path / "d.json").read_text())["per_turn"] == json.loads(json.dumps(report["per_turn"]))
+    assert "| turn |" in (tmp_path / "d.md").read_text()

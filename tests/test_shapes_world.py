@@ -415,7 +415,7 @@ def test_varied_given_images_only_at_their_rate_and_never_as_targets(tmp_path):
     assert len(read_documents(varied_path)) == len(read_documents(plain_path)) == 18
 
 
-@pytest.mark.parametrize("option", ["--dialogue-reword", "--vary-given-images"])
+@pytest.mark.parametrize("option", ["--dialogue-reword", "--vary-given-images", "--vary-clip-images"])
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
 def test_retrain_refuses_a_bad_share_before_any_stage_runs(tmp_path, option, value, capsys):
     from training.shapes.retrain_all import main
@@ -424,3 +424,28 @@ def test_retrain_refuses_a_bad_share_before_any_stage_runs(tmp_path, option, val
         main(["--work", str(tmp_path / "work"), option, value])
     assert f"{option} must be in [0, 1], got {float(value)}" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # nothing was written: the base models never started
+
+
+def test_clip_refinement_images_are_the_worlds_at_rate_0_and_varied_at_their_rate():
+    from training.shapes.dialogue import drawing
+    from training.shapes.models import SIZES
+    from training.shapes.pretrain_base import world_images
+    from training.shapes.world import BACKGROUND, training_scenes
+
+    scenes = training_scenes()[:40]
+    rng = random.Random(7)
+    plain = [np.asarray(drawing(s, rng, 0.0, SIZES.image_size)) for s in scenes]
+    assert all((a == np.asarray(b)).all() for a, b in zip(plain, world_images(scenes, 7)))
+    rng = random.Random(7)
+    corners = [drawing(s, rng, 0.5, SIZES.image_size).getpixel((0, 0)) for s in scenes]
+    assert 5 < sum(c != BACKGROUND for c in corners) < 35
+
+
+@pytest.mark.parametrize("value", ["-0.5", "2", "nan"])
+def test_pretrain_base_refuses_a_bad_clip_share_before_any_stage_runs(tmp_path, value, capsys):
+    from training.shapes.pretrain_base import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "base"), "--vary-clip-images", value])
+    assert f"--vary-clip-images must be in [0, 1], got {float(value)}" in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()

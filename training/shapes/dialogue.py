@@ -179,7 +179,11 @@ def held_out_conversations(n: int = 48, seed: int = TEST_SEED, min_turns: int = 
     return out
 
 
-def held_out_signatures(count: int = 400) -> frozenset:
+# Training documents and the LM's chat transcripts are kept apart from this many test conversations.
+HELD_OUT_COUNT = 400
+
+
+def held_out_signatures(count: int = HELD_OUT_COUNT) -> frozenset:
     """Signatures of every conversation of the test set and of its prefixes (kept out of training documents)."""
     return frozenset(signature for conv in held_out_conversations(count) for signature in conv.prefixes())
 
@@ -226,6 +230,15 @@ TRAINING_BACKGROUNDS = ((255, 255, 255), (250, 248, 240), (228, 236, 228), (242,
 
 def draw_varied(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
     return draw_off_grid(scene, rng, size, scale=(0.9, 1.1), shift=0.04, backgrounds=TRAINING_BACKGROUNDS)
+
+
+def drawing(scene: Scene, rng: random.Random, vary_rate: float = 0.0, size: int = 32) -> Image.Image:
+    """A training drawing of `scene`: the world's own (jitter 1), or at `vary_rate` a varied one (`draw_varied`).
+    At rate 0 it draws exactly what `world.draw` with one seed from `rng` draws."""
+    seed = rng.randrange(1 << 30)
+    if vary_rate and rng.random() < vary_rate:
+        return draw_varied(scene, random.Random(seed), size)
+    return draw(scene, size, jitter=1, seed=seed)
 
 
 def start_image(conv: Conversation, seed: int, off_grid: bool = False, size: int = 32) -> Image.Image:

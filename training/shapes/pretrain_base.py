@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import train_classifier
+from .dialogue import dialogue_corpus, drawing
 from .models import SIZES, build_clip, build_lm, build_scheduler, build_tokenizer, build_unet, build_vae
-from .dialogue import dialogue_corpus
+from .train_world_gill import check_shares
 from .world import all_scenes, corpus, draw, training_scenes
 
 logger = logging.getLogger("shapes.pretrain")
@@ -55,8 +56,9 @@ def cosine_lr(optimizer, step: int, total: int, base: float, warmup: int = 50) -
 
 
 # -------------------------------------------------------------------------------------------------------------------
-def contrastive_steps(clip, tokenizer, optimizer, steps: int, batch: int, lr: float, warmup: int, seed: int) -> list:
-    """CLIP's contrastive loss on world images and captions; returns the losses."""
+def contrastive_steps(clip, tokenizer, optimizer, steps: int, batch: int, lr: float, warmup: int, seed: int,
+                      vary_rate: float = 0.0) -> list:
+    """CLIP's contrastive loss on world images and captions (`vary_rate` of them drawn varied); returns the losses."""
     scenes = training_scenes()
     rng = random.Random(seed)
     losses = []
@@ -64,7 +66,8 @@ def contrastive_steps(clip, tokenizer, optimizer, steps: int, batch: int, lr: fl
     for step in range(steps):
         # Distinct scenes per batch: duplicate captions would be false negatives for the contrastive loss.
         chosen = rng.sample(scenes, min(batch, len(scenes)))
-        pixels = image_tensor(world_images(chosen, rng.randrange(1 << 30)))
+        image_rng = random.Random(rng.randrange(1 << 30))  # at rate 0: exactly world_images(chosen, that seed)
+        pixels = image_tensor([drawing(s, image_rng, vary_rate, SIZES.image_size) for s in chosen])
         ids = encode_texts(tokenizer, [s.caption() for s in chosen], SIZES.text_length)
         cosine_lr(optimizer, step, steps, lr, warmup=warmup)
         mask = (ids != tokenizer.pad_token_id).long()
@@ -84,17 +87,18 @@ def train_clip(tokenizer, steps: int, batch: int, seed: int) -> tuple:
     return clip, contrastive_steps(clip, tokenizer, optimizer, steps, batch, 5e-4, 50, seed)
 
 
-def refine_clip_vision(clip, tokenizer, steps: int, batch: int, seed: int) -> tuple:
+def refine_clip_vision(clip, tokenizer, steps: int, batch: int, seed: int, vary_rate: float = 0.0) -> tuple:
     """More contrastive steps for the vision tower alone, against the frozen text tower: sharper shape features for
     GILL (which reads the vision tower), while the text tower - the SD text encoder the UNet was trained on - stays
-    bit-identical."""
+    bit-identical. `vary_rate` of the images are varied drawings, so that a user's own drawing of a shape (a little
+    smaller, off-centre, on another background) reads as the world's."""
     torch.manual_seed(seed)
     clip.requires_grad_(False)
     trainable = list(clip.vision_model.parameters()) + list(clip.visual_projection.parameters())
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=3e-4, weight_decay=0.05)
-    losses = contrastive_steps(clip, tokenizer, optimizer, steps, batch, 3e-4, 20, seed)
+    losses = contrastive_steps(clip, tokenizer, optimizer, steps, batch, 3e-4, 20, seed, vary_rate)
     return clip.requires_grad_(False), losses
 
 
@@ -251,6 +255,10 @@ def main(argv=None) -> dict:
         help="rounds of 400 vision-tower refinement steps in the clip_vision stage (each with a fresh optimiser)",
     )
     parser.add_argument(
+        "--vary-clip-images", type=float, default=0.0,
+        help="share of the clip_vision stage's images drawn varied (dialogue.draw_varied; 0: the world's drawings)",
+    )
+    parser.add_argument(
         "--phrasings", default="world", choices=("world", "training"),
         help="instruction wordings of the LM's context chains (world.TRAINING_PHRASINGS; held-out ones never)",
     )
@@ -261,6 +269,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.dialogue_corpus < 0:
         parser.error(f"--dialogue-corpus must be 0 or more, got {args.dialogue_corpus}")
+    check_shares(parser, args, ("vary_clip_images",))
     if args.clip_vision_rounds < 1:
         parser.error(f"--clip-vision-rounds must be at least 1 (leave clip_vision out of --stages instead), got "
                      f"{args.clip_vision_rounds}")
@@ -329,7 +338,8 @@ def main(argv=None) -> dict:
         clip = CLIPModel.from_pretrained(os.path.join(args.out, "clip"))
         rounds = []
         for r in range(args.clip_vision_rounds):  # each round: a fresh optimiser and schedule, its own seed
-            clip, losses = refine_clip_vision(clip, clip_tokenizer, steps(400), batch(128), args.seed + r + 11)
+            clip, losses = refine_clip_vision(clip, clip_tokenizer, steps(400), batch(128), args.seed + r + 11,
+                                              args.vary_clip_images)
             rounds.append({"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))})
         save_clip(clip, clip_tokenizer, os.path.join(args.out, "clip"))
         return {"rounds": rounds, "first_loss": rounds[0]["first_loss"], "last_loss": rounds[-1]["last_loss"]}

@@ -52,14 +52,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--dialogue-corpus", type=int, default=8000,
                         help="pretrain_base.py --dialogue-corpus: chat transcripts in the LM's corpus, chat words in its "
                         "vocabulary (0: neither)")
-    parser.add_argument("--dialogue-reword", type=float, default=0.0,
+    parser.add_argument("--dialogue-reword", type=float, default=0.3,
                         help="train_world_gill.py --dialogue-reword (share of dialogue changes reworded)")
-    parser.add_argument("--vary-given-images", type=float, default=0.0,
+    parser.add_argument("--vary-given-images", type=float, default=0.3,
                         help="train_world_gill.py --vary-given-images (share of given images drawn varied)")
+    parser.add_argument("--vary-clip-images", type=float, default=0.5,
+                        help="pretrain_base.py --vary-clip-images (share of CLIP vision refinement images drawn varied)")
     args = parser.parse_args(argv)
     from .train_world_gill import check_shares
 
-    check_shares(parser, args)  # before the base models train, not 25 minutes in
+    check_shares(parser, args, ("dialogue_reword", "vary_given_images", "vary_clip_images"))  # before the base models train, not 25 minutes in
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from . import bundle, evaluate_world, pretrain_base, train_world_gill
 
@@ -70,7 +72,7 @@ def main(argv=None) -> dict:
     if not args.skip_base:
         t = time.time()
         pretrain_base.main(["--out", base, "--scale", str(args.scale), *threads, "--seed", str(args.seed), "--phrasings", args.phrasings,
-                            "--clip-vision-rounds", str(args.clip_vision_rounds),
+                            "--clip-vision-rounds", str(args.clip_vision_rounds), "--vary-clip-images", str(args.vary_clip_images),
                             "--dialogue-corpus", str(int(args.dialogue_corpus * min(1.0, args.scale * 20)))]
                            + (["--batch-scale", str(max(args.scale * 20, 0.05))] if small else []))
         times["base_models"] = round(time.time() - t, 1)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .dialogue import dialogue_segments, draw_varied, held_out_signatures, training_conversation
+from .dialogue import dialogue_segments, drawing, held_out_signatures, training_conversation
 from .models import SIZES
 from .world import context_example, context_text, draw, training_scenes
 
@@ -114,7 +114,7 @@ def write_context_documents(
             target = first
         files = [f"{name}_{i:05d}_first.png", f"{name}_{i:05d}_target.png"]
         for scene, file_name, given_image in zip((first, target), files, (True, False)):
-            document_image(scene, rng, vary_rate if given_image else 0.0).save(os.path.join(images, file_name))
+            drawing(scene, rng, vary_rate if given_image else 0.0, SIZES.image_size).save(os.path.join(images, file_name))
         answer = {"image": f"images/{files[1]}", "caption": target.caption()}
         given = {"image": f"images/{files[0]}", "caption": first.caption(), "target": False}
         if kind == "text":
@@ -135,15 +135,6 @@ def write_context_documents(
     return path
 
 
-def document_image(scene, rng: random.Random, vary_rate: float = 0.0):
-    """A document's drawing of `scene`: the world's own, or at `vary_rate` a varied one (`dialogue.draw_varied`; for
-    given images only). At rate 0 it draws exactly what it always did from `rng` (one seed)."""
-    seed = rng.randrange(1 << 30)
-    if vary_rate and rng.random() < vary_rate:
-        return draw_varied(scene, random.Random(seed), SIZES.image_size)
-    return draw(scene, SIZES.image_size, jitter=1, seed=seed)
-
-
 def check_shares(parser, args, names=("dialogue_reword", "vary_given_images")) -> None:
     """Refuses a share option outside [0, 1] (NaN included), naming it."""
     for name in names:
@@ -161,7 +152,7 @@ def dialogue_document(folder: str, name: str, i: int, rng: random.Random, exclud
     for t, scene in enumerate(scenes):
         file_name = f"{name}_{i:05d}_{t}.png"
         if t == 0 or conv.turns[t - 1].wants_image:
-            document_image(scene, rng, vary_rate if t == 0 else 0.0).save(os.path.join(folder, "images", file_name))
+            drawing(scene, rng, vary_rate if t == 0 else 0.0, SIZES.image_size).save(os.path.join(folder, "images", file_name))
         files.append(f"images/{file_name}")
     return {"id": f"{name}-{i}", "segments": dialogue_segments(conv, files)}
 
