@@ -427,17 +427,17 @@ def test_retrain_refuses_a_bad_share_before_any_stage_runs(tmp_path, option, val
 
 
 def test_clip_refinement_images_are_the_worlds_at_rate_0_and_varied_at_their_rate():
-    from training.shapes.dialogue import drawing
     from training.shapes.models import SIZES
     from training.shapes.pretrain_base import world_images
-    from training.shapes.world import BACKGROUND, training_scenes
+    from training.shapes.world import BACKGROUND, draw, training_scenes
 
     scenes = training_scenes()[:40]
     rng = random.Random(7)
-    plain = [np.asarray(drawing(s, rng, 0.0, SIZES.image_size)) for s in scenes]
+    seeds = [rng.randrange(1 << 30) for _ in scenes]  # the world's own drawings: one seed each from the rng, jitter 1
+    plain = [np.asarray(draw(s, SIZES.image_size, 1, seed)) for s, seed in zip(scenes, seeds)]
     assert all((a == np.asarray(b)).all() for a, b in zip(plain, world_images(scenes, 7)))
-    rng = random.Random(7)
-    corners = [drawing(s, rng, 0.5, SIZES.image_size).getpixel((0, 0)) for s in scenes]
+    assert all((a == np.asarray(b)).all() for a, b in zip(plain, world_images(scenes, 7, vary_rate=0.0)))
+    corners = [image.getpixel((0, 0)) for image in world_images(scenes, 7, vary_rate=0.5)]
     assert 5 < sum(c != BACKGROUND for c in corners) < 35
 
 

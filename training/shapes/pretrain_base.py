@@ -29,7 +29,7 @@ from .classifier import train_classifier
 from .dialogue import dialogue_corpus, drawing
 from .models import SIZES, build_clip, build_lm, build_scheduler, build_tokenizer, build_unet, build_vae
 from .train_world_gill import check_shares
-from .world import all_scenes, corpus, draw, training_scenes
+from .world import all_scenes, corpus, training_scenes
 
 logger = logging.getLogger("shapes.pretrain")
 
@@ -40,9 +40,10 @@ def image_tensor(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def world_images(scenes, seed: int, jitter: int = 1):
+def world_images(scenes, seed: int, vary_rate: float = 0.0):
+    """The world's drawings of `scenes` (jitter 1), `vary_rate` of them varied (`dialogue.drawing`), from one seed."""
     rng = random.Random(seed)
-    return [draw(s, SIZES.image_size, jitter, rng.randrange(1 << 30)) for s in scenes]
+    return [drawing(s, rng, vary_rate, SIZES.image_size) for s in scenes]
 
 
 def encode_texts(tokenizer, texts, length: int) -> torch.Tensor:
@@ -66,8 +67,7 @@ def contrastive_steps(clip, tokenizer, optimizer, steps: int, batch: int, lr: fl
     for step in range(steps):
         # Distinct scenes per batch: duplicate captions would be false negatives for the contrastive loss.
         chosen = rng.sample(scenes, min(batch, len(scenes)))
-        image_rng = random.Random(rng.randrange(1 << 30))  # at rate 0: exactly world_images(chosen, that seed)
-        pixels = image_tensor([drawing(s, image_rng, vary_rate, SIZES.image_size) for s in chosen])
+        pixels = image_tensor(world_images(chosen, rng.randrange(1 << 30), vary_rate))
         ids = encode_texts(tokenizer, [s.caption() for s in chosen], SIZES.text_length)
         cosine_lr(optimizer, step, steps, lr, warmup=warmup)
         mask = (ids != tokenizer.pad_token_id).long()
