@@ -12,7 +12,8 @@ import PIL.Image
 import pytest
 import torch
 
-from gill_pipeline.retrieval import RetrievalIndex, RetrievalIndexError, choose_faiss_params, load_record_image
+from gill_pipeline.retrieval import (RetrievalIndex, RetrievalIndexError, choose_faiss_params, load_record_image,
+                                     tune_and_measure_recall, tune_search_params)
 from gill_pipeline.retrieval import faiss_shards
 from gill_pipeline.retrieval.image_loading import ImageLoadError
 from gill_pipeline.retrieval.serialization import INDEX_CONFIG_FILE
@@ -132,6 +133,20 @@ def test_parameter_choice_meets_its_target_on_a_clustered_sample(tmp_path):
     assert load(tmp_path).faiss_settings.recall_measurement == chosen.recall_measurement
 
 
+def test_memory_mapped_choice_keeps_to_codes_a_load_maps(tmp_path):
+    index = make_index(3000, seed=4).use_faiss("auto", target_recall=0.9, max_bytes_per_image=16, memory_mapped=True)
+    choice = index.faiss_settings.choice
+    factories = {t["factory"] for t in choice["tried"]}
+    assert choice["memory_mapped"] and len(factories) >= 2 and not any("fs" in f for f in factories), factories
+    assert "fs" not in index.faiss_settings.factory and index.faiss_settings.recall_at_10 >= 0.8
+    index.save_pretrained(tmp_path)
+    # Read back memory-mapped: FAISS maps 8-bit PQ inverted lists (its block lists of fast-scan codes it reads).
+    loaded = load(tmp_path, mmap=True)
+    assert loaded.search_backend == f"faiss:{index.faiss_settings.factory}"
+    with pytest.raises(ValueError, match="`memory_mapped` must be True or False, got 'yes'"):
+        choose_faiss_params(clustered(400), memory_mapped="yes")
+
+
 @pytest.mark.parametrize("change", ["rows", "factory", "width", "corrupt"])
 def test_faiss_file_that_does_not_match_its_config_is_refused(tmp_path, change):
     make_index(2000).use_faiss("IVF16,Flat", nprobe=4).save_pretrained(tmp_path)
@@ -179,6 +194,38 @@ def test_an_interrupted_faiss_save_leaves_the_previous_set_readable(tmp_path, qu
     assert loaded.search_backend == "faiss:Flat" and torch.equal(loaded.search(queries, k=5).rows, expected)
 
 
+def _ivf_searcher(index: RetrievalIndex, factory: str = "IVF32,PQ8x4fs", rows: bool = True):
+    return faiss_shards.ShardedFaissSearcher.build(index.embeddings, faiss_shards.FaissSettings(factory, nprobe=1),
+                                                   rows_of=(lambda r: index.embeddings[r]) if rows else None)
+
+
+def test_search_params_are_tuned_on_the_full_index_to_the_target():
+    index = make_index(3000, seed=3)
+    searcher = _ivf_searcher(index)
+    measured = tune_and_measure_recall(searcher, [index.embeddings], target_recall=0.95, num_queries=100, seed=1)
+    tuning = measured["search_tuning"]
+    # nprobe=1 without re-ranking is far from it; the chosen settings reach it on the tuning queries and are set.
+    assert tuning["met_target"] and tuning["recall_at_10"] >= 0.95 and measured["queries"] == 100
+    assert (searcher.settings.nprobe, searcher.settings.rerank) == (tuning["nprobe"], tuning["rerank"])
+    first = next(t for t in tuning["tried"] if t["rerank"] == 1)
+    assert first["recall_at_10"] < 0.95
+    # A deeper re-ranking is only tried with a smaller nprobe than a shallower one needed (anything else is slower).
+    met = [t for t in tuning["tried"] if t["recall_at_10"] >= 0.95]
+    assert all(t["nprobe"] <= met[0]["nprobe"] for t in tuning["tried"] if t["rerank"] > met[0]["rerank"])
+    # The recall returned is taken on the other 100 queries, and is what the searcher gives there.
+    assert measured["recall_at_10"] >= 0.9
+
+    # Without stored rows only the codes count: no re-ranking is tried, and an unreachable target gives the most
+    # accurate setting with met_target False.
+    codes = _ivf_searcher(index, "IVF32,PQ2x4fs", rows=False)
+    queries = index.embeddings[:50]
+    truth = [set(r.tolist()) for r in (queries @ index.embeddings.t()).topk(10, dim=1).indices]
+    result = tune_search_params(codes, queries, truth, target_recall=1.0)
+    assert not result["met_target"] and {t["rerank"] for t in result["tried"]} == {1}
+    assert result["recall_at_10"] == max(t["recall_at_10"] for t in result["tried"]) < 1.0
+    assert codes.settings.nprobe == result["nprobe"]
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -190,6 +237,11 @@ def test_an_interrupted_faiss_save_leaves_the_previous_set_readable(tmp_path, qu
         (lambda i: choose_faiss_params(i.embeddings, target_recall=1.5), "`target_recall`"),
         (lambda i: choose_faiss_params(i.embeddings, max_bytes_per_image=0), "`max_bytes_per_image`"),
         (lambda i: choose_faiss_params(i.embeddings[:50]), "`embeddings` must be"),
+        (lambda i: tune_search_params(_ivf_searcher(i), i.embeddings[:5], [set()] * 5, target_recall=0),
+         "`target_recall`"),
+        (lambda i: tune_search_params(_ivf_searcher(i), i.embeddings[:5], [set()] * 5, rerank_candidates=(0,)),
+         "`rerank_candidates`"),
+        (lambda i: tune_and_measure_recall(_ivf_searcher(i), [i.embeddings], num_queries=0), "`num_queries`"),
     ],
 )
 def test_bad_arguments_are_named(call, match):
@@ -374,13 +426,21 @@ def test_add_faiss_index_records_the_recall_of_the_full_index_not_of_its_tuning_
     assert tuning == [400]
     saved = json.load(open(tmp_path / INDEX_CONFIG_FILE))["faiss"]
     assert saved["choice"]["tuning_recall_at_10"] == 0.123 and saved["choice"]["tuning_sample_rows"] == 200
-    measurement = saved["recall_measurement"]
+    measurement = dict(saved["recall_measurement"])
+    tuning = measurement.pop("search_tuning")
     assert measurement == {"rows": 4000, "queries": 200, "queries_outside_tuning_sample": True,
                            "tuning_sample_rows": 400}
     assert saved["recall_at_10"] == settings.recall_at_10 != 0.123
+    # The sample's nprobe=2 without re-ranking misses the target on the full index: nprobe and the re-ranking depth
+    # were re-tuned on 200 other rows of the full set, and are what the set is searched with.
+    assert tuning["queries"] == 200 and tuning["target_recall"] == 0.95 and tuning["met_target"]
+    assert (saved["nprobe"], saved["rerank"]) == (tuning["nprobe"], tuning["rerank"]) != (2, 1)
+    assert (settings.nprobe, settings.rerank) == (tuning["nprobe"], tuning["rerank"])
+    assert load(tmp_path).faiss_settings.rerank == tuning["rerank"]
     # What was recorded agrees with the recall of the saved index over every row of the set (200 of 4000 queries:
-    # a sampling error of about 0.02).
-    assert abs(saved["recall_at_10"] - _full_recall(tmp_path, index.embeddings)) < 0.08
+    # a sampling error of about 0.02), and reaches the target within it.
+    full = _full_recall(tmp_path, index.embeddings)
+    assert abs(saved["recall_at_10"] - full) < 0.08 and full >= 0.92
     # A hand-given factory is measured the same way; a FAISS "Flat" index finds everything exact search finds.
     flat = add_faiss_index(tmp_path, "Flat", sample_rows=500, recall_queries=50)
     assert flat.recall_at_10 == 1.0 and flat.recall_measurement["queries"] == 50

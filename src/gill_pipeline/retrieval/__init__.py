@@ -17,7 +17,7 @@ from .image_loading import ImageLoadError, UnsafeImagePathError, load_record_ima
 from .calibration import calibrate_min_similarity
 from .index import RETRIEVAL_ID_INFO_KEY, RetrievalIndex, RetrievedImage
 from .faiss_build import add_faiss_index
-from .faiss_params import FaissParams, choose_faiss_params, measure_recall
+from .faiss_params import FaissParams, choose_faiss_params, measure_recall, tune_and_measure_recall, tune_search_params
 from .faiss_shards import FaissSettings, ShardedFaissSearcher, read_faiss_files
 from .search import ExactSearcher, FaissSearcher, SearchResult
 from .serialization import RetrievalIndexError
@@ -40,6 +40,8 @@ __all__ = [
     "FaissParams",
     "choose_faiss_params",
     "measure_recall",
+    "tune_and_measure_recall",
+    "tune_search_params",
     "add_faiss_index",
     "read_faiss_files",
     "SearchResult",

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
-from .faiss_params import DEFAULT_RECALL_QUERIES, choose_faiss_params, measure_recall
+from .faiss_params import DEFAULT_RECALL_QUERIES, choose_faiss_params, measure_recall, tune_and_measure_recall
 from .faiss_shards import (
     DEFAULT_TRAIN_SIZE,
     FaissSettings,
@@ -51,6 +51,7 @@ def add_faiss_index(
     train_size: int = DEFAULT_TRAIN_SIZE,
     recall_queries: int | None = DEFAULT_RECALL_QUERIES,
     seed: int = 0,
+    memory_mapped: bool = False,
 ) -> FaissSettings:
     r"""
     Trains a FAISS index on a sample of a saved set and adds every row to it, streamed from the set's embedding
@@ -71,7 +72,11 @@ def add_faiss_index(
         recall_queries (`int`, *optional*, defaults to 200): Rows of the set, outside that sample, searched with the
             full index once it is written and with exact search over every row (streamed block by block) to measure
             the recall@10 recorded in the config (`recall_at_10`, with `recall_measurement`); what `"auto"` measured
-            on the sample is kept apart as `choice.tuning_recall_at_10`. `None` or 0: not measured (`null`).
+            on the sample is kept apart as `choice.tuning_recall_at_10`. `None` or 0: not measured (`null`). With
+            `"auto"`, `nprobe` and the re-ranking depth are first re-tuned on the full index to `target_recall`
+            ([`tune_and_measure_recall`]: half the queries tune, the other half measure).
+        memory_mapped (`bool`, *optional*, defaults to `False`): With `"auto"`, only codes a load memory-maps (8-bit
+            PQ; see [`choose_faiss_params`]).
     """
     folder = str(folder)
     config = RetrievalIndexSerializationMixin._read_config(folder)
@@ -96,7 +101,7 @@ def add_faiss_index(
                         for b in np.unique(which)]).numpy()
     if factory == "auto":
         settings = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
-                                       seed=seed).settings(max_rows_per_file=max_rows_per_file)
+                                       seed=seed, memory_mapped=memory_mapped).settings(max_rows_per_file=max_rows_per_file)
     else:
         settings = FaissSettings(factory, nprobe=nprobe, ef_search=ef_search, rerank=rerank,
                                  max_rows_per_file=max_rows_per_file)
@@ -113,7 +118,14 @@ def add_faiss_index(
         # On the full index as saved (memory-mapped), never the tuning sample's recall.
         searcher = read_faiss_files(folder, block, config_path, num_rows=num_rows,
                                     rows_of=lambda rows: gather_rows(blocks, rows))
-        measured = measure_recall(searcher, blocks, num_queries=recall_queries, avoid_rows=picked, seed=seed)
+        if factory == "auto":  # nprobe and re-ranking re-tuned on the full index: the sample's do not hold
+            measured = tune_and_measure_recall(searcher, blocks, target_recall=target_recall,
+                                               num_queries=recall_queries, avoid_rows=picked, seed=seed)
+            tuned = searcher.settings
+            settings.nprobe, settings.ef_search, settings.rerank = tuned.nprobe, tuned.ef_search, tuned.rerank
+            block["nprobe"], block["efSearch"], block["rerank"] = tuned.nprobe, tuned.ef_search, tuned.rerank
+        else:
+            measured = measure_recall(searcher, blocks, num_queries=recall_queries, avoid_rows=picked, seed=seed)
         settings.recall_at_10 = measured.pop("recall_at_10")
         settings.recall_measurement = {**measured, "tuning_sample_rows": int(picked.shape[0])}
         block["recall_at_10"], block["recall_measurement"] = settings.recall_at_10, settings.recall_measurement

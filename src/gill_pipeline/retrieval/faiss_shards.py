@@ -57,14 +57,23 @@ def describe_index(index) -> dict:
 
 
 def make_index(dim: int, factory: str):
-    """An empty (untrained) FAISS index with the inner-product metric; a ValueError for a bad factory string."""
+    """An empty (untrained) FAISS index with the inner-product metric; a ValueError for a bad factory string.
+
+    8-bit IVF-PQ indexes skip FAISS' polysemous training (as the factory's `np` suffix asks): it only serves Hamming
+    pre-filtering, which these searches never use, and it was 95% of their training time (30 s against 1.4 s for
+    `IVF64,PQ16` on 3000 rows)."""
     faiss = import_faiss()
     if not isinstance(factory, str) or not factory:
         raise ValueError(f"`factory` must be a FAISS index_factory string such as 'IVF1024,PQ32', got {factory!r}.")
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise ValueError(f"`factory`={factory!r} is not a FAISS index_factory string: {error}") from error
+    ivf = _ivf_of(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False
+    return index
 
 
 def _ivf_of(index):

@@ -14,7 +14,7 @@ from diffusers.utils import logging
 from .calibration import check_min_similarity
 from .fingerprint import check_same_weights, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, load_record_image
-from .faiss_params import choose_faiss_params, measure_recall
+from .faiss_params import choose_faiss_params, tune_and_measure_recall
 from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, ShardedFaissSearcher
 from .files import RetrievalIndexError as _RetrievalIndexError
 from .record_table import RecordTable
@@ -247,6 +247,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         max_bytes_per_image: float = 64,
         train_size: int = DEFAULT_TRAIN_SIZE,
         seed: int = 0,
+        memory_mapped: bool = False,
     ):
         r"""Searches with FAISS from now on: trains and fills the FAISS index now; `save_pretrained` saves it with the
         set and `from_pretrained` reads it back memory-mapped, without training again.
@@ -264,7 +265,9 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             max_rows_per_file (`int`, *optional*): Rows per FAISS index at most; a larger set gets several indexes
                 (saved as several files), searched together and merged by score.
             target_recall (`float`, *optional*, defaults to 0.95), max_bytes_per_image (`float`, *optional*,
-                defaults to 64): What `"auto"` aims for.
+                defaults to 64): What `"auto"` aims for; it then re-tunes `nprobe` and `rerank` on the full index
+                ([`tune_and_measure_recall`]). `memory_mapped=True`: `"auto"` tries only codes that a load
+                memory-maps (8-bit PQ, see [`choose_faiss_params`]).
             train_size (`int`, *optional*, defaults to 100,000), seed (`int`, *optional*, defaults to 0): Rows
                 sampled (with this seed) to train indexes that need training.
 
@@ -284,7 +287,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
             else:
                 sample = self._row_range(0, len(self))
             params = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
-                                         seed=seed)
+                                         seed=seed, memory_mapped=memory_mapped)
             settings = params.settings(max_rows_per_file=max_rows_per_file)
         else:
             settings = FaissSettings(factory, nprobe=nprobe, ef_search=ef_search, rerank=rerank,
@@ -299,7 +302,9 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         if factory == "auto" and len(self) >= AUTO_MIN_ROWS:
             # The recall recorded is that of the full index just built, not the tuning sample's (kept in `choice`).
             avoid = None if tuning_rows is None else tuning_rows.numpy()
-            measured = measure_recall(searcher, self._blocks, avoid_rows=avoid, seed=seed)
+            # nprobe and re-ranking re-tuned on the full index (the sample's do not hold for a larger set).
+            measured = tune_and_measure_recall(searcher, self._blocks, target_recall=target_recall, avoid_rows=avoid,
+                                               seed=seed)
             settings.recall_at_10 = measured.pop("recall_at_10")
             settings.recall_measurement = {**measured, "tuning_sample_rows": min(len(self), AUTO_SAMPLE_ROWS)}
         self._searcher, self._searcher_rows = searcher, len(self)
