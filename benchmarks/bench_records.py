@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from gill_pipeline.retrieval.record_table import id_hashes, row_index_file_name, write_jsonl_shard
+from gill_pipeline.retrieval.record_table import (SORTED_IDS_FILE, RecordTable, id_hashes, row_index_file_name,
+                                                 write_jsonl_shard)
 from gill_pipeline.retrieval.serialization import (
     EMBEDDINGS_KEY,
     EMBEDDINGS_SHARD_TEMPLATE,
@@ -55,7 +56,7 @@ def record_line(i: int) -> bytes:
 def write_set(folder: str, n: int) -> dict:
     """A saved set of `n` records written shard by shard; the seconds spent on the records and their row indexes."""
     os.makedirs(folder, exist_ok=True)
-    shards, seconds, jsonl_bytes, index_bytes = [], 0.0, 0, 0
+    shards, seconds, jsonl_bytes, index_bytes, tables = [], 0.0, 0, 0, []
     for s, start in enumerate(range(0, n, SHARD_ROWS)):
         stop = min(start + SHARD_ROWS, n)
         metadata, embeddings = METADATA_SHARD_TEMPLATE.format(s), EMBEDDINGS_SHARD_TEMPLATE.format(s)
@@ -65,6 +66,7 @@ def write_set(folder: str, n: int) -> dict:
         shard = write_jsonl_shard(os.path.join(folder, metadata), ((t, int(h), False) for t, h in zip(lines, hashes)))
         shard.write_row_index(os.path.join(folder, row_index_file_name(metadata)))
         seconds += time.perf_counter() - tick
+        tables.append(shard)
         jsonl_bytes += os.path.getsize(os.path.join(folder, metadata))
         index_bytes += os.path.getsize(os.path.join(folder, row_index_file_name(metadata)))
         rows = torch.zeros(stop - start, DIM, dtype=torch.float16)
@@ -72,23 +74,33 @@ def write_set(folder: str, n: int) -> dict:
         save_file({EMBEDDINGS_KEY: rows}, os.path.join(folder, embeddings), metadata={"format": "pt"})
         shards.append({"embeddings": embeddings, "metadata": metadata, "row_index": row_index_file_name(metadata),
                        "num_rows": stop - start})
+    # The sorted ids, as `save_pretrained` writes them once the shards are written.
+    tick = time.perf_counter()
+    RecordTable.from_shards(tables, folder).write_sorted_ids(os.path.join(folder, SORTED_IDS_FILE))
+    sorted_ids_s = time.perf_counter() - tick
+    sorted_ids_bytes = os.path.getsize(os.path.join(folder, SORTED_IDS_FILE))
+    del tables
     save_file({"probe": torch.zeros(1, DIM)}, os.path.join(folder, PROBE_FILE), metadata={"format": "pt"})
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "num_images": n, "dim": DIM,
               "dtype": "float16", "normalized": True, "image_root": ".", "min_similarity": None,
-              "weights": {"retrieval_dim": DIM}, "shards": shards}
+              "weights": {"retrieval_dim": DIM}, "shards": shards, "sorted_ids": SORTED_IDS_FILE}
     with open(os.path.join(folder, INDEX_CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
-    return {"write_s": seconds, "jsonl_bytes": jsonl_bytes, "row_index_bytes": index_bytes}
+    return {"write_s": seconds, "jsonl_bytes": jsonl_bytes, "row_index_bytes": index_bytes,
+            "sorted_ids_s": sorted_ids_s, "sorted_ids_bytes": sorted_ids_bytes}
 
 
-def without_row_index(folder: str, target: str) -> None:
-    """The same set as older versions saved it: links to the same files, a config without `row_index`."""
+def without_row_index(folder: str, target: str, keep_row_index: bool = False) -> None:
+    """The same set as older versions saved it: links to the same files, a config without `sorted_ids` and (unless
+    `keep_row_index`) without `row_index`."""
     os.makedirs(target, exist_ok=True)
     with open(os.path.join(folder, INDEX_CONFIG_FILE)) as f:
         config = json.load(f)
+    config.pop("sorted_ids")
     for shard in config["shards"]:
-        shard.pop("row_index")
-        for key in ("embeddings", "metadata"):
+        if not keep_row_index:
+            shard.pop("row_index")
+        for key in ("embeddings", "metadata") + (("row_index",) if keep_row_index else ()):
             os.link(os.path.join(folder, shard[key]), os.path.join(target, shard[key]))
     os.link(os.path.join(folder, PROBE_FILE), os.path.join(target, PROBE_FILE))
     with open(os.path.join(target, INDEX_CONFIG_FILE), "w") as f:
@@ -159,6 +171,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if any(v <= 0 for v in args.sizes):
         parser.error(f"`--sizes` must be positive, got {args.sizes}.")
+    earlier = []
+    json_path = os.path.splitext(args.output)[0] + ".json"
+    if os.path.isfile(json_path):  # sizes not run again keep their rows (rows of before the sorted ids renamed)
+        with open(json_path) as f:
+            earlier = [r for r in json.load(f)["rows"] if r["rows"] not in args.sizes]
+        for r in earlier:
+            if r["loader"] == "new" and "sorted_ids_s" not in r:
+                r["loader"] = "new, no sorted ids"
     load_before = os.getloadavg()
     work = tempfile.mkdtemp(dir=args.workdir, prefix="bench_records-")
     new_path = os.path.join(REPO, "src")
@@ -168,9 +188,10 @@ def main(argv=None) -> None:
         for n in args.sizes:
             folder = os.path.join(work, f"set-{n}")
             written = write_set(folder, n)
-            plain = folder + "-plain"
+            plain, unsorted = folder + "-plain", folder + "-unsorted"
             without_row_index(folder, plain)
-            runs = {"new": measure(folder, n, new_path)}
+            without_row_index(folder, unsorted, keep_row_index=True)
+            runs = {"new": measure(folder, n, new_path), "new, no sorted ids": measure(unsorted, n, new_path)}
             if n <= args.plain_max_rows:
                 runs["new, no row index"] = measure(plain, n, new_path)
             if n <= args.old_max_rows:
@@ -179,10 +200,11 @@ def main(argv=None) -> None:
             for name, run in runs.items():
                 rows.append({"rows": n, "loader": name, **written, **run})
                 print(json.dumps(rows[-1]), flush=True)
-            shutil.rmtree(folder)
-            shutil.rmtree(plain)
+            for path in (folder, plain, unsorted):
+                shutil.rmtree(path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    rows = sorted(earlier + rows, key=lambda r: r["rows"])
     write_markdown(args, rows, load_before, os.getloadavg())
 
 
@@ -204,7 +226,9 @@ def write_markdown(args, rows, load_before, load_after) -> None:
         "page cache, dropped first under memory pressure); the peak is VmHWM less the RSS after the import. "
         f"`old` is the loader of `{args.old_ref}` (list of dicts + "
         "dict of ids), reading the same folder without row index files; `new, no row index` is this version on that "
-        "folder (one streamed pass over the records).",
+        "folder (one streamed pass over the records); `new, no sorted ids` reads the row index files but not the "
+        f"sorted id hashes (`{SORTED_IDS_FILE}`, which `new` memory-maps): it sorts the hashes at load, as versions "
+        "before it did. Rows of a size not in this run's `--sizes` are kept from an earlier run.",
         "",
         "| rows | loader | load (s) | held after load (MiB) | held after lookups (MiB) | file pages after lookups "
         "(MiB) | peak RSS of the load (MiB) | bytes/row held | `records[row]` (us) | `row_of(id)` (us) | 100M rows would "
@@ -226,7 +250,11 @@ def write_markdown(args, rows, load_before, load_after) -> None:
               "this machine (24 GiB shared with other jobs), so their lookups measure the disk, not the table."]
     lines += ["", "On disk per row: " + ", ".join(
         f"{r['rows']:,} rows: JSON Lines {r['jsonl_bytes'] / r['rows']:.1f} B, row index {r['row_index_bytes'] / r['rows']:.1f} B "
-        f"(written in {r['write_s']:.0f} s with the records)" for r in rows if r["loader"] == "new"), ""]
+        f"(written in {r['write_s']:.0f} s with the records)"
+        + (f", sorted ids {r['sorted_ids_bytes'] / r['rows']:.1f} B (sorted and written in {r['sorted_ids_s']:.1f} s)"
+           if "sorted_ids_s" in r else "")
+        for r in rows if r["loader"] in ("new", "new, no sorted ids") and "write_s" in r
+        and (r["loader"] == "new" or not any(o["rows"] == r["rows"] and o["loader"] == "new" for o in rows))), ""]
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(os.path.splitext(args.output)[0] + ".json", "w") as f:  # the raw figures
         json.dump({"load_average": [load_before[0], load_after[0]], "rows": rows}, f, indent=1)

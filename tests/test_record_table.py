@@ -264,3 +264,57 @@ def test_a_set_is_checked_against_a_source_by_id_hash_without_parsing_a_record(t
     assert not table.is_ordered_subset_of(ids[1:] + ids[:1])  # the same ids in another order
     assert not table.is_ordered_subset_of(ids[:3] + ["other"] + ids[4:])  # one id differs
     assert not table.is_ordered_subset_of(ids[:3] + ["other"] + ids[3:5] + ids[6:] + ["more"])
+
+
+def test_sorted_ids_are_saved_and_mapped_at_load_and_a_stale_or_corrupt_file_is_read_past(tmp_path, caplog):
+    _, records = saved_set(tmp_path)
+    assert config_of(tmp_path)["sorted_ids"] == record_table.SORTED_IDS_FILE
+    sidecar = tmp_path / record_table.SORTED_IDS_FILE
+    loaded = RetrievalIndex.from_pretrained(tmp_path)
+    table = loaded.records
+    # Mapped from the file (not sorted again), and the same lookups as a list.
+    assert table._sorted_ids_file == os.path.realpath(sidecar) and isinstance(table._sorted_hashes, np.memmap)
+    check_same_as_list(table, records)
+    assert np.array_equal(table._sorted_hashes, np.sort(id_hashes(r["id"] for r in records)))
+
+    # Rows added and saved in place: the file is rewritten for the new shards and maps again.
+    loaded.add_embeddings(unit_rows(3, 1), records_of(3, prefix="new"))
+    loaded.save_pretrained(tmp_path, max_shard_rows=7)
+    again = RetrievalIndex.from_pretrained(tmp_path).records
+    assert again._sorted_ids_file is not None and again.row_of("new2") == 25 and again == records + records_of(3, "new")
+    good = sidecar.read_bytes()
+
+    diffusers_logging.enable_propagation()
+    caplog.set_level(std_logging.INFO, logger="gill_pipeline.retrieval")
+    try:
+        # A file from another set (other record files), a swapped pair of rows, garbage: each is read past, with the
+        # reason logged, and the lookups are those of the records.
+        other = tmp_path / "other"
+        saved_set(other, n=26)
+        arrays = record_table._mmap_safetensors_arrays(str(sidecar))
+        swapped = {"hashes": np.array(arrays["hashes"]), "rows": np.array(arrays["rows"])}
+        swapped["rows"][[0, -1]] = swapped["rows"][[-1, 0]]
+        from safetensors import safe_open
+        from safetensors.numpy import save_file
+
+        with safe_open(str(sidecar), framework="np") as f:
+            metadata = f.metadata()
+        for bad, reason in [((other / record_table.SORTED_IDS_FILE).read_bytes(), "other record files"),
+                            (None, "do not match the rows' id hashes"), (b"not a safetensors file", "cannot be read")]:
+            if bad is None:
+                save_file(swapped, str(sidecar), metadata=metadata)
+            else:
+                sidecar.write_bytes(bad)
+            caplog.clear()
+            table = RetrievalIndex.from_pretrained(tmp_path).records
+            assert table._sorted_ids_file is None and reason in caplog.text, caplog.text
+            assert table == records + records_of(3, "new")
+            assert [table.row_of(r["id"]) for r in table] == list(range(26))
+    finally:
+        diffusers_logging.disable_propagation()
+    # A config naming anything but the one file name is not followed.
+    sidecar.write_bytes(good)
+    config = config_of(tmp_path)
+    config["sorted_ids"] = "../other/" + record_table.SORTED_IDS_FILE
+    (tmp_path / INDEX_CONFIG_FILE).write_text(json.dumps(config))
+    assert RetrievalIndex.from_pretrained(tmp_path).records._sorted_ids_file is None

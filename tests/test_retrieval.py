@@ -257,7 +257,7 @@ def _folder_files(folder):
     """The files of an index folder, and the ones its config names (shards, config, probes)."""
     config = json.loads(open(os.path.join(folder, INDEX_CONFIG_FILE)).read())
     keys = ("embeddings", "metadata", "row_index")
-    named = {INDEX_CONFIG_FILE, PROBE_FILE} | {s[key] for s in config["shards"] for key in keys}
+    named = {INDEX_CONFIG_FILE, PROBE_FILE, config["sorted_ids"]} | {s[key] for s in config["shards"] for key in keys}
     return set(os.listdir(folder)), named
 
 

@@ -33,7 +33,8 @@ from .faiss_shards import (
 from .files import RetrievalIndexError, atomic_write as _atomic_write
 from .unread_faiss import FAISS_EXTRA_HINT, UnreadFaiss
 from .image_loading import is_url, resolve_local_path
-from .record_table import RECORD_REQUIRED_KEYS, JsonlShard, RecordTable, row_index_file_name, write_jsonl_shard
+from .record_table import (RECORD_REQUIRED_KEYS, SORTED_IDS_FILE, JsonlShard, RecordTable, row_index_file_name,
+                           write_jsonl_shard)
 from .search import import_faiss
 
 
@@ -206,6 +207,8 @@ class RetrievalIndexSerializationMixin:
         shards = [dict(s) for s in self._saved.shards] if append else []
         if append:
             self._write_missing_row_indexes(folder, shards)
+        loaded = {os.path.realpath(s.path): s for s in self.records.shards}
+        saved_records = [loaded.get(os.path.realpath(os.path.join(folder, s["metadata"]))) for s in shards]
         start = sum(shard["num_rows"] for shard in shards)
         while start < len(self):
             stop = min(start + max_shard_rows, len(self))
@@ -221,6 +224,7 @@ class RetrievalIndexSerializationMixin:
             jsonl = write_jsonl_shard(os.path.join(folder, metadata_file), self.records.lines(start, stop))
             row_index_file = row_index_file_name(metadata_file)
             jsonl.write_row_index(os.path.join(folder, row_index_file))
+            saved_records.append(jsonl)
             shards.append({"embeddings": embeddings_file, "metadata": metadata_file, "row_index": row_index_file,
                            "num_rows": stop - start})
             start = stop
@@ -242,6 +246,8 @@ class RetrievalIndexSerializationMixin:
             "min_similarity": self.min_similarity,
             "weights": self.fingerprint,
             "shards": shards,
+            # Before the config: a load checks it against the record files, so one left by a crash is ignored.
+            "sorted_ids": self._write_sorted_ids(folder, saved_records),
         }
         if searcher is not None:
             config["faiss"] = searcher.write_files(folder, in_use)
@@ -262,6 +268,17 @@ class RetrievalIndexSerializationMixin:
         self._saved = SavedCopy.of(folder, config)
         if unread is not None:
             self._unread_faiss = unread
+
+    def _write_sorted_ids(self, folder: str, saved_records: list) -> None:
+        """Writes the sorted id hashes of the saved rows (`records-sorted-ids.safetensors`, which a load maps instead
+        of sorting) and returns its name; None when a saved shard's records are not at hand."""
+        if not saved_records or any(s is None for s in saved_records):
+            return None
+        same = len(self.records) == self.records.num_file_rows and [s.path for s in self.records.shards] == [
+            s.path for s in saved_records]
+        table = self.records if same else RecordTable.from_shards(saved_records, folder)
+        table.write_sorted_ids(os.path.join(folder, SORTED_IDS_FILE))
+        return SORTED_IDS_FILE
 
     def _write_missing_row_indexes(self, folder: str, shards: list[dict]) -> None:
         """Row index files for the shards kept by an incremental save that lack a valid one (a folder saved by an
@@ -387,7 +404,9 @@ class RetrievalIndexSerializationMixin:
         index = cls(empty, [], config["weights"], probes, image_root=None if image_root is None else str(image_root),
                     allow_urls=allow_urls, min_similarity=min_similarity)
         index.has_embeddings = has_embeddings
-        records = RecordTable.from_shards(record_shards, folder)
+        sorted_ids = config.get("sorted_ids")
+        sorted_ids = os.path.join(folder, sorted_ids) if sorted_ids == SORTED_IDS_FILE else None
+        records = RecordTable.from_shards(record_shards, folder, sorted_ids=sorted_ids)
         if len(records):
             index._blocks = [empty] + blocks
             index.records = records
