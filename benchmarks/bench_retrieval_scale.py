@@ -11,8 +11,9 @@ chunk by chunk from a seed and never held all at once:
    (`FaissShardWriter`: shards of `--rows-per-file` rows written as they fill), the exact top-10 of 200 fresh queries
    (100 to tune nprobe, 100 to report) is kept up to date, and, when the chosen index re-ranks, the rows are written
    to an fp16 memory-mapped file for it.
-3. `read_faiss_files` reads the files back memory-mapped (load time, RSS), nprobe is tuned on the tuning queries,
-   recall@10 and latency (1 thread) are measured on the other 100.
+3. `read_faiss_files` reads the files back memory-mapped, nprobe and re-ranking are re-tuned on the tuning queries
+   (`tune_search_params`), the load is measured in fresh processes (time, RSS; with and without `IO_FLAG_MMAP`), and
+   recall@10 and latency (1 thread) are measured on the other 100, with the sample's settings and the re-tuned ones.
 Appends to benchmarks/results/retrieval_scale.json and rewrites retrieval_scale.md from it.
 """
 
@@ -182,9 +183,6 @@ def bench_size(n: int, args, workdir: str, earlier: list[dict]) -> dict:
             out[order] = rows_fp16[r[order]]
             return torch.from_numpy(out)
 
-    for mmap in (True, False):  # each in a fresh process: this one's freed memory would hide what a load takes
-        entry["load_mmap" if mmap else "load_no_mmap"] = measure_load(folder, n, mmap, eval_q)
-    entry["load_s"], entry["load_rss_gib"] = entry["load_mmap"]["load_s"], entry["load_mmap"]["rss_gib"]
     searcher = read_faiss_files(folder, block, "faiss.json", num_rows=n, mmap=True, rows_of=rows_of)
     faiss.omp_set_num_threads(1)
     torch.set_num_threads(1)
@@ -194,6 +192,13 @@ def bench_size(n: int, args, workdir: str, earlier: list[dict]) -> dict:
     tuning = tune_search_params(searcher, torch.from_numpy(tune_q), [set(r.tolist()) for r in tune_truth],
                                 TARGET_RECALL, rerank_candidates=RERANK_CANDIDATES if rows_of else (1,))
     sweep = tuning["tried"]
+    # The load as a user's: the files with the tuned nprobe, each way in a fresh process (this one's freed memory
+    # would hide what a load takes).
+    with open(os.path.join(folder, "faiss.json"), "w") as f:
+        json.dump({**block, "nprobe": tuning["nprobe"], "rerank": tuning["rerank"]}, f, indent=2)
+    for mmap in (True, False):
+        entry["load_mmap" if mmap else "load_no_mmap"] = measure_load(folder, n, mmap, eval_q)
+    entry["load_s"], entry["load_rss_gib"] = entry["load_mmap"]["load_s"], entry["load_mmap"]["rss_gib"]
     settings_measured = [(params.nprobe, params.rerank, False), (tuning["nprobe"], tuning["rerank"], True)]
     results = []
     for nprobe, rerank, tuned in settings_measured:
