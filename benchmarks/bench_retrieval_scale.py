@@ -35,7 +35,7 @@ from benchmarks.synthetic_clip import BASIS_GROUPS, CONE, NOISE, SPREAD, ZIPF, C
 from gill_pipeline.retrieval import FaissParams, choose_faiss_params, read_faiss_files
 from gill_pipeline.retrieval.faiss_params import RERANK_CANDIDATES, default_nlist, tune_search_params
 from gill_pipeline.retrieval.faiss_shards import FaissShardWriter, train_index
-from gill_pipeline.retrieval.search import import_faiss
+from gill_pipeline.retrieval.search import gather_rows, import_faiss
 
 K = 10
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,7 +79,7 @@ class RunningTop:
 LOAD_SCRIPT = """
 import json, sys, time, numpy as np, torch
 from gill_pipeline.retrieval import read_faiss_files
-from gill_pipeline.retrieval.search import import_faiss
+from gill_pipeline.retrieval.search import gather_rows, import_faiss
 def rss():
     return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) / 2**20
 folder, n, mmap = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
@@ -173,15 +173,12 @@ def bench_size(n: int, args, workdir: str, earlier: list[dict]) -> dict:
     del writer, trained
     rows_of = None
     if params.rerank > 1:
-        rows_fp16 = np.load(os.path.join(folder, "rows-fp16.npy"), mmap_mode="r")
-        entry["rerank_bytes_per_image"] = rows_fp16.dtype.itemsize * gen.dim
+        # Read as a memory-mapped set's stored rows are: `gather_rows` (only the candidates' pages, no readahead).
+        rows_fp16 = torch.from_numpy(np.load(os.path.join(folder, "rows-fp16.npy"), mmap_mode="c"))
+        entry["rerank_bytes_per_image"] = rows_fp16.element_size() * gen.dim
 
         def rows_of(rows):
-            r = rows.numpy()
-            order = np.argsort(r)
-            out = np.empty((len(r), gen.dim), np.float32)
-            out[order] = rows_fp16[r[order]]
-            return torch.from_numpy(out)
+            return gather_rows([rows_fp16], rows)
 
     searcher = read_faiss_files(folder, block, "faiss.json", num_rows=n, mmap=True, rows_of=rows_of)
     faiss.omp_set_num_threads(1)

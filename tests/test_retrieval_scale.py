@@ -465,3 +465,49 @@ def test_use_faiss_on_a_memory_mapped_set_reads_it_block_by_block(tmp_path, quer
     assert torch.equal(got.rows, expected.rows)
     torch.testing.assert_close(got.scores, expected.scores)
     assert len([b for b in loaded._blocks if b.shape[0]]) == 5
+
+
+def _vm_flags_of(path) -> list[set]:
+    """The VmFlags of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    flags, current = [], None
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5:
+            current = line.split()[-1] if len(line.split()) >= 6 else None
+        elif line.startswith("VmFlags:") and current == str(path):
+            flags.append(set(line.split()[1:]))
+    return flags
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/smaps"), reason="needs Linux /proc")
+def test_scattered_rows_of_a_memory_mapped_set_are_read_without_readahead(tmp_path, monkeypatch):
+    from gill_pipeline.retrieval import page_advice
+    from gill_pipeline.retrieval.search import gather_rows
+
+    rows = clustered(5000)
+    path = tmp_path / "rows.npy"
+    np.save(path, rows.numpy())
+    mapped = torch.from_numpy(np.load(path, mmap_mode="c"))
+    blocks = [mapped[:2000], mapped[2000:]]
+    wanted = torch.tensor([[4999, 3], [2000, 1999]])
+    seen = []
+    real = page_advice.random_access
+
+    def spy(tensors):
+        seen.append(_vm_flags_of(path))  # before: the kernel's default advice
+        return real(tensors)
+
+    monkeypatch.setattr("gill_pipeline.retrieval.search.random_access", spy)
+    original_index = torch.Tensor.__getitem__
+
+    def index_and_look(self, key):
+        if self.data_ptr() in {b.data_ptr() for b in blocks}:
+            seen.append(_vm_flags_of(path))  # while the rows are read
+        return original_index(self, key)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", index_and_look)
+    got = gather_rows(blocks, wanted)
+    monkeypatch.undo()
+    assert torch.equal(got, rows[wanted])  # the same rows, in the asked shape
+    assert seen and all(not any("rr" in f for f in flags) for flags in seen[0::2]), seen
+    assert all(any("rr" in f for f in flags) for flags in seen[1::2]), seen  # MADV_RANDOM while reading
+    assert not any("rr" in f for f in _vm_flags_of(path))  # and the default back after

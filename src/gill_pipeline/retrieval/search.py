@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import logging
 
+from .page_advice import random_access
+
 
 logger = logging.get_logger(__name__)
 
@@ -58,14 +60,16 @@ def gather_rows(blocks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     blocks = [b for b in blocks if b.shape[0]]
     flat = rows.reshape(-1).cpu()
     if len(blocks) == 1:
-        return blocks[0][flat.to(blocks[0].device)].float().cpu().reshape(*rows.shape, -1)
+        with random_access(blocks):  # scattered rows of a memory-mapped file: no readahead
+            return blocks[0][flat.to(blocks[0].device)].float().cpu().reshape(*rows.shape, -1)
     ends = torch.tensor([b.shape[0] for b in blocks]).cumsum(0)
     which = torch.searchsorted(ends, flat, right=True)
     out = torch.empty(flat.shape[0], blocks[0].shape[1])
     for b in which.unique().tolist():
         mask = which == b
         start = int(ends[b]) - blocks[b].shape[0]
-        out[mask] = blocks[b][(flat[mask] - start).to(blocks[b].device)].float().cpu()
+        with random_access([blocks[b]]):
+            out[mask] = blocks[b][(flat[mask] - start).to(blocks[b].device)].float().cpu()
     return out.reshape(*rows.shape, -1)
 
 
