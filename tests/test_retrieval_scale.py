@@ -242,6 +242,8 @@ def test_search_params_are_tuned_on_the_full_index_to_the_target():
         (lambda i: tune_search_params(_ivf_searcher(i), i.embeddings[:5], [set()] * 5, rerank_candidates=(0,)),
          "`rerank_candidates`"),
         (lambda i: tune_and_measure_recall(_ivf_searcher(i), [i.embeddings], num_queries=0), "`num_queries`"),
+        (lambda i: i.use_faiss("auto", memory_mapped="yes"), "`memory_mapped` must be True or False, got 'yes'"),
+        (lambda i: i.use_faiss("IVF16,Flat", memory_mapped=True), "needs `factory='auto'`, got 'IVF16,Flat'"),
     ],
 )
 def test_bad_arguments_are_named(call, match):
@@ -447,6 +449,11 @@ def test_add_faiss_index_records_the_recall_of_the_full_index_not_of_its_tuning_
     assert add_faiss_index(tmp_path, "Flat", sample_rows=500, recall_queries=0).recall_at_10 is None
     with pytest.raises(ValueError, match="`recall_queries`"):
         add_faiss_index(tmp_path, "Flat", recall_queries=-1)
+    # Refused before the folder is read: a folder that is not a set gives the argument's error, not the folder's.
+    for bad, match in ((dict(memory_mapped=1), "`memory_mapped` must be True or False, got 1"),
+                       (dict(factory="Flat", memory_mapped=True), "needs `factory='auto'`")):
+        with pytest.raises(ValueError, match=match):
+            add_faiss_index(tmp_path / "not-a-set", **bad)
 
 
 def test_use_faiss_on_a_memory_mapped_set_reads_it_block_by_block(tmp_path, queries, monkeypatch):

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
-from .faiss_params import DEFAULT_RECALL_QUERIES, choose_faiss_params, measure_recall, tune_and_measure_recall
+from .faiss_params import (DEFAULT_RECALL_QUERIES, check_memory_mapped, choose_faiss_params, measure_recall,
+                           tune_and_measure_recall)
 from .faiss_shards import (
     DEFAULT_TRAIN_SIZE,
     FaissSettings,
@@ -78,6 +79,7 @@ def add_faiss_index(
         memory_mapped (`bool`, *optional*, defaults to `False`): With `"auto"`, only codes a load memory-maps (8-bit
             PQ; see [`choose_faiss_params`]).
     """
+    check_memory_mapped(memory_mapped, factory)
     folder = str(folder)
     config = RetrievalIndexSerializationMixin._read_config(folder)
     config_path = os.path.join(folder, INDEX_CONFIG_FILE)
@@ -100,8 +102,9 @@ def add_faiss_index(
     sample = torch.cat([blocks[b][torch.from_numpy(picked[which == b] - starts[b])].float()
                         for b in np.unique(which)]).numpy()
     if factory == "auto":
-        settings = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
-                                       seed=seed, memory_mapped=memory_mapped).settings(max_rows_per_file=max_rows_per_file)
+        params = choose_faiss_params(sample, target_recall=target_recall, max_bytes_per_image=max_bytes_per_image,
+                                     seed=seed, memory_mapped=memory_mapped)
+        settings = params.settings(max_rows_per_file=max_rows_per_file)
     else:
         settings = FaissSettings(factory, nprobe=nprobe, ef_search=ef_search, rerank=rerank,
                                  max_rows_per_file=max_rows_per_file)

@@ -66,6 +66,15 @@ class FaissParams:
                              choice=choice)
 
 
+def check_memory_mapped(memory_mapped, factory: str = "auto") -> None:
+    """`memory_mapped` must be a bool, and True only where the factory is chosen (`"auto"`)."""
+    if not isinstance(memory_mapped, bool):
+        raise ValueError(f"`memory_mapped` must be True or False, got {memory_mapped!r}.")
+    if memory_mapped and factory != "auto":
+        raise ValueError(f"`memory_mapped=True` chooses the codes, so it needs `factory='auto'`, got {factory!r}: "
+                         "pass a factory whose codes FAISS maps (e.g. 'IVF4096,PQ32') instead.")
+
+
 def default_nlist(num_rows: int) -> int:
     """About 4 sqrt(N) inverted lists (a power of two), with at least 39 training rows per list in the set."""
     nlist = 2 ** round(math.log2(max(4 * math.sqrt(max(num_rows, 1)), 1)))
@@ -125,8 +134,7 @@ def choose_faiss_params(
             only the inverted lists a query visits are read from disk). The default 4-bit fast-scan codes search
             faster but are read into memory at load (40 bytes/image: 4 GB for 100M rows).
     """
-    if not isinstance(memory_mapped, bool):
-        raise ValueError(f"`memory_mapped` must be True or False, got {memory_mapped!r}.")
+    check_memory_mapped(memory_mapped)
     if not isinstance(target_recall, (int, float)) or not 0 < target_recall <= 1:
         raise ValueError(f"`target_recall` must be in (0, 1], got {target_recall!r}.")
     if not isinstance(max_bytes_per_image, (int, float)) or max_bytes_per_image <= 0:

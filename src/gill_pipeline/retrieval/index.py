@@ -14,7 +14,7 @@ from diffusers.utils import logging
 from .calibration import check_min_similarity
 from .fingerprint import check_same_weights, probe_embeddings, weights_fingerprint
 from .image_loading import ImageLoadError, load_record_image
-from .faiss_params import choose_faiss_params, tune_and_measure_recall
+from .faiss_params import check_memory_mapped, choose_faiss_params, tune_and_measure_recall
 from .faiss_shards import DEFAULT_TRAIN_SIZE, FaissSettings, ShardedFaissSearcher
 from .files import RetrievalIndexError as _RetrievalIndexError
 from .record_table import RecordTable
@@ -274,6 +274,7 @@ class RetrievalIndex(RetrievalIndexSerializationMixin):
         Needs `faiss-cpu` (`pip install gill-pipeline[faiss]`).
         """
         self._require_embeddings("building a FAISS index")
+        check_memory_mapped(memory_mapped, factory)
         if factory == "auto" and len(self) < AUTO_MIN_ROWS:
             # Too few rows to hold out queries and measure; exact search over so few rows is also the fastest.
             logger.info(f"use_faiss('auto'): {len(self)} rows (< {AUTO_MIN_ROWS}) are searched exactly ('Flat').")
